@@ -1,0 +1,160 @@
+"""Run the fixed protocol (../shared/PROTOCOL.md) for given methods and ratios; write JSON and markdown.
+
+    python benchmarks/protocol.py --methods svd svd-llm --ratios 0.2 0.4 0.6 --out docs/results/core
+
+One calibration pass over the dense model (32 windows of 2048 WikiText-2 test tokens at seeded offsets
+from 150000) serves every method and ratio; each cell compresses a fresh copy of the dense model and
+evaluates WikiText-2 (first 16 windows of 2048) and PTB validation (first 8 windows of 2048).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import svdkit
+from svdkit.calibration import collect_statistics
+from svdkit.data import calibration_windows, load_text, tokenize
+from svdkit.methods import get_method
+from svdkit.models import find_architecture, resolve_device
+
+HERE = Path(__file__).resolve().parent
+
+
+def prefill_tokens_per_second(model, ids: torch.Tensor, repeats: int = 3) -> float:
+    """Median tokens/s of one forward over a (1, seqlen) window, after one warm-up."""
+    times = []
+    with torch.no_grad():
+        model(input_ids=ids[None], use_cache=False)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(input_ids=ids[None], use_cache=False)
+            times.append(time.perf_counter() - t)
+    return ids.numel() / statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def evaluate(model, wiki, ptb, args) -> dict:
+    w = svdkit.perplexity(model, None, wiki, seqlen=args.seqlen, max_windows=args.eval_windows, progress=False)
+    p = svdkit.perplexity(model, None, ptb, seqlen=args.seqlen, max_windows=args.ptb_windows, progress=False)
+    return {"wikitext2": w.ppl, "ptb": p.ppl, "params": w.params,
+            "prefill_tok_s": prefill_tokens_per_second(model, wiki[: args.seqlen])}
+
+
+def fmt(x: float) -> str:
+    return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
+
+
+def markdown(report: dict) -> str:
+    dense = report["dense"]
+    lines = [
+        f"# Protocol results: {report['model']}",
+        "",
+        f"- command: `{report['command']}`",
+        f"- machine: {report['machine']}",
+        f"- date: {report['date']}; svdkit {report['svdkit']}, torch {report['torch']}",
+        f"- calibration: {report['calibration']['samples']} x {report['calibration']['seqlen']} WikiText-2 "
+        f"test tokens at seeded offsets from {report['calibration']['offset']} (seed {report['calibration']['seed']}); "
+        f"one pass shared by every cell: {report['calibration']['seconds']:.1f} s",
+        f"- evaluation: WikiText-2 test, first {report['eval_windows']} windows of {report['seqlen']}; "
+        f"PTB validation, first {report['ptb_windows']} windows",
+        "",
+        "| method | ratio | WikiText-2 ppl | PTB ppl | parameters | decomposition s | prefill tok/s | vs dense |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| dense | 0 | {fmt(dense['wikitext2'])} | {fmt(dense['ptb'])} | {dense['params']:,} | | "
+        f"{dense['prefill_tok_s']:.0f} | 1.00x |",
+    ]
+    for c in report["cells"]:
+        lines.append(
+            f"| {c['method']} | {c['ratio']} | {fmt(c['wikitext2'])} | {fmt(c['ptb'])} | {c['params']:,} | "
+            f"{c['decomposition_s']:.1f} | {c['prefill_tok_s']:.0f} | "
+            f"{c['prefill_tok_s'] / dense['prefill_tok_s']:.2f}x |"
+        )
+    lines += ["", f"Peak resident memory of the whole run: {report['peak_rss_mb']:.0f} MB.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", nargs="+", default=["svd", "svd-llm"])
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4, 0.6])
+    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-offset", type=int, default=150000)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--ptb-windows", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=str(HERE.parent / "results" / "protocol"), help="path prefix of .json/.md")
+    args = p.parse_args()
+
+    data = Path(args.data_dir)
+    dev = resolve_device(args.device)
+    model, tok = svdkit.load_model(args.model)
+    model.to(dev)
+    wiki = tokenize(tok, load_text(data / "wikitext-2-raw" / "wiki.test.raw"))
+    ptb = tokenize(tok, load_text(data / "ptb" / "ptb.valid.txt"))
+    print(f"WikiText-2 test: {wiki.numel():,} tokens; PTB validation: {ptb.numel():,} tokens", flush=True)
+
+    report = {
+        "model": args.model,
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs ({platform.processor() or platform.platform()}), "
+                   f"device {dev}, torch threads {torch.get_num_threads()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "svdkit": svdkit.__version__,
+        "torch": torch.__version__,
+        "seqlen": args.seqlen,
+        "eval_windows": args.eval_windows,
+        "ptb_windows": args.ptb_windows,
+        "calibration": {"samples": args.calib_samples, "seqlen": args.seqlen, "offset": args.calib_offset,
+                        "seed": args.seed, "seconds": 0.0},
+        "cells": [],
+    }
+    report["dense"] = evaluate(model, wiki, ptb, args)
+    print(f"dense: {report['dense']}", flush=True)
+
+    needs = set().union(*(get_method(m).requires for m in args.methods))
+    stats = None
+    if needs:
+        t = time.perf_counter()
+        windows = calibration_windows(wiki, args.calib_samples, args.seqlen, args.calib_offset, args.seed)
+        stats = collect_statistics(model, find_architecture(model), windows, needs, dev)
+        report["calibration"]["seconds"] = time.perf_counter() - t
+
+    for method in args.methods:
+        for ratio in args.ratios:
+            work = copy.deepcopy(model)
+            r = svdkit.compress(work, tok, method=method, ratio=ratio, device=dev, statistics=stats,
+                                progress=False)
+            cell = {"method": method, "ratio": ratio, "decomposition_s": r.timings["decomposition"],
+                    **evaluate(work, wiki, ptb, args)}
+            report["cells"].append(cell)
+            print(cell, flush=True)
+            del work
+    report["peak_rss_mb"] = peak_rss_mb()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""svdkit: SVD-based post-training compression of causal language models, measured on one protocol.
+
+    import svdkit
+    model, tok = svdkit.load_model("smollm2-135m")
+    svdkit.compress(model, tok, method="svd-llm", ratio=0.2, calib="demo")
+    svdkit.save(model, tok, "out")
+    model, tok = svdkit.load("out")
+    svdkit.perplexity(model, tok, "demo", seqlen=512, max_windows=4)
+
+Importing svdkit registers its saved format with transformers, so
+``AutoModelForCausalLM.from_pretrained(folder)`` loads a compressed folder as a low-rank model.
+"""
+
+from .allocation import allocate_uniform, rank_for_ratio
+from .compress import CompressionResult, compress
+from .errors import SvdkitError
+from .evaluate import PerplexityResult, perplexity
+from .io import densify, load, save
+from .lowrank import LowRankLinear, count_parameters
+from .methods import get_method, method_names, register
+from .models import find_architecture, load_model
+from .version import __version__
+
+__all__ = [
+    "CompressionResult",
+    "LowRankLinear",
+    "PerplexityResult",
+    "SvdkitError",
+    "__version__",
+    "allocate_uniform",
+    "compress",
+    "count_parameters",
+    "densify",
+    "find_architecture",
+    "get_method",
+    "load",
+    "load_model",
+    "method_names",
+    "perplexity",
+    "rank_for_ratio",
+    "register",
+    "save",
+]

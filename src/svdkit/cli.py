@@ -1,0 +1,259 @@
+"""The svdkit command line: compress, eval, info, densify, demo, methods.
+
+Bad input ends with one line ``svdkit: error: ...`` on standard error and exit code 2; ``--json``
+makes a command print one JSON object as the last line of standard output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import SvdkitError
+
+__all__ = ["main", "build_parser"]
+
+
+def _ratio(text: str) -> float:
+    from .allocation import check_ratio
+
+    try:
+        return check_ratio(float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1), got {text!r}") from e
+    except SvdkitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from e
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from e
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"method options are KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import SOURCES
+    from .methods import method_names
+
+    sources = f"a text file or one of {', '.join(SOURCES)}"
+    p = argparse.ArgumentParser(prog="svdkit", description="SVD-based compression of causal language models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compress", help="compress a model into a low-rank model folder")
+    c.add_argument("model", help="model folder, hub id, .gguf file, or 'smollm2-135m'")
+    c.add_argument("--method", default="svd-llm", help=f"one of: {', '.join(method_names())} (default svd-llm)")
+    c.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of each matrix's parameters removed (0.2)")
+    c.add_argument("--calib", default="demo", help=f"calibration text: {sources} (default demo)")
+    c.add_argument("--calib-samples", type=_positive, default=32, help="calibration windows (32)")
+    c.add_argument("--calib-seqlen", type=_positive, default=2048, help="tokens per calibration window (2048)")
+    c.add_argument("--calib-offset", type=_nonnegative, default=0, help="skip this many tokens first (0)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the calibration offsets (0)")
+    c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    c.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option (repeatable), e.g. rel_eps=1e-5")
+    c.add_argument("--sequential", action="store_true",
+                   help="statistics of each layer from the already-compressed layers before it")
+    c.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    c.add_argument("--densify", action="store_true",
+                   help="write a plain dense model (W' = B A) that any tool loads, instead of the low-rank one")
+    c.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text")
+    e.add_argument("model", help="model folder (compressed or not), hub id, .gguf file, or 'smollm2-135m'")
+    e.add_argument("--dataset", default="wikitext2", help=f"{sources} (default wikitext2)")
+    e.add_argument("--seqlen", type=_positive, default=2048, help="tokens per window (2048)")
+    e.add_argument("--max-windows", type=_positive, default=None, help="evaluate at most N windows")
+    e.add_argument("--offset", type=_nonnegative, default=0, help="skip this many tokens first (0)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    e.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+    i = sub.add_parser("info", help="what a compressed model folder holds: method, ratio, ranks, parameters")
+    i.add_argument("folder")
+    i.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+    d = sub.add_parser("densify", help="write a compressed folder as a plain dense model")
+    d.add_argument("folder")
+    d.add_argument("--output", required=True)
+    d.add_argument("--overwrite", action="store_true")
+
+    sub.add_parser("methods", help="list the compression methods")
+
+    m = sub.add_parser("demo", help="compress the bundled SmolLM2-135M and show before/after")
+    m.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of parameters removed (0.2)")
+    m.add_argument("--output", default="svdkit-demo-output", help="where the compressed model is written")
+    m.add_argument("--device", default="auto")
+    return p
+
+
+def _emit(obj: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj), flush=True)
+
+
+def cmd_compress(a) -> None:
+    from .compress import compress
+    from .io import densify, prepare_output_dir, save
+    from .methods import get_method, make_config
+    from .models import load_model, resolve_device
+
+    start = time.perf_counter()
+    make_config(get_method(a.method), dict(a.option))  # fail on a bad method or option before any work
+    resolve_device(a.device)
+    out = prepare_output_dir(a.output, a.overwrite)
+    model, tok = load_model(a.model)
+    result = compress(
+        model, tok, method=a.method, ratio=a.ratio, calib=a.calib, calib_samples=a.calib_samples,
+        calib_seqlen=a.calib_seqlen, calib_offset=a.calib_offset, seed=a.seed, device=a.device,
+        method_options=dict(a.option), sequential=a.sequential,
+    )
+    model.to("cpu")
+    (densify if a.densify else save)(model, tok, out, overwrite=a.overwrite)
+    seconds = time.perf_counter() - start
+    t = result.timings
+    print(
+        f"{a.method} at ratio {a.ratio}: {result.params_dense:,} -> {result.params:,} parameters "
+        f"({100 * (1 - result.params / result.params_dense):.1f}% fewer), {len(result.ranks)} low-rank "
+        f"matrices, {len(result.dense_kept)} kept dense\n"
+        f"time {seconds:.1f}s (calibration {t['calibration']:.1f}s, decomposition {t['decomposition']:.1f}s, "
+        f"allocation {t['allocation']:.2f}s); written to {out}" + (" (densified)" if a.densify else "")
+    )
+    _emit({"output": str(out), "params": result.params, "params_dense": result.params_dense,
+           "seconds": round(seconds, 3)}, a.json)
+
+
+def cmd_eval(a) -> None:
+    from .evaluate import perplexity
+    from .models import load_model, resolve_device
+
+    dev = resolve_device(a.device)
+    model, tok = load_model(a.model)
+    model.to(dev)
+    r = perplexity(model, tok, a.dataset, seqlen=a.seqlen, max_windows=a.max_windows, offset=a.offset)
+    print(f"perplexity {r.ppl:.4f} on {a.dataset}: {r.windows} windows of {a.seqlen}, {r.tokens} predicted "
+          f"tokens, {r.params:,} parameters")
+    _emit({"ppl": r.ppl, "windows": r.windows, "tokens": r.tokens, "params": r.params}, a.json)
+
+
+def folder_info(folder: str | Path) -> dict:
+    """Method, ratio, ranks and parameter counts of a saved folder, read without loading the model."""
+    from safetensors import safe_open
+
+    from .io import read_svdkit_config
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SvdkitError(f"'{folder}' is not a folder")
+    record = read_svdkit_config(folder)
+    if record is None:
+        raise SvdkitError(f"'{folder}' is not an svdkit-compressed model folder (no svdkit record in config.json)")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SvdkitError(f"'{folder}' has no .safetensors weights")
+    params = 0
+    for f in files:
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                shape = st.get_slice(key).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                params += n
+    return {
+        "method": record.get("method"),
+        "ratio": record.get("ratio"),
+        "params": params,
+        "params_dense": record.get("params_dense"),
+        "ranks": record.get("ranks", {}),
+        "version": record.get("version"),
+    }
+
+
+def cmd_info(a) -> None:
+    info = folder_info(a.folder)
+    ranks = info["ranks"]
+    print(f"method {info['method']}, ratio {info['ratio']}, svdkit {info['version']}")
+    if info["params_dense"]:
+        print(f"parameters {info['params']:,} (dense {info['params_dense']:,}, "
+              f"{100 * (1 - info['params'] / info['params_dense']):.1f}% fewer)")
+    print(f"{len(ranks)} low-rank modules:")
+    width = max((len(n) for n in ranks), default=0)
+    for name, rank in ranks.items():
+        print(f"  {name:<{width}}  rank {rank}")
+    _emit({k: info[k] for k in ("method", "ratio", "params", "params_dense", "ranks")}, a.json)
+
+
+def cmd_densify(a) -> None:
+    from .io import densify, prepare_output_dir, read_svdkit_config
+    from .models import load_model
+
+    if read_svdkit_config(a.folder) is None:
+        raise SvdkitError(f"'{a.folder}' is not an svdkit-compressed model folder")
+    out = prepare_output_dir(a.output, a.overwrite)
+    model, tok = load_model(a.folder)
+    densify(model, tok, out, overwrite=a.overwrite)
+    print(f"dense model written to {out}")
+
+
+def cmd_methods(a) -> None:
+    from .methods import get_method, method_names
+
+    for name in method_names():
+        m = get_method(name)
+        print(f"{name:10s} {m.summary}" + (f"  [{m.paper}]" if m.paper else ""))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    commands = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "densify": cmd_densify,
+                "methods": cmd_methods}
+    try:
+        if a.command == "demo":
+            from .demo import run_demo
+
+            run_demo(ratio=a.ratio, output=a.output, device=a.device)
+        else:
+            commands[a.command](a)
+    except SvdkitError as e:
+        print(f"svdkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("svdkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The compression pipeline: allocate ranks, calibrate layer by layer, decompose, swap. Method-agnostic."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocation import allocate_uniform, check_ratio
+from .calibration import iterate_layers
+from .data import calibration_windows, source_tokens
+from .errors import SvdkitError
+from .io import SvdkitConfig
+from .lowrank import LowRankLinear, count_parameters, set_submodule
+from .methods import get_method, make_config
+from .models import find_architecture, resolve_device
+from .statistics import LinearStats
+from .version import __version__
+
+__all__ = ["CompressionResult", "compress", "decompose_linear"]
+
+
+@dataclass
+class CompressionResult:
+    method: str
+    ratio: float
+    params_dense: int
+    params: int
+    ranks: dict[str, int]
+    dense_kept: list[str]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    """seconds spent in calibration, decomposition and allocation"""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decompose_linear(linear: nn.Linear, method, config, stats, rank: int, device: torch.device, name: str):
+    """Factor one nn.Linear with `method` in float64 on `device`; returns a LowRankLinear."""
+    W = linear.weight.detach().to(device=device, dtype=torch.float64)
+    A, B = method.decompose(W, stats, rank, config)
+    if A.shape != (rank, W.shape[1]) or B.shape != (W.shape[0], rank):
+        raise RuntimeError(f"method {method.name} returned factors {tuple(A.shape)}, {tuple(B.shape)} for {name}")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise SvdkitError(f"method {method.name} produced non-finite factors for {name}")
+    dtype = linear.weight.dtype
+    bias = linear.bias.detach() if linear.bias is not None else None
+    return LowRankLinear.from_factors(A.to(dtype), B.to(dtype), bias)
+
+
+def compress(
+    model: nn.Module,
+    tokenizer=None,
+    method: str = "svd-llm",
+    ratio: float = 0.2,
+    calib: str | os.PathLike | torch.Tensor = "demo",
+    calib_samples: int = 32,
+    calib_seqlen: int = 2048,
+    calib_offset: int = 0,
+    seed: int = 0,
+    device: str | torch.device | None = "auto",
+    method_options: Mapping[str, Any] | None = None,
+    targets: Sequence[str] | None = None,
+    sequential: bool = False,
+    statistics: Mapping[str, LinearStats] | None = None,
+    progress: bool = True,
+) -> CompressionResult:
+    """Compress `model` in place: every target linear becomes a LowRankLinear of its allocated rank.
+
+    `calib` is a text source (see :mod:`svdkit.data`) or a 1-D tensor of token ids; it is only read if
+    the method needs calibration statistics. The model's config records the method, ratio and ranks,
+    so :func:`svdkit.save` writes a folder that loads back as the same low-rank model.
+    `statistics` (from :func:`svdkit.calibration.collect_statistics`, by full module name) skips the
+    calibration pass, so one pass can serve several methods and ratios.
+    """
+    start = time.perf_counter()
+    spec = get_method(method)
+    config = make_config(spec, method_options)
+    ratio = check_ratio(ratio)
+    dev = resolve_device(device)
+    arch = find_architecture(model, targets)
+    params_dense = count_parameters(model)
+
+    t0 = time.perf_counter()
+    ranks = allocate_uniform(arch.shapes(), ratio)
+    timings = {"allocation": time.perf_counter() - t0, "calibration": 0.0, "decomposition": 0.0}
+
+    def replace(layer: nn.Module, index: int, stats: Mapping | None) -> None:
+        t = time.perf_counter()
+        for target in arch.targets:
+            full = f"{arch.layers_path}.{index}.{target}"
+            if ranks[full] is None:
+                continue
+            low = decompose_linear(
+                layer.get_submodule(target), spec, config, stats[target] if stats else None, ranks[full], dev, full
+            )
+            set_submodule(layer, target, low)
+        timings["decomposition"] += time.perf_counter() - t
+
+    was_training = model.training
+    model.eval()
+    if spec.requires and statistics is not None:
+        missing = [n for n, r in ranks.items() if r is not None and n not in statistics]
+        if missing:
+            raise SvdkitError(f"the given statistics lack {len(missing)} target(s), e.g. {missing[0]}")
+        for index, layer in enumerate(tqdm(arch.layers, desc="decomposing", unit="layer", disable=not progress)):
+            prefix = f"{arch.layers_path}.{index}."
+            replace(layer, index, {t: statistics.get(prefix + t) for t in arch.targets})
+    elif spec.requires:
+        if tokenizer is None and not isinstance(calib, torch.Tensor):
+            raise SvdkitError(f"method '{method}' needs calibration text: pass a tokenizer or token ids")
+        windows = calibration_windows(
+            source_tokens(tokenizer, calib), calib_samples, calib_seqlen, calib_offset, seed
+        )
+        t_loop = time.perf_counter()
+        for item in iterate_layers(model, arch, windows, spec.requires, dev, sequential, progress):
+            replace(item.layer, item.index, item.stats)
+        timings["calibration"] = time.perf_counter() - t_loop - timings["decomposition"]
+    else:
+        for index, layer in enumerate(tqdm(arch.layers, desc="decomposing", unit="layer", disable=not progress)):
+            replace(layer, index, None)
+    model.train(was_training)
+
+    kept = {name: int(r) for name, r in ranks.items() if r is not None}
+    model.config.quantization_config = SvdkitConfig(
+        method=method, ratio=ratio, ranks=kept, version=__version__, method_config=_plain(config),
+        params_dense=params_dense,
+        calibration={
+            "samples": calib_samples, "seqlen": calib_seqlen, "offset": calib_offset, "seed": seed,
+            "source": "token ids" if isinstance(calib, torch.Tensor) else os.fspath(calib), "sequential": sequential,
+        } if spec.requires else None,
+    )
+    return CompressionResult(
+        method=method,
+        ratio=ratio,
+        params_dense=params_dense,
+        params=count_parameters(model),
+        ranks=kept,
+        dense_kept=[n for n, r in ranks.items() if r is None],
+        seconds=time.perf_counter() - start,
+        timings=timings,
+    )
+
+
+def _plain(config) -> dict[str, Any]:
+    return asdict(config) if hasattr(config, "__dataclass_fields__") else {}

@@ -1,0 +1,171 @@
+"""Saving and loading low-rank models as Hugging Face folders.
+
+A saved folder is an ordinary HF model folder (config.json, safetensors, tokenizer) whose config.json
+carries ``quantization_config = {"quant_method": "svdkit", "method", "ratio", "ranks", "version", ...}``.
+Importing svdkit registers that quant_method with transformers, so plain
+``AutoModelForCausalLM.from_pretrained(folder)`` works: the model is built on the meta device, the
+recorded projections are swapped for :class:`LowRankLinear` of the recorded ranks, then the weights
+load straight into them (no dense copy is ever allocated).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+)
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .errors import SvdkitError
+from .lowrank import LowRankLinear, densify_, set_submodule
+
+__all__ = ["SvdkitConfig", "save", "load", "densify", "read_svdkit_config", "prepare_output_dir"]
+
+
+class SvdkitConfig(QuantizationConfigMixin):
+    """The svdkit record stored as a model's quantization_config."""
+
+    def __init__(
+        self,
+        method: str = "",
+        ratio: float | None = None,
+        ranks: dict[str, int] | None = None,
+        version: str = "",
+        method_config: dict[str, Any] | None = None,
+        **extra: Any,
+    ) -> None:
+        self.quant_method = "svdkit"
+        self.method = method
+        self.ratio = ratio
+        self.ranks = dict(ranks or {})
+        self.version = version
+        self.method_config = dict(method_config or {})
+        for k, v in extra.items():
+            if k != "quant_method":
+                setattr(self, k, v)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+class SvdkitQuantizer(HfQuantizer):
+    """Swaps the recorded linear layers for LowRankLinear before the weights load."""
+
+    requires_calibration = False
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        swap_to_low_rank(model, self.quantization_config.ranks)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # The result is an ordinary float model: let .to(), .float(), .half() and training work.
+        model.hf_quantizer = None
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+if "svdkit" not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+    AUTO_QUANTIZATION_CONFIG_MAPPING["svdkit"] = SvdkitConfig
+    AUTO_QUANTIZER_MAPPING["svdkit"] = SvdkitQuantizer
+
+
+def swap_to_low_rank(model: torch.nn.Module, ranks: dict[str, int]) -> None:
+    """Replace each named nn.Linear by an (uninitialised) LowRankLinear of the given rank, in place."""
+    for name, rank in ranks.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            raise SvdkitError(f"the saved ranks name module '{name}', which this model does not have") from e
+        if isinstance(old, LowRankLinear):
+            continue
+        new = LowRankLinear(
+            old.in_features, old.out_features, int(rank), bias=old.bias is not None,
+            device=old.weight.device, dtype=old.weight.dtype,
+        )
+        set_submodule(model, name, new)
+
+
+def read_svdkit_config(folder: str | os.PathLike) -> dict | None:
+    """The svdkit record in a saved folder's config.json, or None for an ordinary model."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    q = json.loads(path.read_text()).get("quantization_config") or {}
+    return q if q.get("quant_method") == "svdkit" else None
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Check that `path` may be written: refuse an existing non-empty folder unless overwrite."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SvdkitError(f"output '{path}' exists and is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise SvdkitError(f"output folder '{path}' exists and is not empty: choose another or pass --overwrite")
+    return path
+
+
+def _atomic_write(path: Path, overwrite: bool, write) -> Path:
+    """Write a folder through `write(tmp)` in a temporary sibling, then rename it into place."""
+    path = prepare_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def save(model, tokenizer, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Save a (compressed) model and its tokenizer as an HF folder; atomic (temp folder + rename)."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return _atomic_write(Path(path), overwrite, write)
+
+
+def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) saved by :func:`save` (or any model :func:`svdkit.load_model` takes)."""
+    from .models import load_model, resolve_device
+
+    model, tokenizer = load_model(path, dtype=dtype)
+    if device is not None:
+        model.to(resolve_device(device))
+    return model, tokenizer
+
+
+def densify(model, tokenizer, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a plain dense copy (W' = B A in nn.Linear) that any tool loads; `model` itself is unchanged."""
+    import copy
+
+    dense = copy.deepcopy(model)
+    densify_(dense)
+    if hasattr(dense.config, "quantization_config"):
+        del dense.config.quantization_config
+    return save(dense, tokenizer, path, overwrite=overwrite)

