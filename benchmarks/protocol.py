@@ -50,8 +50,12 @@ def peak_rss_mb() -> float:
 def evaluate(model, wiki, ptb, args) -> dict:
     w = svdkit.perplexity(model, None, wiki, seqlen=args.seqlen, max_windows=args.eval_windows, progress=False)
     p = svdkit.perplexity(model, None, ptb, seqlen=args.seqlen, max_windows=args.ptb_windows, progress=False)
-    return {"wikitext2": w.ppl, "ptb": p.ppl, "params": w.params,
-            "prefill_tok_s": prefill_tokens_per_second(model, wiki[: args.seqlen])}
+    return {
+        "wikitext2": w.ppl,
+        "ptb": p.ppl,
+        "params": w.params,
+        "prefill_tok_s": prefill_tokens_per_second(model, wiki[: args.seqlen]),
+    }
 
 
 def fmt(x: float) -> str:
@@ -115,15 +119,20 @@ def main() -> None:
         "model": args.model,
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs ({platform.processor() or platform.platform()}), "
-                   f"device {dev}, torch threads {torch.get_num_threads()}",
+        f"device {dev}, torch threads {torch.get_num_threads()}",
         "date": time.strftime("%Y-%m-%d"),
         "svdkit": svdkit.__version__,
         "torch": torch.__version__,
         "seqlen": args.seqlen,
         "eval_windows": args.eval_windows,
         "ptb_windows": args.ptb_windows,
-        "calibration": {"samples": args.calib_samples, "seqlen": args.seqlen, "offset": args.calib_offset,
-                        "seed": args.seed, "seconds": 0.0},
+        "calibration": {
+            "samples": args.calib_samples,
+            "seqlen": args.seqlen,
+            "offset": args.calib_offset,
+            "seed": args.seed,
+            "seconds": 0.0,
+        },
         "cells": [],
     }
     report["dense"] = evaluate(model, wiki, ptb, args)
@@ -140,10 +149,13 @@ def main() -> None:
     for method in args.methods:
         for ratio in args.ratios:
             work = copy.deepcopy(model)
-            r = svdkit.compress(work, tok, method=method, ratio=ratio, device=dev, statistics=stats,
-                                progress=False)
-            cell = {"method": method, "ratio": ratio, "decomposition_s": r.timings["decomposition"],
-                    **evaluate(work, wiki, ptb, args)}
+            r = svdkit.compress(work, tok, method=method, ratio=ratio, device=dev, statistics=stats, progress=False)
+            cell = {
+                "method": method,
+                "ratio": ratio,
+                "decomposition_s": r.timings["decomposition"],
+                **evaluate(work, wiki, ptb, args),
+            }
             report["cells"].append(cell)
             print(cell, flush=True)
             del work

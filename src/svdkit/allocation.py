@@ -18,9 +18,7 @@ __all__ = ["rank_for_ratio", "break_even_rank", "saves_parameters", "check_ratio
 def check_ratio(ratio: float) -> float:
     """Validate a compression ratio (fraction of parameters removed), which must lie in (0, 1)."""
     if not isinstance(ratio, int | float) or not math.isfinite(ratio) or not 0.0 < ratio < 1.0:
-        raise SvdkitError(
-            f"ratio must be strictly between 0 and 1 (the fraction of parameters removed), got {ratio!r}"
-        )
+        raise SvdkitError(f"ratio must be strictly between 0 and 1 (the fraction of parameters removed), got {ratio!r}")
     return float(ratio)
 
 

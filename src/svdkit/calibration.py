@@ -46,7 +46,7 @@ def move_outside_layers(model: nn.Module, layers_path: str, device: torch.device
     for name, mod in model.named_modules():
         if name == layers_path or name.startswith(prefix):
             continue
-        for key, p in list(mod._parameters.items()):
+        for p in mod._parameters.values():
             if p is not None and p.device != device:
                 p.data = p.data.to(device)
         for key, b in list(mod._buffers.items()):
@@ -120,11 +120,13 @@ class _Collector:
         self._seen.clear()
 
     def finish(self, prefix: str = "") -> dict[str, LinearStats]:
+        """Finished statistics per target; targets that read the same input share one values dict."""
+        values = {owner: {s: a.value() for s, a in acc.items()} for owner, acc in self.acc.items()}
         out = {}
         for t in self.targets:
             acc = self.acc[self.owner[t]]
             tokens = next(iter(acc.values())).tokens if acc else 0
-            out[t] = LinearStats({s: a.value() for s, a in acc.items()}, tokens, module=prefix + t)
+            out[t] = LinearStats(values[self.owner[t]], tokens, module=prefix + t)
         return out
 
 
@@ -143,6 +145,8 @@ def iterate_layers(
     The caller may swap modules inside ``item.layer`` before asking for the next item. The layer
     goes back to its original device afterwards.
     """
+    prefix = arch.layers_path + "."
+    outside_home = next((p.device for n, p in model.named_parameters() if not n.startswith(prefix)), device)
     hidden, kwargs = capture_layer_inputs(model, arch, windows, device, progress)
     kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
     bar = tqdm(total=len(arch.layers), desc="calibrating layers", unit="layer", disable=not progress)
@@ -169,6 +173,7 @@ def iterate_layers(
             bar.update(1)
     finally:
         bar.close()
+        move_outside_layers(model, arch.layers_path, outside_home)
 
 
 def collect_statistics(

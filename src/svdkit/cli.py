@@ -77,14 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-offset", type=_nonnegative, default=0, help="skip this many tokens first (0)")
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration offsets (0)")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    c.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option (repeatable), e.g. rel_eps=1e-5")
-    c.add_argument("--sequential", action="store_true",
-                   help="statistics of each layer from the already-compressed layers before it")
+    c.add_argument(
+        "--option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option (repeatable), e.g. rel_eps=1e-5",
+    )
+    c.add_argument(
+        "--sequential",
+        action="store_true",
+        help="statistics of each layer from the already-compressed layers before it",
+    )
     c.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    c.add_argument("--densify", action="store_true",
-                   help="write a plain dense model (W' = B A) that any tool loads, instead of the low-rank one")
+    c.add_argument(
+        "--densify",
+        action="store_true",
+        help="write a plain dense model (W' = B A) that any tool loads, instead of the low-rank one",
+    )
     c.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
     e = sub.add_parser("eval", help="perplexity of a model on a text")
@@ -131,9 +143,18 @@ def cmd_compress(a) -> None:
     out = prepare_output_dir(a.output, a.overwrite)
     model, tok = load_model(a.model)
     result = compress(
-        model, tok, method=a.method, ratio=a.ratio, calib=a.calib, calib_samples=a.calib_samples,
-        calib_seqlen=a.calib_seqlen, calib_offset=a.calib_offset, seed=a.seed, device=a.device,
-        method_options=dict(a.option), sequential=a.sequential,
+        model,
+        tok,
+        method=a.method,
+        ratio=a.ratio,
+        calib=a.calib,
+        calib_samples=a.calib_samples,
+        calib_seqlen=a.calib_seqlen,
+        calib_offset=a.calib_offset,
+        seed=a.seed,
+        device=a.device,
+        method_options=dict(a.option),
+        sequential=a.sequential,
     )
     model.to("cpu")
     (densify if a.densify else save)(model, tok, out, overwrite=a.overwrite)
@@ -146,8 +167,15 @@ def cmd_compress(a) -> None:
         f"time {seconds:.1f}s (calibration {t['calibration']:.1f}s, decomposition {t['decomposition']:.1f}s, "
         f"allocation {t['allocation']:.2f}s); written to {out}" + (" (densified)" if a.densify else "")
     )
-    _emit({"output": str(out), "params": result.params, "params_dense": result.params_dense,
-           "seconds": round(seconds, 3)}, a.json)
+    _emit(
+        {
+            "output": str(out),
+            "params": result.params,
+            "params_dense": result.params_dense,
+            "seconds": round(seconds, 3),
+        },
+        a.json,
+    )
 
 
 def cmd_eval(a) -> None:
@@ -158,8 +186,10 @@ def cmd_eval(a) -> None:
     model, tok = load_model(a.model)
     model.to(dev)
     r = perplexity(model, tok, a.dataset, seqlen=a.seqlen, max_windows=a.max_windows, offset=a.offset)
-    print(f"perplexity {r.ppl:.4f} on {a.dataset}: {r.windows} windows of {a.seqlen}, {r.tokens} predicted "
-          f"tokens, {r.params:,} parameters")
+    print(
+        f"perplexity {r.ppl:.4f} on {a.dataset}: {r.windows} windows of {a.seqlen}, {r.tokens} predicted "
+        f"tokens, {r.params:,} parameters"
+    )
     _emit({"ppl": r.ppl, "windows": r.windows, "tokens": r.tokens, "params": r.params}, a.json)
 
 
@@ -202,8 +232,10 @@ def cmd_info(a) -> None:
     ranks = info["ranks"]
     print(f"method {info['method']}, ratio {info['ratio']}, svdkit {info['version']}")
     if info["params_dense"]:
-        print(f"parameters {info['params']:,} (dense {info['params_dense']:,}, "
-              f"{100 * (1 - info['params'] / info['params_dense']):.1f}% fewer)")
+        print(
+            f"parameters {info['params']:,} (dense {info['params_dense']:,}, "
+            f"{100 * (1 - info['params'] / info['params_dense']):.1f}% fewer)"
+        )
     print(f"{len(ranks)} low-rank modules:")
     width = max((len(n) for n in ranks), default=0)
     for name, rank in ranks.items():
@@ -234,11 +266,18 @@ def cmd_methods(a) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    commands = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "densify": cmd_densify,
-                "methods": cmd_methods}
+    hub_logging.set_verbosity_error()
+    commands = {
+        "compress": cmd_compress,
+        "eval": cmd_eval,
+        "info": cmd_info,
+        "densify": cmd_densify,
+        "methods": cmd_methods,
+    }
     try:
         if a.command == "demo":
             from .demo import run_demo

@@ -116,9 +116,7 @@ def compress(
     elif spec.requires:
         if tokenizer is None and not isinstance(calib, torch.Tensor):
             raise SvdkitError(f"method '{method}' needs calibration text: pass a tokenizer or token ids")
-        windows = calibration_windows(
-            source_tokens(tokenizer, calib), calib_samples, calib_seqlen, calib_offset, seed
-        )
+        windows = calibration_windows(source_tokens(tokenizer, calib), calib_samples, calib_seqlen, calib_offset, seed)
         t_loop = time.perf_counter()
         for item in iterate_layers(model, arch, windows, spec.requires, dev, sequential, progress):
             replace(item.layer, item.index, item.stats)
@@ -130,12 +128,22 @@ def compress(
 
     kept = {name: int(r) for name, r in ranks.items() if r is not None}
     model.config.quantization_config = SvdkitConfig(
-        method=method, ratio=ratio, ranks=kept, version=__version__, method_config=_plain(config),
+        method=method,
+        ratio=ratio,
+        ranks=kept,
+        version=__version__,
+        method_config=_plain(config),
         params_dense=params_dense,
         calibration={
-            "samples": calib_samples, "seqlen": calib_seqlen, "offset": calib_offset, "seed": seed,
-            "source": "token ids" if isinstance(calib, torch.Tensor) else os.fspath(calib), "sequential": sequential,
-        } if spec.requires else None,
+            "samples": calib_samples,
+            "seqlen": calib_seqlen,
+            "offset": calib_offset,
+            "seed": seed,
+            "source": "token ids" if isinstance(calib, torch.Tensor) else os.fspath(calib),
+            "sequential": sequential,
+        }
+        if spec.requires
+        else None,
     )
     return CompressionResult(
         method=method,

@@ -14,7 +14,6 @@ from .compress import compress
 from .data import source_tokens
 from .evaluate import perplexity
 from .io import prepare_output_dir, save
-from .lowrank import count_parameters
 from .models import load_model, resolve_device, smollm2_folder
 
 __all__ = ["run_demo", "DEMO_METHOD"]
@@ -48,10 +47,18 @@ def run_demo(ratio: float = 0.2, output: str = "svdkit-demo-output", device: str
     before = perplexity(model, tok, ids, seqlen=SEQLEN, max_windows=EVAL_WINDOWS)
     eval_before = time.perf_counter() - t
 
-    t = time.perf_counter()
-    result = compress(model, tok, method=DEMO_METHOD, ratio=ratio, calib=ids, calib_samples=CALIB_SAMPLES,
-                      calib_seqlen=SEQLEN, calib_offset=held_out, device=dev)
-    seconds = time.perf_counter() - t
+    result = compress(
+        model,
+        tok,
+        method=DEMO_METHOD,
+        ratio=ratio,
+        calib=ids,
+        calib_samples=CALIB_SAMPLES,
+        calib_seqlen=SEQLEN,
+        calib_offset=held_out,
+        device=dev,
+    )
+    seconds = result.seconds
 
     t = time.perf_counter()
     after = perplexity(model, tok, ids, seqlen=SEQLEN, max_windows=EVAL_WINDOWS)
@@ -74,7 +81,14 @@ def run_demo(ratio: float = 0.2, output: str = "svdkit-demo-output", device: str
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
         if i == 0:
             print("|" + line + "|")
-    print(f"\ncompressed model written to {out}/ (load it with svdkit.load or AutoModelForCausalLM "
-          f"after `import svdkit`; inspect it with `svdkit info {out}`)")
-    return {"ppl_dense": before.ppl, "ppl": after.ppl, "params_dense": before.params, "params": after.params,
-            "seconds": seconds}
+    print(
+        f"\ncompressed model written to {out}/ (load it with svdkit.load or AutoModelForCausalLM "
+        f"after `import svdkit`; inspect it with `svdkit info {out}`)"
+    )
+    return {
+        "ppl_dense": before.ppl,
+        "ppl": after.ppl,
+        "params_dense": before.params,
+        "params": after.params,
+        "seconds": seconds,
+    }

@@ -75,6 +75,6 @@ def perplexity(
     tokens = len(windows) * (seqlen - 1)
     mean = total / tokens
     if bad:
-        warnings.warn(f"non-finite loss in evaluation window(s) {bad}: perplexity is not finite", stacklevel=2)
+        warnings.warn(f"non-finite loss in evaluation window(s) {bad}: perplexity is not finite", stacklevel=3)
     ppl = math.exp(mean) if mean < 709 else math.inf
     return PerplexityResult(ppl, len(windows), tokens, mean, count_parameters(model), bad)

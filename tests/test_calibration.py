@@ -1,0 +1,109 @@
+"""The layer-by-layer calibration engine and the structural discovery of decoder layers and targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_tokens, tiny_model
+from torch import nn
+
+from svdkit import SvdkitError, find_architecture
+from svdkit.calibration import collect_statistics, iterate_layers
+
+LLAMA_TARGETS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-bias", "qwen2", "mistral", "gemma"])
+def test_finds_decoder_layers_and_projections(kind):
+    model = tiny_model(kind)
+    arch = find_architecture(model)
+    assert arch.layers_path == "model.layers" and len(arch.layers) == 2
+    assert sorted(arch.targets) == sorted(LLAMA_TARGETS)
+    shapes = arch.shapes()
+    assert shapes["model.layers.0.self_attn.k_proj"] == (32, 64)  # GQA: 2 KV heads of 16
+    assert shapes["model.layers.1.mlp.down_proj"] == (64, 160)
+    assert not any("embed" in n or "lm_head" in n for n in shapes)
+
+
+def test_target_filter_and_unsupported_architectures():
+    arch = find_architecture(tiny_model(), targets=["q_proj", "down_proj"])
+    assert arch.targets == ["self_attn.q_proj", "mlp.down_proj"]
+    with pytest.raises(SvdkitError, match="no linear layer"):
+        find_architecture(tiny_model(), targets=["nonexistent"])
+    conv = nn.Sequential(nn.Conv1d(3, 3, 1), nn.ReLU())
+    with pytest.raises(SvdkitError, match="unsupported architecture Sequential: expected decoder blocks"):
+        find_architecture(conv)
+
+
+def reference_grams(model, windows):
+    """X^T X and mean |x| of every target's input, from hooks on a plain full forward."""
+    grams, absum, count = {}, {}, {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and ".layers." in name:
+
+            def hook(m, args, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                grams[name] = grams.get(name, 0) + x.T @ x
+                absum[name] = absum.get(name, 0) + x.abs().sum(0)
+                count[name] = count.get(name, 0) + x.shape[0]
+
+            handles.append(mod.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for ids in windows:
+            model(input_ids=ids[None])
+    for h in handles:
+        h.remove()
+    return grams, {k: absum[k] / count[k] for k in absum}
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-bias", "qwen2", "gemma"])
+def test_layerwise_statistics_equal_a_full_forward(kind):
+    model = tiny_model(kind)
+    windows = random_tokens(4 * 48).reshape(4, 48)
+    grams, mean_abs = reference_grams(model, windows)
+    stats = collect_statistics(
+        model, find_architecture(model), windows, {"gram", "mean_abs"}, torch.device("cpu"), progress=False
+    )
+    assert set(stats) == set(grams)
+    for name, st in stats.items():
+        assert st.tokens == 4 * 48
+        assert torch.allclose(st["gram"], grams[name], rtol=1e-4, atol=1e-4), name
+        assert torch.allclose(st.mean_abs, mean_abs[name], rtol=1e-5), name
+    # q, k and v read the same tensor: one accumulator serves all three
+    assert stats["model.layers.1.self_attn.q_proj"].values is stats["model.layers.1.self_attn.v_proj"].values
+    assert stats["model.layers.1.mlp.gate_proj"].values is stats["model.layers.1.mlp.up_proj"].values
+    assert stats["model.layers.1.mlp.up_proj"].values is not stats["model.layers.1.mlp.down_proj"].values
+
+
+def test_sequential_mode_feeds_the_modified_layer_forward():
+    windows = random_tokens(2 * 32).reshape(2, 32)
+    grams = {}
+    for sequential in (False, True):
+        model = tiny_model()
+        arch = find_architecture(model)
+        for item in iterate_layers(model, arch, windows, {"gram"}, torch.device("cpu"), sequential, progress=False):
+            grams[sequential, item.index] = item.stats["self_attn.q_proj"]["gram"]
+            with torch.no_grad():  # perturb the layer: only sequential mode may see it downstream
+                item.layer.mlp.down_proj.weight.mul_(0.1)
+    assert torch.equal(grams[False, 0], grams[True, 0])
+    assert not torch.allclose(grams[False, 1], grams[True, 1])
+
+
+def test_engine_leaves_the_model_unchanged_and_hooks_removed():
+    model = tiny_model()
+    ids = random_tokens(32)[None]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    collect_statistics(model, find_architecture(model), ids, {"gram"}, torch.device("cpu"), progress=False)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
