@@ -161,8 +161,12 @@ def test_console_script_exit_code(tmp_path):
 
 def test_hub_id_offline_is_a_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run([sys.executable, "-m", "svdkit.cli", "eval", "someorg/somemodel", "--dataset", "demo"],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "svdkit.cli", "eval", "someorg/somemodel", "--dataset", "demo"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("svdkit: error: could not load 'someorg/somemodel'")
