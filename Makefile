@@ -1,5 +1,5 @@
 # Set-up and the two everyday jobs. `make demo` and `make test` create .venv on first use.
-# torch is pinned here (a CPU build from the local package index); the package itself accepts any torch>=2.2.
+# torch is pinned here (a CPU build from the local package index); the package itself accepts any torch>=2.4.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -23,7 +23,7 @@ from torch import nn
 
 import svdkit
 from svdkit.data import calibration_windows, load_text, tokenize
-from svdkit.lowrank import LowRankLinear, set_submodule
+from svdkit.lowrank import LowRankLinear
 
 HERE = Path(__file__).resolve().parent
 
@@ -68,7 +68,7 @@ def reference_whitening(model, grams: dict[str, torch.Tensor], ratio: float) -> 
         U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
         k = int(W.shape[0] * W.shape[1] * (1 - ratio) / (W.shape[0] + W.shape[1]))
         root = torch.diag(S[:k].sqrt())
-        set_submodule(model, name, LowRankLinear.from_factors(root @ (Vh[:k] @ L_inv), U[:, :k] @ root))
+        model.set_submodule(name, LowRankLinear.from_factors(root @ (Vh[:k] @ L_inv), U[:, :k] @ root))
 
 
 def main() -> None:

@@ -14,7 +14,8 @@ VOCAB = 320
 
 
 def tiny_config(kind: str = "llama", **overrides):
-    """A 2-layer config with GQA (4 heads, 2 KV heads); variants add biases or untie embeddings."""
+    """A 2-layer config with GQA (4 heads, 2 KV heads); variants add biases, untie embeddings, or mix
+    sliding-window and global attention layers."""
     import transformers
 
     common = dict(
@@ -37,6 +38,14 @@ def tiny_config(kind: str = "llama", **overrides):
         cfg = transformers.MistralConfig(**{**common, "tie_word_embeddings": False})
     elif kind == "gemma":
         cfg = transformers.GemmaConfig(**common, head_dim=16)
+    elif kind == "gemma3":  # a sliding-window layer, then a global one: each gets its own mask and rotary
+        cfg = transformers.Gemma3TextConfig(
+            **common, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]
+        )
+    elif kind == "qwen3-sliding":
+        cfg = transformers.Qwen3Config(
+            **common, head_dim=16, use_sliding_window=True, sliding_window=8, max_window_layers=1
+        )
     else:
         raise ValueError(kind)
     for k, v in overrides.items():

@@ -21,7 +21,7 @@ LLAMA_TARGETS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama-bias", "qwen2", "mistral", "gemma"])
+@pytest.mark.parametrize("kind", ["llama", "llama-bias", "qwen2", "mistral", "gemma", "gemma3", "qwen3-sliding"])
 def test_finds_decoder_layers_and_projections(kind):
     model = tiny_model(kind)
     arch = find_architecture(model)
@@ -65,7 +65,7 @@ def reference_grams(model, windows):
     return grams, {k: absum[k] / count[k] for k in absum}
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama-bias", "qwen2", "gemma"])
+@pytest.mark.parametrize("kind", ["llama", "llama-bias", "qwen2", "mistral", "gemma", "gemma3", "qwen3-sliding"])
 def test_layerwise_statistics_equal_a_full_forward(kind):
     model = tiny_model(kind)
     windows = random_tokens(4 * 48).reshape(4, 48)

@@ -126,7 +126,8 @@ def test_ratio_outside_zero_one_exits_2(capsys, tmp_path, ratio):
     with pytest.raises(SystemExit) as exc:
         main(["compress", "smollm2-135m", "--ratio", ratio, "--output", str(tmp_path / "o")])
     assert exc.value.code == 2
-    assert "ratio" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("svdkit: error: svdkit compress: argument --ratio")
 
 
 def test_non_empty_output_is_refused_and_kept(capsys, tmp_path, tiny_folder, text_file):
@@ -171,3 +172,15 @@ def test_hub_id_offline_is_a_clear_error(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("svdkit: error: could not load 'someorg/somemodel'")
     assert "hub" in lines[0]
+
+
+def test_demo_refuses_to_replace_a_foreign_folder(tmp_path):
+    from svdkit import SvdkitError
+    from svdkit.demo import run_demo
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a model")
+    with pytest.raises(SvdkitError, match="exists and is not empty"):
+        run_demo(output=str(out))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

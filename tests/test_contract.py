@@ -13,7 +13,7 @@ import svdkit
 from svdkit import LowRankLinear, rank_for_ratio
 
 METHODS = svdkit.method_names()
-KINDS = ["llama", "llama-bias", "qwen2", "mistral", "gemma"]
+KINDS = ["llama", "llama-bias", "qwen2", "mistral", "gemma", "gemma3", "qwen3-sliding"]
 
 
 def compressed(kind: str, method: str, ratio: float = 0.4):
@@ -69,6 +69,7 @@ def test_save_load_round_trip_reproduces_logits(kind, tmp_path, tiny_tokenizer):
     svdkit.save(loaded, tok, tmp_path / "again")
     assert svdkit.load(tmp_path / "again")[0].config.quantization_config.ranks == result.ranks
     loaded.to(torch.float64)
+    loaded.half()
 
 
 def test_densify_writes_a_plain_model_with_the_same_outputs(tmp_path, tiny_tokenizer):
@@ -97,3 +98,67 @@ def test_svd_llm_tracks_the_dense_model_better_than_plain_svd():
         with torch.no_grad():
             err[method] = float((model(input_ids=ids).logits - ref).square().mean())
     assert err["svd-llm"] < err["svd"]
+
+
+def test_precomputed_statistics_give_the_same_model_as_the_streaming_pass():
+    from svdkit.calibration import collect_statistics
+    from svdkit.data import calibration_windows
+
+    calib = random_tokens(4 * 64, seed=1)
+    streamed, _, _ = compressed("llama", "svd-llm")
+    model = tiny_model("llama")
+    windows = calibration_windows(calib, 4, 64)  # the windows compress() draws from the same ids
+    stats = collect_statistics(
+        model, svdkit.find_architecture(model), windows, {"gram"}, torch.device("cpu"), progress=False
+    )
+    result = svdkit.compress(model, method="svd-llm", ratio=0.4, statistics=stats, device="cpu", progress=False)
+    assert model.config.quantization_config.calibration["source"] == "precomputed statistics"
+    assert result.ranks == streamed.config.quantization_config.ranks
+    ids = random_tokens(40, seed=5)[None]
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, streamed(input_ids=ids).logits, atol=1e-5)
+    with pytest.raises(svdkit.SvdkitError, match="lack"):
+        svdkit.compress(tiny_model("llama"), method="svd-llm", ratio=0.4, statistics={}, progress=False)
+
+
+def test_sequential_mode_compresses_against_the_compressed_prefix():
+    calib = random_tokens(4 * 64, seed=1)
+    dense_mode, _, _ = compressed("llama", "svd-llm")
+    model = tiny_model("llama")
+    svdkit.compress(
+        model,
+        method="svd-llm",
+        ratio=0.4,
+        calib=calib,
+        calib_samples=4,
+        calib_seqlen=64,
+        sequential=True,
+        device="cpu",
+        progress=False,
+    )
+    assert model.config.quantization_config.calibration["sequential"] is True
+    first = "model.layers.0.self_attn.q_proj"
+    last = "model.layers.1.mlp.down_proj"
+    # layer 0 sees the same inputs either way; layer 1 sees the compressed layer 0's outputs
+    assert torch.equal(model.get_submodule(first).A, dense_mode.get_submodule(first).A)
+    assert not torch.allclose(model.get_submodule(last).A, dense_mode.get_submodule(last).A)
+
+
+def test_already_compressed_or_unused_projections_are_clear_errors():
+    model, _, _ = compressed("llama", "svd")
+    with pytest.raises(svdkit.SvdkitError, match="already compressed"):
+        svdkit.compress(model, method="svd", ratio=0.2, progress=False)
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        layer.mlp.unused = nn.Linear(64, 64)  # registered but never called in forward
+    with pytest.raises(svdkit.SvdkitError, match=r"model.layers.0.mlp.unused received no input"):
+        svdkit.compress(
+            model,
+            method="svd-llm",
+            ratio=0.4,
+            calib=random_tokens(128),
+            calib_samples=2,
+            calib_seqlen=64,
+            progress=False,
+        )
+    assert all(type(m) is nn.Linear for m in model.model.layers[0].mlp.children() if isinstance(m, nn.Linear))

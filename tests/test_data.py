@@ -34,7 +34,7 @@ def test_too_short_a_text_is_a_clear_error():
         calibration_windows(torch.arange(100), 4, 50, offset=97)
 
 
-def test_text_sources(tmp_path, shared_data, monkeypatch):
+def test_text_sources(tmp_path):
     crlf = tmp_path / "crlf.txt"
     crlf.write_bytes(b"one\r\ntwo\r\n")
     assert load_text(crlf) == "one\ntwo\n"
@@ -44,7 +44,17 @@ def test_text_sources(tmp_path, shared_data, monkeypatch):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(SvdkitError, match="not UTF-8"):
         load_text(tmp_path / "bin.txt")
+
+
+def test_named_sources_read_svdkit_data(shared_data, monkeypatch):
     monkeypatch.setenv("SVDKIT_DATA", str(shared_data))
     wiki = load_text("wikitext2")
     assert len(wiki.encode()) == 1_290_547 - wiki.count("\n")  # CRLF became LF
     assert load_text("ptb").startswith(" consumers may want")
+
+
+def test_a_text_source_needs_a_tokenizer():
+    from svdkit.data import source_tokens
+
+    with pytest.raises(SvdkitError, match="needs a tokenizer"):
+        source_tokens(None, "demo")

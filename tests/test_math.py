@@ -38,10 +38,17 @@ def run(method: str, W, X, k, **opts):
 
 @pytest.mark.parametrize(
     "m,n,ratio,expected",
-    [(576, 576, 0.2, 230), (192, 576, 0.4, 86), (1536, 576, 0.6, 167), (576, 1536, 0.2, 335), (10, 10, 0.99, 1)],
+    [
+        (576, 576, 0.2, 230),
+        (192, 576, 0.4, 86),
+        (1536, 576, 0.6, 167),
+        (576, 1536, 0.2, 335),
+        (10, 10, 0.99, 1),
+        (300, 300, 0.3, 105),
+    ],  # 300 * 300 * 0.7 / 600 is exactly 105, though float arithmetic gives 104.99999
 )
 def test_rank_for_ratio_formula(m, n, ratio, expected):
-    assert rank_for_ratio(m, n, ratio) == expected == max(1, math.floor(m * n * (1 - ratio) / (m + n)))
+    assert rank_for_ratio(m, n, ratio) == expected
 
 
 def test_break_even_and_dense_fallback():

@@ -23,8 +23,11 @@ def check_ratio(ratio: float) -> float:
 
 
 def rank_for_ratio(m: int, n: int, ratio: float) -> int:
-    """k = floor(m n (1 - ratio) / (m + n)), at least 1 (rank 0 would delete the matrix)."""
-    return max(1, math.floor(m * n * (1.0 - ratio) / (m + n)))
+    """k = floor(m n (1 - ratio) / (m + n)), at least 1 (rank 0 would delete the matrix).
+
+    A tolerance of 1e-9 keeps exact integers exact despite float rounding (300 x 300 at 0.3 is 105).
+    """
+    return max(1, math.floor(m * n * (1.0 - ratio) / (m + n) + 1e-9))
 
 
 def break_even_rank(m: int, n: int) -> float:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import SvdkitError
 from .models import Architecture
 from .statistics import STATISTICS, LinearStats, Statistic
 
@@ -40,6 +41,39 @@ class _Captured(Exception):
     pass
 
 
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer while inputs are captured: records the call, returns its input.
+
+    Models such as Gemma3 or Qwen2 with sliding windows hand each layer its own mask and rotary
+    embeddings, so every layer's keyword arguments are recorded (from the first window; they depend
+    only on the window length). Attribute reads fall through to the real layer.
+    """
+
+    def __init__(self, inner: nn.Module, index: int, state: dict) -> None:
+        super().__init__()
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "_state", state)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_inner"), name)
+
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else kwargs.pop("hidden_states")
+        state = self._state
+        if self._index == 0:
+            state["hidden"].append(x.detach().cpu())
+        if self._index not in state["kwargs"]:
+            kept = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+            state["kwargs"][self._index] = {**kept, "use_cache": False}
+        if self._index == 0 and state["done_first"]:
+            raise _Captured
+        return x
+
+
 def move_outside_layers(model: nn.Module, layers_path: str, device: torch.device) -> None:
     """Move every parameter and buffer that is not inside the decoder layers to `device`."""
     prefix = layers_path + "."
@@ -57,32 +91,31 @@ def move_outside_layers(model: nn.Module, layers_path: str, device: torch.device
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module, arch: Architecture, windows: torch.Tensor, device: torch.device, progress: bool = True
-) -> tuple[list[torch.Tensor], dict]:
-    """Run the model up to decoder layer 0 for each window; return its inputs (on the CPU) and kwargs."""
+) -> tuple[list[torch.Tensor], list[dict]]:
+    """Inputs of decoder layer 0 for each window (on the CPU), and every layer's keyword arguments.
+
+    The decoder layers are replaced by recorders: the first window runs through all of them (identity
+    layers, so no real layer runs), later windows stop at layer 0.
+    """
     move_outside_layers(model, arch.layers_path, device)
-    hidden: list[torch.Tensor] = []
-    kwargs_seen: dict = {}
-
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs.pop("hidden_states")
-        hidden.append(x.detach().cpu())
-        if not kwargs_seen:
-            kwargs_seen.update(kwargs)
-        raise _Captured
-
-    handle = arch.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    state: dict = {"hidden": [], "kwargs": {}, "done_first": False}
+    real = list(arch.layers)
+    for i, layer in enumerate(real):
+        arch.layers[i] = _Recorder(layer, i, state)
     try:
         for ids in tqdm(windows, desc="capturing inputs", unit="window", disable=not progress, leave=False):
             try:
                 model(input_ids=ids[None].to(device), use_cache=False)
             except _Captured:
                 pass
+            state["done_first"] = True
     finally:
-        handle.remove()
-    kwargs_seen.pop("past_key_values", None)
-    kwargs_seen.pop("past_key_value", None)
-    kwargs_seen["use_cache"] = False
-    return hidden, kwargs_seen
+        for i, layer in enumerate(real):
+            arch.layers[i] = layer
+    missing = [i for i in range(len(real)) if i not in state["kwargs"]]
+    if missing:
+        raise SvdkitError(f"decoder layers {missing} were never called by the model's forward: unsupported")
+    return state["hidden"], [state["kwargs"][i] for i in range(len(real))]
 
 
 def _layer_output(out) -> torch.Tensor:
@@ -124,6 +157,11 @@ class _Collector:
         values = {owner: {s: a.value() for s, a in acc.items()} for owner, acc in self.acc.items()}
         out = {}
         for t in self.targets:
+            if t not in self.owner:
+                raise SvdkitError(
+                    f"{prefix}{t} received no input during calibration (an unused or routed projection): "
+                    "leave it out with targets=[...]"
+                )
             acc = self.acc[self.owner[t]]
             tokens = next(iter(acc.values())).tokens if acc else 0
             out[t] = LinearStats(values[self.owner[t]], tokens, module=prefix + t)
@@ -147,29 +185,30 @@ def iterate_layers(
     """
     prefix = arch.layers_path + "."
     outside_home = next((p.device for n, p in model.named_parameters() if not n.startswith(prefix)), device)
-    hidden, kwargs = capture_layer_inputs(model, arch, windows, device, progress)
-    kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    hidden, layer_kwargs = capture_layer_inputs(model, arch, windows, device, progress)
     bar = tqdm(total=len(arch.layers), desc="calibrating layers", unit="layer", disable=not progress)
     try:
         for index, layer in enumerate(arch.layers):
+            kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in layer_kwargs[index].items()}
             home = next(layer.parameters()).device
             layer.to(device)
-            collector = _Collector(layer, arch.targets, needs)
-            outputs = []
             try:
-                for x in hidden:
-                    y = _layer_output(layer(x.to(device), **kwargs))
-                    if not sequential:
-                        outputs.append(y.cpu())
+                collector = _Collector(layer, arch.targets, needs)
+                outputs = []
+                try:
+                    for x in hidden:
+                        y = _layer_output(layer(x.to(device), **kwargs))
+                        if not sequential:
+                            outputs.append(y.cpu())
+                finally:
+                    collector.remove()
+                item = LayerStats(index, layer, collector.finish(f"{arch.layers_path}.{index}."))
+                yield item
+                if sequential:
+                    outputs = [_layer_output(item.layer(x.to(device), **kwargs)).cpu() for x in hidden]
+                hidden = outputs
             finally:
-                collector.remove()
-            stats = collector.finish(f"{arch.layers_path}.{index}.")
-            item = LayerStats(index, layer, stats)
-            yield item
-            if sequential:
-                outputs = [_layer_output(item.layer(x.to(device), **kwargs)).cpu() for x in hidden]
-            hidden = outputs
-            layer.to(home)
+                layer.to(home)
             bar.update(1)
     finally:
         bar.close()

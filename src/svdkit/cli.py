@@ -59,12 +59,19 @@ def _option(text: str) -> tuple[str, object]:
         return key, value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with svdkit's error format: one line on stderr, exit code 2 (``--help`` shows usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"svdkit: error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import SOURCES
     from .methods import method_names
 
     sources = f"a text file or one of {', '.join(SOURCES)}"
-    p = argparse.ArgumentParser(prog="svdkit", description="SVD-based compression of causal language models.")
+    p = _Parser(prog="svdkit", description="SVD-based compression of causal language models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("compress", help="compress a model into a low-rank model folder")
@@ -157,7 +164,10 @@ def cmd_compress(a) -> None:
         sequential=a.sequential,
     )
     model.to("cpu")
-    (densify if a.densify else save)(model, tok, out, overwrite=a.overwrite)
+    if a.densify:
+        densify(model, tok, out, overwrite=a.overwrite, inplace=True)
+    else:
+        save(model, tok, out, overwrite=a.overwrite)
     seconds = time.perf_counter() - start
     t = result.timings
     print(
@@ -170,7 +180,7 @@ def cmd_compress(a) -> None:
     _emit(
         {
             "output": str(out),
-            "params": result.params,
+            "params": result.params_dense if a.densify else result.params,  # what the folder holds
             "params_dense": result.params_dense,
             "seconds": round(seconds, 3),
         },
@@ -251,7 +261,7 @@ def cmd_densify(a) -> None:
         raise SvdkitError(f"'{a.folder}' is not an svdkit-compressed model folder")
     out = prepare_output_dir(a.output, a.overwrite)
     model, tok = load_model(a.folder)
-    densify(model, tok, out, overwrite=a.overwrite)
+    densify(model, tok, out, overwrite=a.overwrite, inplace=True)
     print(f"dense model written to {out}")
 
 

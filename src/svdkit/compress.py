@@ -17,7 +17,7 @@ from .calibration import iterate_layers
 from .data import calibration_windows, source_tokens
 from .errors import SvdkitError
 from .io import SvdkitConfig
-from .lowrank import LowRankLinear, count_parameters, set_submodule
+from .lowrank import LowRankLinear, count_parameters
 from .methods import get_method, make_config
 from .models import find_architecture, resolve_device
 from .statistics import LinearStats
@@ -78,13 +78,16 @@ def compress(
     the method needs calibration statistics. The model's config records the method, ratio and ranks,
     so :func:`svdkit.save` writes a folder that loads back as the same low-rank model.
     `statistics` (from :func:`svdkit.calibration.collect_statistics`, by full module name) skips the
-    calibration pass, so one pass can serve several methods and ratios.
+    calibration pass, so one pass can serve several methods and ratios. Input is checked before any
+    module is touched; a failure during decomposition leaves the model partly compressed (reload it).
     """
     start = time.perf_counter()
     spec = get_method(method)
     config = make_config(spec, method_options)
     ratio = check_ratio(ratio)
     dev = resolve_device(device)
+    if any(isinstance(m, LowRankLinear) for m in model.modules()):
+        raise SvdkitError("this model is already compressed by svdkit: start from the dense model")
     arch = find_architecture(model, targets)
     params_dense = count_parameters(model)
 
@@ -101,31 +104,51 @@ def compress(
             low = decompose_linear(
                 layer.get_submodule(target), spec, config, stats[target] if stats else None, ranks[full], dev, full
             )
-            set_submodule(layer, target, low)
+            layer.set_submodule(target, low)
         timings["decomposition"] += time.perf_counter() - t
 
-    was_training = model.training
-    model.eval()
+    windows = None
     if spec.requires and statistics is not None:
         missing = [n for n, r in ranks.items() if r is not None and n not in statistics]
         if missing:
             raise SvdkitError(f"the given statistics lack {len(missing)} target(s), e.g. {missing[0]}")
-        for index, layer in enumerate(tqdm(arch.layers, desc="decomposing", unit="layer", disable=not progress)):
-            prefix = f"{arch.layers_path}.{index}."
-            replace(layer, index, {t: statistics.get(prefix + t) for t in arch.targets})
+        lacking = sorted(spec.requires - set(next(iter(statistics.values())).values))
+        if lacking:
+            raise SvdkitError(f"method '{method}' needs statistics {lacking}, which the given ones lack")
     elif spec.requires:
         if tokenizer is None and not isinstance(calib, torch.Tensor):
             raise SvdkitError(f"method '{method}' needs calibration text: pass a tokenizer or token ids")
         windows = calibration_windows(source_tokens(tokenizer, calib), calib_samples, calib_seqlen, calib_offset, seed)
-        t_loop = time.perf_counter()
-        for item in iterate_layers(model, arch, windows, spec.requires, dev, sequential, progress):
-            replace(item.layer, item.index, item.stats)
-        timings["calibration"] = time.perf_counter() - t_loop - timings["decomposition"]
-    else:
-        for index, layer in enumerate(tqdm(arch.layers, desc="decomposing", unit="layer", disable=not progress)):
-            replace(layer, index, None)
-    model.train(was_training)
 
+    was_training = model.training
+    model.eval()
+    try:
+        if windows is not None:
+            t_loop = time.perf_counter()
+            for item in iterate_layers(model, arch, windows, spec.requires, dev, sequential, progress):
+                replace(item.layer, item.index, item.stats)
+            timings["calibration"] = time.perf_counter() - t_loop - timings["decomposition"]
+        else:
+            bar = tqdm(arch.layers, desc="decomposing", unit="layer", disable=not progress)
+            for index, layer in enumerate(bar):
+                prefix = f"{arch.layers_path}.{index}."
+                replace(layer, index, {t: statistics.get(prefix + t) for t in arch.targets} if statistics else None)
+    finally:
+        model.train(was_training)
+
+    if windows is not None:
+        calibration = {
+            "source": "token ids" if isinstance(calib, torch.Tensor) else os.fspath(calib),
+            "samples": calib_samples,
+            "seqlen": calib_seqlen,
+            "offset": calib_offset,
+            "seed": seed,
+            "sequential": sequential,
+        }
+    elif spec.requires:
+        calibration = {"source": "precomputed statistics", "tokens": next(iter(statistics.values())).tokens}
+    else:
+        calibration = None
     kept = {name: int(r) for name, r in ranks.items() if r is not None}
     model.config.quantization_config = SvdkitConfig(
         method=method,
@@ -134,16 +157,7 @@ def compress(
         version=__version__,
         method_config=_plain(config),
         params_dense=params_dense,
-        calibration={
-            "samples": calib_samples,
-            "seqlen": calib_seqlen,
-            "offset": calib_offset,
-            "seed": seed,
-            "source": "token ids" if isinstance(calib, torch.Tensor) else os.fspath(calib),
-            "sequential": sequential,
-        }
-        if spec.requires
-        else None,
+        calibration=calibration,
     )
     return CompressionResult(
         method=method,

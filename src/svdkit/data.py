@@ -91,6 +91,8 @@ def source_tokens(tokenizer, source: str | os.PathLike | torch.Tensor) -> torch.
     """Token ids of a source; a tensor is taken as already tokenized."""
     if isinstance(source, torch.Tensor):
         return source.reshape(-1).long()
+    if tokenizer is None:
+        raise SvdkitError(f"text source '{source}' needs a tokenizer: pass one, or pass token ids")
     return tokenize(tokenizer, load_text(source))
 
 

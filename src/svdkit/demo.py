@@ -13,7 +13,7 @@ from pathlib import Path
 from .compress import compress
 from .data import source_tokens
 from .evaluate import perplexity
-from .io import prepare_output_dir, save
+from .io import prepare_output_dir, read_svdkit_config, save
 from .models import load_model, resolve_device, smollm2_folder
 
 __all__ = ["run_demo", "DEMO_METHOD"]
@@ -33,7 +33,9 @@ def _mb(n: int) -> str:
 
 
 def run_demo(ratio: float = 0.2, output: str = "svdkit-demo-output", device: str = "auto") -> dict:
-    out = prepare_output_dir(output, overwrite=True)
+    out = Path(output)
+    # the demo may replace its own earlier output, never a folder of something else
+    prepare_output_dir(out, overwrite=read_svdkit_config(out) is not None if out.is_dir() else False)
     dev = resolve_device(device)
     print(f"svdkit demo: SmolLM2-135M-Instruct, {DEMO_METHOD} at ratio {ratio}, text: Python's documentation")
     dense_size = _size(smollm2_folder())

@@ -53,13 +53,15 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of `model` on consecutive windows of `source` (a text source or token ids).
 
-    No window is dropped: a window whose loss is not finite makes the result non-finite and is
-    listed in ``nonfinite_windows`` (with a warning).
+    `device`, if given, moves the model there first. No window is dropped: a window whose loss is not
+    finite makes the result non-finite and is listed in ``nonfinite_windows`` (with a warning).
     """
     from .models import resolve_device
 
     windows = eval_windows(source_tokens(tokenizer, source), seqlen, max_windows, offset)
-    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    if device is not None:
+        model.to(resolve_device(device))
+    dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, bad = 0.0, []

@@ -26,7 +26,7 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import SvdkitError
-from .lowrank import LowRankLinear, densify_, set_submodule
+from .lowrank import LowRankLinear, densify_
 
 __all__ = ["SvdkitConfig", "save", "load", "densify", "read_svdkit_config", "prepare_output_dir"]
 
@@ -69,6 +69,9 @@ class SvdkitQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         # The result is an ordinary float model: let .to(), .float(), .half() and training work.
         model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model, "quantization_method"):
+            del model.quantization_method
         return model
 
     def is_serializable(self) -> bool:
@@ -101,7 +104,7 @@ def swap_to_low_rank(model: torch.nn.Module, ranks: dict[str, int]) -> None:
             device=old.weight.device,
             dtype=old.weight.dtype,
         )
-        set_submodule(model, name, new)
+        model.set_submodule(name, new)
 
 
 def read_svdkit_config(folder: str | os.PathLike) -> dict | None:
@@ -109,8 +112,11 @@ def read_svdkit_config(folder: str | os.PathLike) -> dict | None:
     path = Path(folder) / "config.json"
     if not path.is_file():
         return None
-    q = json.loads(path.read_text()).get("quantization_config") or {}
-    return q if q.get("quant_method") == "svdkit" else None
+    try:
+        q = json.loads(path.read_text()).get("quantization_config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise SvdkitError(f"'{path}' is not a valid config.json: {e}") from e
+    return q if isinstance(q, dict) and q.get("quant_method") == "svdkit" else None
 
 
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -128,6 +134,9 @@ def _atomic_write(path: Path, overwrite: bool, write) -> Path:
     path = prepare_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
     try:
         write(tmp)
         if path.exists():
@@ -164,11 +173,14 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     return model, tokenizer
 
 
-def densify(model, tokenizer, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a plain dense copy (W' = B A in nn.Linear) that any tool loads; `model` itself is unchanged."""
+def densify(model, tokenizer, path: str | os.PathLike, overwrite: bool = False, inplace: bool = False) -> Path:
+    """Write a plain dense model (W' = B A in nn.Linear) that any tool loads.
+
+    `model` is left unchanged (a copy is densified) unless `inplace`, which saves the copy's memory.
+    """
     import copy
 
-    dense = copy.deepcopy(model)
+    dense = model if inplace else copy.deepcopy(model)
     densify_(dense)
     if hasattr(dense.config, "quantization_config"):
         del dense.config.quantization_config

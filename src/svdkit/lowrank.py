@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["LowRankLinear", "set_submodule", "densify_", "count_parameters"]
+__all__ = ["LowRankLinear", "densify_", "count_parameters"]
 
 
 class LowRankLinear(nn.Module):
@@ -65,13 +65,6 @@ class LowRankLinear(nn.Module):
         )
 
 
-def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path `name`."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 def densify_(model: nn.Module) -> int:
     """Replace every LowRankLinear of `model` by an nn.Linear holding W' = B A; returns how many."""
     names = [name for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)]
@@ -84,7 +77,7 @@ def densify_(model: nn.Module) -> int:
             dense.weight.copy_(low.dense_weight())
             if low.bias is not None:
                 dense.bias.copy_(low.bias)
-        set_submodule(model, name, dense)
+        model.set_submodule(name, dense)
     return len(names)
 
 

@@ -46,10 +46,6 @@ class Architecture:
     targets: list[str]
     """names relative to a decoder layer, e.g. 'self_attn.q_proj'"""
 
-    def target_names(self) -> list[str]:
-        """Full module names of every target, layer by layer."""
-        return [f"{self.layers_path}.{i}.{t}" for i in range(len(self.layers)) for t in self.targets]
-
     def shapes(self) -> dict[str, tuple[int, int]]:
         """Full module name -> (out_features, in_features)."""
         out = {}
@@ -180,7 +176,7 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, prog
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
         if where is spec and not os.path.exists(spec):
             raise SvdkitError(
                 f"could not load '{spec}': it is not a local path, and fetching it from the Hugging Face hub "

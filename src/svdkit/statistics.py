@@ -103,8 +103,8 @@ class LinearStats:
         return name in self.values
 
     @property
-    def gram(self) -> torch.Tensor:
-        """G / T: the mean of x x^T (scale-free, float64)."""
+    def gram_mean(self) -> torch.Tensor:
+        """G / T: the mean of x x^T (scale-free, float64); ``self["gram"]`` is the sum G."""
         return self["gram"] / max(self.tokens, 1)
 
     @property

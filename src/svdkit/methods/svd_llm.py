@@ -43,7 +43,7 @@ def svd_llm(W: torch.Tensor, stats: LinearStats | None, rank: int, config: SVDLL
     """A = sqrt(S_k) V_k^T L^-1, B = U_k sqrt(S_k) from SVD(W L)."""
     if stats is None:
         raise ValueError("svd-llm needs the Gram matrix of the layer's calibration inputs")
-    U, S, Vh, L = whitened_spectrum(W, stats.gram, config.rel_eps)
+    U, S, Vh, L = whitened_spectrum(W, stats.gram_mean, config.rel_eps)
     A, B = split_factors(U, S, Vh, rank)
     # A L^-1: solve Z L = A for Z (L lower triangular), no explicit inverse.
     A = torch.linalg.solve_triangular(L, A, upper=False, left=False)
