@@ -13,7 +13,7 @@ import torch
 
 from .errors import SvdkitError
 
-__all__ = ["Statistic", "Gram", "MeanAbs", "STATISTICS", "LinearStats"]
+__all__ = ["Statistic", "Gram", "MeanAbs", "STATISTICS", "LinearStats", "gram_matrix"]
 
 
 class Statistic:
@@ -34,6 +34,25 @@ class Statistic:
         raise NotImplementedError
 
 
+def gram_matrix(x: torch.Tensor) -> torch.Tensor:
+    """x^T x for x (T x n), computing only the upper block triangle and mirroring it.
+
+    With b column blocks this costs (b + 1) / (2 b) of one full product: for n = 1536 on a CPU it
+    takes about half the time, which matters since the Gram matrices rival the layer forwards.
+    """
+    n = x.shape[1]
+    blocks = max(1, min(8, n // 192))
+    if blocks == 1:
+        return x.T @ x
+    edges = [i * n // blocks for i in range(blocks + 1)]
+    g = torch.empty(n, n, dtype=x.dtype, device=x.device)
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        row = x[:, lo:hi].T @ x[:, lo:]
+        g[lo:hi, lo:] = row
+        g[hi:, lo:hi] = row[:, hi - lo :].T
+    return g
+
+
 class Gram(Statistic):
     """Sum over tokens of x x^T (n x n, float64)."""
 
@@ -45,7 +64,7 @@ class Gram(Statistic):
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.n).float()
-        g = (x.T @ x).double()
+        g = gram_matrix(x).double()
         self.total = g if self.total is None else self.total.add_(g)
         self.tokens += x.shape[0]
 
