@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -119,6 +121,8 @@ def main() -> None:
         f"- calibration: {args.calib_samples} x {args.seqlen} WikiText-2 test tokens from offset 150000, seed 0; "
         f"reference-style full-model profiling {ref_calib:.0f} s, svdkit layer-wise {ours_calib:.0f} s",
         f"- evaluation: WikiText-2 test, first {args.eval_windows} windows of {args.seqlen}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}",
         "",
         "| ratio | reference-numerics ppl | svdkit ppl | relative difference | parameters (both) |",
         "|---|---|---|---|---|",
