@@ -19,10 +19,7 @@ from typing import Any
 
 import torch
 from transformers.quantizers import HfQuantizer
-from transformers.quantizers.auto import (
-    AUTO_QUANTIZATION_CONFIG_MAPPING,
-    AUTO_QUANTIZER_MAPPING,
-)
+from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import SvdkitError
@@ -82,9 +79,9 @@ class SvdkitQuantizer(HfQuantizer):
         return True
 
 
-if "svdkit" not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-    AUTO_QUANTIZATION_CONFIG_MAPPING["svdkit"] = SvdkitConfig
-    AUTO_QUANTIZER_MAPPING["svdkit"] = SvdkitQuantizer
+if "svdkit" not in AUTO_QUANTIZER_MAPPING:  # transformers' public hooks refuse a second registration
+    register_quantization_config("svdkit")(SvdkitConfig)
+    register_quantizer("svdkit")(SvdkitQuantizer)
 
 
 def swap_to_low_rank(model: torch.nn.Module, ranks: dict[str, int]) -> None:
