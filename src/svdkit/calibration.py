@@ -1,7 +1,8 @@
 """Layer-by-layer calibration: statistics of every target linear's inputs, one decoder layer at a time.
 
-The inputs of decoder layer 0 are captured for all calibration windows (the rest of the model is
-stopped there), then each layer in turn is moved to the compute device, run on every window with hooks
+The inputs of decoder layer 0 are captured for all calibration windows, together with the keyword
+arguments (masks, rotary embeddings) the model hands each layer, with stand-ins in place of the layers
+so no real layer runs and later windows stop at layer 0. Then each layer in turn is moved to the compute device, run on every window with hooks
 on its target linears, and moved back. Activations live on the CPU between layers, so device memory
 holds one layer plus one window, whatever the model's size (as in llm-compressor's sequential pipeline).
 
