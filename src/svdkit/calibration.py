@@ -2,9 +2,10 @@
 
 The inputs of decoder layer 0 are captured for all calibration windows, together with the keyword
 arguments (masks, rotary embeddings) the model hands each layer, with stand-ins in place of the layers
-so no real layer runs and later windows stop at layer 0. Then each layer in turn is moved to the compute device, run on every window with hooks
-on its target linears, and moved back. Activations live on the CPU between layers, so device memory
-holds one layer plus one window, whatever the model's size (as in llm-compressor's sequential pipeline).
+so no real layer runs and later windows stop at layer 0. Then each layer in turn is moved to the
+compute device, run on every window with hooks on its target linears, and moved back. Activations
+live on the CPU between layers, so device memory holds one layer plus one window, whatever the
+model's size (as in llm-compressor's sequential pipeline).
 
 Linears fed the very same tensor (q/k/v, gate/up) share one accumulator, so each Gram matrix is
 computed once. :func:`iterate_layers` yields each layer with its finished statistics; the caller may
