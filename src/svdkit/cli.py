@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -222,12 +223,7 @@ def folder_info(folder: str | Path) -> dict:
     params = 0
     for f in files:
         with safe_open(f, "pt") as st:
-            for key in st.keys():
-                shape = st.get_slice(key).get_shape()
-                n = 1
-                for d in shape:
-                    n *= d
-                params += n
+            params += sum(math.prod(st.get_slice(key).get_shape()) for key in st.keys())
     return {
         "method": record.get("method"),
         "ratio": record.get("ratio"),
