@@ -1,10 +1,13 @@
 """Run the fixed protocol (../shared/PROTOCOL.md) for given methods and ratios; write JSON and markdown.
 
-    python benchmarks/protocol.py --methods svd svd-llm --ratios 0.2 0.4 0.6 --out docs/results/core
+    python benchmarks/protocol.py --methods svd svd-llm asvd@sensitivity --ratios 0.2 0.4 0.6 --out docs/results/core
 
-One calibration pass over the dense model (32 windows of 2048 WikiText-2 test tokens at seeded offsets
-from 150000) serves every method and ratio; each cell compresses a fresh copy of the dense model and
-evaluates WikiText-2 (first 16 windows of 2048) and PTB validation (first 8 windows of 2048).
+A method may name an allocation strategy after '@' (default uniform). One calibration pass over the
+dense model (32 windows of 2048 WikiText-2 test tokens at seeded offsets from 150000) collects every
+input statistic the methods need, and one gradient pass the Fisher information if a method needs it;
+they serve every method, ratio and allocation. Each cell compresses a fresh copy of the dense model
+and evaluates WikiText-2 (first 16 windows of 2048) and PTB validation (first 8 windows of 2048).
+The JSON is rewritten after every cell and a rerun with the same --out skips the finished cells.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import svdkit
 from svdkit.calibration import collect_statistics
 from svdkit.data import calibration_windows, load_text, tokenize
+from svdkit.gradients import GRADIENT_STATISTICS
 from svdkit.methods import get_method
 from svdkit.models import find_architecture, resolve_device
 
@@ -76,19 +80,49 @@ def markdown(report: dict) -> str:
         f"- evaluation: WikiText-2 test, first {report['eval_windows']} windows of {report['seqlen']}; "
         f"PTB validation, first {report['ptb_windows']} windows",
         "",
-        "| method | ratio | WikiText-2 ppl | PTB ppl | parameters | decomposition s | prefill tok/s | vs dense |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| dense | 0 | {fmt(dense['wikitext2'])} | {fmt(dense['ptb'])} | {dense['params']:,} | | "
+        "| method | allocation | ratio | WikiText-2 ppl | PTB ppl | parameters | statistics s | allocation s "
+        "| decomposition s | total s | prefill tok/s | vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| dense | | 0 | {fmt(dense['wikitext2'])} | {fmt(dense['ptb'])} | {dense['params']:,} | | | | | "
         f"{dense['prefill_tok_s']:.0f} | 1.00x |",
     ]
     for c in report["cells"]:
+        total = c["statistics_s"] + c["allocation_s"] + c["decomposition_s"]
         lines.append(
-            f"| {c['method']} | {c['ratio']} | {fmt(c['wikitext2'])} | {fmt(c['ptb'])} | {c['params']:,} | "
-            f"{c['decomposition_s']:.1f} | {c['prefill_tok_s']:.0f} | "
-            f"{c['prefill_tok_s'] / dense['prefill_tok_s']:.2f}x |"
+            f"| {c['method']} | {c['allocation']} | {c['ratio']} | {fmt(c['wikitext2'])} | {fmt(c['ptb'])} | "
+            f"{c['params']:,} | {c['statistics_s']:.0f} | {c['allocation_s']:.0f} | {c['decomposition_s']:.1f} | "
+            f"{total:.0f} | {c['prefill_tok_s']:.0f} | {c['prefill_tok_s'] / dense['prefill_tok_s']:.2f}x |"
         )
-    lines += ["", f"Peak resident memory of the whole run: {report['peak_rss_mb']:.0f} MB.", ""]
+    passes = ", ".join(f"{k} {v:.0f} s" for k, v in report["calibration"].get("passes", {}).items())
+    lines += [
+        "",
+        f"Statistics passes (shared by all cells): {passes or 'none'}. 'statistics s' is the time of the passes "
+        "a cell's method needs ('inputs' collects every input statistic at once, so it is an upper bound for a "
+        "method that needs only mean |x|); 'total s' adds allocation and decomposition. Prefill: one forward of "
+        f"{report['seqlen']} tokens, median of 3.",
+        "",
+        f"Peak resident memory of the whole run: {report['peak_rss_mb']:.0f} MB.",
+        "",
+    ]
     return "\n".join(lines)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Per-module union of two statistics dicts (e.g. input statistics and Fisher information)."""
+    from svdkit.statistics import LinearStats
+
+    out = dict(a)
+    for name, st in b.items():
+        prev = out.get(name)
+        out[name] = st if prev is None else LinearStats({**prev.values, **st.values}, prev.tokens, name)
+    return out
+
+
+def _alloc_options(allocation: str, args) -> dict:
+    if allocation != "sensitivity":
+        return {}
+    opts = {"windows": args.sensitivity_windows, "seqlen": args.sensitivity_seqlen}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def main() -> None:
@@ -103,6 +137,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--ptb-windows", type=int, default=8)
+    p.add_argument("--sensitivity-windows", type=int, default=None, help="sensitivity allocation: windows")
+    p.add_argument("--sensitivity-seqlen", type=int, default=None, help="sensitivity allocation: tokens per window")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=str(HERE.parent / "results" / "protocol"), help="path prefix of .json/.md")
     args = p.parse_args()
@@ -135,35 +171,79 @@ def main() -> None:
         },
         "cells": [],
     }
-    report["dense"] = evaluate(model, wiki, ptb, args)
-    print(f"dense: {report['dense']}", flush=True)
-
-    needs = set().union(*(get_method(m).requires for m in args.methods))
-    stats = None
-    if needs:
-        t = time.perf_counter()
-        windows = calibration_windows(wiki, args.calib_samples, args.seqlen, args.calib_offset, args.seed)
-        stats = collect_statistics(model, find_architecture(model), windows, needs, dev)
-        report["calibration"]["seconds"] = time.perf_counter() - t
-
-    for method in args.methods:
-        for ratio in args.ratios:
-            work = copy.deepcopy(model)
-            r = svdkit.compress(work, tok, method=method, ratio=ratio, device=dev, statistics=stats, progress=False)
-            cell = {
-                "method": method,
-                "ratio": ratio,
-                "decomposition_s": r.timings["decomposition"],
-                **evaluate(work, wiki, ptb, args),
-            }
-            report["cells"].append(cell)
-            print(cell, flush=True)
-            del work
-    report["peak_rss_mb"] = peak_rss_mb()
-
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    done = {}
+    if out.with_suffix(".json").exists():
+        old = json.loads(out.with_suffix(".json").read_text())
+        if old.get("calibration", {}).get("samples") == args.calib_samples and old.get("seqlen") == args.seqlen:
+            report["dense"] = old.get("dense")
+            done = {(c["method"], c["allocation"], c["ratio"]): c for c in old.get("cells", [])}
+            print(f"resuming: {len(done)} finished cells in {out.with_suffix('.json')}", flush=True)
+    if not report.get("dense"):
+        report["dense"] = evaluate(model, wiki, ptb, args)
+    print(f"dense: {report['dense']}", flush=True)
+
+    cells = []
+    for spec in args.methods:
+        method, _, allocation = spec.partition("@")
+        for ratio in args.ratios:
+            cells.append((method, allocation or "uniform", ratio))
+    todo = [c for c in cells if c not in done]
+    needs = set().union(*(get_method(m).requires for m, _, _ in todo)) if todo else set()
+    stats = None
+    passes = report["calibration"]["passes"] = {}
+    windows = calibration_windows(wiki, args.calib_samples, args.seqlen, args.calib_offset, args.seed)
+    arch = find_architecture(model)
+    for kind, group in (("inputs", needs - GRADIENT_STATISTICS), ("fisher", needs & GRADIENT_STATISTICS)):
+        if group:
+            t = time.perf_counter()
+            part = collect_statistics(model, arch, windows, group, dev)
+            passes[kind] = time.perf_counter() - t
+            stats = part if stats is None else _merge(stats, part)
+    report["calibration"]["seconds"] = sum(passes.values())
+
+    def save() -> None:
+        report["peak_rss_mb"] = peak_rss_mb()
+        report["cells"] = [done[c] for c in cells if c in done]
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+
+    for method, allocation, ratio in todo:
+        work = copy.deepcopy(model)
+        r = svdkit.compress(
+            work,
+            tok,
+            method=method,
+            ratio=ratio,
+            calib=wiki,
+            calib_samples=args.calib_samples,
+            calib_seqlen=args.seqlen,
+            calib_offset=args.calib_offset,
+            seed=args.seed,
+            device=dev,
+            statistics=stats,
+            progress=allocation != "uniform",
+            allocation=allocation,
+            allocation_options=_alloc_options(allocation, args),
+        )
+        req = get_method(method).requires
+        cell = {
+            "method": method,
+            "allocation": allocation,
+            "ratio": ratio,
+            "statistics_s": (passes.get("inputs", 0.0) if req - GRADIENT_STATISTICS else 0.0)
+            + (passes.get("fisher", 0.0) if req & GRADIENT_STATISTICS else 0.0),
+            "allocation_s": r.timings["allocation"],
+            "decomposition_s": r.timings["decomposition"],
+            "allocation_report": r.allocation,
+            "ranks": r.ranks,
+            **evaluate(work, wiki, ptb, args),
+        }
+        done[(method, allocation, ratio)] = cell
+        print({k: v for k, v in cell.items() if k != "ranks"}, flush=True)
+        save()
+        del work
+    save()
     out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
 

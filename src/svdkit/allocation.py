@@ -3,16 +3,36 @@
 Ratio is the fraction of a matrix's parameters removed (SVD-LLM's convention): a matrix W (m x n)
 at ratio r keeps rank k = floor(m n (1 - r) / (m + n)), floored at 1. A rank-k pair costs k (m + n)
 parameters, so it only pays while k (m + n) < m n; where it would not, the matrix stays dense.
+
+An *allocator* chooses every target's rank for a global ratio. Allocators are registered by name
+(:func:`register_allocator`) with a small config, like methods; the pipeline calls them with an
+:class:`AllocationContext`. ``uniform`` (this module) needs nothing but the shapes; ``sensitivity``
+(:mod:`svdkit.sensitivity`) needs the method, the statistics and calibration windows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from .errors import SvdkitError
 
-__all__ = ["rank_for_ratio", "break_even_rank", "saves_parameters", "check_ratio", "allocate_uniform"]
+__all__ = [
+    "rank_for_ratio",
+    "break_even_rank",
+    "saves_parameters",
+    "check_ratio",
+    "allocate_uniform",
+    "AllocationContext",
+    "Allocator",
+    "register_allocator",
+    "get_allocator",
+    "allocator_names",
+    "make_allocation_config",
+]
 
 
 def check_ratio(ratio: float) -> float:
@@ -48,3 +68,89 @@ def allocate_uniform(shapes: Mapping[str, tuple[int, int]], ratio: float) -> dic
         k = rank_for_ratio(m, n, ratio)
         ranks[name] = k if saves_parameters(m, n, k) else None
     return ranks
+
+
+@dataclass
+class AllocationContext:
+    """Everything an allocator may use. Fields an allocator does not declare a need for may be None."""
+
+    shapes: dict[str, tuple[int, int]]
+    """full module name -> (out_features, in_features) of every target"""
+    ratio: float
+    model: Any = None
+    arch: Any = None
+    method: Any = None
+    """the :class:`~svdkit.methods.Method` that will factor the matrices"""
+    method_config: Any = None
+    statistics: Mapping[str, Any] | None = None
+    """full module name -> LinearStats (None when the method needs none)"""
+    windows: Any = None
+    """calibration token windows (n x seqlen)"""
+    calibration: dict | None = None
+    """how the windows and statistics were made (recorded in caches)"""
+    device: Any = None
+    progress: bool = True
+    report: dict = dataclasses.field(default_factory=dict)
+    """what the allocator wants recorded next to the ranks (e.g. a threshold it chose)"""
+
+
+@dataclass(frozen=True)
+class Allocator:
+    name: str
+    allocate: Callable[[AllocationContext, Any], dict[str, int | None]]
+    config_cls: type
+    needs_statistics: bool
+    """True when every matrix's statistics must exist before any rank is fixed"""
+    needs_windows: bool
+    summary: str
+
+
+_ALLOCATORS: dict[str, Allocator] = {}
+
+
+def register_allocator(
+    name: str, config_cls: type, needs_statistics: bool = False, needs_windows: bool = False, summary: str = ""
+):
+    """Decorator: register `fn(context, config) -> {name: rank or None}` as allocation strategy `name`."""
+
+    def wrap(fn):
+        if name in _ALLOCATORS:
+            raise ValueError(f"allocator '{name}' is already registered")
+        _ALLOCATORS[name] = Allocator(name, fn, config_cls, needs_statistics, needs_windows, summary)
+        return fn
+
+    return wrap
+
+
+def allocator_names() -> list[str]:
+    return sorted(_ALLOCATORS)
+
+
+def get_allocator(name: str) -> Allocator:
+    if name not in _ALLOCATORS:
+        raise SvdkitError(f"unknown allocation '{name}'; known: {', '.join(allocator_names())}")
+    return _ALLOCATORS[name]
+
+
+def make_allocation_config(allocator: Allocator, options: Mapping[str, Any] | None = None) -> Any:
+    """The allocator's config dataclass from a mapping, with clear errors for unknown keys or bad values."""
+    options = dict(options or {})
+    fields = {f.name for f in dataclasses.fields(allocator.config_cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        known = ", ".join(sorted(fields)) or "none"
+        raise SvdkitError(f"allocation '{allocator.name}' has no option {', '.join(unknown)} (its options: {known})")
+    try:
+        return allocator.config_cls(**options)
+    except (TypeError, ValueError) as e:
+        raise SvdkitError(f"allocation '{allocator.name}': {e}") from e
+
+
+@dataclass
+class UniformConfig:
+    """Uniform allocation has no options."""
+
+
+@register_allocator("uniform", UniformConfig, summary="the same ratio for every matrix")
+def _uniform(context: AllocationContext, config: UniformConfig) -> dict[str, int | None]:
+    return allocate_uniform(context.shapes, context.ratio)

@@ -106,8 +106,8 @@ def capture_layer_inputs(
         arch.layers[i] = _Recorder(layer, i, state)
     try:
         for ids in tqdm(windows, desc="capturing inputs", unit="window", disable=not progress, leave=False):
-            try:
-                model(input_ids=ids[None].to(device), use_cache=False)
+            try:  # a 1-D window is one sequence; a 2-D block of windows runs as one batch
+                model(input_ids=(ids if ids.dim() == 2 else ids[None]).to(device), use_cache=False)
             except _Captured:
                 pass
             state["done_first"] = True
@@ -227,11 +227,28 @@ def collect_statistics(
 ) -> dict[str, LinearStats]:
     """Every target's statistics from the dense model, by full module name, kept in CPU memory.
 
-    Costs one n x n float64 Gram matrix per distinct input (shared by q/k/v and by gate/up): for
-    SmolLM2-135M about 27 MB per layer. Lets several compressions (methods, ratios) reuse one pass.
+    Input statistics (see :data:`~svdkit.statistics.STATISTICS`) come from one layer-by-layer pass;
+    gradient statistics (``fisher``, see :mod:`svdkit.gradients`) from a backward pass. Costs one n x n
+    float64 Gram matrix per distinct input (shared by q/k/v and by gate/up): for SmolLM2-135M about
+    27 MB per layer. Lets several compressions (methods, ratios, allocations) reuse one pass.
     """
+    from .gradients import GRADIENT_STATISTICS, collect_fisher
+
+    needs = set(needs)
+    unknown = sorted(needs - set(STATISTICS) - GRADIENT_STATISTICS)
+    if unknown:
+        raise SvdkitError(f"unknown statistic(s) {unknown}; known: {sorted(set(STATISTICS) | GRADIENT_STATISTICS)}")
     out: dict[str, LinearStats] = {}
-    for item in iterate_layers(model, arch, windows, needs, device, sequential=False, progress=progress):
-        for name, st in item.stats.items():
-            out[f"{arch.layers_path}.{item.index}.{name}"] = st
+    hooks = needs - GRADIENT_STATISTICS
+    if hooks:
+        for item in iterate_layers(model, arch, windows, hooks, device, sequential=False, progress=progress):
+            for name, st in item.stats.items():
+                out[f"{arch.layers_path}.{item.index}.{name}"] = st
+    if "fisher" in needs:
+        fisher = collect_fisher(model, arch, windows, device, progress)
+        tokens = windows.numel()
+        for name, rows in fisher.items():
+            st = out.get(name)
+            values = {**st.values, "fisher": rows} if st is not None else {"fisher": rows}
+            out[name] = LinearStats(values, st.tokens if st is not None else tokens, module=name)
     return out

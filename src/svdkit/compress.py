@@ -12,10 +12,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import allocate_uniform, check_ratio
-from .calibration import iterate_layers
+from . import sensitivity  # noqa: F401  (registers the 'sensitivity' allocator)
+from .allocation import AllocationContext, check_ratio, get_allocator, make_allocation_config
+from .calibration import collect_statistics, iterate_layers
 from .data import calibration_windows, source_tokens
 from .errors import SvdkitError
+from .gradients import GRADIENT_STATISTICS
 from .io import SvdkitConfig
 from .lowrank import LowRankLinear, count_parameters
 from .methods import get_method, make_config
@@ -37,6 +39,8 @@ class CompressionResult:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     """seconds spent in calibration, decomposition and allocation"""
+    allocation: dict[str, Any] = field(default_factory=dict)
+    """the allocation strategy, its config and what it reported (e.g. a chosen threshold)"""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,29 +75,81 @@ def compress(
     sequential: bool = False,
     statistics: Mapping[str, LinearStats] | None = None,
     progress: bool = True,
+    allocation: str = "uniform",
+    allocation_options: Mapping[str, Any] | None = None,
 ) -> CompressionResult:
     """Compress `model` in place: every target linear becomes a LowRankLinear of its allocated rank.
 
-    `calib` is a text source (see :mod:`svdkit.data`) or a 1-D tensor of token ids; it is only read if
-    the method needs calibration statistics. The model's config records the method, ratio and ranks,
-    so :func:`svdkit.save` writes a folder that loads back as the same low-rank model.
-    `statistics` (from :func:`svdkit.calibration.collect_statistics`, by full module name) skips the
-    calibration pass, so one pass can serve several methods and ratios. Input is checked before any
-    module is touched; a failure during decomposition leaves the model partly compressed (reload it).
+    `calib` is a text source (see :mod:`svdkit.data`) or a 1-D tensor of token ids; it is read when
+    the method needs calibration statistics or the allocation needs windows. The model's config
+    records the method, ratio, allocation and ranks, so :func:`svdkit.save` writes a folder that loads
+    back as the same low-rank model. `statistics` (from :func:`svdkit.calibration.collect_statistics`,
+    by full module name) skips the calibration pass, so one pass can serve several methods and ratios.
+
+    With uniform allocation and input statistics only, calibration streams: each layer is factored as
+    soon as its statistics are ready, and only one layer's statistics are ever held. Other allocations
+    (``sensitivity``) and gradient statistics (FWSVD's Fisher information) need every matrix's
+    statistics before any rank is fixed; those are kept in CPU memory (for SmolLM2-135M about 0.8 GB).
+    Input is checked before any module is touched; a failure during decomposition leaves the model
+    partly compressed (reload it).
     """
     start = time.perf_counter()
     spec = get_method(method)
     config = make_config(spec, method_options)
+    allocator = get_allocator(allocation)
+    alloc_config = make_allocation_config(allocator, allocation_options)
     ratio = check_ratio(ratio)
     dev = resolve_device(device)
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise SvdkitError("this model is already compressed by svdkit: start from the dense model")
     arch = find_architecture(model, targets)
     params_dense = count_parameters(model)
+    shapes = arch.shapes()
+    timings = {"allocation": 0.0, "calibration": 0.0, "decomposition": 0.0}
 
-    t0 = time.perf_counter()
-    ranks = allocate_uniform(arch.shapes(), ratio)
-    timings = {"allocation": time.perf_counter() - t0, "calibration": 0.0, "decomposition": 0.0}
+    if spec.requires and statistics is not None:
+        missing = [n for n in shapes if n not in statistics]
+        if missing:
+            raise SvdkitError(f"the given statistics lack {len(missing)} target(s), e.g. {missing[0]}")
+        lacking = sorted(spec.requires - set(next(iter(statistics.values())).values))
+        if lacking:
+            raise SvdkitError(f"method '{method}' needs statistics {lacking}, which the given ones lack")
+    collect_first = (
+        bool(spec.requires)
+        and statistics is None
+        and (allocator.needs_statistics or bool(spec.requires & GRADIENT_STATISTICS))
+    )
+    streaming = bool(spec.requires) and statistics is None and not collect_first
+    if sequential and collect_first:
+        raise SvdkitError(
+            "sequential mode computes each layer's statistics after the layers before it are compressed: it "
+            f"needs uniform allocation and input statistics (not allocation '{allocation}' or method '{method}')"
+        )
+    windows = None
+    if streaming or collect_first or allocator.needs_windows:
+        if tokenizer is None and not isinstance(calib, torch.Tensor):
+            raise SvdkitError(
+                f"method '{method}' with allocation '{allocation}' needs calibration text: "
+                "pass a tokenizer or token ids"
+            )
+        windows = calibration_windows(source_tokens(tokenizer, calib), calib_samples, calib_seqlen, calib_offset, seed)
+    if windows is not None:
+        calibration = {
+            "source": "token ids" if isinstance(calib, torch.Tensor) else os.fspath(calib),
+            "samples": calib_samples,
+            "seqlen": calib_seqlen,
+            "offset": calib_offset,
+            "seed": seed,
+            "sequential": sequential,
+        }
+    else:
+        calibration = None
+    if spec.requires and statistics is not None:
+        calibration = {
+            "statistics": "precomputed",
+            "tokens": next(iter(statistics.values())).tokens,
+            **(calibration or {}),
+        }
 
     def replace(layer: nn.Module, index: int, stats: Mapping | None) -> None:
         t = time.perf_counter()
@@ -107,23 +163,32 @@ def compress(
             layer.set_submodule(target, low)
         timings["decomposition"] += time.perf_counter() - t
 
-    windows = None
-    if spec.requires and statistics is not None:
-        missing = [n for n, r in ranks.items() if r is not None and n not in statistics]
-        if missing:
-            raise SvdkitError(f"the given statistics lack {len(missing)} target(s), e.g. {missing[0]}")
-        lacking = sorted(spec.requires - set(next(iter(statistics.values())).values))
-        if lacking:
-            raise SvdkitError(f"method '{method}' needs statistics {lacking}, which the given ones lack")
-    elif spec.requires:
-        if tokenizer is None and not isinstance(calib, torch.Tensor):
-            raise SvdkitError(f"method '{method}' needs calibration text: pass a tokenizer or token ids")
-        windows = calibration_windows(source_tokens(tokenizer, calib), calib_samples, calib_seqlen, calib_offset, seed)
-
     was_training = model.training
     model.eval()
     try:
-        if windows is not None:
+        if collect_first:
+            t = time.perf_counter()
+            statistics = collect_statistics(model, arch, windows, spec.requires, dev, progress)
+            timings["calibration"] = time.perf_counter() - t
+        t = time.perf_counter()
+        context = AllocationContext(
+            shapes=shapes,
+            ratio=ratio,
+            model=model,
+            arch=arch,
+            method=spec,
+            method_config=config,
+            statistics=statistics if spec.requires else None,
+            windows=windows,
+            calibration=calibration,
+            device=dev,
+            progress=progress,
+        )
+        ranks = allocator.allocate(context, alloc_config)
+        timings["allocation"] = time.perf_counter() - t
+        if set(ranks) != set(shapes):
+            raise RuntimeError(f"allocator {allocation} returned ranks for other modules than the targets")
+        if streaming:
             t_loop = time.perf_counter()
             for item in iterate_layers(model, arch, windows, spec.requires, dev, sequential, progress):
                 replace(item.layer, item.index, item.stats)
@@ -132,24 +197,13 @@ def compress(
             bar = tqdm(arch.layers, desc="decomposing", unit="layer", disable=not progress)
             for index, layer in enumerate(bar):
                 prefix = f"{arch.layers_path}.{index}."
-                replace(layer, index, {t: statistics.get(prefix + t) for t in arch.targets} if statistics else None)
+                stats = {t: statistics.get(prefix + t) for t in arch.targets} if spec.requires else None
+                replace(layer, index, stats)
     finally:
         model.train(was_training)
 
-    if windows is not None:
-        calibration = {
-            "source": "token ids" if isinstance(calib, torch.Tensor) else os.fspath(calib),
-            "samples": calib_samples,
-            "seqlen": calib_seqlen,
-            "offset": calib_offset,
-            "seed": seed,
-            "sequential": sequential,
-        }
-    elif spec.requires:
-        calibration = {"source": "precomputed statistics", "tokens": next(iter(statistics.values())).tokens}
-    else:
-        calibration = None
     kept = {name: int(r) for name, r in ranks.items() if r is not None}
+    alloc_record = {"name": allocation, "config": _plain(alloc_config), **context.report}
     model.config.quantization_config = SvdkitConfig(
         method=method,
         ratio=ratio,
@@ -158,6 +212,7 @@ def compress(
         method_config=_plain(config),
         params_dense=params_dense,
         calibration=calibration,
+        allocation=alloc_record,
     )
     return CompressionResult(
         method=method,
@@ -168,6 +223,7 @@ def compress(
         dense_kept=[n for n, r in ranks.items() if r is None],
         seconds=time.perf_counter() - start,
         timings=timings,
+        allocation=alloc_record,
     )
 
 

@@ -1,16 +1,45 @@
-"""Float64 building blocks shared by the methods: sqrt-split factors and a Cholesky that never fails."""
+"""Float64 building blocks shared by the methods: sqrt-split factors, diagonal scalings, and two
+whitenings of a Gram matrix (a Cholesky that never fails, and an eigen route with a pseudo-inverse)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["split_factors", "robust_cholesky"]
+__all__ = ["split_factors", "robust_cholesky", "scaled_svd_factors", "eigen_whitening", "floor_relative"]
 
 
 def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k factors of U diag(S) Vh with sqrt(S) split into both: A = sqrt(S_k) Vh_k, B = U_k sqrt(S_k)."""
     root = S[:k].clamp_min(0).sqrt()
     return root[:, None] * Vh[:k], U[:, :k] * root[None, :]
+
+
+def floor_relative(v: torch.Tensor, rel: float) -> torch.Tensor:
+    """Clamp a non-negative vector from below at rel * max(v), so 1 / v stays finite and bounded."""
+    top = float(v.max()) if v.numel() else 0.0
+    return v.clamp_min(max(rel * top, torch.finfo(v.dtype).tiny))
+
+
+def scaled_svd_factors(
+    W: torch.Tensor, k: int, left: torch.Tensor | None = None, right: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-k factors of W from the exact SVD of diag(left) W diag(right), with the scalings undone.
+
+    diag(l) W diag(r) = U S V^T; A = sqrt(S_k) V_k^T diag(1/r), B = diag(1/l) U_k sqrt(S_k). The scales
+    must be positive (callers floor them). With both scales None this is plain truncated SVD.
+    """
+    M = W
+    if left is not None:
+        M = left[:, None] * M
+    if right is not None:
+        M = M * right[None, :]
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    A, B = split_factors(U, S, Vh, k)
+    if right is not None:
+        A = A / right[None, :]
+    if left is not None:
+        B = B / left[:, None]
+    return A, B
 
 
 def robust_cholesky(G: torch.Tensor, rel_eps: float = 1e-6, tries: int = 8) -> tuple[torch.Tensor, float]:
@@ -33,3 +62,22 @@ def robust_cholesky(G: torch.Tensor, rel_eps: float = 1e-6, tries: int = 8) -> t
             return L, jitter
         jitter *= 10
     raise RuntimeError(f"Cholesky failed even with jitter {jitter:.3g}")
+
+
+def eigen_whitening(G: torch.Tensor, rel_floor: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, S_pinv) with S = U_s sqrt(Lambda) from G = U_s Lambda U_s^T, so S S^T = G (up to the floor).
+
+    No positive-definiteness is needed. Eigenvalues at or below rel_floor * lambda_max (including the
+    slightly negative ones rounding produces) are directions the calibration inputs never reach: they
+    are dropped from S and from its pseudo-inverse S_pinv = sqrt(Lambda)^+ U_s^T, so the weight is left
+    unconstrained there rather than amplified by 1 / sqrt(tiny). S_pinv S is the projector onto the
+    reached subspace; W S S_pinv X = W X for every X in it. Returns S (n x r) and S_pinv (r x n).
+    """
+    G = (G + G.T) / 2
+    evals, vecs = torch.linalg.eigh(G)
+    top = float(evals[-1]) if evals.numel() else 0.0
+    keep = evals > rel_floor * max(top, 0.0)
+    if not bool(keep.any()):
+        raise ValueError("the Gram matrix is zero: no calibration input reached this layer")
+    vecs, root = vecs[:, keep], evals[keep].sqrt()
+    return vecs * root[None, :], (vecs / root[None, :]).T

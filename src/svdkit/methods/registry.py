@@ -1,7 +1,9 @@
 """The method registry: a method is a pure function (W, statistics, rank, config) -> (A, B).
 
 W is the m x n weight in float64, A (k x n) and B (m x k) with W' = B A. The pipeline looks methods
-up by name and knows nothing else about them.
+up by name and knows nothing else about them. A method is *nested* when its rank-k factors are the
+first k rows of A and columns of B of any higher-rank result (truncated SVDs of a fixed matrix are):
+allocators that try many ranks of one matrix then decompose it once and slice.
 """
 
 from __future__ import annotations
@@ -30,20 +32,26 @@ class Method:
     requires: frozenset[str]
     summary: str
     paper: str = ""
+    nested: bool = False
 
 
 _METHODS: dict[str, Method] = {}
 
 
 def register(
-    name: str, config_cls: type, requires: tuple[str, ...] = (), summary: str = "", paper: str = ""
+    name: str,
+    config_cls: type,
+    requires: tuple[str, ...] = (),
+    summary: str = "",
+    paper: str = "",
+    nested: bool = False,
 ) -> Callable[[DecomposeFn], DecomposeFn]:
     """Decorator: register `fn` as method `name` with its config dataclass and needed statistics."""
 
     def wrap(fn: DecomposeFn) -> DecomposeFn:
         if name in _METHODS:
             raise ValueError(f"method '{name}' is already registered")
-        _METHODS[name] = Method(name, fn, config_cls, frozenset(requires), summary, paper)
+        _METHODS[name] = Method(name, fn, config_cls, frozenset(requires), summary, paper, nested)
         return fn
 
     return wrap
@@ -67,4 +75,7 @@ def make_config(method: Method, options: Mapping[str, Any] | None = None) -> Any
     if unknown:
         known = ", ".join(sorted(fields)) or "none"
         raise SvdkitError(f"method '{method.name}' has no option {', '.join(unknown)} (its options: {known})")
-    return method.config_cls(**options)
+    try:
+        return method.config_cls(**options)
+    except (TypeError, ValueError) as e:
+        raise SvdkitError(f"method '{method.name}': {e}") from e

@@ -18,7 +18,7 @@ class SVDConfig:
     """Plain SVD has no options."""
 
 
-@register("svd", SVDConfig, requires=(), summary="plain truncated SVD of W (baseline, no calibration)")
+@register("svd", SVDConfig, requires=(), summary="plain truncated SVD of W (baseline, no calibration)", nested=True)
 def svd(W: torch.Tensor, stats: LinearStats | None, rank: int, config: SVDConfig) -> Factors:
     """Best rank-k approximation of W in Frobenius norm; A = sqrt(S_k) V_k^T, B = U_k sqrt(S_k)."""
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)

@@ -38,6 +38,7 @@ def whitened_spectrum(W: torch.Tensor, G: torch.Tensor, rel_eps: float = 1e-6):
     requires=("gram",),
     summary="truncation-aware whitening: SVD of W L with G = L L^T (Cholesky)",
     paper="Wang et al. 2024, SVD-LLM, arXiv 2403.07378",
+    nested=True,
 )
 def svd_llm(W: torch.Tensor, stats: LinearStats | None, rank: int, config: SVDLLMConfig) -> Factors:
     """A = sqrt(S_k) V_k^T L^-1, B = U_k sqrt(S_k) from SVD(W L)."""

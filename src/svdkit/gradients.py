@@ -1,0 +1,123 @@
+"""Gradient statistics: the Fisher information of every target weight, one decoder layer at a time.
+
+FWSVD needs F_ij = mean over calibration windows of (dL/dW_ij)^2 for the next-token loss L, summed per
+output row. Backpropagating through the whole model at once would hold every layer's activations;
+instead each window runs forward layer by layer without gradients, keeping only the layer boundaries
+(on the CPU: L + 1 tensors of seqlen x hidden, 141 MB for SmolLM2-135M at 2048 tokens), then the head's
+gradient is taken and each layer is recomputed with gradients, top to bottom, to pass the gradient down
+(gradient checkpointing at layer granularity). Device memory holds one layer, its activations for one
+window and the head's logits; the cost is about four forward passes per window.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import _layer_output, capture_layer_inputs, move_outside_layers
+from .models import Architecture
+
+__all__ = ["GRADIENT_STATISTICS", "collect_fisher", "head_loss", "loss_from_layer"]
+
+GRADIENT_STATISTICS = frozenset({"fisher"})
+"""statistics that need a backward pass (per output row of a weight), not input hooks"""
+
+
+class _Inject(nn.Module):
+    """Stands in for a decoder layer: the first one returns a given hidden state, the rest pass it on."""
+
+    def __init__(self, hidden: torch.Tensor | None) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs):
+        return self.hidden if self.hidden is not None else (args[0] if args else kwargs["hidden_states"])
+
+
+def loss_from_layer(
+    model: nn.Module, arch: Architecture, ids: torch.Tensor, start: int, hidden: torch.Tensor | None
+) -> torch.Tensor:
+    """The model's next-token loss on `ids` (batch x seqlen) when decoder layer `start` receives `hidden`.
+
+    Layers before `start` are replaced by stand-ins (the first returns `hidden`, the others pass it on),
+    so the model's own code runs everything else: the masks and rotary embeddings it hands the real
+    layers, the final norm, the output head, any logit soft-capping, and its loss. With start = 0 this
+    is the ordinary forward; with start = len(layers) only the head runs.
+    """
+    real = list(arch.layers)
+    for i in range(start):
+        arch.layers[i] = _Inject(hidden if i == 0 else None)
+    try:
+        ids = ids.to(next(model.parameters()).device if hidden is None else hidden.device)
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    finally:
+        for i in range(start):
+            arch.layers[i] = real[i]
+
+
+def head_loss(model: nn.Module, arch: Architecture, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's next-token loss on `ids` when the last decoder layer outputs `hidden`."""
+    return loss_from_layer(model, arch, ids, len(arch.layers), hidden)
+
+
+def collect_fisher(
+    model: nn.Module, arch: Architecture, windows: torch.Tensor, device: torch.device, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """Row Fisher information I_i = mean over windows of sum_j (dL/dW_ij)^2 per target, by full name.
+
+    One window at a time (its loss is the mean next-token NLL over the window). Returns float64 CPU
+    vectors of length out_features. The model's parameters keep their requires_grad flags.
+    """
+    prefix = arch.layers_path + "."
+    outside_home = next((p.device for n, p in model.named_parameters() if not n.startswith(prefix)), device)
+    hidden, layer_kwargs = capture_layer_inputs(model, arch, windows, device, progress)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    fisher: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(windows), desc="fisher (gradient pass)", unit="window", disable=not progress)
+    try:
+        for w, x0 in enumerate(hidden):
+            kwargs = [
+                {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()} for kw in layer_kwargs
+            ]
+            bounds = [x0]
+            with torch.no_grad():
+                for index, layer in enumerate(arch.layers):
+                    home = _to(layer, device)
+                    bounds.append(_layer_output(layer(bounds[-1].to(device), **kwargs[index])).cpu())
+                    layer.to(home)
+            with torch.enable_grad():
+                top = bounds[-1].to(device).requires_grad_(True)
+                head_loss(model, arch, windows[w][None], top).backward()
+                grad = top.grad
+                for index in reversed(range(len(arch.layers))):
+                    layer = arch.layers[index]
+                    home = _to(layer, device)
+                    weights = {t: layer.get_submodule(t).weight for t in arch.targets}
+                    for p in weights.values():
+                        p.requires_grad_(True)
+                    x = bounds[index].to(device).requires_grad_(index > 0)
+                    _layer_output(layer(x, **kwargs[index])).backward(grad)
+                    for t, p in weights.items():
+                        rows = p.grad.double().pow(2).sum(1).cpu()
+                        name = f"{prefix}{index}.{t}"
+                        fisher[name] = rows if name not in fisher else fisher[name].add_(rows)
+                        p.grad = None
+                        p.requires_grad_(False)
+                    grad = x.grad
+                    layer.to(home)
+            bar.update(1)
+    finally:
+        bar.close()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        move_outside_layers(model, arch.layers_path, outside_home)
+    return {name: v / len(hidden) for name, v in fisher.items()}
+
+
+def _to(layer: nn.Module, device: torch.device) -> torch.device:
+    home = next(layer.parameters()).device
+    layer.to(device)
+    return home

@@ -1,0 +1,310 @@
+"""Sensitivity-based truncation rank search (STRS, from ASVD: Yuan et al. 2023, arXiv 2312.05821).
+
+For every target matrix and every kept-parameter fraction p in a grid (0.1 .. 0.9), that one matrix
+alone is replaced by the method's rank-k factors (k = floor(p m n / (m + n))) and the model's
+perplexity on a few calibration windows is measured. A threshold tau is then found by binary search:
+each matrix takes the smallest p whose perplexity stays at or under tau (or stays dense if none does),
+and tau is the smallest value for which the total parameter count meets the global target
+(1 - ratio) * sum(m n). Matrices the model is sensitive to keep more rank; robust ones give more up.
+
+Cost: (targets x distinct ranks) evaluations. Each runs the model from the changed layer on (the dense
+inputs of every layer are computed once), so it costs on average half a forward of the measured
+windows; methods whose factors are nested (a truncated SVD) are decomposed once per matrix. Bound it
+with ``windows``, ``seqlen`` and ``grid``. The table is cached on disk, keyed by the model's weights,
+the method and its config, the statistics and the exact windows, so another ratio reuses it; a cache
+written for anything else is reported and ignored, never reused. Partial tables resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .allocation import AllocationContext, check_ratio, rank_for_ratio, register_allocator
+from .calibration import _layer_output, capture_layer_inputs
+from .errors import SvdkitError
+from .gradients import loss_from_layer
+from .lowrank import LowRankLinear
+from .models import cache_dir
+
+__all__ = ["SensitivityConfig", "SensitivityTable", "measure_sensitivity", "choose_ranks", "DEFAULT_GRID"]
+
+DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+FORMAT = 1
+
+
+@dataclass
+class SensitivityConfig:
+    windows: int = 2
+    """calibration windows measured (the first ones)"""
+    seqlen: int = 256
+    """tokens of each window measured (its start)"""
+    grid: tuple[float, ...] = DEFAULT_GRID
+    """kept-parameter fractions tried per matrix, each in (0, 1)"""
+    cache: str | None = None
+    """table file; default: <svdkit cache>/sensitivity/<digest of the settings>.json"""
+
+    def __post_init__(self) -> None:
+        for name in ("windows", "seqlen"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "windows" else 2):
+                raise ValueError(f"{name} must be an integer >= {1 if name == 'windows' else 2}, got {v!r}")
+        grid = self.grid if isinstance(self.grid, list | tuple) else [self.grid]
+        if not grid or not all(isinstance(p, int | float) and not isinstance(p, bool) and 0 < p < 1 for p in grid):
+            raise ValueError(f"grid must be kept fractions strictly between 0 and 1, got {self.grid!r}")
+        self.grid = tuple(sorted({float(p) for p in grid}))
+
+
+@dataclass
+class SensitivityTable:
+    """Calibration perplexity with each matrix alone truncated to each grid fraction."""
+
+    key: dict[str, Any]
+    grid: list[float]
+    dense_ppl: float
+    ppl: dict[str, list[float]]
+    """full module name -> perplexity per grid fraction"""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _digest(*chunks: bytes) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def _model_digest(model, arch) -> str:
+    """Cheap fingerprint of the target weights: shapes, sums and first and last rows."""
+    parts = []
+    for name, (m, n) in arch.shapes().items():
+        w = model.get_submodule(name).weight.detach()
+        edge = torch.cat([w[0], w[-1]]).to("cpu", torch.float64)
+        parts += [name.encode(), f"{m}x{n}:{float(w.double().sum())!r}".encode(), edge.numpy().tobytes()]
+    return _digest(*parts)
+
+
+def _stats_digest(statistics: Mapping[str, Any] | None) -> str:
+    if not statistics:
+        return "none"
+    parts = []
+    for name in sorted(statistics):
+        st = statistics[name]
+        parts.append(f"{name}:{st.tokens}".encode())
+        for key in sorted(st.values):
+            v = st.values[key].double()
+            parts.append(f"{key}:{float(v.sum())!r}:{float(v.abs().sum())!r}".encode())
+    return _digest(*parts)
+
+
+def _key(context: AllocationContext, config: SensitivityConfig, ids: torch.Tensor) -> dict[str, Any]:
+    cfg = context.method_config
+    return {
+        "format": FORMAT,
+        "model": str(getattr(getattr(context.model, "config", None), "_name_or_path", "")),
+        "model_digest": _model_digest(context.model, context.arch),
+        "method": context.method.name,
+        "method_config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {},
+        "statistics_digest": _stats_digest(context.statistics),
+        "windows_digest": _digest(ids.to(torch.int64).numpy().tobytes()),
+        "windows": int(ids.shape[0]),
+        "seqlen": int(ids.shape[1]),
+        "grid": list(config.grid),
+        "targets": list(context.arch.targets),
+    }
+
+
+def _cache_path(config: SensitivityConfig, key: dict[str, Any]) -> Path:
+    if config.cache:
+        return Path(config.cache)
+    return cache_dir() / "sensitivity" / f"{_digest(json.dumps(key, sort_keys=True).encode())}.json"
+
+
+def _load(path: Path, key: dict[str, Any]) -> SensitivityTable | None:
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        table = SensitivityTable(data["key"], data["grid"], data["dense_ppl"], data["ppl"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"ignoring unreadable sensitivity cache {path} ({e}); measuring again", stacklevel=3)
+        return None
+    if table.key != key:
+        differ = sorted(k for k in set(key) | set(table.key) if key.get(k) != table.key.get(k))
+        warnings.warn(
+            f"ignoring sensitivity cache {path}: it was measured with other settings (different {', '.join(differ)});"
+            " measuring again and replacing it",
+            stacklevel=3,
+        )
+        return None
+    return table
+
+
+def _save(path: Path, table: SensitivityTable) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sensitivity-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(table.to_json(), f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _factors(context: AllocationContext, name: str, ranks: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The method's factors of one matrix at each rank (one decomposition when the method is nested)."""
+    method, dev = context.method, context.device
+    W = context.model.get_submodule(name).weight.detach().to(device=dev, dtype=torch.float64)
+    stats = context.statistics.get(name) if context.statistics else None
+    out = {}
+    if method.nested:
+        top = max(ranks)
+        A, B = method.decompose(W, stats, top, context.method_config)
+        out = {k: (A[:k], B[:, :k]) for k in ranks}
+    else:
+        out = {k: method.decompose(W, stats, k, context.method_config) for k in ranks}
+    for k, (A, B) in out.items():
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise SvdkitError(f"method {method.name} produced non-finite factors for {name} at rank {k}")
+    return out
+
+
+@torch.no_grad()
+def measure_sensitivity(context: AllocationContext, config: SensitivityConfig) -> SensitivityTable:
+    """The table of perplexities (cached on disk, see the module docstring)."""
+    model, arch, dev = context.model, context.arch, context.device
+    windows = context.windows
+    if windows is None or windows.dim() != 2:
+        raise SvdkitError("sensitivity allocation needs calibration windows")
+    if windows.shape[1] < 2:
+        raise SvdkitError("sensitivity allocation needs windows of at least 2 tokens")
+    ids = windows[: config.windows, : config.seqlen].cpu()
+    key = _key(context, config, ids)
+    path = _cache_path(config, key)
+    table = _load(path, key) or SensitivityTable(key, list(config.grid), float("nan"), {})
+    todo = [n for n in context.shapes if n not in table.ppl]
+    if not todo:
+        context.report["sensitivity_cache"] = str(path)
+        return table
+
+    home = next(model.parameters()).device
+    model.to(dev)
+    try:
+        hidden, kwargs = capture_layer_inputs(model, arch, ids[None], dev, progress=False)
+        bounds = [hidden[0]]  # dense input of every layer, all measured windows as one batch
+        for index, layer in enumerate(arch.layers):
+            bounds.append(_layer_output(layer(bounds[-1].to(dev), **_on(kwargs[index], dev))).cpu())
+        if not math.isfinite(table.dense_ppl):
+            table.dense_ppl = math.exp(float(loss_from_layer(model, arch, ids, len(arch.layers), bounds[-1].to(dev))))
+        prefix = arch.layers_path + "."
+        plan = {n: sorted({rank_for_ratio(*context.shapes[n], 1.0 - p) for p in config.grid}) for n in todo}
+        bar = tqdm(
+            total=sum(len(r) for r in plan.values()),
+            desc="sensitivity",
+            unit="eval",
+            disable=not context.progress,
+        )
+        try:
+            for name in todo:
+                index, target = name[len(prefix) :].split(".", 1)
+                index = int(index)
+                layer = arch.layers[index]
+                original = layer.get_submodule(target)
+                by_rank = {}
+                for k, (A, B) in _factors(context, name, plan[name]).items():
+                    bias = original.bias.detach() if original.bias is not None else None
+                    dtype = original.weight.dtype
+                    layer.set_submodule(target, LowRankLinear.from_factors(A.to(dtype), B.to(dtype), bias))
+                    try:
+                        loss = float(loss_from_layer(model, arch, ids, index, bounds[index].to(dev)))
+                    finally:
+                        layer.set_submodule(target, original)
+                    by_rank[k] = math.exp(loss) if math.isfinite(loss) else float("inf")
+                    bar.update(1)
+                m, n = context.shapes[name]
+                table.ppl[name] = [by_rank[rank_for_ratio(m, n, 1.0 - p)] for p in config.grid]
+                if target == arch.targets[-1] or name == todo[-1]:
+                    _save(path, table)  # after each layer: an interrupted search resumes here
+        finally:
+            bar.close()
+    finally:
+        model.to(home)
+    _save(path, table)
+    context.report["sensitivity_cache"] = str(path)
+    return table
+
+
+def _on(kwargs: dict, dev) -> dict:
+    return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+
+
+def choose_ranks(
+    table: SensitivityTable, shapes: Mapping[str, tuple[int, int]], ratio: float
+) -> tuple[dict[str, int | None], float]:
+    """Ranks meeting the budget (1 - ratio) sum(m n) at the smallest perplexity threshold; (ranks, tau).
+
+    Each matrix takes the smallest grid fraction whose perplexity is <= tau; a matrix with none stays
+    dense. The parameter count falls as tau grows, so tau is found by binary search over the measured
+    perplexities.
+    """
+    check_ratio(ratio)
+    missing = [n for n in shapes if n not in table.ppl]
+    if missing:
+        raise SvdkitError(f"the sensitivity table lacks {len(missing)} matrices, e.g. {missing[0]}")
+    budget = (1.0 - ratio) * sum(m * n for m, n in shapes.values())
+    grid = table.grid
+
+    def pick(tau: float) -> dict[str, int | None]:
+        ranks: dict[str, int | None] = {}
+        for name, (m, n) in shapes.items():
+            ranks[name] = next(
+                (rank_for_ratio(m, n, 1.0 - p) for p, v in zip(grid, table.ppl[name], strict=True) if v <= tau), None
+            )
+        return ranks
+
+    def cost(ranks: Mapping[str, int | None]) -> int:
+        return sum(m * n if ranks[k] is None else ranks[k] * (m + n) for k, (m, n) in shapes.items())
+
+    taus = sorted({v for name in shapes for v in table.ppl[name] if math.isfinite(v)})
+    if not taus or cost(pick(taus[-1])) > budget:
+        raise SvdkitError(
+            f"ratio {ratio} cannot be met with the sensitivity grid (smallest kept fraction {grid[0]}): "
+            "use a lower ratio or add smaller fractions to the grid"
+        )
+    lo, hi = 0, len(taus) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost(pick(taus[mid])) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return pick(taus[lo]), taus[lo]
+
+
+@register_allocator(
+    "sensitivity",
+    SensitivityConfig,
+    needs_statistics=True,
+    needs_windows=True,
+    summary="ASVD's STRS: per-matrix perplexity on a grid, then a binary search on a perplexity threshold",
+)
+def allocate_sensitivity(context: AllocationContext, config: SensitivityConfig) -> dict[str, int | None]:
+    table = measure_sensitivity(context, config)
+    ranks, tau = choose_ranks(table, context.shapes, context.ratio)
+    context.report.update({"threshold_ppl": tau, "dense_calibration_ppl": table.dense_ppl})
+    return ranks
