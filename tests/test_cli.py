@@ -80,6 +80,31 @@ def test_compress_eval_info_densify(capsys, tmp_path, tiny_folder, text_file):
 def test_methods_are_listed(capsys):
     code, stdout, _ = run(capsys, "methods")
     assert code == 0 and "svd-llm" in stdout and "svd " in stdout
+    assert "alpha=0.5" in stdout and "k1_fraction=0.95" in stdout and "sensitivity" in stdout
+
+
+def test_compress_with_sensitivity_allocation_reports_ranks(capsys, tmp_path, tiny_folder, text_file):
+    out = tmp_path / "small"
+    cache = tmp_path / "table.json"
+    common = ["--calib", text_file, "--calib-samples", "3", "--calib-seqlen", "32", "--device", "cpu"]
+    alloc = ["--allocation", "sensitivity", "--allocation-option", "windows=1", "--allocation-option", "seqlen=16"]
+    alloc += ["--allocation-option", f"cache={cache}"]
+    argv = ["compress", tiny_folder, "--method", "asvd", "--option", "alpha=1", "--ratio", "0.3", *common, *alloc]
+    code, stdout, err = run(capsys, *argv, "--output", out)
+    assert code == 0, err
+    assert "chosen ranks by module type" in stdout and "threshold_ppl" in stdout and cache.is_file()
+    code, stdout, _ = run(capsys, "info", out, "--json")
+    info = last_json(stdout)
+    assert info["allocation"]["name"] == "sensitivity" and info["allocation"]["config"]["windows"] == 1
+    assert "allocation sensitivity" in stdout
+    # a second run at another ratio reuses the table; a foreign table is reported and replaced
+    code, _, err = run(capsys, *argv, "--output", tmp_path / "again")
+    assert code == 0 and "warning" not in err
+    data = json.loads(cache.read_text())
+    data["key"]["model_digest"] = "someone else's"
+    cache.write_text(json.dumps(data))
+    code, _, err = run(capsys, *argv, "--output", tmp_path / "third")
+    assert code == 0 and "svdkit: warning: ignoring sensitivity cache" in err and "model_digest" in err
 
 
 @pytest.mark.parametrize(
@@ -87,7 +112,10 @@ def test_methods_are_listed(capsys):
     [
         (["compress", "/no/such/model", "--output", "{tmp}/o"], "model path '/no/such/model' does not exist"),
         (["compress", "{tmp}", "--output", "{tmp}/o"], "is a folder but not a model: it has no config.json"),
-        (["compress", "{model}", "--method", "magic", "--output", "{tmp}/o"], "known methods: svd, svd-llm"),
+        (
+            ["compress", "{model}", "--method", "magic", "--output", "{tmp}/o"],
+            "known methods: asvd, fwsvd, nsvd, nsvd2, svd, svd-llm",
+        ),
         (["compress", "{model}", "--option", "nope=1", "--output", "{tmp}/o"], "has no option nope"),
         (
             ["compress", "{model}", "--calib", "{text}", "--calib-seqlen", "99999", "--output", "{tmp}/o"],
@@ -95,6 +123,22 @@ def test_methods_are_listed(capsys):
         ),
         (["compress", "{model}", "--calib", "{tmp}/nothing.txt", "--output", "{tmp}/o"], "neither a file nor"),
         (["compress", "{gpt2}", "--output", "{tmp}/o"], "unsupported architecture GPT2LMHeadModel: expected"),
+        (["compress", "{model}", "--method", "asvd", "--option", "alpha=3", "--output", "{tmp}/o"], "alpha must be"),
+        (["compress", "{model}", "--method", "nsvd", "--option", "k1_fraction=0", "--output", "{tmp}/o"], "(0, 1]"),
+        (["compress", "{model}", "--allocation", "greedy", "--output", "{tmp}/o"], "unknown allocation 'greedy'"),
+        (
+            [
+                "compress",
+                "{model}",
+                "--allocation",
+                "sensitivity",
+                "--allocation-option",
+                "grid=[2]",
+                "--output",
+                "{tmp}/o",
+            ],
+            "grid must be kept fractions strictly between 0 and 1",
+        ),
         (["eval", "./missing-model", "--dataset", "demo"], "does not exist"),
         (["info", "{model}"], "is not an svdkit-compressed model folder"),
         (["densify", "{model}", "--output", "{tmp}/o"], "is not an svdkit-compressed model folder"),

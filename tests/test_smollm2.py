@@ -69,3 +69,23 @@ def test_a_gguf_file_loads_as_the_same_model(smollm2):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, smollm2[0](input_ids=ids).logits)
     assert tok("hello world")["input_ids"] == smollm2[1]("hello world")["input_ids"]
+
+
+def test_nsvd_variants_stay_close_to_svd_llm(smollm2, shared_data):
+    """NSVD spends 5% of the rank on the plain residual: on in-domain text it costs little."""
+    _, tok = smollm2
+    wiki = tokenize(tok, load_text(shared_data / "wikitext-2-raw" / "wiki.test.raw"))
+    work, _ = svdkit.load_model("smollm2-135m", progress=False)
+    arch = svdkit.find_architecture(work)
+    from svdkit.calibration import collect_statistics
+    from svdkit.data import calibration_windows
+
+    windows = calibration_windows(wiki, 8, 512, 150_000, 0)
+    stats = collect_statistics(work, arch, windows, {"gram"}, torch.device("cpu"), progress=False)
+    ppl = {}
+    for method in ("svd-llm", "nsvd", "nsvd2"):
+        work, _ = svdkit.load_model("smollm2-135m", progress=False)
+        svdkit.compress(work, tok, method=method, ratio=0.2, statistics=stats, device="cpu", progress=False)
+        ppl[method] = svdkit.perplexity(work, tok, wiki, seqlen=512, max_windows=2, progress=False).ppl
+    assert all(math.isfinite(v) for v in ppl.values())
+    assert ppl["nsvd"] < 1.5 * ppl["svd-llm"] and ppl["nsvd2"] < 1.5 * ppl["svd-llm"]

@@ -2,7 +2,7 @@
 
     import svdkit
     model, tok = svdkit.load_model("smollm2-135m")
-    svdkit.compress(model, tok, method="svd-llm", ratio=0.2, calib="demo")
+    svdkit.compress(model, tok, method="svd-llm", ratio=0.2, calib="demo")  # or allocation="sensitivity"
     svdkit.save(model, tok, "out")
     model, tok = svdkit.load("out")
     svdkit.perplexity(model, tok, "demo", seqlen=512, max_windows=4)
@@ -11,7 +11,7 @@ Importing svdkit registers its saved format with transformers, so
 ``AutoModelForCausalLM.from_pretrained(folder)`` loads a compressed folder as a low-rank model.
 """
 
-from .allocation import allocate_uniform, rank_for_ratio
+from .allocation import allocate_uniform, allocator_names, rank_for_ratio
 from .compress import CompressionResult, compress
 from .errors import SvdkitError
 from .evaluate import PerplexityResult, perplexity
@@ -28,6 +28,7 @@ __all__ = [
     "SvdkitError",
     "__version__",
     "allocate_uniform",
+    "allocator_names",
     "compress",
     "count_parameters",
     "densify",

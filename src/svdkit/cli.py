@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -69,6 +70,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .allocation import allocator_names
+    from .compress import compress  # noqa: F401  (registers every allocator)
     from .data import SOURCES
     from .methods import method_names
 
@@ -92,7 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a method option (repeatable), e.g. rel_eps=1e-5",
+        help="a method option (repeatable), e.g. rel_eps=1e-5 or alpha=0.5",
+    )
+    c.add_argument(
+        "--allocation",
+        default="uniform",
+        help=f"how ranks are spread over the matrices: {', '.join(allocator_names())} (default uniform)",
+    )
+    c.add_argument(
+        "--allocation-option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an allocation option (repeatable), e.g. windows=2, seqlen=256, grid=[0.2,0.4,0.6,0.8], cache=FILE",
     )
     c.add_argument(
         "--sequential",
@@ -147,7 +163,10 @@ def cmd_compress(a) -> None:
     from .models import load_model, resolve_device
 
     start = time.perf_counter()
+    from .allocation import get_allocator, make_allocation_config
+
     make_config(get_method(a.method), dict(a.option))  # fail on a bad method or option before any work
+    make_allocation_config(get_allocator(a.allocation), dict(a.allocation_option))
     resolve_device(a.device)
     out = prepare_output_dir(a.output, a.overwrite)
     model, tok = load_model(a.model)
@@ -164,6 +183,8 @@ def cmd_compress(a) -> None:
         device=a.device,
         method_options=dict(a.option),
         sequential=a.sequential,
+        allocation=a.allocation,
+        allocation_options=dict(a.allocation_option),
     )
     model.to("cpu")
     if a.densify:
@@ -179,6 +200,11 @@ def cmd_compress(a) -> None:
         f"time {seconds:.1f}s (calibration {t['calibration']:.1f}s, decomposition {t['decomposition']:.1f}s, "
         f"allocation {t['allocation']:.2f}s); written to {out}" + (" (densified)" if a.densify else "")
     )
+    if a.allocation != "uniform":
+        print(rank_summary(result.ranks, result.dense_kept, _shapes(model, result)))
+        for key, value in result.allocation.items():
+            if key not in ("name", "config"):
+                print(f"  {key}: {value}")
     _emit(
         {
             "output": str(out),
@@ -188,6 +214,35 @@ def cmd_compress(a) -> None:
         },
         a.json,
     )
+
+
+def _shapes(model, result) -> dict[str, tuple[int, int]]:
+    out = {}
+    for name in list(result.ranks) + list(result.dense_kept):
+        mod = model.get_submodule(name)
+        out[name] = (mod.out_features, mod.in_features)
+    return out
+
+
+def rank_summary(ranks: dict[str, int], dense: list[str], shapes: dict[str, tuple[int, int]]) -> str:
+    """Per module type (q_proj, ...): how many matrices, their rank range and mean kept parameter share."""
+    groups: dict[str, list[float]] = {}
+    rank_range: dict[str, list[int]] = {}
+    for name, (m, n) in shapes.items():
+        kind = name.rsplit(".", 1)[-1]
+        k = ranks.get(name)
+        groups.setdefault(kind, []).append(1.0 if k is None else k * (m + n) / (m * n))
+        if k is not None:
+            rank_range.setdefault(kind, []).append(k)
+    lines = ["chosen ranks by module type (kept share of parameters; dense = kept whole):"]
+    for kind, kept in groups.items():
+        r = rank_range.get(kind, [])
+        span = f"rank {min(r)}..{max(r)}" if r else "no low-rank"
+        n_dense = sum(1 for name in dense if name.rsplit(".", 1)[-1] == kind)
+        lines.append(
+            f"  {kind:<10} {len(kept):3d} matrices, {span}, mean kept {sum(kept) / len(kept):.2f}, {n_dense} dense"
+        )
+    return "\n".join(lines)
 
 
 def cmd_eval(a) -> None:
@@ -231,6 +286,7 @@ def folder_info(folder: str | Path) -> dict:
         "params_dense": record.get("params_dense"),
         "ranks": record.get("ranks", {}),
         "version": record.get("version"),
+        "allocation": record.get("allocation"),
     }
 
 
@@ -242,7 +298,11 @@ def _natural(name: str) -> tuple:
 def cmd_info(a) -> None:
     info = folder_info(a.folder)
     ranks = dict(sorted(info["ranks"].items(), key=lambda kv: _natural(kv[0])))
-    print(f"method {info['method']}, ratio {info['ratio']}, svdkit {info['version']}")
+    alloc = info.get("allocation") or {}
+    print(
+        f"method {info['method']}, ratio {info['ratio']}, allocation {alloc.get('name', 'uniform')}, "
+        f"svdkit {info['version']}"
+    )
     if info["params_dense"]:
         print(
             f"parameters {info['params']:,} (dense {info['params_dense']:,}, "
@@ -252,7 +312,7 @@ def cmd_info(a) -> None:
     width = max((len(n) for n in ranks), default=0)
     for name, rank in ranks.items():
         print(f"  {name:<{width}}  rank {rank}")
-    _emit({k: info[k] for k in ("method", "ratio", "params", "params_dense", "ranks")}, a.json)
+    _emit({k: info[k] for k in ("method", "ratio", "allocation", "params", "params_dense", "ranks")}, a.json)
 
 
 def cmd_densify(a) -> None:
@@ -268,11 +328,27 @@ def cmd_densify(a) -> None:
 
 
 def cmd_methods(a) -> None:
+    import dataclasses
+
+    from .allocation import allocator_names, get_allocator
     from .methods import get_method, method_names
 
+    def options(cls) -> str:
+        fields = [f"{f.name}={f.default!r}" for f in dataclasses.fields(cls)]
+        return f"\n{'':14s}options: {', '.join(fields)}" if fields else ""
+
+    print("methods (--method, options with --option KEY=VALUE):")
     for name in method_names():
         m = get_method(name)
-        print(f"{name:10s} {m.summary}" + (f"  [{m.paper}]" if m.paper else ""))
+        print(f"  {name:12s}{m.summary}" + (f"  [{m.paper}]" if m.paper else "") + options(m.config_cls))
+    print("allocations (--allocation, options with --allocation-option KEY=VALUE):")
+    for name in allocator_names():
+        al = get_allocator(name)
+        print(f"  {name:12s}{al.summary}" + options(al.config_cls))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"svdkit: warning: {message}", file=sys.stderr if file is None else file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -283,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hub_logging.set_verbosity_error()
+    warnings.showwarning = _show_warning
     commands = {
         "compress": cmd_compress,
         "eval": cmd_eval,
