@@ -176,10 +176,16 @@ def main() -> None:
     done = {}
     if out.with_suffix(".json").exists():
         old = json.loads(out.with_suffix(".json").read_text())
-        if old.get("calibration", {}).get("samples") == args.calib_samples and old.get("seqlen") == args.seqlen:
+        same = ("model", "seqlen", "eval_windows", "ptb_windows")
+        old_calib = {k: v for k, v in old.get("calibration", {}).items() if k not in ("seconds", "passes")}
+        new_calib = {k: v for k, v in report["calibration"].items() if k not in ("seconds", "passes")}
+        if all(old.get(k) == report[k] for k in same) and old_calib == new_calib:
             report["dense"] = old.get("dense")
-            done = {(c["method"], c["allocation"], c["ratio"]): c for c in old.get("cells", [])}
+            report["calibration"]["passes"] = old.get("calibration", {}).get("passes", {})
+            done = {(c["method"], c.get("allocation", "uniform"), c["ratio"]): c for c in old.get("cells", [])}
             print(f"resuming: {len(done)} finished cells in {out.with_suffix('.json')}", flush=True)
+        else:
+            sys.exit(f"{out.with_suffix('.json')} holds results of other settings: choose another --out")
     if not report.get("dense"):
         report["dense"] = evaluate(model, wiki, ptb, args)
     print(f"dense: {report['dense']}", flush=True)
@@ -192,7 +198,7 @@ def main() -> None:
     todo = [c for c in cells if c not in done]
     needs = set().union(*(get_method(m).requires for m, _, _ in todo)) if todo else set()
     stats = None
-    passes = report["calibration"]["passes"] = {}
+    passes = report["calibration"].setdefault("passes", {})
     windows = calibration_windows(wiki, args.calib_samples, args.seqlen, args.calib_offset, args.seed)
     arch = find_architecture(model)
     for kind, group in (("inputs", needs - GRADIENT_STATISTICS), ("fisher", needs & GRADIENT_STATISTICS)):
@@ -205,7 +211,7 @@ def main() -> None:
 
     def save() -> None:
         report["peak_rss_mb"] = peak_rss_mb()
-        report["cells"] = [done[c] for c in cells if c in done]
+        report["cells"] = [done[c] for c in cells if c in done] + [c for k, c in done.items() if k not in cells]
         out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
 
     for method, allocation, ratio in todo:

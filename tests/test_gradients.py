@@ -20,9 +20,13 @@ def test_fisher_equals_a_whole_model_backward(kind):
     windows = random_tokens(3 * 32, seed=5).view(3, 32)
     model.lm_head.weight.requires_grad_(True)
     model.model.norm.weight.requires_grad_(False)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    q.grad = torch.ones_like(q)  # a user's gradient survives the pass
     fisher = collect_fisher(model, arch, windows, CPU, progress=False)
     assert set(fisher) == set(arch.shapes())
     assert model.lm_head.weight.requires_grad and not model.model.norm.weight.requires_grad  # flags restored
+    assert torch.equal(q.grad, torch.ones_like(q))
+    assert model.model.layers[1].mlp.down_proj.weight.grad is None
     model.requires_grad_(True)
     expected = {}
     for ids in windows:

@@ -230,3 +230,30 @@ def test_allocation_errors():
     with pytest.raises(SvdkitError, match="sequential mode"):
         svdkit.compress(model, method="fwsvd", sequential=True, **kw)
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def test_an_unreachable_ratio_fails_before_measuring(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sens, "loss_from_layer", lambda *a, **k: calls.append(1))
+    model = tiny_model("llama").eval()
+    cfg = sens.SensitivityConfig(windows=1, seqlen=16, grid=(0.5, 0.9), cache=str(tmp_path / "t.json"))
+    with pytest.raises(SvdkitError, match="cannot be met with the sensitivity grid"):
+        get_allocator("sensitivity").allocate(context(model, ratio=0.6), cfg)
+    assert not calls and not (tmp_path / "t.json").exists()
+    with pytest.raises(SvdkitError, match="cache must be a file path"):
+        make_allocation_config(get_allocator("sensitivity"), {"cache": 123})
+
+
+def test_a_failing_method_names_the_module():
+    """A zero Gram matrix (no input ever reached the layer) is a clear error, not a traceback."""
+    from svdkit.statistics import LinearStats
+
+    model = tiny_model("llama")
+    shapes = svdkit.find_architecture(model).shapes()
+    zeros = {
+        n: LinearStats({"gram": torch.zeros(n_in, n_in, dtype=torch.float64)}, 10, n) for n, (_, n_in) in shapes.items()
+    }
+    with pytest.raises(SvdkitError, match=r"method nsvd2 failed on model\.layers\.0\.self_attn\.q_proj: .*zero"):
+        svdkit.compress(model, method="nsvd2", statistics=zeros, device="cpu", progress=False)
+    with pytest.raises(SvdkitError, match="sequential mode"):
+        svdkit.compress(tiny_model("llama"), method="svd-llm", statistics=zeros, sequential=True, progress=False)

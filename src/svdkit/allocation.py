@@ -87,7 +87,7 @@ class AllocationContext:
     windows: Any = None
     """calibration token windows (n x seqlen)"""
     calibration: dict | None = None
-    """how the windows and statistics were made (recorded in caches)"""
+    """how the windows and statistics were made (for the allocator's own records)"""
     device: Any = None
     progress: bool = True
     report: dict = dataclasses.field(default_factory=dict)

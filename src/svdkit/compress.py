@@ -20,7 +20,7 @@ from .errors import SvdkitError
 from .gradients import GRADIENT_STATISTICS
 from .io import SvdkitConfig
 from .lowrank import LowRankLinear, count_parameters
-from .methods import get_method, make_config
+from .methods import factorize, get_method, make_config
 from .models import find_architecture, resolve_device
 from .statistics import LinearStats
 from .version import __version__
@@ -47,16 +47,11 @@ class CompressionResult:
 
 
 def decompose_linear(linear: nn.Linear, method, config, stats, rank: int, device: torch.device, name: str):
-    """Factor one nn.Linear with `method` in float64 on `device`; returns a LowRankLinear."""
-    W = linear.weight.detach().to(device=device, dtype=torch.float64)
-    A, B = method.decompose(W, stats, rank, config)
-    if A.shape != (rank, W.shape[1]) or B.shape != (W.shape[0], rank):
-        raise RuntimeError(f"method {method.name} returned factors {tuple(A.shape)}, {tuple(B.shape)} for {name}")
-    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-        raise SvdkitError(f"method {method.name} produced non-finite factors for {name}")
-    dtype = linear.weight.dtype
+    """Factor one nn.Linear with `method` in float64 on `device`; returns a LowRankLinear where the linear was."""
+    A, B = factorize(method, config, linear.weight, stats, rank, device, name)
+    home, dtype = linear.weight.device, linear.weight.dtype
     bias = linear.bias.detach() if linear.bias is not None else None
-    return LowRankLinear.from_factors(A.to(dtype), B.to(dtype), bias)
+    return LowRankLinear.from_factors(A.to(home, dtype), B.to(home, dtype), bias)
 
 
 def compress(
@@ -120,10 +115,11 @@ def compress(
         and (allocator.needs_statistics or bool(spec.requires & GRADIENT_STATISTICS))
     )
     streaming = bool(spec.requires) and statistics is None and not collect_first
-    if sequential and collect_first:
+    if sequential and not streaming:
         raise SvdkitError(
             "sequential mode computes each layer's statistics after the layers before it are compressed: it "
-            f"needs uniform allocation and input statistics (not allocation '{allocation}' or method '{method}')"
+            "needs uniform allocation, a method with input statistics and no precomputed statistics "
+            f"(here: allocation '{allocation}', method '{method}')"
         )
     windows = None
     if streaming or collect_first or allocator.needs_windows:

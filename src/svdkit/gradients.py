@@ -11,6 +11,8 @@ window and the head's logits; the cost is about four forward passes per window.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -25,14 +27,26 @@ GRADIENT_STATISTICS = frozenset({"fisher"})
 
 
 class _Inject(nn.Module):
-    """Stands in for a decoder layer: the first one returns a given hidden state, the rest pass it on."""
+    """Stands in for a decoder layer: the first one returns a given hidden state, the rest pass it on.
 
-    def __init__(self, hidden: torch.Tensor | None) -> None:
+    Attribute reads (e.g. a model's loop asking a layer for its ``attention_type``) fall through to
+    the real layer, as in the calibration recorder.
+    """
+
+    def __init__(self, inner: nn.Module, hidden: torch.Tensor | None) -> None:
         super().__init__()
-        self.hidden = hidden
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_hidden", hidden)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_inner"), name)
 
     def forward(self, *args, **kwargs):
-        return self.hidden if self.hidden is not None else (args[0] if args else kwargs["hidden_states"])
+        hidden = object.__getattribute__(self, "_hidden")
+        return hidden if hidden is not None else (args[0] if args else kwargs["hidden_states"])
 
 
 def loss_from_layer(
@@ -47,7 +61,7 @@ def loss_from_layer(
     """
     real = list(arch.layers)
     for i in range(start):
-        arch.layers[i] = _Inject(hidden if i == 0 else None)
+        arch.layers[i] = _Inject(real[i], hidden if i == 0 else None)
     try:
         ids = ids.to(next(model.parameters()).device if hidden is None else hidden.device)
         return model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -71,53 +85,62 @@ def collect_fisher(
     """
     prefix = arch.layers_path + "."
     outside_home = next((p.device for n, p in model.named_parameters() if not n.startswith(prefix)), device)
-    hidden, layer_kwargs = capture_layer_inputs(model, arch, windows, device, progress)
     flags = {p: p.requires_grad for p in model.parameters()}
-    for p in flags:
-        p.requires_grad_(False)
+    grads = {p: p.grad for p in model.parameters()}  # put back as they were, whatever happens
     fisher: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(windows), desc="fisher (gradient pass)", unit="window", disable=not progress)
     try:
+        hidden, layer_kwargs = capture_layer_inputs(model, arch, windows, device, progress)
+        for p in flags:
+            p.grad = None  # saved above: backward must not accumulate into a user's gradient
+            p.requires_grad_(False)
         for w, x0 in enumerate(hidden):
-            kwargs = [
-                {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()} for kw in layer_kwargs
-            ]
+            kwargs = [_on(kw, device) for kw in layer_kwargs]
             bounds = [x0]
             with torch.no_grad():
                 for index, layer in enumerate(arch.layers):
-                    home = _to(layer, device)
-                    bounds.append(_layer_output(layer(bounds[-1].to(device), **kwargs[index])).cpu())
-                    layer.to(home)
+                    with _on_device(layer, device):
+                        bounds.append(_layer_output(layer(bounds[-1].to(device), **kwargs[index])).cpu())
             with torch.enable_grad():
                 top = bounds[-1].to(device).requires_grad_(True)
                 head_loss(model, arch, windows[w][None], top).backward()
                 grad = top.grad
                 for index in reversed(range(len(arch.layers))):
                     layer = arch.layers[index]
-                    home = _to(layer, device)
                     weights = {t: layer.get_submodule(t).weight for t in arch.targets}
-                    for p in weights.values():
-                        p.requires_grad_(True)
-                    x = bounds[index].to(device).requires_grad_(index > 0)
-                    _layer_output(layer(x, **kwargs[index])).backward(grad)
-                    for t, p in weights.items():
-                        rows = p.grad.double().pow(2).sum(1).cpu()
-                        name = f"{prefix}{index}.{t}"
-                        fisher[name] = rows if name not in fisher else fisher[name].add_(rows)
-                        p.grad = None
-                        p.requires_grad_(False)
+                    with _on_device(layer, device):
+                        for p in weights.values():
+                            p.requires_grad_(True)
+                        x = bounds[index].to(device).requires_grad_(index > 0)
+                        _layer_output(layer(x, **kwargs[index])).backward(grad)
+                        for t, p in weights.items():
+                            g = p.grad if p.grad is not None else torch.zeros_like(p)
+                            rows = g.double().pow(2).sum(1).cpu()
+                            name = f"{prefix}{index}.{t}"
+                            fisher[name] = rows if name not in fisher else fisher[name].add_(rows)
+                            p.grad = None
+                            p.requires_grad_(False)
                     grad = x.grad
-                    layer.to(home)
             bar.update(1)
     finally:
         bar.close()
         for p, flag in flags.items():
+            p.grad = grads[p]
             p.requires_grad_(flag)
         move_outside_layers(model, arch.layers_path, outside_home)
     return {name: v / len(hidden) for name, v in fisher.items()}
 
 
-def _to(layer: nn.Module, device: torch.device) -> torch.device:
+def _on(kwargs: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+
+
+@contextmanager
+def _on_device(layer: nn.Module, device: torch.device):
+    """Move a decoder layer to `device` for the block, and back to where it was, even on error."""
     home = next(layer.parameters()).device
     layer.to(device)
-    return home
+    try:
+        yield layer
+    finally:
+        layer.to(home)

@@ -10,9 +10,11 @@ and tau is the smallest value for which the total parameter count meets the glob
 Cost: (targets x distinct ranks) evaluations. Each runs the model from the changed layer on (the dense
 inputs of every layer are computed once), so it costs on average half a forward of the measured
 windows; methods whose factors are nested (a truncated SVD) are decomposed once per matrix. Bound it
-with ``windows``, ``seqlen`` and ``grid``. The table is cached on disk, keyed by the model's weights,
-the method and its config, the statistics and the exact windows, so another ratio reuses it; a cache
-written for anything else is reported and ignored, never reused. Partial tables resume.
+with ``windows``, ``seqlen`` and ``grid``. The table is cached on disk, keyed by a fingerprint of the
+model's parameters (names, shapes, dtypes, sums, and the edge rows of the targets), the method and its
+config, the statistics it uses, the exact windows, the grid and the svdkit version, so another ratio
+reuses it; a cache whose key differs is reported and ignored. Partial tables resume. The model is
+moved to the device for the search (it runs the model from every layer on) and put back after.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from .calibration import _layer_output, capture_layer_inputs
 from .errors import SvdkitError
 from .gradients import loss_from_layer
 from .lowrank import LowRankLinear
+from .methods import factorize
 from .models import cache_dir
+from .version import __version__
 
 __all__ = ["SensitivityConfig", "SensitivityTable", "measure_sensitivity", "choose_ranks", "DEFAULT_GRID"]
 
@@ -65,6 +69,8 @@ class SensitivityConfig:
         if not grid or not all(isinstance(p, int | float) and not isinstance(p, bool) and 0 < p < 1 for p in grid):
             raise ValueError(f"grid must be kept fractions strictly between 0 and 1, got {self.grid!r}")
         self.grid = tuple(sorted({float(p) for p in grid}))
+        if self.cache is not None and not isinstance(self.cache, str | os.PathLike):
+            raise ValueError(f"cache must be a file path, got {self.cache!r}")
 
 
 @dataclass
@@ -89,37 +95,43 @@ def _digest(*chunks: bytes) -> str:
 
 
 def _model_digest(model, arch) -> str:
-    """Cheap fingerprint of the target weights: shapes, sums and first and last rows."""
+    """Cheap fingerprint of the model: every parameter's name, shape, dtype and float64 sum, and the
+    first and last rows of every target weight (computed on the CPU, so any device gives the same)."""
     parts = []
-    for name, (m, n) in arch.shapes().items():
-        w = model.get_submodule(name).weight.detach()
-        edge = torch.cat([w[0], w[-1]]).to("cpu", torch.float64)
-        parts += [name.encode(), f"{m}x{n}:{float(w.double().sum())!r}".encode(), edge.numpy().tobytes()]
+    targets = set(arch.shapes())
+    for name, p in model.named_parameters():
+        w = p.detach()
+        parts.append(f"{name}:{tuple(w.shape)}:{w.dtype}:{float(w.double().sum().cpu())!r}".encode())
+        if name.removesuffix(".weight") in targets:
+            parts.append(torch.cat([w[0], w[-1]]).to("cpu", torch.float64).numpy().tobytes())
     return _digest(*parts)
 
 
-def _stats_digest(statistics: Mapping[str, Any] | None) -> str:
-    if not statistics:
+def _stats_digest(statistics: Mapping[str, Any] | None, used: frozenset[str]) -> str:
+    """Fingerprint of the statistics the method uses (tokens, and sums of each value)."""
+    if not statistics or not used:
         return "none"
     parts = []
     for name in sorted(statistics):
         st = statistics[name]
         parts.append(f"{name}:{st.tokens}".encode())
-        for key in sorted(st.values):
+        for key in sorted(used & set(st.values)):
             v = st.values[key].double()
             parts.append(f"{key}:{float(v.sum())!r}:{float(v.abs().sum())!r}".encode())
     return _digest(*parts)
 
 
 def _key(context: AllocationContext, config: SensitivityConfig, ids: torch.Tensor) -> dict[str, Any]:
+    """What the table depends on; a cache is only reused when every field is equal."""
     cfg = context.method_config
     return {
         "format": FORMAT,
+        "svdkit": __version__,
         "model": str(getattr(getattr(context.model, "config", None), "_name_or_path", "")),
         "model_digest": _model_digest(context.model, context.arch),
         "method": context.method.name,
         "method_config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {},
-        "statistics_digest": _stats_digest(context.statistics),
+        "statistics_digest": _stats_digest(context.statistics, context.method.requires),
         "windows_digest": _digest(ids.to(torch.int64).numpy().tobytes()),
         "windows": int(ids.shape[0]),
         "seqlen": int(ids.shape[1]),
@@ -130,7 +142,7 @@ def _key(context: AllocationContext, config: SensitivityConfig, ids: torch.Tenso
 
 def _cache_path(config: SensitivityConfig, key: dict[str, Any]) -> Path:
     if config.cache:
-        return Path(config.cache)
+        return Path(os.fspath(config.cache))
     return cache_dir() / "sensitivity" / f"{_digest(json.dumps(key, sort_keys=True).encode())}.json"
 
 
@@ -139,8 +151,10 @@ def _load(path: Path, key: dict[str, Any]) -> SensitivityTable | None:
         return None
     try:
         data = json.loads(path.read_text())
-        table = SensitivityTable(data["key"], data["grid"], data["dense_ppl"], data["ppl"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        table = SensitivityTable(data["key"], data["grid"], float(data["dense_ppl"]), data["ppl"])
+        if not isinstance(table.ppl, dict) or any(len(v) != len(table.grid) for v in table.ppl.values()):
+            raise ValueError("a matrix's row does not match the grid")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         warnings.warn(f"ignoring unreadable sensitivity cache {path} ({e}); measuring again", stacklevel=3)
         return None
     if table.key != key:
@@ -154,34 +168,36 @@ def _load(path: Path, key: dict[str, Any]) -> SensitivityTable | None:
     return table
 
 
-def _save(path: Path, table: SensitivityTable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sensitivity-", suffix=".json")
+def _save(path: Path, table: SensitivityTable) -> bool:
+    """Write the table atomically; on failure warn and go on without a cache (returns False)."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sensitivity-", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(table.to_json(), f)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return True
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        warnings.warn(f"could not write the sensitivity cache {path} ({e}); going on without it", stacklevel=3)
+        return False
 
 
 def _factors(context: AllocationContext, name: str, ranks: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The method's factors of one matrix at each rank (one decomposition when the method is nested)."""
-    method, dev = context.method, context.device
-    W = context.model.get_submodule(name).weight.detach().to(device=dev, dtype=torch.float64)
+    method, cfg, dev = context.method, context.method_config, context.device
+    weight = context.model.get_submodule(name).weight
     stats = context.statistics.get(name) if context.statistics else None
-    out = {}
     if method.nested:
-        top = max(ranks)
-        A, B = method.decompose(W, stats, top, context.method_config)
-        out = {k: (A[:k], B[:, :k]) for k in ranks}
-    else:
-        out = {k: method.decompose(W, stats, k, context.method_config) for k in ranks}
-    for k, (A, B) in out.items():
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise SvdkitError(f"method {method.name} produced non-finite factors for {name} at rank {k}")
-    return out
+        A, B = factorize(method, cfg, weight, stats, max(ranks), dev, name)
+        return {k: (A[:k], B[:, :k]) for k in ranks}
+    return {k: factorize(method, cfg, weight, stats, k, dev, name) for k in ranks}
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 700.0)) if math.isfinite(loss) else float("inf")
 
 
 @torch.no_grad()
@@ -202,15 +218,17 @@ def measure_sensitivity(context: AllocationContext, config: SensitivityConfig) -
         context.report["sensitivity_cache"] = str(path)
         return table
 
-    home = next(model.parameters()).device
-    model.to(dev)
+    homes = _placement(model)
+    was_training = model.training
+    model.eval()
     try:
+        model.to(dev)
         hidden, kwargs = capture_layer_inputs(model, arch, ids[None], dev, progress=False)
         bounds = [hidden[0]]  # dense input of every layer, all measured windows as one batch
         for index, layer in enumerate(arch.layers):
             bounds.append(_layer_output(layer(bounds[-1].to(dev), **_on(kwargs[index], dev))).cpu())
         if not math.isfinite(table.dense_ppl):
-            table.dense_ppl = math.exp(float(loss_from_layer(model, arch, ids, len(arch.layers), bounds[-1].to(dev))))
+            table.dense_ppl = _ppl(float(loss_from_layer(model, arch, ids, len(arch.layers), bounds[-1].to(dev))))
         prefix = arch.layers_path + "."
         plan = {n: sorted({rank_for_ratio(*context.shapes[n], 1.0 - p) for p in config.grid}) for n in todo}
         bar = tqdm(
@@ -234,7 +252,7 @@ def measure_sensitivity(context: AllocationContext, config: SensitivityConfig) -
                         loss = float(loss_from_layer(model, arch, ids, index, bounds[index].to(dev)))
                     finally:
                         layer.set_submodule(target, original)
-                    by_rank[k] = math.exp(loss) if math.isfinite(loss) else float("inf")
+                    by_rank[k] = _ppl(loss)
                     bar.update(1)
                 m, n = context.shapes[name]
                 table.ppl[name] = [by_rank[rank_for_ratio(m, n, 1.0 - p)] for p in config.grid]
@@ -243,10 +261,26 @@ def measure_sensitivity(context: AllocationContext, config: SensitivityConfig) -
         finally:
             bar.close()
     finally:
-        model.to(home)
+        _restore(model, homes)
+        model.train(was_training)
     _save(path, table)
     context.report["sensitivity_cache"] = str(path)
     return table
+
+
+def _placement(model) -> dict[str, torch.device]:
+    return {n: t.device for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _restore(model, homes: Mapping[str, torch.device]) -> None:
+    """Put every parameter and buffer back on the device it came from."""
+    for name, p in model.named_parameters():
+        if p.device != homes.get(name, p.device):
+            p.data = p.data.to(homes[name])
+    for name, b in model.named_buffers():
+        if name in homes and b.device != homes[name]:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = b.to(homes[name])
 
 
 def _on(kwargs: dict, dev) -> dict:
@@ -304,6 +338,12 @@ def choose_ranks(
     summary="ASVD's STRS: per-matrix perplexity on a grid, then a binary search on a perplexity threshold",
 )
 def allocate_sensitivity(context: AllocationContext, config: SensitivityConfig) -> dict[str, int | None]:
+    floor = sum(rank_for_ratio(m, n, 1.0 - config.grid[0]) * (m + n) for m, n in context.shapes.values())
+    if floor > (1.0 - context.ratio) * sum(m * n for m, n in context.shapes.values()):
+        raise SvdkitError(
+            f"ratio {context.ratio} cannot be met with the sensitivity grid (smallest kept fraction "
+            f"{config.grid[0]}): use a lower ratio or add smaller fractions to the grid"
+        )
     table = measure_sensitivity(context, config)
     ranks, tau = choose_ranks(table, context.shapes, context.ratio)
     context.report.update({"threshold_ppl": tau, "dense_calibration_ppl": table.dense_ppl})

@@ -70,8 +70,9 @@ def eigen_whitening(G: torch.Tensor, rel_floor: float = 1e-10) -> tuple[torch.Te
     No positive-definiteness is needed. Eigenvalues at or below rel_floor * lambda_max (including the
     slightly negative ones rounding produces) are directions the calibration inputs never reach: they
     are dropped from S and from its pseudo-inverse S_pinv = sqrt(Lambda)^+ U_s^T, so the weight is left
-    unconstrained there rather than amplified by 1 / sqrt(tiny). S_pinv S is the projector onto the
-    reached subspace; W S S_pinv X = W X for every X in it. Returns S (n x r) and S_pinv (r x n).
+    unconstrained there rather than amplified by 1 / sqrt(tiny). S_pinv S is the r x r identity and
+    S S_pinv = U_r U_r^T projects onto the reached subspace, so W S S_pinv X = W X for every X in it.
+    Returns S (n x r) and S_pinv (r x n).
     """
     G = (G + G.T) / 2
     evals, vecs = torch.linalg.eigh(G)

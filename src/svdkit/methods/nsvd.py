@@ -54,7 +54,11 @@ class NSVD2Config:
 
 
 def stage_ranks(rank: int, fraction: float) -> tuple[int, int]:
-    """(k1, k2) with k1 = round(fraction * rank) clamped to [1, rank] and k2 = rank - k1."""
+    """(k1, k2) with k1 = round(fraction * rank) clamped to [1, rank] and k2 = rank - k1.
+
+    Python rounds halves to even, as the paper's round() is read here; with the default 0.95 any rank
+    of 10 or less therefore has no residual stage (k2 = 0): NSVD is then its first stage alone.
+    """
     k1 = min(rank, max(1, round(fraction * rank)))
     return k1, rank - k1
 

@@ -18,7 +18,7 @@ import torch
 from ..errors import SvdkitError
 from ..statistics import LinearStats
 
-__all__ = ["Method", "Factors", "register", "get_method", "method_names", "make_config"]
+__all__ = ["Method", "Factors", "register", "get_method", "method_names", "make_config", "factorize"]
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 DecomposeFn = Callable[[torch.Tensor, LinearStats | None, int, Any], Factors]
@@ -79,3 +79,19 @@ def make_config(method: Method, options: Mapping[str, Any] | None = None) -> Any
         return method.config_cls(**options)
     except (TypeError, ValueError) as e:
         raise SvdkitError(f"method '{method.name}': {e}") from e
+
+
+def factorize(
+    method: Method, config: Any, weight: torch.Tensor, stats: LinearStats | None, rank: int, device, name: str
+) -> Factors:
+    """The method's float64 factors (A, B) of `weight` at `rank`, checked; failures name the module."""
+    W = weight.detach().to(device=device, dtype=torch.float64)
+    try:
+        A, B = method.decompose(W, stats, rank, config)
+    except (ValueError, RuntimeError, torch.linalg.LinAlgError) as e:
+        raise SvdkitError(f"method {method.name} failed on {name}: {e}") from e
+    if A.shape != (rank, W.shape[1]) or B.shape != (W.shape[0], rank):
+        raise RuntimeError(f"method {method.name} returned factors {tuple(A.shape)}, {tuple(B.shape)} for {name}")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise SvdkitError(f"method {method.name} produced non-finite factors for {name}")
+    return A, B
