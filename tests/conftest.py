@@ -110,3 +110,19 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").is_file():
         pytest.skip(f"shared data not found at {SHARED_DATA} (set SVDKIT_TEST_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def float64_default():
+    """The methods receive W in float64; build the test matrices in float64 too."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def correlated_inputs(n: int, T: int, seed: int = 0) -> torch.Tensor:
+    """X (n x T) with strongly unequal, correlated channels, like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g) * torch.logspace(0, -2, n)[None, :]
+    return mix @ torch.randn(n, T, generator=g) + 3.0 * torch.randn(n, 1, generator=g)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import correlated_inputs
 
 from svdkit import SvdkitError
 from svdkit.methods import get_method, make_config, method_names
@@ -11,20 +12,8 @@ from svdkit.methods.linalg import eigen_whitening, robust_cholesky
 from svdkit.methods.nsvd import stage_ranks
 from svdkit.statistics import LinearStats
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def inputs(n: int, T: int, seed: int = 0) -> torch.Tensor:
-    """X (n x T) with unequal, correlated channels."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(n, n, generator=g) * torch.logspace(0, -2, n)[None, :]
-    return mix @ torch.randn(n, T, generator=g) + 2.0 * torch.randn(n, 1, generator=g)
+pytestmark = pytest.mark.usefixtures("float64_default")
+inputs = correlated_inputs
 
 
 def stats_of(X: torch.Tensor, **extra) -> LinearStats:

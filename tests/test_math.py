@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import correlated_inputs
 
 from svdkit import LowRankLinear, SvdkitError
 from svdkit.allocation import allocate_uniform, break_even_rank, check_ratio, rank_for_ratio, saves_parameters
@@ -13,21 +14,7 @@ from svdkit.methods import get_method, make_config
 from svdkit.methods.linalg import robust_cholesky
 from svdkit.statistics import LinearStats
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    """The methods receive W in float64; build the test matrices in float64 too."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def correlated_inputs(n: int, T: int, seed: int = 0) -> torch.Tensor:
-    """X (n x T) with strongly unequal, correlated channels, like real activations."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(n, n, generator=g) * torch.logspace(0, -2, n)[None, :]
-    return mix @ torch.randn(n, T, generator=g) + 3.0 * torch.randn(n, 1, generator=g)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def run(method: str, W, X, k, **opts):

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .configs import build_config
 from .errors import SvdkitError
 
 __all__ = [
@@ -134,16 +135,7 @@ def get_allocator(name: str) -> Allocator:
 
 def make_allocation_config(allocator: Allocator, options: Mapping[str, Any] | None = None) -> Any:
     """The allocator's config dataclass from a mapping, with clear errors for unknown keys or bad values."""
-    options = dict(options or {})
-    fields = {f.name for f in dataclasses.fields(allocator.config_cls)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        known = ", ".join(sorted(fields)) or "none"
-        raise SvdkitError(f"allocation '{allocator.name}' has no option {', '.join(unknown)} (its options: {known})")
-    try:
-        return allocator.config_cls(**options)
-    except (TypeError, ValueError) as e:
-        raise SvdkitError(f"allocation '{allocator.name}': {e}") from e
+    return build_config(allocator.config_cls, options, f"allocation '{allocator.name}'")
 
 
 @dataclass

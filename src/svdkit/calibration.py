@@ -26,7 +26,14 @@ from .errors import SvdkitError
 from .models import Architecture
 from .statistics import STATISTICS, LinearStats, Statistic
 
-__all__ = ["LayerStats", "capture_layer_inputs", "collect_statistics", "iterate_layers", "move_outside_layers"]
+__all__ = [
+    "LayerStats",
+    "StandIn",
+    "capture_layer_inputs",
+    "collect_statistics",
+    "iterate_layers",
+    "move_outside_layers",
+]
 
 
 @dataclass
@@ -43,7 +50,22 @@ class _Captured(Exception):
     pass
 
 
-class _Recorder(nn.Module):
+class StandIn(nn.Module):
+    """Base of the modules that stand in for a decoder layer: attribute reads that the stand-in does not
+    answer (e.g. a model's loop asking a layer for its ``attention_type``) fall through to the real layer."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_inner", inner)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_inner"), name)
+
+
+class _Recorder(StandIn):
     """Stands in for a decoder layer while inputs are captured: records the call, returns its input.
 
     Models such as Gemma3 or Qwen2 with sliding windows hand each layer its own mask and rotary
@@ -52,16 +74,9 @@ class _Recorder(nn.Module):
     """
 
     def __init__(self, inner: nn.Module, index: int, state: dict) -> None:
-        super().__init__()
-        object.__setattr__(self, "_inner", inner)
+        super().__init__(inner)
         object.__setattr__(self, "_index", index)
         object.__setattr__(self, "_state", state)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_inner"), name)
 
     def forward(self, *args, **kwargs):
         x = args[0] if args else kwargs.pop("hidden_states")

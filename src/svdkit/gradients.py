@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import _layer_output, capture_layer_inputs, move_outside_layers
+from .calibration import StandIn, _layer_output, capture_layer_inputs, move_outside_layers
 from .models import Architecture
 
 __all__ = ["GRADIENT_STATISTICS", "collect_fisher", "head_loss", "loss_from_layer"]
@@ -26,23 +26,12 @@ GRADIENT_STATISTICS = frozenset({"fisher"})
 """statistics that need a backward pass (per output row of a weight), not input hooks"""
 
 
-class _Inject(nn.Module):
-    """Stands in for a decoder layer: the first one returns a given hidden state, the rest pass it on.
-
-    Attribute reads (e.g. a model's loop asking a layer for its ``attention_type``) fall through to
-    the real layer, as in the calibration recorder.
-    """
+class _Inject(StandIn):
+    """Stands in for a decoder layer: the first one returns a given hidden state, the rest pass it on."""
 
     def __init__(self, inner: nn.Module, hidden: torch.Tensor | None) -> None:
-        super().__init__()
-        object.__setattr__(self, "_inner", inner)
+        super().__init__(inner)
         object.__setattr__(self, "_hidden", hidden)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_inner"), name)
 
     def forward(self, *args, **kwargs):
         hidden = object.__getattribute__(self, "_hidden")

@@ -8,13 +8,13 @@ allocators that try many ranks of one matrix then decompose it once and slice.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..configs import build_config
 from ..errors import SvdkitError
 from ..statistics import LinearStats
 
@@ -68,17 +68,8 @@ def get_method(name: str) -> Method:
 
 
 def make_config(method: Method, options: Mapping[str, Any] | None = None) -> Any:
-    """Build the method's config dataclass from a mapping, with a clear error for unknown keys."""
-    options = dict(options or {})
-    fields = {f.name for f in dataclasses.fields(method.config_cls)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        known = ", ".join(sorted(fields)) or "none"
-        raise SvdkitError(f"method '{method.name}' has no option {', '.join(unknown)} (its options: {known})")
-    try:
-        return method.config_cls(**options)
-    except (TypeError, ValueError) as e:
-        raise SvdkitError(f"method '{method.name}': {e}") from e
+    """Build the method's config dataclass from a mapping, with clear errors for unknown keys or values."""
+    return build_config(method.config_cls, options, f"method '{method.name}'")
 
 
 def factorize(
