@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from ..statistics import LinearStats
-from .linalg import eigen_whitening, robust_cholesky, split_factors
+from .linalg import eigen_whitening, split_factors
 from .registry import Factors, register
+from .svd_llm import SVDLLMConfig, svd_llm
 
 __all__ = ["NSVDConfig", "NSVD2Config", "nsvd", "nsvd2", "nested_factors", "stage_ranks"]
 
@@ -89,11 +90,8 @@ def _gram(stats: LinearStats | None, name: str, W: torch.Tensor) -> torch.Tensor
 def nsvd(W: torch.Tensor, stats: LinearStats | None, rank: int, config: NSVDConfig) -> Factors:
     """First stage SVD-LLM at rank k1 (A1 = sqrt(S) V^T L^-1), then the residual's SVD at rank k - k1."""
     k1, k2 = stage_ranks(rank, config.k1_fraction)
-    L, _ = robust_cholesky(_gram(stats, "nsvd", W), config.rel_eps)
-    U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
-    A1, B1 = split_factors(U, S, Vh, k1)
-    A1 = torch.linalg.solve_triangular(L, A1, upper=False, left=False)
-    return nested_factors(W, (A1, B1), k2)
+    _gram(stats, "nsvd", W)
+    return nested_factors(W, svd_llm(W, stats, k1, SVDLLMConfig(config.rel_eps)), k2)
 
 
 @register(
