@@ -112,7 +112,7 @@ def test_precomputed_statistics_give_the_same_model_as_the_streaming_pass():
         model, svdkit.find_architecture(model), windows, {"gram"}, torch.device("cpu"), progress=False
     )
     result = svdkit.compress(model, method="svd-llm", ratio=0.4, statistics=stats, device="cpu", progress=False)
-    assert model.config.quantization_config.calibration["source"] == "precomputed statistics"
+    assert model.config.quantization_config.calibration["statistics"] == "precomputed"
     assert result.ranks == streamed.config.quantization_config.ranks
     ids = random_tokens(40, seed=5)[None]
     with torch.no_grad():
