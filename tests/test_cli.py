@@ -114,7 +114,7 @@ def test_compress_with_sensitivity_allocation_reports_ranks(capsys, tmp_path, ti
         (["compress", "{tmp}", "--output", "{tmp}/o"], "is a folder but not a model: it has no config.json"),
         (
             ["compress", "{model}", "--method", "magic", "--output", "{tmp}/o"],
-            "known methods: asvd, fwsvd, nsvd, nsvd2, svd, svd-llm",
+            "known methods: asvd, fwsvd, nsvd, nsvd2, svd, svd-llm, svd-llm-v2",
         ),
         (["compress", "{model}", "--option", "nope=1", "--output", "{tmp}/o"], "has no option nope"),
         (
@@ -228,3 +228,49 @@ def test_demo_refuses_to_replace_a_foreign_folder(tmp_path):
     with pytest.raises(SvdkitError, match="exists and is not empty"):
         run_demo(output=str(out))
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_compress_with_v2_allocation_update_and_a_rank_map_plot(capsys, tmp_path, tiny_folder, text_file):
+    out = tmp_path / "small"
+    common = ["--calib", text_file, "--calib-samples", "3", "--calib-seqlen", "32", "--device", "cpu"]
+    argv = ["compress", tiny_folder, "--method", "svd-llm-v2", "--ratio", "0.4", "--allocation", "v2", *common]
+    argv += ["--update", "lstsq", "--statistics-dir", tmp_path / "spill", "--output", out]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "chosen ranks by module type" in stdout and "ratio_range" in stdout
+    assert list((tmp_path / "spill").iterdir()) == []
+    png = tmp_path / "map.png"
+    code, stdout, err = run(capsys, "info", out, "--plot", png, "--json")
+    assert code == 0, err
+    info = last_json(stdout)
+    assert info["allocation"]["name"] == "v2" and info["update"] == "lstsq"
+    assert "parameter update: lstsq" in stdout and "keeps" in stdout and f"rank map written to {png}" in stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
+    code, _, err = run(capsys, "info", out, "--plot", tmp_path / "map.txt")
+    assert_error(code, err, "ending in .png")
+    code, _, err = run(capsys, "info", out, "--plot", tmp_path / "no" / "map.png")
+    assert_error(code, err, "does not exist")
+
+
+def test_nan_in_calibration_statistics_names_the_layer_and_writes_nothing(capsys, tmp_path, tiny_tokenizer, text_file):
+    import torch
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.fill_(float("inf"))  # the MLP of layer 1 sees Inf/NaN
+    folder = tmp_path / "broken"
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    common = ["--calib", text_file, "--calib-samples", "2", "--calib-seqlen", "32", "--device", "cpu"]
+    for extra in ([], ["--allocation", "v2"]):
+        code, _, err = run(capsys, "compress", folder, *common, *extra, "--output", tmp_path / "o")
+        assert_error(code, err, "holds NaN or Inf")
+        assert "model.layers.1.mlp" in err
+        assert not (tmp_path / "o").exists()
+
+
+def test_unknown_update_exits_2(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", "smollm2-135m", "--update", "ridge", "--output", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "invalid choice: 'ridge'" in capsys.readouterr().err

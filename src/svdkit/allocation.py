@@ -7,7 +7,8 @@ parameters, so it only pays while k (m + n) < m n; where it would not, the matri
 An *allocator* chooses every target's rank for a global ratio. Allocators are registered by name
 (:func:`register_allocator`) with a small config, like methods; the pipeline calls them with an
 :class:`AllocationContext`. ``uniform`` (this module) needs nothing but the shapes; ``sensitivity``
-(:mod:`svdkit.sensitivity`) needs the method, the statistics and calibration windows.
+(:mod:`svdkit.sensitivity`) needs the method, the statistics and calibration windows; ``v2``
+(:mod:`svdkit.heterogeneous`) needs every matrix's input Gram matrix.
 """
 
 from __future__ import annotations
@@ -104,20 +105,29 @@ class Allocator:
     """True when every matrix's statistics must exist before any rank is fixed"""
     needs_windows: bool
     summary: str
+    requires: frozenset[str] = frozenset()
+    """statistics the allocator itself reads (collected even when the method needs none)"""
 
 
 _ALLOCATORS: dict[str, Allocator] = {}
 
 
 def register_allocator(
-    name: str, config_cls: type, needs_statistics: bool = False, needs_windows: bool = False, summary: str = ""
+    name: str,
+    config_cls: type,
+    needs_statistics: bool = False,
+    needs_windows: bool = False,
+    summary: str = "",
+    requires: tuple[str, ...] = (),
 ):
     """Decorator: register `fn(context, config) -> {name: rank or None}` as allocation strategy `name`."""
 
     def wrap(fn):
         if name in _ALLOCATORS:
             raise ValueError(f"allocator '{name}' is already registered")
-        _ALLOCATORS[name] = Allocator(name, fn, config_cls, needs_statistics, needs_windows, summary)
+        _ALLOCATORS[name] = Allocator(
+            name, fn, config_cls, needs_statistics, needs_windows, summary, frozenset(requires)
+        )
         return fn
 
     return wrap

@@ -15,7 +15,7 @@ dense layer's outputs; with ``sequential=True`` they are recomputed through the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +25,13 @@ from tqdm.auto import tqdm
 from .errors import SvdkitError
 from .models import Architecture
 from .statistics import STATISTICS, LinearStats, Statistic
+from .store import StatisticsStore
+
+CROSS = "cross"
+"""dense inputs against compressed inputs, sum x_dense x^T (two-stream sequential calibration only)"""
 
 __all__ = [
+    "CROSS",
     "LayerStats",
     "StandIn",
     "capture_layer_inputs",
@@ -139,13 +144,41 @@ def _layer_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple | list) else out
 
 
+class _Cross(Statistic):
+    """Sum over tokens of x_dense x^T (n x n, float64): the dense layer's inputs against the compressed
+    model's inputs for the same tokens (sequential calibration; see :mod:`svdkit.update`)."""
+
+    name = CROSS
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.total: torch.Tensor | None = None
+        self.dense: torch.Tensor | None = None  # the current window's dense inputs, set before update
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.n).float()
+        c = (self.dense.reshape(-1, self.n).float().T @ x).double()
+        self.total = c if self.total is None else self.total.add_(c)
+        self.tokens += x.shape[0]
+
+    def value(self) -> torch.Tensor:
+        if self.total is None:
+            raise RuntimeError("no calibration tokens reached this layer")
+        return self.total.cpu()
+
+
 class _Collector:
-    """Hooks on one layer's target linears that feed each distinct input once into shared statistics."""
+    """Hooks on one layer's target linears that feed each distinct input once into shared statistics.
+
+    While ``recording`` is set the hooks only keep each input (the dense stream of a two-stream
+    sequential pass), for the cross statistic of the next, real call on the same window.
+    """
 
     def __init__(self, layer: nn.Module, targets: list[str], needs: Iterable[str]) -> None:
         self.layer, self.targets, self.needs = layer, targets, sorted(needs)
         self.owner: dict[str, str] = {}  # target -> the target whose accumulator it shares
         self.acc: dict[str, dict[str, Statistic]] = {}
+        self.recording = False
         self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
         self._handles = [layer.get_submodule(t).register_forward_pre_hook(self._hook(t)) for t in targets]
 
@@ -157,8 +190,12 @@ class _Collector:
                 first, _ = self._seen.setdefault(key, (name, x))  # holding x keeps its address unique
                 self.owner[name] = first
                 if first == name:
-                    self.acc[name] = {s: STATISTICS[s](x.shape[-1]) for s in self.needs}
+                    cls = {**STATISTICS, CROSS: _Cross}
+                    self.acc[name] = {s: cls[s](x.shape[-1]) for s in self.needs}
             if self.owner[name] == name:
+                if self.recording:
+                    self.acc[name][CROSS].dense = x.detach()
+                    return
                 for stat in self.acc[name].values():
                     stat.update(x.detach())
 
@@ -198,11 +235,19 @@ def iterate_layers(
     """Yield every decoder layer (on `device`) with its targets' statistics, in order.
 
     The caller may swap modules inside ``item.layer`` before asking for the next item. The layer
-    goes back to its original device afterwards.
+    goes back to its original device afterwards. With ``sequential=True`` and ``"cross"`` in `needs`,
+    a second stream of hidden states runs through the dense layers alongside the compressed ones, and
+    each target also gets C = sum x_dense x^T (the least-squares update's cross statistic); this
+    doubles the activations held and adds one dense forward per layer.
     """
+    needs = set(needs)
+    two_streams = CROSS in needs
+    if two_streams and not sequential:
+        raise SvdkitError("the cross statistic compares dense and compressed inputs: it needs sequential=True")
     prefix = arch.layers_path + "."
     outside_home = next((p.device for n, p in model.named_parameters() if not n.startswith(prefix)), device)
     hidden, layer_kwargs = capture_layer_inputs(model, arch, windows, device, progress)
+    dense_hidden = list(hidden) if two_streams else None
     bar = tqdm(total=len(arch.layers), desc="calibrating layers", unit="layer", disable=not progress)
     try:
         for index, layer in enumerate(arch.layers):
@@ -211,9 +256,13 @@ def iterate_layers(
             layer.to(device)
             try:
                 collector = _Collector(layer, arch.targets, needs)
-                outputs = []
+                outputs, dense_outputs = [], []
                 try:
-                    for x in hidden:
+                    for w, x in enumerate(hidden):
+                        if two_streams:
+                            collector.recording = True
+                            dense_outputs.append(_layer_output(layer(dense_hidden[w].to(device), **kwargs)).cpu())
+                            collector.recording = False
                         y = _layer_output(layer(x.to(device), **kwargs))
                         if not sequential:
                             outputs.append(y.cpu())
@@ -224,6 +273,8 @@ def iterate_layers(
                 if sequential:
                     outputs = [_layer_output(item.layer(x.to(device), **kwargs)).cpu() for x in hidden]
                 hidden = outputs
+                if two_streams:
+                    dense_hidden = dense_outputs
             finally:
                 layer.to(home)
             bar.update(1)
@@ -239,13 +290,16 @@ def collect_statistics(
     needs: Iterable[str],
     device: torch.device,
     progress: bool = True,
-) -> dict[str, LinearStats]:
-    """Every target's statistics from the dense model, by full module name, kept in CPU memory.
+    store: StatisticsStore | None = None,
+) -> Mapping[str, LinearStats]:
+    """Every target's statistics from the dense model, by full module name.
 
     Input statistics (see :data:`~svdkit.statistics.STATISTICS`) come from one layer-by-layer pass;
     gradient statistics (``fisher``, see :mod:`svdkit.gradients`) from a backward pass. Costs one n x n
     float64 Gram matrix per distinct input (shared by q/k/v and by gate/up): for SmolLM2-135M about
-    27 MB per layer. Lets several compressions (methods, ratios, allocations) reuse one pass.
+    27 MB per layer, held in CPU memory (a dict is returned), or written layer by layer into `store`
+    (a :class:`~svdkit.store.StatisticsStore`, returned) so memory holds one layer. Lets several
+    compressions (methods, ratios, allocations) reuse one pass.
     """
     from .gradients import GRADIENT_STATISTICS, collect_fisher
 
@@ -257,13 +311,20 @@ def collect_statistics(
     hooks = needs - GRADIENT_STATISTICS
     if hooks:
         for item in iterate_layers(model, arch, windows, hooks, device, sequential=False, progress=progress):
-            for name, st in item.stats.items():
-                out[f"{arch.layers_path}.{item.index}.{name}"] = st
+            named = {f"{arch.layers_path}.{item.index}.{name}": st for name, st in item.stats.items()}
+            if store is not None:
+                store.put_layer(item.index, named)
+            else:
+                out.update(named)
     if "fisher" in needs:
         fisher = collect_fisher(model, arch, windows, device, progress)
         tokens = windows.numel()
+        if store is not None:
+            for name, rows in fisher.items():
+                store.add(name, {"fisher": rows}, tokens)
+            return store
         for name, rows in fisher.items():
             st = out.get(name)
             values = {**st.values, "fisher": rows} if st is not None else {"fisher": rows}
             out[name] = LinearStats(values, st.tokens if st is not None else tokens, module=name)
-    return out
+    return store if store is not None else out

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .compress import compress  # noqa: F401  (registers every allocator)
     from .data import SOURCES
     from .methods import method_names
+    from .update import UPDATES
 
     sources = f"a text file or one of {', '.join(SOURCES)}"
     p = _Parser(prog="svdkit", description="SVD-based compression of causal language models.")
@@ -111,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="an allocation option (repeatable), e.g. windows=2, seqlen=256, grid=[0.2,0.4,0.6,0.8], cache=FILE",
     )
     c.add_argument(
+        "--update",
+        choices=UPDATES,
+        default="none",
+        help="after truncation, refit each B by least squares on the calibration inputs (lstsq); default none",
+    )
+    c.add_argument(
+        "--statistics-dir",
+        metavar="DIR",
+        help="where non-uniform allocations and gradient statistics spill every layer's statistics "
+        "(a temporary folder inside DIR, removed afterwards; default: the system's temporary folder)",
+    )
+    c.add_argument(
         "--sequential",
         action="store_true",
         help="statistics of each layer from the already-compressed layers before it",
@@ -135,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="what a compressed model folder holds: method, ratio, ranks, parameters")
     i.add_argument("folder")
+    i.add_argument("--plot", metavar="FILE.png", help="also draw the rank map (layers x module types) as a PNG")
     i.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
     d = sub.add_parser("densify", help="write a compressed folder as a plain dense model")
@@ -185,6 +199,8 @@ def cmd_compress(a) -> None:
         sequential=a.sequential,
         allocation=a.allocation,
         allocation_options=dict(a.allocation_option),
+        update=a.update,
+        statistics_dir=a.statistics_dir,
     )
     model.to("cpu")
     if a.densify:
@@ -276,17 +292,34 @@ def folder_info(folder: str | Path) -> dict:
     if not files:
         raise SvdkitError(f"'{folder}' has no .safetensors weights")
     params = 0
+    tensor_shapes: dict[str, list[int]] = {}
     for f in files:
         with safe_open(f, "pt") as st:
-            params += sum(math.prod(st.get_slice(key).get_shape()) for key in st.keys())
+            for key in st.keys():
+                tensor_shapes[key] = list(st.get_slice(key).get_shape())
+                params += math.prod(tensor_shapes[key])
+    ranks = record.get("ranks", {})
+    shapes, dense_kept = {}, []
+    kinds = {re.sub(r"^.*\.\d+\.", "", name) for name in ranks}
+    for key, shape in tensor_shapes.items():
+        module, _, leaf = key.rpartition(".")
+        if module in ranks and leaf == "B":
+            shapes[module] = [shape[0], tensor_shapes[f"{module}.A"][1]]
+        elif leaf == "weight" and len(shape) == 2 and re.sub(r"^.*\.\d+\.", "", module) in kinds:
+            if re.search(r"\.\d+\.", module):  # a target type inside a decoder layer, kept dense
+                shapes[module] = shape
+                dense_kept.append(module)
     return {
         "method": record.get("method"),
         "ratio": record.get("ratio"),
         "params": params,
         "params_dense": record.get("params_dense"),
-        "ranks": record.get("ranks", {}),
+        "ranks": ranks,
         "version": record.get("version"),
         "allocation": record.get("allocation"),
+        "update": record.get("update", "none"),
+        "shapes": dict(sorted(shapes.items(), key=lambda kv: _natural(kv[0]))),
+        "dense_kept": sorted(dense_kept, key=_natural),
     }
 
 
@@ -308,11 +341,22 @@ def cmd_info(a) -> None:
             f"parameters {info['params']:,} (dense {info['params_dense']:,}, "
             f"{100 * (1 - info['params'] / info['params_dense']):.1f}% fewer)"
         )
-    print(f"{len(ranks)} low-rank modules:")
-    width = max((len(n) for n in ranks), default=0)
-    for name, rank in ranks.items():
-        print(f"  {name:<{width}}  rank {rank}")
-    _emit({k: info[k] for k in ("method", "ratio", "allocation", "params", "params_dense", "ranks")}, a.json)
+    if info["update"] != "none":
+        print(f"parameter update: {info['update']}")
+    shapes = info["shapes"]
+    print(f"{len(ranks)} low-rank modules, {len(info['dense_kept'])} target modules kept dense:")
+    width = max((len(n) for n in shapes), default=0)
+    for name, (m, n) in shapes.items():
+        k = ranks.get(name)
+        what = f"rank {k:<5d} keeps {k * (m + n) / (m * n):6.1%}" if k is not None else "dense"
+        print(f"  {name:<{width}}  {m}x{n}  {what}")
+    if a.plot:
+        from .plot import plot_rank_map
+
+        plot_rank_map(info, a.plot)
+        print(f"rank map written to {a.plot}")
+    keys = ("method", "ratio", "allocation", "update", "params", "params_dense", "ranks", "dense_kept")
+    _emit({k: info[k] for k in keys}, a.json)
 
 
 def cmd_densify(a) -> None:

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import sensitivity  # noqa: F401  (registers the 'sensitivity' allocator)
+from . import heterogeneous, sensitivity  # noqa: F401  (register the 'v2' and 'sensitivity' allocators)
 from .allocation import AllocationContext, check_ratio, get_allocator, make_allocation_config
-from .calibration import collect_statistics, iterate_layers
+from .calibration import CROSS, collect_statistics, iterate_layers
 from .data import calibration_windows, source_tokens
 from .errors import SvdkitError
 from .gradients import GRADIENT_STATISTICS
@@ -23,6 +23,8 @@ from .lowrank import LowRankLinear, count_parameters
 from .methods import factorize, get_method, make_config
 from .models import find_architecture, resolve_device
 from .statistics import LinearStats
+from .store import StatisticsStore
+from .update import UPDATES, lstsq_update
 from .version import __version__
 
 __all__ = ["CompressionResult", "compress", "decompose_linear"]
@@ -46,9 +48,21 @@ class CompressionResult:
         return asdict(self)
 
 
-def decompose_linear(linear: nn.Linear, method, config, stats, rank: int, device: torch.device, name: str):
-    """Factor one nn.Linear with `method` in float64 on `device`; returns a LowRankLinear where the linear was."""
+def decompose_linear(
+    linear: nn.Linear, method, config, stats, rank: int, device: torch.device, name: str, update: str = "none"
+):
+    """Factor one nn.Linear with `method` in float64 on `device`; returns a LowRankLinear where the linear was.
+
+    ``update="lstsq"`` refits B on the calibration inputs afterwards (:func:`~svdkit.update.lstsq_update`).
+    """
     A, B = factorize(method, config, linear.weight, stats, rank, device, name)
+    if update == "lstsq":
+        W = linear.weight.detach().to(device=device, dtype=torch.float64)
+        gram = stats.gram_mean.to(W)
+        cross = stats["cross"].to(W) / max(stats.tokens, 1) if "cross" in stats else None
+        B = lstsq_update(W, A, B, gram, cross)
+        if not torch.isfinite(B).all():
+            raise SvdkitError(f"the least-squares update produced non-finite factors for {name}")
     home, dtype = linear.weight.device, linear.weight.dtype
     bias = linear.bias.detach() if linear.bias is not None else None
     return LowRankLinear.from_factors(A.to(home, dtype), B.to(home, dtype), bias)
@@ -72,6 +86,8 @@ def compress(
     progress: bool = True,
     allocation: str = "uniform",
     allocation_options: Mapping[str, Any] | None = None,
+    update: str = "none",
+    statistics_dir: str | os.PathLike | None = None,
 ) -> CompressionResult:
     """Compress `model` in place: every target linear becomes a LowRankLinear of its allocated rank.
 
@@ -83,10 +99,14 @@ def compress(
 
     With uniform allocation and input statistics only, calibration streams: each layer is factored as
     soon as its statistics are ready, and only one layer's statistics are ever held. Other allocations
-    (``sensitivity``) and gradient statistics (FWSVD's Fisher information) need every matrix's
-    statistics before any rank is fixed; those are kept in CPU memory (for SmolLM2-135M about 0.8 GB).
-    Input is checked before any module is touched; a failure during decomposition leaves the model
-    partly compressed (reload it).
+    (``v2``, ``sensitivity``) and gradient statistics (FWSVD's Fisher information) need every matrix's
+    statistics before any rank is fixed: those are written layer by layer to a temporary folder in
+    `statistics_dir` (default: the system's temporary folder; for SmolLM2-135M 0.8 GB, see
+    :mod:`svdkit.store`) and read back one layer at a time. ``update="lstsq"`` refits each B on the
+    calibration inputs after the method (:mod:`svdkit.update`); with ``sequential=True`` it fits the
+    dense layer's outputs from the compressed model's inputs, which also runs a dense stream. Input is
+    checked before any module is touched; a failure during decomposition leaves the model partly
+    compressed (reload it).
     """
     start = time.perf_counter()
     spec = get_method(method)
@@ -94,6 +114,8 @@ def compress(
     allocator = get_allocator(allocation)
     alloc_config = make_allocation_config(allocator, allocation_options)
     ratio = check_ratio(ratio)
+    if update not in UPDATES:
+        raise SvdkitError(f"unknown update '{update}'; known: {', '.join(UPDATES)}")
     dev = resolve_device(device)
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise SvdkitError("this model is already compressed by svdkit: start from the dense model")
@@ -102,24 +124,28 @@ def compress(
     shapes = arch.shapes()
     timings = {"allocation": 0.0, "calibration": 0.0, "decomposition": 0.0}
 
-    if spec.requires and statistics is not None:
+    needs = set(spec.requires | allocator.requires | ({"gram"} if update == "lstsq" else set()))
+    if update == "lstsq" and sequential:
+        needs.add(CROSS)  # fit B to the dense layer's outputs from the compressed model's inputs
+    if needs and statistics is not None:
         missing = [n for n in shapes if n not in statistics]
         if missing:
             raise SvdkitError(f"the given statistics lack {len(missing)} target(s), e.g. {missing[0]}")
-        lacking = sorted(spec.requires - set(next(iter(statistics.values())).values))
+        lacking = sorted(needs - set(statistics[next(iter(shapes))].values))
         if lacking:
-            raise SvdkitError(f"method '{method}' needs statistics {lacking}, which the given ones lack")
+            raise SvdkitError(
+                f"method '{method}' with allocation '{allocation}' and update '{update}' needs statistics "
+                f"{lacking}, which the given ones lack"
+            )
     collect_first = (
-        bool(spec.requires)
-        and statistics is None
-        and (allocator.needs_statistics or bool(spec.requires & GRADIENT_STATISTICS))
+        bool(needs) and statistics is None and (allocator.needs_statistics or bool(needs & GRADIENT_STATISTICS))
     )
-    streaming = bool(spec.requires) and statistics is None and not collect_first
+    streaming = bool(needs) and statistics is None and not collect_first
     if sequential and not streaming:
         raise SvdkitError(
             "sequential mode computes each layer's statistics after the layers before it are compressed: it "
-            "needs uniform allocation, a method with input statistics and no precomputed statistics "
-            f"(here: allocation '{allocation}', method '{method}')"
+            "needs uniform allocation, input statistics (a method that uses them, or an update) and no "
+            f"precomputed statistics (here: allocation '{allocation}', method '{method}', update '{update}')"
         )
     windows = None
     if streaming or collect_first or allocator.needs_windows:
@@ -140,7 +166,7 @@ def compress(
         }
     else:
         calibration = None
-    if spec.requires and statistics is not None:
+    if needs and statistics is not None:
         calibration = {
             "statistics": "precomputed",
             "tokens": next(iter(statistics.values())).tokens,
@@ -154,17 +180,26 @@ def compress(
             if ranks[full] is None:
                 continue
             low = decompose_linear(
-                layer.get_submodule(target), spec, config, stats[target] if stats else None, ranks[full], dev, full
+                layer.get_submodule(target),
+                spec,
+                config,
+                stats[target] if stats else None,
+                ranks[full],
+                dev,
+                full,
+                update,
             )
             layer.set_submodule(target, low)
         timings["decomposition"] += time.perf_counter() - t
 
     was_training = model.training
     model.eval()
+    store = None
     try:
         if collect_first:
             t = time.perf_counter()
-            statistics = collect_statistics(model, arch, windows, spec.requires, dev, progress)
+            store = StatisticsStore(statistics_dir)
+            statistics = collect_statistics(model, arch, windows, needs, dev, progress, store=store)
             timings["calibration"] = time.perf_counter() - t
         t = time.perf_counter()
         context = AllocationContext(
@@ -174,7 +209,7 @@ def compress(
             arch=arch,
             method=spec,
             method_config=config,
-            statistics=statistics if spec.requires else None,
+            statistics=statistics if needs else None,
             windows=windows,
             calibration=calibration,
             device=dev,
@@ -186,17 +221,19 @@ def compress(
             raise RuntimeError(f"allocator {allocation} returned ranks for other modules than the targets")
         if streaming:
             t_loop = time.perf_counter()
-            for item in iterate_layers(model, arch, windows, spec.requires, dev, sequential, progress):
+            for item in iterate_layers(model, arch, windows, needs, dev, sequential, progress):
                 replace(item.layer, item.index, item.stats)
             timings["calibration"] = time.perf_counter() - t_loop - timings["decomposition"]
         else:
             bar = tqdm(arch.layers, desc="decomposing", unit="layer", disable=not progress)
             for index, layer in enumerate(bar):
                 prefix = f"{arch.layers_path}.{index}."
-                stats = {t: statistics.get(prefix + t) for t in arch.targets} if spec.requires else None
+                stats = {t: statistics.get(prefix + t) for t in arch.targets} if needs else None
                 replace(layer, index, stats)
     finally:
         model.train(was_training)
+        if store is not None:
+            store.close()
 
     kept = {name: int(r) for name, r in ranks.items() if r is not None}
     alloc_record = {"name": allocation, "config": _plain(alloc_config), **context.report}
@@ -209,6 +246,7 @@ def compress(
         params_dense=params_dense,
         calibration=calibration,
         allocation=alloc_record,
+        update=update,
     )
     return CompressionResult(
         method=method,

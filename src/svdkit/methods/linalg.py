@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["split_factors", "robust_cholesky", "scaled_svd_factors", "eigen_whitening", "floor_relative"]
+__all__ = [
+    "split_factors",
+    "robust_cholesky",
+    "scaled_svd_factors",
+    "eigen_whitening",
+    "eigen_whitened_factors",
+    "whitened_singular_values",
+    "floor_relative",
+]
 
 
 def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,3 +90,26 @@ def eigen_whitening(G: torch.Tensor, rel_floor: float = 1e-10) -> tuple[torch.Te
         raise ValueError("the Gram matrix is zero: no calibration input reached this layer")
     vecs, root = vecs[:, keep], evals[keep].sqrt()
     return vecs * root[None, :], (vecs / root[None, :]).T
+
+
+def eigen_whitened_factors(
+    W: torch.Tensor, G: torch.Tensor, k: int, rel_floor: float = 1e-10
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD-LLM V2's loss-optimal rank-k factors of W under the input Gram matrix G: (A, B, S_D).
+
+    D = W S with S S^T = G (:func:`eigen_whitening`); SVD(D) = U diag(S_D) V^T; A = sqrt(S_k) V_k^T S^+,
+    B = U_k sqrt(S_k). Then ||(W - B A) X||_F^2 = sum_{i>k} S_D,i^2 (the minimum over all rank-k
+    matrices). When the inputs reach only r < k directions, A and B have r rows / columns (the caller
+    decides what the spare ranks hold). S_D (all singular values of D) is returned for the caller.
+    """
+    S_w, S_pinv = eigen_whitening(G, rel_floor)
+    U, S, Vh = torch.linalg.svd(W @ S_w, full_matrices=False)
+    A, B = split_factors(U, S, Vh, min(k, S.numel()))
+    return A @ S_pinv, B, S
+
+
+def whitened_singular_values(W: torch.Tensor, G: torch.Tensor, rel_floor: float = 1e-10) -> torch.Tensor:
+    """Singular values of D = W S (S S^T = G), descending: dropping the i-th costs S_D,i^2 of output error
+    ||(W - W') X||_F^2. The same for any square root of G, so SVD-LLM's W L has them too."""
+    S_w, _ = eigen_whitening(G, rel_floor)
+    return torch.linalg.svdvals(W @ S_w)

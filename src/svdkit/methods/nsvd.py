@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..statistics import LinearStats
-from .linalg import eigen_whitening, split_factors
+from .linalg import eigen_whitened_factors, split_factors
 from .registry import Factors, register
 from .svd_llm import SVDLLMConfig, svd_llm
 
@@ -104,10 +104,7 @@ def nsvd(W: torch.Tensor, stats: LinearStats | None, rank: int, config: NSVDConf
 def nsvd2(W: torch.Tensor, stats: LinearStats | None, rank: int, config: NSVD2Config) -> Factors:
     """First stage SVD(W S), S S^T = G by eigendecomposition (A1 = sqrt(S) V^T S^+), then the residual."""
     k1, k2 = stage_ranks(rank, config.k1_fraction)
-    S_w, S_pinv = eigen_whitening(_gram(stats, "nsvd2", W), config.rel_floor)
-    U, S, Vh = torch.linalg.svd(W @ S_w, full_matrices=False)
-    A1, B1 = split_factors(U, S, Vh, min(k1, S.numel()))
-    A1 = A1 @ S_pinv
+    A1, B1, _ = eigen_whitened_factors(W, _gram(stats, "nsvd2", W), k1, config.rel_floor)
     if A1.shape[0] < k1:  # the inputs span fewer than k1 directions: the residual stage takes the rest
         k2 += k1 - A1.shape[0]
     return nested_factors(W, (A1, B1), k2)

@@ -1,0 +1,152 @@
+"""SVD-LLM V2's heterogeneous compression-ratio allocation (Wang et al. 2025, arXiv 2503.12340).
+
+Matrices are grouped by type (every layer's q_proj, every k_proj, ...; same shape within a group).
+Each matrix i gets its theoretical truncation loss at the target ratio R: with D_i = W_i S_i
+(S_i S_i^T = G_i, the input Gram matrix) and k_i its rank at R, L_i = sqrt(sum_{j > k_i} s_j(D_i)^2),
+the output error ||(W_i - W_i') X_i||_F that the best rank-k_i approximation leaves (per token).
+Lossier matrices get a smaller ratio (more parameters); the group's mean ratio stays exactly R.
+
+The paper's rule, L <- 1 / log(L), ratio_i = len(G) R L_i / sum(L), breaks for L <= 1 (log <= 0:
+negative or infinite weights) and depends on the loss's units (a Gram sum or mean, the token count).
+svdkit's robust monotone version (``v2``):
+
+1. Make the losses scale-free and positive: z_i = log(L_i / min_G L) >= 0 (losses are floored at
+   1e-12 max_G L, so a zero loss is fine). This is the paper's log applied to e L_i / min L.
+2. Weights w_i = 1 / (1 + z_i) in (0, 1]: decreasing in L_i, 1 for the least lossy matrix, exactly
+   the paper's 1 / log once the smallest normalized loss is e.
+3. Raw ratios r_i = R (w_i / mean_G w)^strength (strength 0: uniform; 1: the rule above).
+4. Clip to [min_ratio, max_ratio] and restore the group mean exactly: ratios r_i + t clipped, with
+   the scalar shift t found by bisection so that mean_G clip(r_i + t) = R. Shifting keeps the order.
+
+Ratios become ranks with the uniform formula k = floor(m n (1 - r) / (m + n)) (at least 1); a matrix
+whose ratio leaves no saving stays dense. Every group, hence the model, keeps the parameter budget
+of uniform allocation (up to the same rank flooring).
+
+Cost: one eigendecomposition and one singular-value computation per distinct (weight, Gram) pair, a
+fraction of the decomposition's time; memory holds one layer's statistics (read from the
+:class:`~svdkit.store.StatisticsStore` the pipeline writes).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .allocation import AllocationContext, rank_for_ratio, register_allocator, saves_parameters
+from .methods.linalg import eigen_whitening
+
+__all__ = ["V2AllocationConfig", "group_of", "truncation_losses", "heterogeneous_ratios", "allocate_v2"]
+
+
+def _number(v, name: str, lo: float, hi: float, closed_hi: bool = True) -> None:
+    ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
+    if not ok or not lo <= v <= hi or (not closed_hi and v == hi):
+        raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}{']' if closed_hi else ')'}, got {v!r}")
+
+
+@dataclass
+class V2AllocationConfig:
+    strength: float = 1.0
+    """exponent on the loss weights: 0 gives uniform allocation, 1 the V2 rule, larger spreads more"""
+    min_ratio: float = 0.0
+    """no matrix keeps more than its dense size (ratio 0 means kept dense)"""
+    max_ratio: float = 0.9
+    """no matrix loses more than this fraction of its parameters"""
+    rel_floor: float = 1e-10
+    """eigenvalues of G at or below rel_floor * lambda_max count as unreached (as in svd-llm-v2)"""
+
+    def __post_init__(self) -> None:
+        _number(self.strength, "strength", 0, 10)
+        _number(self.min_ratio, "min_ratio", 0, 1, closed_hi=False)
+        _number(self.max_ratio, "max_ratio", 0, 1, closed_hi=False)
+        _number(self.rel_floor, "rel_floor", 0, 1, closed_hi=False)
+        if self.min_ratio > self.max_ratio:
+            raise ValueError(f"min_ratio {self.min_ratio} is above max_ratio {self.max_ratio}")
+
+
+def group_of(name: str, shape: tuple[int, int]) -> str:
+    """The group key of a target: its name with the layer index removed, and its shape."""
+    kind = re.sub(r"\.\d+\.", ".*.", name)
+    return f"{kind} {shape[0]}x{shape[1]}"
+
+
+@torch.no_grad()
+def truncation_losses(context: AllocationContext, rel_floor: float = 1e-10) -> dict[str, float]:
+    """L_i = sqrt(sum_{j>k_i} s_j(W_i S_i)^2) per target, with k_i the rank at the uniform ratio."""
+    losses: dict[str, float] = {}
+    last: tuple[torch.Tensor, torch.Tensor] | None = None  # q/k/v share one Gram: whiten it once
+    dev = context.device or torch.device("cpu")
+    names = list(context.shapes)
+    for name in tqdm(names, desc="truncation losses", unit="matrix", disable=not context.progress, leave=False):
+        m, n = context.shapes[name]
+        gram = context.statistics[name]["gram"]
+        if last is None or last[0] is not gram:
+            stats = context.statistics[name]
+            S_w, _ = eigen_whitening(stats.gram_mean.to(dev, torch.float64), rel_floor)
+            last = (gram, S_w)
+        W = context.model.get_submodule(name).weight.detach().to(dev, torch.float64)
+        sv = torch.linalg.svdvals(W @ last[1])
+        k = rank_for_ratio(m, n, context.ratio)
+        losses[name] = float(sv[k:].norm())
+    return losses
+
+
+def heterogeneous_ratios(
+    losses: list[float], ratio: float, strength: float = 1.0, lo: float = 0.0, hi: float = 0.9
+) -> list[float]:
+    """Per-matrix ratios of one group: decreasing in the loss, clipped to [lo, hi], mean exactly `ratio`."""
+    if not losses:
+        return []
+    lo, hi = min(lo, ratio), max(hi, ratio)
+    top = max(losses)
+    if not top > 0:
+        return [ratio] * len(losses)
+    floored = [max(v, 1e-12 * top) for v in losses]
+    least = min(floored)
+    w = [1.0 / (1.0 + math.log(v / least)) for v in floored]
+    mean_w = sum(w) / len(w)
+    raw = [ratio * (x / mean_w) ** strength for x in w]
+
+    def mean_at(t: float) -> float:
+        return sum(min(hi, max(lo, r + t)) for r in raw) / len(raw)
+
+    a, b = lo - max(raw), hi - min(raw)  # mean_at(a) = lo <= ratio <= hi = mean_at(b)
+    for _ in range(200):
+        t = (a + b) / 2
+        if mean_at(t) < ratio:
+            a = t
+        else:
+            b = t
+    t = (a + b) / 2
+    return [min(hi, max(lo, r + t)) for r in raw]
+
+
+@register_allocator(
+    "v2",
+    V2AllocationConfig,
+    needs_statistics=True,
+    requires=("gram",),
+    summary="SVD-LLM V2: lossier matrices of each type get lower ratios, the type's mean ratio stays the target",
+)
+def allocate_v2(context: AllocationContext, config: V2AllocationConfig) -> dict[str, int | None]:
+    losses = truncation_losses(context, config.rel_floor)
+    groups: dict[str, list[str]] = {}
+    for name, shape in context.shapes.items():
+        groups.setdefault(group_of(name, shape), []).append(name)
+    ranks: dict[str, int | None] = {}
+    spread: dict[str, list[float]] = {}
+    for key, names in groups.items():
+        ratios = heterogeneous_ratios(
+            [losses[n] for n in names], context.ratio, config.strength, config.min_ratio, config.max_ratio
+        )
+        spread[key] = [round(min(ratios), 4), round(max(ratios), 4)]
+        for name, r in zip(names, ratios, strict=True):
+            m, n = context.shapes[name]
+            k = rank_for_ratio(m, n, r)
+            ranks[name] = k if saves_parameters(m, n, k) else None
+    context.report["ratio_range"] = spread
+    return ranks

@@ -1,0 +1,40 @@
+"""Parameter update after truncation: a closed-form least-squares refit of B (SVD-LLM, Wang et al. 2024,
+arXiv 2403.07378, Section 3.3), usable with any method's pair.
+
+With A fixed, minimise ||W X - B A X'||_F over B, where X are the inputs the dense layer sees and X'
+those the compressed layer sees (X' = X unless calibration is sequential). Setting the gradient to
+zero gives B M = W C A^T with M = A G' A^T (k x k), G' = X' X'^T and C = X X'^T. svdkit solves it as the
+smallest change to the method's B: B = B0 + (W C A^T - B0 M) M^+, with the pseudo-inverse cut at
+1e-12 of M's largest eigenvalue. On the span of M this is the least-squares solution; rows of A that
+the inputs never reach (M's null space) keep the method's B0, so the refit cannot erase what a method
+stored there (SVD-LLM V2's spare ranks, NSVD's residual stage).
+
+Refitting B rather than A keeps the system k x k and well conditioned. When X' = X and A comes from
+SVD-LLM's whitening, B0 is already this optimum (A G A^T = S_k and W G A^T = U_k S_k^{3/2}), so the
+refit changes nothing: it helps methods whose B is not fitted to the data (svd, asvd, fwsvd, nsvd),
+and SVD-LLM once X' differs from X (sequential calibration).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["UPDATES", "lstsq_update"]
+
+UPDATES = ("none", "lstsq")
+
+
+def lstsq_update(
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The refit B for y = W x (all float64): gram = G' = X' X'^T / T, cross = C = X X'^T / T (default G')."""
+    C = gram if cross is None else cross
+    M = A @ gram @ A.T
+    M = (M + M.T) / 2
+    evals, vecs = torch.linalg.eigh(M)
+    keep = evals > 1e-12 * max(float(evals[-1]), 0.0)
+    if not bool(keep.any()):
+        return B
+    V, lam = vecs[:, keep], evals[keep]
+    residual = W @ C @ A.T - B @ M
+    return B + ((residual @ V) / lam[None, :]) @ V.T
