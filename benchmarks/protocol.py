@@ -2,11 +2,14 @@
 
     python benchmarks/protocol.py --methods svd svd-llm asvd@sensitivity --ratios 0.2 0.4 0.6 --out docs/results/core
 
-A method may name an allocation strategy after '@' (default uniform). One calibration pass over the
-dense model (32 windows of 2048 WikiText-2 test tokens at seeded offsets from 150000) collects every
-input statistic the methods need, and one gradient pass the Fisher information if a method needs it;
-they serve every method, ratio and allocation. Each cell compresses a fresh copy of the dense model
-and evaluates WikiText-2 (first 16 windows of 2048) and PTB validation (first 8 windows of 2048).
+A cell spec is METHOD[@ALLOCATION][+lstsq][+seq]: an allocation strategy after '@' (default uniform),
+'+lstsq' for the least-squares update of B, '+seq' for sequential calibration (each layer's statistics
+from the compressed layers before it; such cells run their own calibration pass, with '+lstsq' a
+two-stream one). Otherwise one calibration pass over the dense model (32 windows of 2048 WikiText-2
+test tokens at seeded offsets from 150000) collects every input statistic the cells need, and one
+gradient pass the Fisher information if a method needs it; they serve every method, ratio and
+allocation. Each cell compresses a fresh copy of the dense model and evaluates WikiText-2 (first 16
+windows of 2048) and PTB validation (first 8 windows of 2048).
 The JSON is rewritten after every cell and a rerun with the same --out skips the finished cells.
 """
 
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 import svdkit
+from svdkit.allocation import get_allocator
 from svdkit.calibration import collect_statistics
 from svdkit.data import calibration_windows, load_text, tokenize
 from svdkit.gradients import GRADIENT_STATISTICS
@@ -89,7 +93,7 @@ def markdown(report: dict) -> str:
     for c in report["cells"]:
         total = c["statistics_s"] + c["allocation_s"] + c["decomposition_s"]
         lines.append(
-            f"| {c['method']} | {c['allocation']} | {c['ratio']} | {fmt(c['wikitext2'])} | {fmt(c['ptb'])} | "
+            f"| {_label(c)} | {c['allocation']} | {c['ratio']} | {fmt(c['wikitext2'])} | {fmt(c['ptb'])} | "
             f"{c['params']:,} | {c['statistics_s']:.0f} | {c['allocation_s']:.0f} | {c['decomposition_s']:.1f} | "
             f"{total:.0f} | {c['prefill_tok_s']:.0f} | {c['prefill_tok_s'] / dense['prefill_tok_s']:.2f}x |"
         )
@@ -116,6 +120,31 @@ def _merge(a: dict, b: dict) -> dict:
         prev = out.get(name)
         out[name] = st if prev is None else LinearStats({**prev.values, **st.values}, prev.tokens, name)
     return out
+
+
+def _label(cell: dict) -> str:
+    extra = ("+lstsq" if cell.get("update", "none") == "lstsq" else "") + ("+seq" if cell.get("sequential") else "")
+    return cell["method"] + extra
+
+
+def _key(cell: dict) -> tuple:
+    return (
+        cell["method"],
+        cell.get("allocation", "uniform"),
+        cell["ratio"],
+        cell.get("update", "none"),
+        bool(cell.get("sequential", False)),
+    )
+
+
+def parse_spec(spec: str) -> tuple[str, str, str, bool]:
+    """'svd-llm@v2+lstsq+seq' -> (method, allocation, update, sequential)."""
+    head, *flags = spec.split("+")
+    unknown = set(flags) - {"lstsq", "seq"}
+    if unknown:
+        sys.exit(f"unknown flag(s) {sorted(unknown)} in '{spec}': use +lstsq and/or +seq")
+    method, _, allocation = head.partition("@")
+    return method, allocation or "uniform", "lstsq" if "lstsq" in flags else "none", "seq" in flags
 
 
 def _alloc_options(allocation: str, args) -> dict:
@@ -182,7 +211,7 @@ def main() -> None:
         if all(old.get(k) == report[k] for k in same) and old_calib == new_calib:
             report["dense"] = old.get("dense")
             report["calibration"]["passes"] = old.get("calibration", {}).get("passes", {})
-            done = {(c["method"], c.get("allocation", "uniform"), c["ratio"]): c for c in old.get("cells", [])}
+            done = {_key(c): c for c in old.get("cells", [])}
             print(f"resuming: {len(done)} finished cells in {out.with_suffix('.json')}", flush=True)
         else:
             sys.exit(f"{out.with_suffix('.json')} holds results of other settings: choose another --out")
@@ -192,11 +221,14 @@ def main() -> None:
 
     cells = []
     for spec in args.methods:
-        method, _, allocation = spec.partition("@")
+        method, allocation, update, sequential = parse_spec(spec)
         for ratio in args.ratios:
-            cells.append((method, allocation or "uniform", ratio))
+            cells.append((method, allocation, ratio, update, sequential))
     todo = [c for c in cells if c not in done]
-    needs = set().union(*(get_method(m).requires for m, _, _ in todo)) if todo else set()
+    needs = set()
+    for m, alloc, _, update, sequential in todo:
+        if not sequential:
+            needs |= get_method(m).requires | get_allocator(alloc).requires | ({"gram"} if update == "lstsq" else set())
     stats = None
     passes = report["calibration"].setdefault("passes", {})
     windows = calibration_windows(wiki, args.calib_samples, args.seqlen, args.calib_offset, args.seed)
@@ -214,7 +246,7 @@ def main() -> None:
         report["cells"] = [done[c] for c in cells if c in done] + [c for k, c in done.items() if k not in cells]
         out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
 
-    for method, allocation, ratio in todo:
+    for method, allocation, ratio, update, sequential in todo:
         work = copy.deepcopy(model)
         r = svdkit.compress(
             work,
@@ -227,25 +259,32 @@ def main() -> None:
             calib_offset=args.calib_offset,
             seed=args.seed,
             device=dev,
-            statistics=stats,
-            progress=allocation != "uniform",
+            statistics=None if sequential else stats,
+            progress=allocation != "uniform" or sequential,
             allocation=allocation,
             allocation_options=_alloc_options(allocation, args),
+            update=update,
+            sequential=sequential,
         )
-        req = get_method(method).requires
+        req = get_method(method).requires | get_allocator(allocation).requires
+        req |= {"gram"} if update == "lstsq" else set()
+        shared = (passes.get("inputs", 0.0) if req - GRADIENT_STATISTICS else 0.0) + (
+            passes.get("fisher", 0.0) if req & GRADIENT_STATISTICS else 0.0
+        )
         cell = {
             "method": method,
             "allocation": allocation,
             "ratio": ratio,
-            "statistics_s": (passes.get("inputs", 0.0) if req - GRADIENT_STATISTICS else 0.0)
-            + (passes.get("fisher", 0.0) if req & GRADIENT_STATISTICS else 0.0),
+            "update": update,
+            "sequential": sequential,
+            "statistics_s": r.timings["calibration"] if sequential else shared,
             "allocation_s": r.timings["allocation"],
             "decomposition_s": r.timings["decomposition"],
             "allocation_report": r.allocation,
             "ranks": r.ranks,
             **evaluate(work, wiki, ptb, args),
         }
-        done[(method, allocation, ratio)] = cell
+        done[_key(cell)] = cell
         print({k: v for k, v in cell.items() if k != "ranks"}, flush=True)
         save()
         del work
