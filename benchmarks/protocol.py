@@ -2,14 +2,14 @@
 
     python benchmarks/protocol.py --methods svd svd-llm asvd@sensitivity --ratios 0.2 0.4 0.6 --out docs/results/core
 
-A cell spec is METHOD[@ALLOCATION][+lstsq][+seq]: an allocation strategy after '@' (default uniform),
-'+lstsq' for the least-squares update of B, '+seq' for sequential calibration (each layer's statistics
-from the compressed layers before it; such cells run their own calibration pass, with '+lstsq' a
-two-stream one). Otherwise one calibration pass over the dense model (32 windows of 2048 WikiText-2
-test tokens at seeded offsets from 150000) collects every input statistic the cells need, and one
-gradient pass the Fisher information if a method needs it; they serve every method, ratio and
-allocation. Each cell compresses a fresh copy of the dense model and evaluates WikiText-2 (first 16
-windows of 2048) and PTB validation (first 8 windows of 2048).
+A cell spec is METHOD[@ALLOCATION[:KEY=VALUE,...]][+lstsq][+seq]: an allocation strategy after '@'
+(default uniform) with its options after ':', '+lstsq' for the least-squares update of B, '+seq' for
+sequential calibration (each layer's statistics from the compressed layers before it; such cells run
+their own calibration pass, with '+lstsq' a two-stream one). Otherwise one calibration pass over the
+dense model (32 windows of 2048 WikiText-2 test tokens at seeded offsets from 150000) collects every
+input statistic the cells need, and one gradient pass the Fisher information if a method needs it;
+they serve every method, ratio and allocation. Each cell compresses a fresh copy of the dense model
+and evaluates WikiText-2 (first 16 windows of 2048) and PTB validation (first 8 windows of 2048).
 The JSON is rewritten after every cell and a rerun with the same --out skips the finished cells.
 """
 
@@ -93,7 +93,7 @@ def markdown(report: dict) -> str:
     for c in report["cells"]:
         total = c["statistics_s"] + c["allocation_s"] + c["decomposition_s"]
         lines.append(
-            f"| {_label(c)} | {c['allocation']} | {c['ratio']} | {fmt(c['wikitext2'])} | {fmt(c['ptb'])} | "
+            f"| {_label(c)} | {_alloc_label(c)} | {c['ratio']} | {fmt(c['wikitext2'])} | {fmt(c['ptb'])} | "
             f"{c['params']:,} | {c['statistics_s']:.0f} | {c['allocation_s']:.0f} | {c['decomposition_s']:.1f} | "
             f"{total:.0f} | {c['prefill_tok_s']:.0f} | {c['prefill_tok_s'] / dense['prefill_tok_s']:.2f}x |"
         )
@@ -127,6 +127,12 @@ def _label(cell: dict) -> str:
     return cell["method"] + extra
 
 
+def _alloc_label(cell: dict) -> str:
+    opts = cell.get("allocation_options") or {}
+    extra = ", ".join(f"{k}={v}" for k, v in opts.items())
+    return cell["allocation"] + (f" ({extra})" if extra else "")
+
+
 def _key(cell: dict) -> tuple:
     return (
         cell["method"],
@@ -134,17 +140,26 @@ def _key(cell: dict) -> tuple:
         cell["ratio"],
         cell.get("update", "none"),
         bool(cell.get("sequential", False)),
+        json.dumps(cell.get("allocation_options") or {}, sort_keys=True),
     )
 
 
-def parse_spec(spec: str) -> tuple[str, str, str, bool]:
-    """'svd-llm@v2+lstsq+seq' -> (method, allocation, update, sequential)."""
+def parse_spec(spec: str) -> tuple[str, str, str, bool, dict]:
+    """'svd-llm@v2:strength=0.5+lstsq+seq' -> (method, allocation, update, sequential, allocation options)."""
     head, *flags = spec.split("+")
     unknown = set(flags) - {"lstsq", "seq"}
     if unknown:
         sys.exit(f"unknown flag(s) {sorted(unknown)} in '{spec}': use +lstsq and/or +seq")
+    head, _, opts = head.partition(":")
     method, _, allocation = head.partition("@")
-    return method, allocation or "uniform", "lstsq" if "lstsq" in flags else "none", "seq" in flags
+    options = {}
+    for part in filter(None, opts.split(",")):
+        key, _, value = part.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return method, allocation or "uniform", "lstsq" if "lstsq" in flags else "none", "seq" in flags, options
 
 
 def _alloc_options(allocation: str, args) -> dict:
@@ -221,12 +236,12 @@ def main() -> None:
 
     cells = []
     for spec in args.methods:
-        method, allocation, update, sequential = parse_spec(spec)
+        method, allocation, update, sequential, options = parse_spec(spec)
         for ratio in args.ratios:
-            cells.append((method, allocation, ratio, update, sequential))
+            cells.append((method, allocation, ratio, update, sequential, json.dumps(options, sort_keys=True)))
     todo = [c for c in cells if c not in done]
     needs = set()
-    for m, alloc, _, update, sequential in todo:
+    for m, alloc, _, update, sequential, _ in todo:
         if not sequential:
             needs |= get_method(m).requires | get_allocator(alloc).requires | ({"gram"} if update == "lstsq" else set())
     stats = None
@@ -246,7 +261,7 @@ def main() -> None:
         report["cells"] = [done[c] for c in cells if c in done] + [c for k, c in done.items() if k not in cells]
         out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
 
-    for method, allocation, ratio, update, sequential in todo:
+    for method, allocation, ratio, update, sequential, options in todo:
         work = copy.deepcopy(model)
         r = svdkit.compress(
             work,
@@ -262,7 +277,7 @@ def main() -> None:
             statistics=None if sequential else stats,
             progress=allocation != "uniform" or sequential,
             allocation=allocation,
-            allocation_options=_alloc_options(allocation, args),
+            allocation_options={**_alloc_options(allocation, args), **json.loads(options)},
             update=update,
             sequential=sequential,
         )
@@ -274,6 +289,7 @@ def main() -> None:
         cell = {
             "method": method,
             "allocation": allocation,
+            "allocation_options": json.loads(options),
             "ratio": ratio,
             "update": update,
             "sequential": sequential,

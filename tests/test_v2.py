@@ -98,6 +98,21 @@ def test_v2_ratios_keep_the_group_mean_and_give_lossier_matrices_more(losses, ra
     assert r[order[0]] > ratio > r[order[-1]]  # the spread is real
 
 
+@pytest.mark.parametrize("strength", [0.1, 0.5, 2.0])
+def test_power_rule_ratios_keep_the_mean_and_order(strength):
+    losses = [1e-3, 5.0, 80.0, 3e4, 2.0]
+    r = heterogeneous_ratios(losses, 0.4, strength=strength, rule="power")
+    assert sum(r) / len(r) == pytest.approx(0.4, abs=1e-9) and all(0 <= x <= 0.9 for x in r)
+    order = sorted(range(len(losses)), key=lambda i: losses[i])
+    assert all(r[a] >= r[b] - 1e-12 for a, b in zip(order, order[1:], strict=False))
+    assert heterogeneous_ratios(losses, 0.4, strength=0.0, rule="power") == pytest.approx([0.4] * 5)
+    # without clipping the ratios are exactly ratio * (L / geometric mean)^-strength / mean
+    mild = [1.0, 2.0, 4.0]
+    got = heterogeneous_ratios(mild, 0.3, strength=0.2, rule="power")
+    w = [x**-0.2 for x in mild]
+    assert got == pytest.approx([0.3 * x * 3 / sum(w) for x in w], abs=1e-9)
+
+
 def test_v2_ratios_work_where_the_papers_formula_breaks():
     """All losses below 1 (log < 0) or equal to 1 (log = 0): the paper's 1 / log L is negative or infinite."""
     for losses in ([0.5, 0.25, 0.125], [1.0, 1.0, 2.0]):
@@ -165,8 +180,11 @@ def test_v2_allocation_gives_the_lossier_layer_more_rank():
 
 
 def test_v2_allocation_bad_options():
-    with pytest.raises(SvdkitError, match=r"strength must be a number in \[0, 10\]"):
-        _compress(tiny_model("llama"), method="svd-llm-v2", allocation="v2", allocation_options={"strength": -1})
+    with pytest.raises(SvdkitError, match=r"strength must be a number in \[-10, 10\]"):
+        _compress(tiny_model("llama"), method="svd-llm-v2", allocation="v2", allocation_options={"strength": 11})
+    for key, value, fragment in (("rule", "cubic", "rule must be 'log' or 'power'"), ("loss", "l1", "loss must be")):
+        with pytest.raises(SvdkitError, match=fragment):
+            _compress(tiny_model("llama"), method="svd-llm-v2", allocation="v2", allocation_options={key: value})
     with pytest.raises(SvdkitError, match="min_ratio 0.5 is above max_ratio 0.4"):
         _compress(
             tiny_model("llama"),
@@ -315,3 +333,14 @@ def test_sequential_update_fits_the_dense_model_better():
         with torch.no_grad():
             errs[update] = float((model(input_ids=ids).logits - ref).norm())
     assert errs["lstsq"] < errs["none"]
+
+
+def test_sequential_with_v2_allocation_takes_ranks_from_the_dense_model(tmp_path):
+    """A dense pass fixes the ranks (the same as without sequential), then a sequential pass factors."""
+    plain = _compress(tiny_model("llama"), method="svd-llm-v2", ratio=0.4, allocation="v2")
+    model = tiny_model("llama")
+    seq = _compress(
+        model, method="svd-llm-v2", ratio=0.4, allocation="v2", sequential=True, update="lstsq", statistics_dir=tmp_path
+    )
+    assert seq.ranks == plain.ranks and list(tmp_path.iterdir()) == []
+    assert model.config.quantization_config.calibration["sequential"] is True

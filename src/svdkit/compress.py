@@ -98,7 +98,9 @@ def compress(
     by full module name) skips the calibration pass, so one pass can serve several methods and ratios.
 
     With uniform allocation and input statistics only, calibration streams: each layer is factored as
-    soon as its statistics are ready, and only one layer's statistics are ever held. Other allocations
+    soon as its statistics are ready, and only one layer's statistics are ever held. With
+    ``sequential=True`` it always streams; an allocation that needs every matrix's statistics then
+    gets them from a dense pass first (ranks from the dense model, factors from the compressed one). Other allocations
     (``v2``, ``sensitivity``) and gradient statistics (FWSVD's Fisher information) need every matrix's
     statistics before any rank is fixed: those are written layer by layer to a temporary folder in
     `statistics_dir` (default: the system's temporary folder; for SmolLM2-135M 0.8 GB, see
@@ -137,15 +139,17 @@ def compress(
                 f"method '{method}' with allocation '{allocation}' and update '{update}' needs statistics "
                 f"{lacking}, which the given ones lack"
             )
+    # A dense pass first when ranks need every matrix's statistics (or gradients); then either the
+    # decomposition reads them back, or (sequential) a streaming pass computes each layer's own.
     collect_first = (
         bool(needs) and statistics is None and (allocator.needs_statistics or bool(needs & GRADIENT_STATISTICS))
     )
-    streaming = bool(needs) and statistics is None and not collect_first
-    if sequential and not streaming:
+    streaming = bool(needs) and statistics is None and (sequential or not collect_first)
+    if sequential and (not streaming or needs & GRADIENT_STATISTICS):
         raise SvdkitError(
             "sequential mode computes each layer's statistics after the layers before it are compressed: it "
-            "needs uniform allocation, input statistics (a method that uses them, or an update) and no "
-            f"precomputed statistics (here: allocation '{allocation}', method '{method}', update '{update}')"
+            "needs input statistics (a method that uses them, or an update), no gradient statistics and no "
+            f"precomputed statistics (here: method '{method}', allocation '{allocation}', update '{update}')"
         )
     windows = None
     if streaming or collect_first or allocator.needs_windows:
@@ -199,7 +203,7 @@ def compress(
         if collect_first:
             t = time.perf_counter()
             store = StatisticsStore(statistics_dir)
-            statistics = collect_statistics(model, arch, windows, needs, dev, progress, store=store)
+            statistics = collect_statistics(model, arch, windows, needs - {CROSS}, dev, progress, store=store)
             timings["calibration"] = time.perf_counter() - t
         t = time.perf_counter()
         context = AllocationContext(
@@ -220,10 +224,12 @@ def compress(
         if set(ranks) != set(shapes):
             raise RuntimeError(f"allocator {allocation} returned ranks for other modules than the targets")
         if streaming:
+            if store is not None:  # the dense pass served the allocation only
+                store.close()
             t_loop = time.perf_counter()
             for item in iterate_layers(model, arch, windows, needs, dev, sequential, progress):
                 replace(item.layer, item.index, item.stats)
-            timings["calibration"] = time.perf_counter() - t_loop - timings["decomposition"]
+            timings["calibration"] += time.perf_counter() - t_loop - timings["decomposition"]
         else:
             bar = tqdm(arch.layers, desc="decomposing", unit="layer", disable=not progress)
             for index, layer in enumerate(bar):

@@ -18,6 +18,15 @@ svdkit's robust monotone version (``v2``):
 4. Clip to [min_ratio, max_ratio] and restore the group mean exactly: ratios r_i + t clipped, with
    the scalar shift t found by bisection so that mean_G clip(r_i + t) = R. Shifting keeps the order.
 
+``rule="power"`` replaces step 2 by w_i = (L_i / geometric mean_G L)^-strength: the paper's 1 / log L
+is locally such a power law with exponent 1 / ln L, which depends on the loss's units; here the
+exponent is explicit. A negative strength reverses the direction (an ablation, not the paper's rule).
+
+Measured on SmolLM2-135M (docs/results/README.md, validation slice): the paper's direction makes
+perplexity worse at every strength tried (0.2: 88.0 uniform, 104.4 with the default; 0.4: 328.7 and
+713.1), while the reverse (power, strength -0.5) improves 0.4 to 249.1. The default stays the paper's
+rule, so that ``v2`` means SVD-LLM V2's allocation; the options make both directions available.
+
 Ratios become ranks with the uniform formula k = floor(m n (1 - r) / (m + n)) (at least 1); a matrix
 whose ratio leaves no saving stays dense. Every group, hence the model, keeps the parameter budget
 of uniform allocation (up to the same rank flooring).
@@ -51,16 +60,25 @@ def _number(v, name: str, lo: float, hi: float, closed_hi: bool = True) -> None:
 @dataclass
 class V2AllocationConfig:
     strength: float = 1.0
-    """exponent on the loss weights: 0 gives uniform allocation, 1 the V2 rule, larger spreads more"""
+    """exponent on the loss weights: 0 gives uniform allocation, 1 the V2 rule, larger spreads more;
+    negative reverses the direction (lossier matrices get higher ratios: an ablation)"""
     min_ratio: float = 0.0
     """no matrix keeps more than its dense size (ratio 0 means kept dense)"""
     max_ratio: float = 0.9
     """no matrix loses more than this fraction of its parameters"""
     rel_floor: float = 1e-10
     """eigenvalues of G at or below rel_floor * lambda_max count as unreached (as in svd-llm-v2)"""
+    rule: str = "log"
+    """'log': weights 1 / (1 + log(L / min L)); 'power': weights (L / geometric mean L)^-strength"""
+    loss: str = "absolute"
+    """'absolute': the dropped whitened norm L; 'relative': L / ||W X|| (the share of the output lost)"""
 
     def __post_init__(self) -> None:
-        _number(self.strength, "strength", 0, 10)
+        if self.rule not in ("log", "power"):
+            raise ValueError(f"rule must be 'log' or 'power', got {self.rule!r}")
+        if self.loss not in ("absolute", "relative"):
+            raise ValueError(f"loss must be 'absolute' or 'relative', got {self.loss!r}")
+        _number(self.strength, "strength", -10, 10)
         _number(self.min_ratio, "min_ratio", 0, 1, closed_hi=False)
         _number(self.max_ratio, "max_ratio", 0, 1, closed_hi=False)
         _number(self.rel_floor, "rel_floor", 0, 1, closed_hi=False)
@@ -75,9 +93,10 @@ def group_of(name: str, shape: tuple[int, int]) -> str:
 
 
 @torch.no_grad()
-def truncation_losses(context: AllocationContext, rel_floor: float = 1e-10) -> dict[str, float]:
-    """L_i = sqrt(sum_{j>k_i} s_j(W_i S_i)^2) per target, with k_i the rank at the uniform ratio."""
-    losses: dict[str, float] = {}
+def truncation_losses(context: AllocationContext, rel_floor: float = 1e-10) -> dict[str, tuple[float, float]]:
+    """Per target (L_i, E_i): L_i = sqrt(sum_{j>k_i} s_j^2) with s the singular values of W_i S_i and k_i
+    the rank at the uniform ratio; E_i = sqrt(sum_j s_j^2) = ||W_i X_i||_F / sqrt(T), the output's size."""
+    losses: dict[str, tuple[float, float]] = {}
     last: tuple[torch.Tensor, torch.Tensor] | None = None  # q/k/v share one Gram: whiten it once
     dev = context.device or torch.device("cpu")
     names = list(context.shapes)
@@ -91,25 +110,39 @@ def truncation_losses(context: AllocationContext, rel_floor: float = 1e-10) -> d
         W = context.model.get_submodule(name).weight.detach().to(dev, torch.float64)
         sv = torch.linalg.svdvals(W @ last[1])
         k = rank_for_ratio(m, n, context.ratio)
-        losses[name] = float(sv[k:].norm())
+        losses[name] = (float(sv[k:].norm()), float(sv.norm()))
     return losses
 
 
 def heterogeneous_ratios(
-    losses: list[float], ratio: float, strength: float = 1.0, lo: float = 0.0, hi: float = 0.9
+    losses: list[float],
+    ratio: float,
+    strength: float = 1.0,
+    lo: float = 0.0,
+    hi: float = 0.9,
+    rule: str = "log",
 ) -> list[float]:
-    """Per-matrix ratios of one group: decreasing in the loss, clipped to [lo, hi], mean exactly `ratio`."""
+    """Per-matrix ratios of one group: decreasing in the loss, clipped to [lo, hi], mean exactly `ratio`.
+
+    ``rule="log"``: weights 1 / (1 + log(L / min L)) raised to `strength`; ``rule="power"``: weights
+    (L / geometric mean L)^-strength. Raw ratios are `ratio` times weight / mean weight.
+    """
     if not losses:
         return []
     lo, hi = min(lo, ratio), max(hi, ratio)
     top = max(losses)
     if not top > 0:
         return [ratio] * len(losses)
-    floored = [max(v, 1e-12 * top) for v in losses]
-    least = min(floored)
-    w = [1.0 / (1.0 + math.log(v / least)) for v in floored]
+    logs = [math.log(max(v, 1e-12 * top)) for v in losses]
+    if rule == "log":
+        w = [(1.0 / (1.0 + x - min(logs))) ** strength for x in logs]
+    elif rule == "power":
+        mean_log = sum(logs) / len(logs)
+        w = [math.exp(-strength * (x - mean_log)) for x in logs]
+    else:
+        raise ValueError(f"unknown rule {rule!r}: use 'log' or 'power'")
     mean_w = sum(w) / len(w)
-    raw = [ratio * (x / mean_w) ** strength for x in w]
+    raw = [ratio * x / mean_w for x in w]
 
     def mean_at(t: float) -> float:
         return sum(min(hi, max(lo, r + t)) for r in raw) / len(raw)
@@ -140,8 +173,9 @@ def allocate_v2(context: AllocationContext, config: V2AllocationConfig) -> dict[
     ranks: dict[str, int | None] = {}
     spread: dict[str, list[float]] = {}
     for key, names in groups.items():
+        scores = [losses[n][0] / (losses[n][1] if config.loss == "relative" else 1.0) for n in names]
         ratios = heterogeneous_ratios(
-            [losses[n] for n in names], context.ratio, config.strength, config.min_ratio, config.max_ratio
+            scores, context.ratio, config.strength, config.min_ratio, config.max_ratio, config.rule
         )
         spread[key] = [round(min(ratios), 4), round(max(ratios), 4)]
         for name, r in zip(names, ratios, strict=True):

@@ -13,6 +13,10 @@ Refitting B rather than A keeps the system k x k and well conditioned. When X' =
 SVD-LLM's whitening, B0 is already this optimum (A G A^T = S_k and W G A^T = U_k S_k^{3/2}), so the
 refit changes nothing: it helps methods whose B is not fitted to the data (svd, asvd, fwsvd, nsvd),
 and SVD-LLM once X' differs from X (sequential calibration).
+
+Measured on SmolLM2-135M (docs/results/README.md): the sequential form makes the model far worse
+(perplexity 3678 against 66 for svd-llm at 0.2) although each refit is optimal on its own calibration
+inputs; the cause is not yet understood, so use ``sequential=True`` with ``update="lstsq"`` with care.
 """
 
 from __future__ import annotations

@@ -1,0 +1,146 @@
+"""Choose allocation options on a validation slice that neither calibration nor the protocol's evaluation uses.
+
+    python benchmarks/allocation_sweep.py --method svd-llm-v2 --allocation v2 --ratios 0.2 0.4 \\
+        --variant rule=log,strength=1 --variant rule=power,strength=0.25 --out docs/results/v2_sweep
+
+Calibration is the protocol's (32 x 2048 WikiText-2 test tokens at seeded offsets from 150000); the
+validation slice is WikiText-2 test tokens [40960, 40960 + 8 x 2048), after the protocol's evaluation
+windows (the first 16 x 2048) and before any calibration offset. Uniform allocation is always included.
+One statistics pass serves every variant; the truncation losses of each ratio are computed once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import svdkit
+from svdkit import heterogeneous
+from svdkit.allocation import get_allocator
+from svdkit.calibration import collect_statistics
+from svdkit.data import calibration_windows, load_text, tokenize
+from svdkit.methods import get_method
+from svdkit.models import find_architecture, resolve_device
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_variant(text: str) -> dict:
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--method", default="svd-llm-v2")
+    p.add_argument("--allocation", default="v2")
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
+    p.add_argument("--variant", action="append", default=[], help="allocation options, e.g. rule=power,strength=0.25")
+    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
+    p.add_argument("--val-offset", type=int, default=40960)
+    p.add_argument("--val-windows", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=str(HERE.parent / "docs" / "results" / "allocation_sweep"))
+    args = p.parse_args()
+
+    dev = resolve_device(args.device)
+    model, tok = svdkit.load_model(args.model)
+    model.to(dev)
+    wiki = tokenize(tok, load_text(Path(args.data_dir) / "wikitext-2-raw" / "wiki.test.raw"))
+    val = wiki[args.val_offset : args.val_offset + args.val_windows * args.seqlen]
+    windows = calibration_windows(wiki, 32, args.seqlen, 150000, 0)
+    needs = get_method(args.method).requires | get_allocator(args.allocation).requires
+    t = time.perf_counter()
+    stats = collect_statistics(model, find_architecture(model), windows, needs, dev)
+    stats_s = time.perf_counter() - t
+
+    original = heterogeneous.truncation_losses
+    cache: dict[tuple, dict] = {}
+
+    def cached(ctx, floor=1e-10):  # the losses depend on the ratio only: compute them once per ratio
+        if (ctx.ratio, floor) not in cache:
+            cache[(ctx.ratio, floor)] = original(ctx, floor)
+        return cache[(ctx.ratio, floor)]
+
+    heterogeneous.truncation_losses = cached
+
+    def ppl(m) -> float:
+        return svdkit.perplexity(m, None, val, seqlen=args.seqlen, progress=False).ppl
+
+    report = {
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, device {dev}, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+        "validation": f"WikiText-2 test tokens [{args.val_offset}, {args.val_offset + val.numel()})",
+        "statistics_s": stats_s,
+        "dense": ppl(model),
+        "rows": [],
+    }
+    variants = [("uniform", {})] + [(args.allocation, parse_variant(v)) for v in args.variant]
+    try:
+        for ratio in args.ratios:
+            for allocation, options in variants:
+                work = copy.deepcopy(model)
+                r = svdkit.compress(
+                    work,
+                    tok,
+                    method=args.method,
+                    ratio=ratio,
+                    statistics=stats,
+                    device=dev,
+                    progress=False,
+                    allocation=allocation,
+                    allocation_options=options,
+                )
+                row = {
+                    "ratio": ratio,
+                    "allocation": allocation,
+                    "options": options,
+                    "ppl": ppl(work),
+                    "params": r.params,
+                    "ratio_range": r.allocation.get("ratio_range"),
+                }
+                report["rows"].append(row)
+                print({k: v for k, v in row.items() if k != "ratio_range"}, flush=True)
+                del work
+    finally:
+        heterogeneous.truncation_losses = original
+    lines = [
+        "# Allocation sweep on a validation slice",
+        "",
+        f"- command: `{report['command']}`",
+        f"- machine: {report['machine']}; date {report['date']}",
+        f"- method {args.method}; calibration: the protocol's 32 x {args.seqlen} tokens; validation: "
+        f"{report['validation']} (dense ppl {report['dense']:.2f})",
+        "",
+        "| ratio | allocation | options | validation ppl | parameters |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        opts = ", ".join(f"{k}={v}" for k, v in row["options"].items())
+        lines.append(f"| {row['ratio']} | {row['allocation']} | {opts} | {row['ppl']:.2f} | {row['params']:,} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
