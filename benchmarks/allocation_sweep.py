@@ -30,18 +30,10 @@ from svdkit.data import calibration_windows, load_text, tokenize
 from svdkit.methods import get_method
 from svdkit.models import find_architecture, resolve_device
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from protocol import parse_options  # noqa: E402  (the sibling script's option syntax)
+
 HERE = Path(__file__).resolve().parent
-
-
-def parse_variant(text: str) -> dict:
-    out = {}
-    for part in filter(None, text.split(",")):
-        key, _, value = part.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def main() -> None:
@@ -92,7 +84,7 @@ def main() -> None:
         "dense": ppl(model),
         "rows": [],
     }
-    variants = [("uniform", {})] + [(args.allocation, parse_variant(v)) for v in args.variant]
+    variants = [("uniform", {})] + [(args.allocation, parse_options(v)) for v in args.variant]
     try:
         for ratio in args.ratios:
             for allocation, options in variants:

@@ -152,14 +152,19 @@ def parse_spec(spec: str) -> tuple[str, str, str, bool, dict]:
         sys.exit(f"unknown flag(s) {sorted(unknown)} in '{spec}': use +lstsq and/or +seq")
     head, _, opts = head.partition(":")
     method, _, allocation = head.partition("@")
+    return method, allocation or "uniform", "lstsq" if "lstsq" in flags else "none", "seq" in flags, parse_options(opts)
+
+
+def parse_options(text: str) -> dict:
+    """'rule=power,strength=0.5' -> {'rule': 'power', 'strength': 0.5} (values read as JSON when they parse)."""
     options = {}
-    for part in filter(None, opts.split(",")):
+    for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
-    return method, allocation or "uniform", "lstsq" if "lstsq" in flags else "none", "seq" in flags, options
+    return options
 
 
 def _alloc_options(allocation: str, args) -> dict:
