@@ -167,6 +167,9 @@ class _Cross(Statistic):
         return self.total.cpu()
 
 
+_ACCUMULATORS: dict[str, type[Statistic]] = {**STATISTICS, CROSS: _Cross}
+
+
 class _Collector:
     """Hooks on one layer's target linears that feed each distinct input once into shared statistics.
 
@@ -190,8 +193,7 @@ class _Collector:
                 first, _ = self._seen.setdefault(key, (name, x))  # holding x keeps its address unique
                 self.owner[name] = first
                 if first == name:
-                    cls = {**STATISTICS, CROSS: _Cross}
-                    self.acc[name] = {s: cls[s](x.shape[-1]) for s in self.needs}
+                    self.acc[name] = {s: _ACCUMULATORS[s](x.shape[-1]) for s in self.needs}
             if self.owner[name] == name:
                 if self.recording:
                     self.acc[name][CROSS].dense = x.detach()

@@ -55,9 +55,9 @@ def decompose_linear(
 
     ``update="lstsq"`` refits B on the calibration inputs afterwards (:func:`~svdkit.update.lstsq_update`).
     """
-    A, B = factorize(method, config, linear.weight, stats, rank, device, name)
+    W = linear.weight.detach().to(device=device, dtype=torch.float64)
+    A, B = factorize(method, config, W, stats, rank, device, name)
     if update == "lstsq":
-        W = linear.weight.detach().to(device=device, dtype=torch.float64)
         gram = stats.gram_mean.to(W)
         cross = stats["cross"].to(W) / max(stats.tokens, 1) if "cross" in stats else None
         B = lstsq_update(W, A, B, gram, cross)

@@ -2,11 +2,12 @@
 
 Allocations that fix ranks from every matrix's statistics (SVD-LLM V2's, ASVD's sensitivity search)
 and gradient statistics need all statistics before the first matrix is factored. Held in RAM that is
-one n x n float64 Gram matrix per distinct input of every layer: 0.8 GB for SmolLM2-135M, about 43 GB
-for Llama-2-7B and 650 GB for a 70B model. :class:`StatisticsStore` writes each layer's statistics to
-a safetensors file as soon as the layer is calibrated and reads one layer back at a time, so memory
-holds one layer's statistics; the disk holds all of them (the figures above) until the store is
-closed. Small per-row statistics (FWSVD's Fisher rows) stay in memory.
+one n x n float64 Gram matrix per distinct input of every layer; computed from the shapes (8 n^2 bytes
+each), 0.8 GB for SmolLM2-135M, about 43 GB for Llama-2-7B and 650 GB for a 70B model.
+:class:`StatisticsStore` writes each layer's statistics to a safetensors file as soon as the layer is
+calibrated and reads one layer back at a time, so memory holds one layer's statistics; the disk holds
+all of them (the figures above) until the store is closed. Small per-row statistics (FWSVD's Fisher
+rows) stay in memory.
 """
 
 from __future__ import annotations
