@@ -85,17 +85,30 @@ def test_layerwise_statistics_equal_a_full_forward(kind):
 
 
 def test_sequential_mode_feeds_the_modified_layer_forward():
+    """Sequential mode yields each layer once per distinct input, each computed through the modules
+    modified so far (within the layer too); the default mode yields every layer once, from dense inputs."""
     windows = random_tokens(2 * 32).reshape(2, 32)
-    grams = {}
+    q, o, gate, up, down = "self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
+    grams, stages = {}, {False: [], True: []}
     for sequential in (False, True):
         model = tiny_model()
         arch = find_architecture(model)
         for item in iterate_layers(model, arch, windows, {"gram"}, torch.device("cpu"), sequential, progress=False):
-            grams[sequential, item.index] = item.stats["self_attn.q_proj"]["gram"]
-            with torch.no_grad():  # perturb the layer: only sequential mode may see it downstream
-                item.layer.mlp.down_proj.weight.mul_(0.1)
-    assert torch.equal(grams[False, 0], grams[True, 0])
-    assert not torch.allclose(grams[False, 1], grams[True, 1])
+            stages[sequential].append(sorted(item.stats))
+            for name, st in item.stats.items():
+                grams[sequential, item.index, name] = st["gram"]
+            with torch.no_grad():  # perturb what was just collected: only sequential mode may see it later
+                for name in item.stats:
+                    item.layer.get_submodule(name).weight.mul_(0.1)
+    n_layers = len(find_architecture(tiny_model()).layers)
+    assert stages[False] == [sorted(find_architecture(tiny_model()).targets)] * n_layers
+    assert stages[True][:4] == [["self_attn.k_proj", q, "self_attn.v_proj"], [o], [gate, up], [down]]
+    assert len(stages[True]) == 4 * n_layers
+    assert torch.equal(grams[False, 0, q], grams[True, 0, q])
+    # within layer 0, o_proj reads attention computed with the perturbed v_proj only in sequential mode
+    assert not torch.allclose(grams[False, 0, o], grams[True, 0, o])
+    assert not torch.allclose(grams[False, 0, down], grams[True, 0, down])
+    assert not torch.allclose(grams[False, 1, q], grams[True, 1, q])
 
 
 def test_engine_leaves_the_model_unchanged_and_hooks_removed():

@@ -308,31 +308,37 @@ def test_two_stream_cross_statistic(tmp_path):
     ):
         for st in item.stats.values():
             assert torch.allclose(st["cross"], st["gram"], rtol=1e-6, atol=1e-6)
-    seen = []
+    seen = {}
     for item in iterate_layers(
         model, arch, windows, {"gram", "cross"}, torch.device("cpu"), sequential=True, progress=False
     ):
-        seen.append(item.stats["self_attn.q_proj"])
-        if item.index == 0:
-            lin = item.layer.self_attn.o_proj
+        seen.update({(item.index, name): st for name, st in item.stats.items()})
+        if item.index == 0 and "self_attn.v_proj" in item.stats:
             with torch.no_grad():
-                lin.weight.mul_(0.5)  # "compress" layer 0
-    assert not torch.allclose(seen[1]["cross"], seen[1]["gram"], rtol=1e-3)
+                item.layer.self_attn.v_proj.weight.mul_(0.5)  # "compress" layer 0's v_proj
+    # the dense stream runs through an unmodified copy: o_proj's inputs differ within layer 0 already
+    for key in [(0, "self_attn.o_proj"), (1, "self_attn.q_proj")]:
+        assert not torch.allclose(seen[key]["cross"], seen[key]["gram"], rtol=1e-3)
+    assert torch.equal(seen[0, "self_attn.q_proj"]["cross"], seen[0, "self_attn.q_proj"]["gram"])
     with pytest.raises(svdkit.SvdkitError, match="needs sequential=True"):
         next(iterate_layers(tiny_model("llama"), arch, windows, {"cross"}, torch.device("cpu"), progress=False))
 
 
 def test_sequential_update_fits_the_dense_model_better():
-    ids = random_tokens(40, seed=5)[None]
+    """On the calibration windows (where the least-squares fit is guaranteed), the sequential update
+    brings the compressed model's last hidden states closer to the dense model's."""
+    from svdkit.data import calibration_windows
+
+    ids = calibration_windows(random_tokens(4 * 32, seed=1), 4, 32, 0, 0)
     with torch.no_grad():
-        ref = tiny_model("llama")(input_ids=ids).logits
+        ref = tiny_model("llama")(input_ids=ids, output_hidden_states=True).hidden_states[-1]
     errs = {}
     for update in ("none", "lstsq"):
         model = tiny_model("llama")
         _compress(model, method="svd-llm", ratio=0.5, sequential=True, update=update)
         with torch.no_grad():
-            errs[update] = float((model(input_ids=ids).logits - ref).norm())
-    assert errs["lstsq"] < errs["none"]
+            errs[update] = float((model(input_ids=ids, output_hidden_states=True).hidden_states[-1] - ref).norm())
+    assert errs["lstsq"] < 0.8 * errs["none"]
 
 
 def test_sequential_with_v2_allocation_takes_ranks_from_the_dense_model(tmp_path):

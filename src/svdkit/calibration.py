@@ -10,11 +10,13 @@ model's size (as in llm-compressor's sequential pipeline).
 Linears fed the very same tensor (q/k/v, gate/up) share one accumulator, so each Gram matrix is
 computed once. :func:`iterate_layers` yields each layer with its finished statistics; the caller may
 replace modules in that layer before the generator resumes. By default the next layer's inputs are the
-dense layer's outputs; with ``sequential=True`` they are recomputed through the modified layer.
+dense layer's outputs; with ``sequential=True`` every input (within a layer too) is recomputed through
+the modules modified so far.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -170,18 +172,29 @@ class _Cross(Statistic):
 _ACCUMULATORS: dict[str, type[Statistic]] = {**STATISTICS, CROSS: _Cross}
 
 
+class _Stop(Exception):
+    """Raised by a staged collector's hook once the layer's forward has passed the input it collects."""
+
+
 class _Collector:
     """Hooks on one layer's target linears that feed each distinct input once into shared statistics.
 
-    While ``recording`` is set the hooks only keep each input (the dense stream of a two-stream
-    sequential pass), for the cross statistic of the next, real call on the same window.
+    Staged (sequential calibration): only the first distinct input the forward reaches among the hooked
+    targets is collected (the ``group``: q/k/v, or o, or gate/up, or down), and the forward stops at
+    the next one. With ``record=True`` the hooks only keep each group input (the dense stream); a
+    collector whose ``dense`` is such a recorder also accumulates the cross statistic against it.
     """
 
-    def __init__(self, layer: nn.Module, targets: list[str], needs: Iterable[str]) -> None:
-        self.layer, self.targets, self.needs = layer, targets, sorted(needs)
+    def __init__(
+        self, layer: nn.Module, targets: list[str], needs: Iterable[str], staged: bool = False, record: bool = False
+    ) -> None:
+        self.layer, self.targets, self.needs = layer, list(targets), sorted(needs)
+        self.staged, self.record = staged, record
         self.owner: dict[str, str] = {}  # target -> the target whose accumulator it shares
         self.acc: dict[str, dict[str, Statistic]] = {}
-        self.recording = False
+        self.group: str | None = None
+        self.inputs: dict[str, torch.Tensor] = {}  # record: the current window's input per owner
+        self.dense: _Collector | None = None
         self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
         self._handles = [layer.get_submodule(t).register_forward_pre_hook(self._hook(t)) for t in targets]
 
@@ -192,16 +205,30 @@ class _Collector:
                 key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
                 first, _ = self._seen.setdefault(key, (name, x))  # holding x keeps its address unique
                 self.owner[name] = first
-                if first == name:
+                if self.group is None:
+                    self.group = first
+                if first == name and not self.record and (not self.staged or first == self.group):
                     self.acc[name] = {s: _ACCUMULATORS[s](x.shape[-1]) for s in self.needs}
-            if self.owner[name] == name:
-                if self.recording:
-                    self.acc[name][CROSS].dense = x.detach()
+            owner = self.owner[name]
+            if self.staged and owner != self.group:
+                raise _Stop
+            if owner == name:
+                if self.record:
+                    self.inputs[name] = x.detach()
                     return
+                if self.dense is not None:
+                    self.acc[name][CROSS].dense = self.dense.inputs[name]
                 for stat in self.acc[name].values():
                     stat.update(x.detach())
 
         return hook
+
+    def run(self, layer: nn.Module, x: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor | None:
+        """The layer's output for `x` (on the CPU), or None where a staged collector stopped the forward."""
+        try:
+            return _layer_output(layer(x.to(device), **kwargs)).cpu()
+        except _Stop:
+            return None
 
     def remove(self) -> None:
         for h in self._handles:
@@ -209,18 +236,23 @@ class _Collector:
         self._seen.clear()
 
     def finish(self, prefix: str = "") -> dict[str, LinearStats]:
-        """Finished statistics per target; targets that read the same input share one values dict."""
+        """Finished statistics per collected target; targets that read the same input share one values dict."""
         values = {owner: {s: a.value() for s, a in acc.items()} for owner, acc in self.acc.items()}
         out = {}
         for t in self.targets:
             if t not in self.owner:
+                if self.staged and self.group is not None:
+                    continue  # a later stage's target
                 raise SvdkitError(
                     f"{prefix}{t} received no input during calibration (an unused or routed projection): "
                     "leave it out with targets=[...]"
                 )
-            acc = self.acc[self.owner[t]]
+            owner = self.owner[t]
+            if owner not in self.acc:
+                continue  # read a later stage's input
+            acc = self.acc[owner]
             tokens = next(iter(acc.values())).tokens if acc else 0
-            out[t] = LinearStats(values[self.owner[t]], tokens, module=prefix + t)
+            out[t] = LinearStats(values[owner], tokens, module=prefix + t)
         return out
 
 
@@ -236,11 +268,18 @@ def iterate_layers(
 ) -> Iterator[LayerStats]:
     """Yield every decoder layer (on `device`) with its targets' statistics, in order.
 
-    The caller may swap modules inside ``item.layer`` before asking for the next item. The layer
-    goes back to its original device afterwards. With ``sequential=True`` and ``"cross"`` in `needs`,
-    a second stream of hidden states runs through the dense layers alongside the compressed ones, and
+    The caller may swap modules inside ``item.layer`` before asking for the next item. The layer goes
+    back to its original device afterwards. By default each layer is yielded once, with every target's
+    statistics from the dense inputs.
+
+    ``sequential=True`` yields each layer once per distinct input, in the order the forward reaches
+    them (q/k/v, then o, then gate/up, then down), each time with only those targets' statistics,
+    computed through the layer as the caller has modified it so far (intra-layer sequential, as GPTQ's
+    "true sequential"): o_proj's statistics see the compressed q/k/v. Each stage reruns the layer up to
+    the input it needs; the next layer's inputs are the fully modified layer's outputs. With ``"cross"``
+    in `needs` a second stream of hidden states runs through a dense copy of each layer alongside, and
     each target also gets C = sum x_dense x^T (the least-squares update's cross statistic); this
-    doubles the activations held and adds one dense forward per layer.
+    doubles the activations held and adds one dense forward per stage.
     """
     needs = set(needs)
     two_streams = CROSS in needs
@@ -254,35 +293,51 @@ def iterate_layers(
     try:
         for index, layer in enumerate(arch.layers):
             kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in layer_kwargs[index].items()}
+            name = f"{arch.layers_path}.{index}."
             home = next(layer.parameters()).device
             layer.to(device)
             try:
-                collector = _Collector(layer, arch.targets, needs)
-                outputs, dense_outputs = [], []
-                try:
-                    for w, x in enumerate(hidden):
-                        if two_streams:
-                            collector.recording = True
-                            dense_outputs.append(_layer_output(layer(dense_hidden[w].to(device), **kwargs)).cpu())
-                            collector.recording = False
-                        y = _layer_output(layer(x.to(device), **kwargs))
-                        if not sequential:
-                            outputs.append(y.cpu())
-                finally:
-                    collector.remove()
-                item = LayerStats(index, layer, collector.finish(f"{arch.layers_path}.{index}."))
-                yield item
-                if sequential:
-                    outputs = [_layer_output(item.layer(x.to(device), **kwargs)).cpu() for x in hidden]
-                hidden = outputs
-                if two_streams:
-                    dense_hidden = dense_outputs
+                if not sequential:
+                    collector = _Collector(layer, arch.targets, needs)
+                    try:
+                        outputs = [collector.run(layer, x, kwargs, device) for x in hidden]
+                    finally:
+                        collector.remove()
+                    yield LayerStats(index, layer, collector.finish(name))
+                    hidden = outputs
+                else:
+                    yield from _stages(layer, index, name, arch.targets, needs, hidden, dense_hidden, kwargs, device)
+                    hidden = [_layer_output(layer(x.to(device), **kwargs)).cpu() for x in hidden]
             finally:
                 layer.to(home)
             bar.update(1)
     finally:
         bar.close()
         move_outside_layers(model, arch.layers_path, outside_home)
+
+
+def _stages(layer, index, name, targets, needs, hidden, dense_hidden, kwargs, device) -> Iterator[LayerStats]:
+    """Sequential mode's stages for one layer; advances `dense_hidden` in place through a dense copy."""
+    dense_layer = copy.deepcopy(layer) if dense_hidden is not None else None
+    pending = list(targets)
+    while pending:
+        collector = _Collector(layer, pending, needs, staged=True)
+        recorder = _Collector(dense_layer, pending, (), staged=True, record=True) if dense_layer else None
+        collector.dense = recorder
+        try:
+            for w, x in enumerate(hidden):
+                if recorder is not None:
+                    recorder.run(dense_layer, dense_hidden[w], kwargs, device)
+                collector.run(layer, x, kwargs, device)
+        finally:
+            collector.remove()
+            if recorder is not None:
+                recorder.remove()
+        stats = collector.finish(name)
+        yield LayerStats(index, layer, stats)
+        pending = [t for t in pending if t not in stats]
+    if dense_layer is not None:
+        dense_hidden[:] = [_layer_output(dense_layer(x.to(device), **kwargs)).cpu() for x in dense_hidden]
 
 
 def collect_statistics(

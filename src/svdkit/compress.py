@@ -179,7 +179,7 @@ def compress(
 
     def replace(layer: nn.Module, index: int, stats: Mapping | None) -> None:
         t = time.perf_counter()
-        for target in arch.targets:
+        for target in list(stats) if stats is not None else arch.targets:  # sequential: one stage's targets
             full = f"{arch.layers_path}.{index}.{target}"
             if ranks[full] is None:
                 continue
