@@ -19,7 +19,10 @@ from pathlib import Path
 
 from .errors import SvdkitError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "CURVE_FILE"]
+
+CURVE_FILE = "training_curve.json"
+"""written next to a compressed model whose method trains (soco): one record per step"""
 
 
 def _ratio(text: str) -> float:
@@ -149,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="what a compressed model folder holds: method, ratio, ranks, parameters")
     i.add_argument("folder")
     i.add_argument("--plot", metavar="FILE.png", help="also draw the rank map (layers x module types) as a PNG")
+    i.add_argument("--plot-curve", metavar="FILE.png", help=f"draw the training curve ({CURVE_FILE}, soco) as a PNG")
     i.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
     d = sub.add_parser("densify", help="write a compressed folder as a plain dense model")
@@ -216,7 +220,14 @@ def cmd_compress(a) -> None:
         f"time {seconds:.1f}s (calibration {t['calibration']:.1f}s, decomposition {t['decomposition']:.1f}s, "
         f"allocation {t['allocation']:.2f}s); written to {out}" + (" (densified)" if a.densify else "")
     )
-    if a.allocation != "uniform":
+    if result.training:
+        tr = result.training
+        print(
+            f"training: {tr['steps']} steps in {tr['seconds']:.0f}s, final loss {tr['final_loss']:.4f}; "
+            f"{tr['kept']:,} target parameters kept for a budget of {tr['budget']:,}"
+        )
+        (out / CURVE_FILE).write_text(json.dumps(tr["curve"]) + "\n")  # the folder is complete already
+    if a.allocation != "uniform" or result.training:
         print(rank_summary(result.ranks, result.dense_kept, _shapes(model, result)))
         for key, value in result.allocation.items():
             if key not in ("name", "config"):
@@ -318,6 +329,7 @@ def folder_info(folder: str | Path) -> dict:
         "version": record.get("version"),
         "allocation": record.get("allocation"),
         "update": record.get("update", "none"),
+        "training": record.get("training"),
         "shapes": dict(sorted(shapes.items(), key=lambda kv: _natural(kv[0]))),
         "dense_kept": sorted(dense_kept, key=_natural),
     }
@@ -343,6 +355,12 @@ def cmd_info(a) -> None:
         )
     if info["update"] != "none":
         print(f"parameter update: {info['update']}")
+    if info["training"]:
+        tr = info["training"]
+        print(
+            f"training: {tr.get('steps')} steps in {tr.get('seconds')}s, final loss {tr.get('final_loss')}; "
+            f"{tr.get('kept'):,} target parameters kept for a budget of {tr.get('budget'):,}"
+        )
     shapes = info["shapes"]
     print(f"{len(ranks)} low-rank modules, {len(info['dense_kept'])} target modules kept dense:")
     width = max((len(n) for n in shapes), default=0)
@@ -355,6 +373,18 @@ def cmd_info(a) -> None:
 
         plot_rank_map(info, a.plot)
         print(f"rank map written to {a.plot}")
+    if a.plot_curve:
+        from .plot import plot_curve
+
+        curve_file = Path(a.folder) / CURVE_FILE
+        if not curve_file.is_file():
+            raise SvdkitError(f"'{a.folder}' has no {CURVE_FILE}: only a method that trains (soco) writes one")
+        try:
+            curve = json.loads(curve_file.read_text())
+        except (OSError, ValueError) as e:
+            raise SvdkitError(f"cannot read {curve_file}: {e}") from e
+        plot_curve(curve, a.plot_curve, title=f"{info['method']} at ratio {info['ratio']}")
+        print(f"training curve written to {a.plot_curve}")
     keys = ("method", "ratio", "allocation", "update", "params", "params_dense", "ranks", "dense_kept")
     _emit({k: info[k] for k in keys}, a.json)
 

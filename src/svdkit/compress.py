@@ -43,6 +43,8 @@ class CompressionResult:
     """seconds spent in calibration, decomposition and allocation"""
     allocation: dict[str, Any] = field(default_factory=dict)
     """the allocation strategy, its config and what it reported (e.g. a chosen threshold)"""
+    training: dict[str, Any] = field(default_factory=dict)
+    """a method's whole-model stage report (SoCo: budget, kept count, time, loss curve per step)"""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,7 +108,10 @@ def compress(
     `statistics_dir` (default: the system's temporary folder; for SmolLM2-135M 0.8 GB, see
     :mod:`svdkit.store`) and read back one layer at a time. ``update="lstsq"`` refits each B on the
     calibration inputs after the method (:mod:`svdkit.update`); with ``sequential=True`` it fits the
-    dense layer's outputs from the compressed model's inputs, which also runs a dense stream. Input is
+    dense layer's outputs from the compressed model's inputs, which also runs a dense stream. A method
+    with a whole-model stage (``soco``) factors every target at the stage's start ranks; the stage
+    then trains on the calibration windows and fixes the final ranks within the parameter budget the
+    allocation gives at `ratio` (see :mod:`svdkit.spectrum`). Input is
     checked before any module is touched; a failure during decomposition leaves the model partly
     compressed (reload it).
     """
@@ -125,6 +130,8 @@ def compress(
     params_dense = count_parameters(model)
     shapes = arch.shapes()
     timings = {"allocation": 0.0, "calibration": 0.0, "decomposition": 0.0}
+    if spec.stage is not None:
+        timings["training"] = 0.0
 
     needs = set(spec.requires | allocator.requires | ({"gram"} if update == "lstsq" else set()))
     if update == "lstsq" and sequential:
@@ -152,7 +159,7 @@ def compress(
             f"precomputed statistics (here: method '{method}', allocation '{allocation}', update '{update}')"
         )
     windows = None
-    if streaming or collect_first or allocator.needs_windows:
+    if streaming or collect_first or allocator.needs_windows or spec.stage is not None:
         if tokenizer is None and not isinstance(calib, torch.Tensor):
             raise SvdkitError(
                 f"method '{method}' with allocation '{allocation}' needs calibration text: "
@@ -223,6 +230,9 @@ def compress(
         timings["allocation"] = time.perf_counter() - t
         if set(ranks) != set(shapes):
             raise RuntimeError(f"allocator {allocation} returned ranks for other modules than the targets")
+        budget = ranks
+        if spec.stage is not None:  # factor at the stage's start ranks; the stage fixes the final ones
+            ranks = spec.stage.start_ranks(shapes, config)
         if streaming:
             if store is not None:  # the dense pass served the allocation only
                 store.close()
@@ -236,6 +246,13 @@ def compress(
                 prefix = f"{arch.layers_path}.{index}."
                 stats = {t: statistics.get(prefix + t) for t in arch.targets} if needs else None
                 replace(layer, index, stats)
+        training: dict[str, Any] = {}
+        if spec.stage is not None:
+            if store is not None:
+                store.close()
+            t = time.perf_counter()
+            ranks, training = spec.stage.run(model, context, budget, config)
+            timings["training"] = time.perf_counter() - t
     finally:
         model.train(was_training)
         if store is not None:
@@ -253,6 +270,7 @@ def compress(
         calibration=calibration,
         allocation=alloc_record,
         update=update,
+        **({"training": {k: v for k, v in training.items() if k != "curve"}} if training else {}),
     )
     return CompressionResult(
         method=method,
@@ -264,6 +282,7 @@ def compress(
         seconds=time.perf_counter() - start,
         timings=timings,
         allocation=alloc_record,
+        training=training,
     )
 
 

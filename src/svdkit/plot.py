@@ -1,5 +1,6 @@
-"""The rank map of a compressed folder as a PNG: decoder layers x module types, coloured by the share
-of each matrix's parameters kept (k (m + n) / (m n); 1 for a matrix kept dense), rank written in."""
+"""PNG plots: the rank map of a compressed folder (decoder layers x module types, coloured by the share
+of each matrix's parameters kept, k (m + n) / (m n), 1 for a matrix kept dense, rank written in) and a
+training curve (SoCo's loss and kept share per step)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from .errors import SvdkitError
 
-__all__ = ["rank_grid", "plot_rank_map"]
+__all__ = ["rank_grid", "plot_rank_map", "plot_curve"]
 
 
 def rank_grid(info: dict) -> tuple[list[int], list[str], dict[tuple[int, str], tuple[int | None, float]]]:
@@ -29,8 +30,8 @@ def rank_grid(info: dict) -> tuple[list[int], list[str], dict[tuple[int, str], t
     return layers, kinds, cells
 
 
-def plot_rank_map(info: dict, path: str | os.PathLike) -> Path:
-    """Write the rank map of `info` (from :func:`svdkit.cli.folder_info`) to a PNG file at `path`."""
+def _pyplot(path: str | os.PathLike):
+    """(checked PNG path, matplotlib.pyplot) with clear errors for a bad path or missing matplotlib."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise SvdkitError(f"the plot is written as PNG: give a file name ending in .png, not '{path.name}'")
@@ -43,6 +44,50 @@ def plot_rank_map(info: dict, path: str | os.PathLike) -> Path:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise SvdkitError("plotting needs matplotlib: pip install 'svdkit[plot]' (or matplotlib)") from e
+    return path, plt
+
+
+def _save(fig, plt, path: Path) -> Path:
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise SvdkitError(f"cannot write the plot to {path}: {e}") from e
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_curve(curve: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Training loss and kept share of the target parameters per step (SoCo's curve) as a PNG."""
+    path, plt = _pyplot(path)
+    if not curve or not all({"step", "loss", "kept"} <= set(row) for row in curve):
+        raise SvdkitError("the training curve is empty or lacks step/loss/kept records")
+    steps = [row["step"] for row in curve]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(steps, [row["loss"] for row in curve], lw=0.8, color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (training windows)", color="tab:blue")
+    twin = ax.twinx()
+    twin.plot(steps, [row["kept"] for row in curve], color="tab:orange", label="kept")
+    if all("target" in row for row in curve):
+        twin.plot(steps, [row["target"] for row in curve], color="tab:orange", ls=":", label="target")
+    twin.set_ylabel("kept share of target parameters", color="tab:orange")
+    stage_starts = [
+        (row["step"], row.get("stage"))
+        for i, row in enumerate(curve)
+        if i and row.get("stage") != curve[i - 1].get("stage")
+    ]
+    for step, stage in stage_starts:
+        ax.axvline(step, color="grey", lw=0.6, ls="--")
+        ax.text(step, ax.get_ylim()[1], f" {stage}", fontsize=7, va="top")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, plt, path)
+
+
+def plot_rank_map(info: dict, path: str | os.PathLike) -> Path:
+    """Write the rank map of `info` (from :func:`svdkit.cli.folder_info`) to a PNG file at `path`."""
+    path, plt = _pyplot(path)
     layers, kinds, cells = rank_grid(info)
     if not cells:
         raise SvdkitError("this folder records no per-layer modules to plot")
@@ -68,11 +113,4 @@ def plot_rank_map(info: dict, path: str | os.PathLike) -> Path:
     alloc = (info.get("allocation") or {}).get("name", "uniform")
     ax.set_title(f"{info.get('method')} at ratio {info.get('ratio')}, allocation {alloc}", fontsize=9)
     fig.colorbar(image, ax=ax, label="kept share of parameters")
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as e:
-        raise SvdkitError(f"cannot write the plot to {path}: {e}") from e
-    finally:
-        plt.close(fig)
-    return path
+    return _save(fig, plt, path)

@@ -4,6 +4,10 @@ W is the m x n weight in float64, A (k x n) and B (m x k) with W' = B A. The pip
 up by name and knows nothing else about them. A method is *nested* when its rank-k factors are the
 first k rows of A and columns of B of any higher-rank result (truncated SVDs of a fixed matrix are):
 allocators that try many ranks of one matrix then decompose it once and slice.
+
+A method may add a whole-model *stage* (:class:`ModelStage`): the pipeline then factors every target
+at the stage's start ranks and hands the model to the stage, which fixes the final ranks itself (SoCo
+learns which singular components to keep under the allocation's parameter budget).
 """
 
 from __future__ import annotations
@@ -18,10 +22,25 @@ from ..configs import build_config
 from ..errors import SvdkitError
 from ..statistics import LinearStats
 
-__all__ = ["Method", "Factors", "register", "get_method", "method_names", "make_config", "factorize"]
+__all__ = ["Method", "ModelStage", "Factors", "register", "get_method", "method_names", "make_config", "factorize"]
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 DecomposeFn = Callable[[torch.Tensor, LinearStats | None, int, Any], Factors]
+
+
+@dataclass(frozen=True)
+class ModelStage:
+    """A method's whole-model stage, run once every target has been factored.
+
+    ``start_ranks(shapes, config)`` gives the rank each target is factored at (name -> rank);
+    ``run(model, context, budget, config)`` gets the model with those low-rank layers, the
+    :class:`~svdkit.allocation.AllocationContext` (with calibration windows) and the allocation's
+    ranks at the target ratio (`budget`: name -> rank or None), rewrites the low-rank layers and
+    returns (final ranks by name, a report dict). It may raise :class:`SvdkitError`.
+    """
+
+    start_ranks: Callable[[Mapping[str, tuple[int, int]], Any], dict[str, int]]
+    run: Callable[..., tuple[dict[str, int], dict]]
 
 
 @dataclass(frozen=True)
@@ -33,6 +52,7 @@ class Method:
     summary: str
     paper: str = ""
     nested: bool = False
+    stage: ModelStage | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -45,13 +65,14 @@ def register(
     summary: str = "",
     paper: str = "",
     nested: bool = False,
+    stage: ModelStage | None = None,
 ) -> Callable[[DecomposeFn], DecomposeFn]:
     """Decorator: register `fn` as method `name` with its config dataclass and needed statistics."""
 
     def wrap(fn: DecomposeFn) -> DecomposeFn:
         if name in _METHODS:
             raise ValueError(f"method '{name}' is already registered")
-        _METHODS[name] = Method(name, fn, config_cls, frozenset(requires), summary, paper, nested)
+        _METHODS[name] = Method(name, fn, config_cls, frozenset(requires), summary, paper, nested, stage)
         return fn
 
     return wrap

@@ -1,0 +1,276 @@
+"""SoCo's training: one learned score per singular component of every low-rank target, under a global
+parameter budget (Singular spectrum optimization, 2025; the working spec is ../shared/METHODS.md).
+
+Each target y = B (A x) + b of rank r becomes y = B (s * (A x)) + b with scores s (r, start at 1); only
+the scores train, on next-token cross-entropy over the calibration windows. A kept component of an
+m x n matrix costs c = m + n parameters; the *soft* kept count is K(s) = sum c * min(s, 1), so scores
+above 1 cost nothing extra and can compensate for pruned neighbours. Three stages (svdkit's reading of
+the paper, which publishes no code):
+
+1. coarse: the count target falls linearly from the start count to the budget; after each Adam step
+   on the cross-entropy the scores are projected onto {K(s) <= target} by the cost-weighted soft
+   threshold s <- max(s - tau c / mean(c), 0), tau >= 0 found by bisection (the proximal step of the
+   budget constraint: an L1 penalty whose weight is set by the budget, not tuned);
+2. refine: the same at the budget itself, so scores trade places at a fixed count;
+3. final: prune to the exact budget, largest scores first (regardless of singular-value order; every
+   matrix keeps at least its best component), then train the kept scores on the cross-entropy alone.
+
+The budget is the parameter count the allocation gives the targets at the target ratio (by default
+the uniform one): the final count is at most the budget and within one component of it. The scores
+are folded into the factors (sqrt(s) into each), leaving an ordinary low-rank model. Training needs the
+whole model on one device; interrupting it raises KeyboardInterrupt with the model restored to its
+start decomposition's layers, and a non-finite loss stops it with an SvdkitError.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .errors import SvdkitError
+from .lowrank import LowRankLinear
+
+__all__ = ["ScoredLinear", "learn_spectrum", "project_budget", "prune_to_budget", "fold_scores"]
+
+
+class ScoredLinear(nn.Module):
+    """y = B (s * (A x)) + b around a LowRankLinear; only ``score`` (float32) trains, pruned entries stay 0."""
+
+    def __init__(self, low: LowRankLinear) -> None:
+        super().__init__()
+        self.low = low
+        self.score = nn.Parameter(torch.ones(low.rank, device=low.A.device))
+        self.register_buffer("mask", torch.ones(low.rank, dtype=torch.bool, device=low.A.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.low.A)
+        return F.linear(h * (self.score * self.mask).to(h.dtype), self.low.B, self.low.bias)
+
+
+def soft_count(scores: torch.Tensor, costs: torch.Tensor) -> float:
+    """K(s) = sum c * min(s, 1) (scores are kept >= 0)."""
+    return float((costs * scores.clamp(0, 1)).sum())
+
+
+def project_budget(scores: torch.Tensor, costs: torch.Tensor, target: float, iters: int = 50) -> float:
+    """In place: s <- max(s - tau c / mean(c), 0) with the smallest tau >= 0 giving K(s) <= target; returns tau."""
+    scores.clamp_(min=0)
+    if soft_count(scores, costs) <= target:
+        return 0.0
+    w = costs / costs.mean()
+    lo, hi = 0.0, float((scores / w).max())  # hi zeroes every score
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if soft_count((scores - mid * w).clamp(min=0), costs) > target:
+            lo = mid
+        else:
+            hi = mid
+    scores.sub_(hi * w).clamp_(min=0)
+    return hi
+
+
+def prune_to_budget(scores: torch.Tensor, costs: torch.Tensor, owner: torch.Tensor, budget: float) -> torch.Tensor:
+    """A keep-mask: every matrix's best component first, then the largest scores while their cost fits.
+
+    `owner` gives each component's matrix index. Ties keep the earlier (larger singular value) component.
+    """
+    order = torch.argsort(-scores.double() + torch.arange(len(scores), dtype=torch.float64) * 1e-12)
+    keep = torch.zeros(len(scores), dtype=torch.bool)
+    first = torch.zeros(int(owner.max()) + 1, dtype=torch.bool)
+    spent = 0.0
+    for j in order.tolist():  # each matrix's best-scored component
+        o = int(owner[j])
+        if not first[o]:
+            first[o] = True
+            keep[j] = True
+            spent += float(costs[j])
+    if spent > budget:
+        raise SvdkitError(
+            f"the budget of {budget:,.0f} parameters cannot keep even one component per matrix "
+            f"({spent:,.0f} needed): choose a lower ratio"
+        )
+    for j in order.tolist():
+        if not keep[j] and spent + float(costs[j]) <= budget:
+            keep[j] = True
+            spent += float(costs[j])
+    return keep
+
+
+def fold_scores(scored: ScoredLinear) -> LowRankLinear:
+    """The kept components with sqrt(s) folded into A and B (float64 arithmetic, the layer's dtype)."""
+    low = scored.low
+    keep = scored.mask.nonzero().flatten()
+    root = scored.score.detach()[keep].double().clamp(min=0).sqrt()
+    A = low.A.detach()[keep].double() * root[:, None]
+    B = low.B.detach()[:, keep].double() * root[None, :]
+    bias = low.bias.detach() if low.bias is not None else None
+    return LowRankLinear.from_factors(A.to(low.A.dtype), B.to(low.A.dtype), bias)
+
+
+def _cost(shape: tuple[int, int], rank: int | None) -> int:
+    m, n = shape
+    return m * n if rank is None else rank * (m + n)
+
+
+def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: Any) -> tuple[dict[str, int], dict]:
+    """Train the scores of every low-rank target of `model` (SoCo's three stages), prune, fold.
+
+    `budget_ranks` (the allocation at the target ratio) sets the budget; returns (final ranks by
+    name, a report with the budget, the kept count, the time and the loss curve per step).
+    """
+    names = list(context.shapes)
+    budget = float(sum(_cost(context.shapes[n], budget_ranks[n]) for n in names))
+    device = context.device
+    windows = context.windows
+    if windows is None:
+        raise SvdkitError("soco trains on calibration windows: none were given")
+    seqlen = min(config.seqlen, windows.shape[-1])
+    chunks = windows[:, : windows.shape[-1] // seqlen * seqlen].reshape(-1, seqlen)
+    if len(chunks) < config.batch:
+        raise SvdkitError(f"soco needs at least batch={config.batch} training windows of {seqlen}; got {len(chunks)}")
+
+    home = next(model.parameters()).device
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    scored: dict[str, ScoredLinear] = {}
+    for name in names:
+        low = model.get_submodule(name)
+        if not isinstance(low, LowRankLinear):
+            raise RuntimeError(f"soco expected a low-rank layer at {name}")
+        scored[name] = ScoredLinear(low)
+    costs = torch.cat(
+        [torch.full((s.low.rank,), float(s.low.in_features + s.low.out_features)) for s in scored.values()]
+    )
+    owner = torch.cat([torch.full((s.low.rank,), i, dtype=torch.long) for i, s in enumerate(scored.values())])
+    start = float(costs.sum())
+    if budget >= start:
+        raise SvdkitError(
+            f"the target keeps {budget:,.0f} parameters in the targets but the start decomposition holds only "
+            f"{start:,.0f}: SoCo can only prune; lower start_ratio (now {config.start_ratio}) below the target ratio"
+        )
+    min_need = sum(s.low.in_features + s.low.out_features for s in scored.values())
+    if budget < min_need:
+        raise SvdkitError(
+            f"the budget of {budget:,.0f} parameters cannot keep even one component per matrix "
+            f"({min_need:,} needed): choose a lower ratio"
+        )
+
+    steps = config.steps
+    n_coarse = round(steps * config.coarse)
+    n_refine = round(steps * config.refine)
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(chunks), generator=generator)
+    dense_total = float(sum(m * n for m, n in context.shapes.values()))
+    curve: list[dict] = []
+    log = Path(config.log).open("w") if config.log else None
+    t0 = time.perf_counter()
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, s in scored.items():
+            model.set_submodule(name, s)
+        model.to(device)
+        model.eval()  # no dropout; gradients still flow to the scores
+        params = [s.score for s in scored.values()]
+        opt = torch.optim.Adam(params, lr=config.lr)
+        bar = tqdm(range(steps), desc="soco", unit="step", disable=not context.progress)
+        cursor = 0
+        for step in bar:
+            if step < n_coarse:
+                stage, target = "coarse", start + (budget - start) * (step + 1) / n_coarse
+            elif step < n_coarse + n_refine:
+                stage, target = "refine", budget
+            else:
+                stage, target = "final", budget
+                if step == n_coarse + n_refine:
+                    _prune(scored, costs, owner, budget, opt)
+            idx = order[torch.arange(cursor, cursor + config.batch) % len(order)]
+            cursor += config.batch
+            ids = chunks[idx].to(device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise SvdkitError(
+                    f"soco training diverged at step {step + 1} ({stage} stage): the loss is {float(loss.detach())}; "
+                    f"lower lr (now {config.lr}); nothing was kept"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                flat = torch.cat([s.score.detach().cpu() for s in scored.values()])
+                if stage != "final":
+                    project_budget(flat, costs, target)
+                flat.clamp_(min=0)
+                mask = torch.cat([s.mask.cpu() for s in scored.values()])
+                flat *= mask
+                if not torch.isfinite(flat).all():
+                    raise SvdkitError(f"soco scores became non-finite at step {step + 1}: lower lr (now {config.lr})")
+                offset = 0
+                for s in scored.values():
+                    s.score.copy_(flat[offset : offset + s.low.rank].to(s.score.device))
+                    offset += s.low.rank
+            kept = soft_count(flat, costs) if stage != "final" else float((costs * mask).sum())
+            row = {
+                "step": step + 1,
+                "stage": stage,
+                "loss": float(loss.detach()),
+                "kept": kept / dense_total,
+                "target": target / dense_total,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            curve.append(row)
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{row['loss']:.3f}", kept=f"{row['kept']:.3f}", stage=stage)
+        if n_coarse + n_refine >= steps:  # no final steps: prune at the end
+            _prune(scored, costs, owner, budget, opt)
+        final = {name: fold_scores(s) for name, s in scored.items()}
+    except BaseException:
+        for name, s in scored.items():  # back to the start decomposition's layers
+            model.set_submodule(name, s.low)
+        raise
+    finally:
+        if log is not None:
+            log.close()
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    for name, low in final.items():
+        model.set_submodule(name, low)
+    model.to(home)
+    ranks = {name: low.rank for name, low in final.items()}
+    kept_params = sum(_cost(context.shapes[n], r) for n, r in ranks.items())
+    report = {
+        "budget": int(budget),
+        "start": int(start),
+        "kept": int(kept_params),
+        "steps": steps,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "final_loss": curve[-1]["loss"] if curve else None,
+        "curve": curve,
+    }
+    return ranks, report
+
+
+def _prune(scored: dict[str, ScoredLinear], costs: torch.Tensor, owner: torch.Tensor, budget: float, opt) -> None:
+    flat = torch.cat([s.score.detach().cpu() for s in scored.values()])
+    keep = prune_to_budget(flat, costs, owner, budget)
+    offset = 0
+    with torch.no_grad():
+        for s in scored.values():
+            m = keep[offset : offset + s.low.rank].to(s.mask.device)
+            s.mask.copy_(m)
+            s.score.mul_(m)
+            state = opt.state.get(s.score)
+            for key in ("exp_avg", "exp_avg_sq"):  # pruned scores must not drift back through momentum
+                if state and key in state:
+                    state[key].mul_(m)
+            offset += s.low.rank

@@ -1,0 +1,234 @@
+"""SoCo: scored layers, the budget projection, pruning by score, folding, the three-stage training and
+its failure modes, on small matrices and tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import random_tokens, tiny_model
+
+import svdkit
+from svdkit import LowRankLinear, rank_for_ratio
+from svdkit.cli import main
+from svdkit.methods.soco import SoCoConfig, start_ranks
+from svdkit.spectrum import ScoredLinear, fold_scores, project_budget, prune_to_budget, soft_count
+
+
+def _low(m=6, n=5, k=4, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(k, n, generator=g), torch.randn(m, k, generator=g)
+    return LowRankLinear.from_factors(A, B, torch.randn(m, generator=g) if bias else None)
+
+
+def _compress(model, **kw):
+    calib = random_tokens(8 * 64, seed=1)
+    opts = dict(calib=calib, calib_samples=8, calib_seqlen=64, device="cpu", progress=False)
+    return svdkit.compress(model, **{**opts, **kw})
+
+
+def test_scores_at_one_without_pruning_equal_the_start_decomposition():
+    low = _low()
+    x = torch.randn(3, 5)
+    scored = ScoredLinear(low)
+    assert torch.equal(scored(x), low(x))
+    folded = fold_scores(scored)
+    assert folded.rank == low.rank
+    assert torch.allclose(folded(x), low(x), atol=1e-6)
+
+
+def test_fold_keeps_the_masked_components_with_their_scores():
+    low = _low()
+    scored = ScoredLinear(low)
+    with torch.no_grad():
+        scored.score.copy_(torch.tensor([2.0, 0.5, 1.0, 3.0]))
+        scored.mask.copy_(torch.tensor([True, False, True, True]))
+    keep = torch.tensor([0, 2, 3])
+    expected = low.B[:, keep] @ torch.diag(torch.tensor([2.0, 1.0, 3.0])) @ low.A[keep]
+    folded = fold_scores(scored)
+    assert folded.rank == 3
+    assert torch.allclose(folded.dense_weight(), expected, atol=1e-5)
+    x = torch.randn(2, 5)
+    assert torch.allclose(folded(x), scored(x), atol=1e-5)
+
+
+def test_budget_projection_is_a_cost_weighted_soft_threshold():
+    scores = torch.tensor([1.0, 1.0, 0.9, 2.5, 0.2, 1.0])
+    costs = torch.tensor([10.0, 10.0, 10.0, 30.0, 30.0, 30.0])
+    target = 60.0
+    s = scores.clone()
+    tau = project_budget(s, costs, target)
+    assert tau > 0 and soft_count(s, costs) <= target + 1e-6
+    assert soft_count(s, costs) > target - 1e-3  # the smallest threshold that fits: no more shrinkage
+    w = costs / costs.mean()
+    assert torch.allclose(s, (scores - tau * w).clamp(min=0), atol=1e-6)
+    assert s[3] > 1  # a score above 1 is shrunk like any other, but costs only its component
+    under = scores.clone()
+    assert project_budget(under, costs, 1e9) == 0.0 and torch.equal(under, scores)
+
+
+def test_pruning_follows_scores_not_singular_value_order():
+    # one matrix, components in singular-value order; the scores prefer the last ones
+    scores = torch.tensor([0.1, 0.2, 0.9, 1.5])
+    costs = torch.full((4,), 11.0)
+    owner = torch.zeros(4, dtype=torch.long)
+    keep = prune_to_budget(scores, costs, owner, budget=25.0)
+    assert keep.tolist() == [False, False, True, True]
+
+
+def test_pruning_meets_the_budget_and_keeps_one_component_per_matrix():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(40, generator=g)
+    owner = torch.arange(40) // 10  # four matrices of 10 components
+    costs = torch.tensor([7.0, 13.0, 29.0, 50.0]).repeat_interleave(10)
+    scores[30:] = 0.0  # the expensive matrix scores nothing, but keeps its best component
+    budget = 400.0
+    keep = prune_to_budget(scores, costs, owner, budget)
+    spent = float(costs[keep].sum())
+    assert budget - float(costs.max()) < spent <= budget
+    assert all(keep[owner == i].any() for i in range(4))
+    with pytest.raises(svdkit.SvdkitError, match="one component per matrix"):
+        prune_to_budget(scores, costs, owner, budget=90.0)
+
+
+def test_start_ranks_save_parameters():
+    shapes = {"a": (64, 64), "b": (16, 64), "c": (10, 10)}
+    ranks = start_ranks(shapes, SoCoConfig())
+    assert ranks == {"a": 31, "b": 12, "c": 4}  # floor(m n / (m + n)) lowered while k (m + n) >= m n
+    assert start_ranks(shapes, SoCoConfig(start_ratio=0.2))["a"] == rank_for_ratio(64, 64, 0.2)
+
+
+def test_soco_meets_the_budget_reallocates_and_round_trips(tmp_path, tiny_tokenizer):
+    log = tmp_path / "curve.jsonl"
+    model = tiny_model("llama")
+    uniform = _compress(tiny_model("llama"), method="svd-llm-v2", ratio=0.4)
+    r = _compress(model, method="soco", ratio=0.4, method_options={"steps": 12, "seqlen": 32, "log": str(log)})
+    shapes = svdkit.find_architecture(tiny_model("llama")).shapes()
+    budget = sum(k * sum(shapes[n]) for n, k in uniform.ranks.items())
+    kept = sum(k * sum(shapes[n]) for n, k in r.ranks.items())
+    assert r.training["budget"] == budget and r.training["kept"] == kept
+    assert budget - max(m + n for m, n in shapes.values()) < kept <= budget
+    assert r.params == uniform.params - (budget - kept)
+    assert r.ranks != uniform.ranks  # the global budget moves rank between matrices
+    stages = [row["stage"] for row in r.training["curve"]]
+    assert stages == ["coarse"] * 6 + ["refine"] * 4 + ["final"] * 2
+    curve = r.training["curve"]
+    assert all(row["kept"] <= row["target"] + 1e-9 for row in curve[:10])  # projected onto the budget
+    assert curve[0]["kept"] > curve[5]["kept"] and abs(curve[5]["kept"] - curve[5]["target"]) < 1e-3
+    assert curve[5]["target"] == curve[9]["target"]  # the coarse stage ends at the budget
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [row["step"] for row in lines] == list(range(1, 13))
+    assert all(p.requires_grad for p in model.parameters())  # nothing left frozen
+    record = model.config.quantization_config
+    assert record.method == "soco" and record.training["kept"] == kept and "curve" not in record.training
+    ids = random_tokens(30, seed=3)[None]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    svdkit.save(model, tiny_tokenizer, tmp_path / "out")
+    loaded, _ = svdkit.load(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
+def test_soco_training_lowers_the_loss_on_its_windows():
+    """The final stage trains only the scores: with a generous learning rate the last steps' loss on
+    the calibration windows must fall below the loss of the pruned model before training."""
+    from svdkit.data import calibration_windows
+
+    calib = random_tokens(8 * 64, seed=1)
+    windows = calibration_windows(calib, 8, 64, 0, 0)
+
+    def loss(m):
+        with torch.no_grad():
+            return float(m(input_ids=windows, labels=windows).loss)
+
+    untrained = tiny_model("llama")
+    _compress(untrained, method="soco", ratio=0.4, method_options={"steps": 1, "coarse": 0.0, "refine": 1.0})
+    trained = tiny_model("llama")
+    _compress(trained, method="soco", ratio=0.4, method_options={"steps": 60, "coarse": 0.0, "refine": 0.0, "lr": 0.05})
+    assert loss(trained) < loss(untrained)
+
+
+def test_soco_rejects_targets_it_cannot_reach():
+    with pytest.raises(svdkit.SvdkitError, match="SoCo can only prune"):
+        _compress(tiny_model("llama"), method="soco", ratio=0.2, method_options={"start_ratio": 0.5, "steps": 2})
+
+
+def test_soco_stops_on_a_non_finite_loss_and_restores_the_layers(monkeypatch):
+    calls = {"n": 0}
+    forward = ScoredLinear.forward
+
+    def poisoned(self, x):
+        calls["n"] += 1
+        y = forward(self, x)
+        return y * float("nan") if calls["n"] > 30 else y
+
+    monkeypatch.setattr(ScoredLinear, "forward", poisoned)
+    model = tiny_model("llama")
+    with pytest.raises(svdkit.SvdkitError, match="diverged at step 3 .*lower lr"):
+        _compress(model, method="soco", ratio=0.4, method_options={"steps": 6})
+    assert not any(isinstance(m, ScoredLinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_cli_soco_divergence_writes_nothing(tmp_path, tiny_folder, monkeypatch, capsys):
+    monkeypatch.setattr(ScoredLinear, "forward", lambda self, x: torch.full_like(self.low(x), float("nan")))
+    out = tmp_path / "out"
+    code = main(
+        [
+            "compress",
+            str(tiny_folder),
+            "--method",
+            "soco",
+            "--ratio",
+            "0.4",
+            "--calib",
+            "demo",
+            "--calib-samples",
+            "2",
+            "--calib-seqlen",
+            "64",
+            "--option",
+            "steps=3",
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 2
+    assert "diverged at step 1" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"base": "asvd"}, "needs statistics"),
+        ({"base": "nope"}, "unknown base"),
+        ({"coarse": 0.8, "refine": 0.5}, "sum <= 1"),
+        ({"lr": 0}, "lr must be positive"),
+        ({"steps": 0}, "steps must be a positive integer"),
+    ],
+)
+def test_soco_config_errors(options, message):
+    with pytest.raises(svdkit.SvdkitError, match=message):
+        svdkit.methods.make_config(svdkit.get_method("soco"), options)
+
+
+def test_cli_soco_writes_its_curve_and_info_plots_it(tmp_path, tiny_folder, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    args = ["compress", str(tiny_folder), "--method", "soco", "--ratio", "0.4", "--calib-samples", "2"]
+    args += ["--calib-seqlen", "64", "--option", "steps=4", "--option", "seqlen=32", "--output", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "training: 4 steps" in printed and "chosen ranks by module type" in printed
+    curve = json.loads((out / "training_curve.json").read_text())
+    assert [row["step"] for row in curve] == [1, 2, 3, 4]
+    png = tmp_path / "curve.png"
+    assert main(["info", str(out), "--plot-curve", str(png)]) == 0
+    assert "training: 4 steps" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (out / "training_curve.json").unlink()
+    assert main(["info", str(out), "--plot-curve", str(png)]) == 2
+    assert "no training_curve.json" in capsys.readouterr().err
