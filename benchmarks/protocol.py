@@ -85,25 +85,27 @@ def markdown(report: dict) -> str:
         f"PTB validation, first {report['ptb_windows']} windows",
         "",
         "| method | allocation | ratio | WikiText-2 ppl | PTB ppl | parameters | statistics s | allocation s "
-        "| decomposition s | total s | prefill tok/s | vs dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| dense | | 0 | {fmt(dense['wikitext2'])} | {fmt(dense['ptb'])} | {dense['params']:,} | | | | | "
+        "| decomposition s | training s | total s | prefill tok/s | vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| dense | | 0 | {fmt(dense['wikitext2'])} | {fmt(dense['ptb'])} | {dense['params']:,} | | | | | | "
         f"{dense['prefill_tok_s']:.0f} | 1.00x |",
     ]
     for c in report["cells"]:
-        total = c["statistics_s"] + c["allocation_s"] + c["decomposition_s"]
+        training = c.get("training_s", 0.0)
+        total = c["statistics_s"] + c["allocation_s"] + c["decomposition_s"] + training
         lines.append(
             f"| {_label(c)} | {_alloc_label(c)} | {c['ratio']} | {fmt(c['wikitext2'])} | {fmt(c['ptb'])} | "
             f"{c['params']:,} | {c['statistics_s']:.0f} | {c['allocation_s']:.0f} | {c['decomposition_s']:.1f} | "
-            f"{total:.0f} | {c['prefill_tok_s']:.0f} | {c['prefill_tok_s'] / dense['prefill_tok_s']:.2f}x |"
+            f"{training:.0f} | {total:.0f} | {c['prefill_tok_s']:.0f} | "
+            f"{c['prefill_tok_s'] / dense['prefill_tok_s']:.2f}x |"
         )
     passes = ", ".join(f"{k} {v:.0f} s" for k, v in report["calibration"].get("passes", {}).items())
     lines += [
         "",
         f"Statistics passes (shared by all cells): {passes or 'none'}. 'statistics s' is the time of the passes "
         "a cell's method needs ('inputs' collects every input statistic at once, so it is an upper bound for a "
-        "method that needs only mean |x|); 'total s' adds allocation and decomposition. Prefill: one forward of "
-        f"{report['seqlen']} tokens, median of 3.",
+        "method that needs only mean |x|); 'total s' adds allocation, decomposition and training (soco). "
+        f"Prefill: one forward of {report['seqlen']} tokens, median of 3.",
         "",
         f"Peak resident memory of the whole run: {report['peak_rss_mb']:.0f} MB.",
         "",
@@ -301,7 +303,9 @@ def main() -> None:
             "statistics_s": r.timings["calibration"] if sequential else shared,
             "allocation_s": r.timings["allocation"],
             "decomposition_s": r.timings["decomposition"],
+            "training_s": r.timings.get("training", 0.0),
             "allocation_report": r.allocation,
+            **({"training": r.training} if r.training else {}),
             "ranks": r.ranks,
             **evaluate(work, wiki, ptb, args),
         }

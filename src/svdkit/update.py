@@ -14,9 +14,10 @@ SVD-LLM's whitening, B0 is already this optimum (A G A^T = S_k and W G A^T = U_k
 refit changes nothing: it helps methods whose B is not fitted to the data (svd, asvd, fwsvd, nsvd),
 and SVD-LLM once X' differs from X (sequential calibration).
 
-Measured on SmolLM2-135M (docs/results/README.md): the sequential form makes the model far worse
-(perplexity 3678 against 66 for svd-llm at 0.2) although each refit is optimal on its own calibration
-inputs; the cause is not yet understood, so use ``sequential=True`` with ``update="lstsq"`` with care.
+The sequential form needs intra-layer sequential statistics (:func:`svdkit.calibration.iterate_layers`
+stages every layer by distinct input): when o_proj and down_proj were fitted on inputs computed with
+the dense q/k/v and gate/up, they corrected the upstream error a second time on top of the refitted
+q/k/v and gate/up, and SmolLM2-135M collapsed (perplexity 3678 against 66 for svd-llm at 0.2).
 """
 
 from __future__ import annotations
