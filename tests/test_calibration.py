@@ -120,3 +120,17 @@ def test_engine_leaves_the_model_unchanged_and_hooks_removed():
     assert all(not m._forward_pre_hooks for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
+
+
+@pytest.mark.parametrize("needs", [{"gram"}, {"gram", "cross"}])
+def test_sequential_stages_leave_no_hooks_and_an_unchanged_model(needs):
+    """The staged pass stops forwards midway (an exception in a hook): nothing may stay hooked."""
+    model = tiny_model()
+    ids = random_tokens(32)[None]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    items = list(iterate_layers(model, find_architecture(model), ids, needs, torch.device("cpu"), True, progress=False))
+    assert len(items) == 4 * len(find_architecture(model).layers)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)

@@ -131,23 +131,44 @@ def test_soco_meets_the_budget_reallocates_and_round_trips(tmp_path, tiny_tokeni
         assert torch.equal(loaded(input_ids=ids).logits, expected)
 
 
-def test_soco_training_lowers_the_loss_on_its_windows():
-    """The final stage trains only the scores: with a generous learning rate the last steps' loss on
-    the calibration windows must fall below the loss of the pruned model before training."""
+def test_soco_final_stage_lowers_the_loss_on_its_windows():
+    """Two runs share their first four steps (same windows, same pruning); the one that goes on
+    training the kept scores after pruning ends with a lower loss on the calibration windows."""
     from svdkit.data import calibration_windows
 
-    calib = random_tokens(8 * 64, seed=1)
-    windows = calibration_windows(calib, 8, 64, 0, 0)
+    windows = calibration_windows(random_tokens(8 * 64, seed=1), 8, 64, 0, 0)
 
     def loss(m):
         with torch.no_grad():
             return float(m(input_ids=windows, labels=windows).loss)
 
-    untrained = tiny_model("llama")
-    _compress(untrained, method="soco", ratio=0.4, method_options={"steps": 1, "coarse": 0.0, "refine": 1.0})
-    trained = tiny_model("llama")
-    _compress(trained, method="soco", ratio=0.4, method_options={"steps": 60, "coarse": 0.0, "refine": 0.0, "lr": 0.05})
-    assert loss(trained) < loss(untrained)
+    pruned, trained = tiny_model("llama"), tiny_model("llama")
+    a = _compress(
+        pruned, method="soco", ratio=0.4, method_options={"steps": 4, "coarse": 0.5, "refine": 0.5, "lr": 0.05}
+    )
+    b = _compress(
+        trained, method="soco", ratio=0.4, method_options={"steps": 44, "coarse": 1 / 22, "refine": 1 / 22, "lr": 0.05}
+    )
+    assert [row["stage"] for row in b.training["curve"][:5]] == ["coarse"] * 2 + ["refine"] * 2 + ["final"]
+    assert a.ranks == b.ranks  # the same pruning
+    assert loss(trained) < loss(pruned)
+
+
+def test_untrained_scores_prune_every_matrix_alike():
+    """With no projected step all scores are 1: ties go by position inside each matrix, so the ranks
+    stay spread over all matrices instead of whole matrices kept in model order."""
+    r = _compress(tiny_model("llama"), method="soco", ratio=0.4, method_options={"steps": 2, "coarse": 0, "refine": 0})
+    assert min(r.ranks.values()) > 1
+    assert max(r.ranks.values()) - min(r.ranks.values()) <= 2
+
+
+def test_soco_under_no_grad_still_trains(tmp_path):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        r = _compress(model, method="soco", ratio=0.4, method_options={"steps": 3})
+    assert len(r.training["curve"]) == 3
+    with pytest.raises(svdkit.SvdkitError, match="does not exist"):
+        _compress(tiny_model("llama"), method="soco", ratio=0.4, method_options={"log": str(tmp_path / "no" / "x")})
 
 
 def test_soco_rejects_targets_it_cannot_reach():
@@ -203,6 +224,7 @@ def test_cli_soco_divergence_writes_nothing(tmp_path, tiny_folder, monkeypatch, 
 @pytest.mark.parametrize(
     "options, message",
     [
+        ({"log": "/nonexistent-folder/curve.jsonl"}, "does not exist"),
         ({"base": "asvd"}, "needs statistics"),
         ({"base": "nope"}, "unknown base"),
         ({"coarse": 0.8, "refine": 0.5}, "sum <= 1"),

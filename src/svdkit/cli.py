@@ -226,7 +226,10 @@ def cmd_compress(a) -> None:
             f"training: {tr['steps']} steps in {tr['seconds']:.0f}s, final loss {tr['final_loss']:.4f}; "
             f"{tr['kept']:,} target parameters kept for a budget of {tr['budget']:,}"
         )
-        (out / CURVE_FILE).write_text(json.dumps(tr["curve"]) + "\n")  # the folder is complete already
+        try:  # the model folder is complete already; the curve is an extra
+            (out / CURVE_FILE).write_text(json.dumps(tr["curve"]) + "\n")
+        except OSError as e:
+            raise SvdkitError(f"the model was written to {out}, but not its training curve: {e}") from e
     if a.allocation != "uniform" or result.training:
         print(rank_summary(result.ranks, result.dense_kept, _shapes(model, result)))
         for key, value in result.allocation.items():
@@ -359,7 +362,7 @@ def cmd_info(a) -> None:
         tr = info["training"]
         print(
             f"training: {tr.get('steps')} steps in {tr.get('seconds')}s, final loss {tr.get('final_loss')}; "
-            f"{tr.get('kept'):,} target parameters kept for a budget of {tr.get('budget'):,}"
+            f"{tr.get('kept', '?')} target parameters kept for a budget of {tr.get('budget', '?')}"
         )
     shapes = info["shapes"]
     print(f"{len(ranks)} low-rank modules, {len(info['dense_kept'])} target modules kept dense:")

@@ -79,13 +79,20 @@ def project_budget(scores: torch.Tensor, costs: torch.Tensor, target: float, ite
 def prune_to_budget(scores: torch.Tensor, costs: torch.Tensor, owner: torch.Tensor, budget: float) -> torch.Tensor:
     """A keep-mask: every matrix's best component first, then the largest scores while their cost fits.
 
-    `owner` gives each component's matrix index. Ties keep the earlier (larger singular value) component.
+    `owner` gives each component's matrix index (components of a matrix are contiguous, in singular-value
+    order). Equal scores go by position inside their matrix, so untrained scores (all 1) keep every
+    matrix's leading components alike rather than whole matrices in model order.
     """
-    order = torch.argsort(-scores.double() + torch.arange(len(scores), dtype=torch.float64) * 1e-12)
+    index = torch.arange(len(scores))
+    first_of = {}
+    for j, o in enumerate(owner.tolist()):
+        first_of.setdefault(o, j)
+    position = index - torch.tensor([first_of[o] for o in owner.tolist()], dtype=torch.long)
+    order = sorted(range(len(scores)), key=lambda j: (-float(scores[j]), int(position[j])))
     keep = torch.zeros(len(scores), dtype=torch.bool)
     first = torch.zeros(int(owner.max()) + 1, dtype=torch.bool)
     spent = 0.0
-    for j in order.tolist():  # each matrix's best-scored component
+    for j in order:  # each matrix's best-scored component
         o = int(owner[j])
         if not first[o]:
             first[o] = True
@@ -96,7 +103,7 @@ def prune_to_budget(scores: torch.Tensor, costs: torch.Tensor, owner: torch.Tens
             f"the budget of {budget:,.0f} parameters cannot keep even one component per matrix "
             f"({spent:,.0f} needed): choose a lower ratio"
         )
-    for j in order.tolist():
+    for j in order:
         if not keep[j] and spent + float(costs[j]) <= budget:
             keep[j] = True
             spent += float(costs[j])
@@ -145,7 +152,10 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
             raise RuntimeError(f"soco expected a low-rank layer at {name}")
         scored[name] = ScoredLinear(low)
     costs = torch.cat(
-        [torch.full((s.low.rank,), float(s.low.in_features + s.low.out_features)) for s in scored.values()]
+        [
+            torch.full((s.low.rank,), s.low.in_features + s.low.out_features, dtype=torch.float64)
+            for s in scored.values()
+        ]
     )
     owner = torch.cat([torch.full((s.low.rank,), i, dtype=torch.long) for i, s in enumerate(scored.values())])
     start = float(costs.sum())
@@ -162,13 +172,18 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
         )
 
     steps = config.steps
-    n_coarse = round(steps * config.coarse)
-    n_refine = round(steps * config.refine)
+    n_coarse = max(1, round(steps * config.coarse)) if config.coarse > 0 else 0
+    n_refine = min(max(1, round(steps * config.refine)) if config.refine > 0 else 0, steps - n_coarse)
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(chunks), generator=generator)
     dense_total = float(sum(m * n for m, n in context.shapes.values()))
     curve: list[dict] = []
-    log = Path(config.log).open("w") if config.log else None
+    if torch.is_inference_mode_enabled():
+        raise SvdkitError("soco trains scores with gradients: call compress outside torch.inference_mode()")
+    try:
+        log = Path(config.log).open("w") if config.log else None
+    except OSError as e:
+        raise SvdkitError(f"cannot write the soco log {config.log}: {e}") from e
     t0 = time.perf_counter()
     was_training = model.training
     try:
@@ -178,64 +193,68 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
             model.set_submodule(name, s)
         model.to(device)
         model.eval()  # no dropout; gradients still flow to the scores
-        params = [s.score for s in scored.values()]
-        opt = torch.optim.Adam(params, lr=config.lr)
-        bar = tqdm(range(steps), desc="soco", unit="step", disable=not context.progress)
-        cursor = 0
-        for step in bar:
-            if step < n_coarse:
-                stage, target = "coarse", start + (budget - start) * (step + 1) / n_coarse
-            elif step < n_coarse + n_refine:
-                stage, target = "refine", budget
-            else:
-                stage, target = "final", budget
-                if step == n_coarse + n_refine:
-                    _prune(scored, costs, owner, budget, opt)
-            idx = order[torch.arange(cursor, cursor + config.batch) % len(order)]
-            cursor += config.batch
-            ids = chunks[idx].to(device)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise SvdkitError(
-                    f"soco training diverged at step {step + 1} ({stage} stage): the loss is {float(loss.detach())}; "
-                    f"lower lr (now {config.lr}); nothing was kept"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                flat = torch.cat([s.score.detach().cpu() for s in scored.values()])
-                if stage != "final":
-                    project_budget(flat, costs, target)
-                flat.clamp_(min=0)
-                mask = torch.cat([s.mask.cpu() for s in scored.values()])
-                flat *= mask
-                if not torch.isfinite(flat).all():
-                    raise SvdkitError(f"soco scores became non-finite at step {step + 1}: lower lr (now {config.lr})")
-                offset = 0
-                for s in scored.values():
-                    s.score.copy_(flat[offset : offset + s.low.rank].to(s.score.device))
-                    offset += s.low.rank
-            kept = soft_count(flat, costs) if stage != "final" else float((costs * mask).sum())
-            row = {
-                "step": step + 1,
-                "stage": stage,
-                "loss": float(loss.detach()),
-                "kept": kept / dense_total,
-                "target": target / dense_total,
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-            curve.append(row)
-            if log is not None:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            bar.set_postfix(loss=f"{row['loss']:.3f}", kept=f"{row['kept']:.3f}", stage=stage)
+        with torch.enable_grad():  # the caller may have turned gradients off
+            params = [s.score for s in scored.values()]
+            opt = torch.optim.Adam(params, lr=config.lr)
+            bar = tqdm(range(steps), desc="soco", unit="step", disable=not context.progress)
+            cursor = 0
+            for step in bar:
+                if step < n_coarse:
+                    stage, target = "coarse", start + (budget - start) * (step + 1) / n_coarse
+                elif step < n_coarse + n_refine:
+                    stage, target = "refine", budget
+                else:
+                    stage, target = "final", budget
+                    if step == n_coarse + n_refine:
+                        _prune(scored, costs, owner, budget, opt)
+                idx = order[torch.arange(cursor, cursor + config.batch) % len(order)]
+                cursor += config.batch
+                ids = chunks[idx].to(device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise SvdkitError(
+                        f"soco training diverged at step {step + 1} ({stage} stage): the loss is "
+                        f"{float(loss.detach())}; lower lr (now {config.lr}); nothing was kept"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    flat = torch.cat([s.score.detach().cpu() for s in scored.values()]).double()
+                    if stage != "final":
+                        project_budget(flat, costs, target)
+                    flat.clamp_(min=0)
+                    mask = torch.cat([s.mask.cpu() for s in scored.values()])
+                    flat *= mask
+                    if not torch.isfinite(flat).all():
+                        raise SvdkitError(
+                            f"soco scores became non-finite at step {step + 1}: lower lr (now {config.lr})"
+                        )
+                    offset = 0
+                    for s in scored.values():
+                        s.score.copy_(flat[offset : offset + s.low.rank].to(s.score.device))
+                        offset += s.low.rank
+                kept = soft_count(flat, costs) if stage != "final" else float((costs * mask).sum())
+                row = {
+                    "step": step + 1,
+                    "stage": stage,
+                    "loss": float(loss.detach()),
+                    "kept": kept / dense_total,
+                    "target": target / dense_total,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
+                curve.append(row)
+                if log is not None:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                bar.set_postfix(loss=f"{row['loss']:.3f}", kept=f"{row['kept']:.3f}", stage=stage)
         if n_coarse + n_refine >= steps:  # no final steps: prune at the end
             _prune(scored, costs, owner, budget, opt)
         final = {name: fold_scores(s) for name, s in scored.items()}
     except BaseException:
         for name, s in scored.items():  # back to the start decomposition's layers
             model.set_submodule(name, s.low)
+        model.to(home)
         raise
     finally:
         if log is not None:
@@ -244,6 +263,7 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
             p.requires_grad_(flag)
         model.train(was_training)
     for name, low in final.items():
+        low.requires_grad_(frozen[scored[name].low.A])
         model.set_submodule(name, low)
     model.to(home)
     ranks = {name: low.rank for name, low in final.items()}

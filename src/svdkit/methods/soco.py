@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -76,8 +77,11 @@ class SoCoConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.log is not None and not isinstance(self.log, str):
-            raise ValueError(f"log must be a file path, got {self.log!r}")
+        if self.log is not None:
+            if not isinstance(self.log, str) or not self.log:
+                raise ValueError(f"log must be a file path, got {self.log!r}")
+            if not Path(self.log).parent.is_dir():
+                raise ValueError(f"log: folder '{Path(self.log).parent}' does not exist")
 
 
 def start_ranks(shapes: Mapping[str, tuple[int, int]], config: SoCoConfig) -> dict[str, int]:
