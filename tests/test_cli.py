@@ -114,7 +114,7 @@ def test_compress_with_sensitivity_allocation_reports_ranks(capsys, tmp_path, ti
         (["compress", "{tmp}", "--output", "{tmp}/o"], "is a folder but not a model: it has no config.json"),
         (
             ["compress", "{model}", "--method", "magic", "--output", "{tmp}/o"],
-            "known methods: asvd, fwsvd, nsvd, nsvd2, svd, svd-llm, svd-llm-v2",
+            "known methods: asvd, fwsvd, nsvd, nsvd2, soco, svd, svd-llm, svd-llm-v2",
         ),
         (["compress", "{model}", "--option", "nope=1", "--output", "{tmp}/o"], "has no option nope"),
         (

@@ -123,7 +123,7 @@ def test_low_rank_linear_computes_b_a_x_plus_bias():
 
 
 def test_unknown_method_lists_the_known_ones():
-    with pytest.raises(SvdkitError, match="known methods: asvd, fwsvd, nsvd, nsvd2, svd, svd-llm, svd-llm-v2"):
+    with pytest.raises(SvdkitError, match="known methods: asvd, fwsvd, nsvd, nsvd2, soco, svd, svd-llm, svd-llm-v2"):
         get_method("nope")
     with pytest.raises(SvdkitError, match="has no option bogus"):
         make_config(get_method("svd-llm"), {"bogus": 1})
