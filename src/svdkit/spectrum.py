@@ -214,7 +214,7 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
                 else:
                     stage, target = "final", budget
                     if step == n_coarse + n_refine:
-                        _prune(scored, costs, owner, budget, opt)
+                        _prune(scored, costs, owner, budget)
                 idx = order[torch.arange(cursor, cursor + config.batch) % len(order)]
                 cursor += config.batch
                 ids = chunks[idx].to(device)
@@ -261,7 +261,7 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
                     log.flush()
                 bar.set_postfix(loss=f"{row['loss']:.3f}", kept=f"{row['kept']:.3f}", stage=stage)
         if n_coarse + n_refine >= steps:  # no final steps: prune at the end
-            _prune(scored, costs, owner, budget, opt)
+            _prune(scored, costs, owner, budget)
         final = {name: fold_scores(s) for name, s in scored.items()}
     except BaseException:
         for name, s in scored.items():  # back to the start decomposition's layers
@@ -292,7 +292,7 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
     return ranks, report
 
 
-def _prune(scored: dict[str, ScoredLinear], costs: torch.Tensor, owner: torch.Tensor, budget: float, opt) -> None:
+def _prune(scored: dict[str, ScoredLinear], costs: torch.Tensor, owner: torch.Tensor, budget: float) -> None:
     flat = torch.cat([s.score.detach().cpu() for s in scored.values()])
     keep = prune_to_budget(flat, costs, owner, budget)
     offset = 0
@@ -300,9 +300,5 @@ def _prune(scored: dict[str, ScoredLinear], costs: torch.Tensor, owner: torch.Te
         for s in scored.values():
             m = keep[offset : offset + s.low.rank].to(s.mask.device)
             s.mask.copy_(m)
-            s.score.mul_(m)
-            state = opt.state.get(s.score)
-            for key in ("exp_avg", "exp_avg_sq"):  # pruned scores must not drift back through momentum
-                if state and key in state:
-                    state[key].mul_(m)
+            s.score.mul_(m)  # pruned scores stay 0: each step re-masks them (momentum cannot revive them)
             offset += s.low.rank
