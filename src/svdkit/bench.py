@@ -1,0 +1,426 @@
+"""The same-protocol benchmark: a grid of methods x ratios x allocations on one model, one harness.
+
+    svdkit bench --methods svd svd-llm svd-llm-v2@v2 soco --ratios 0.2 0.4 0.6 --out bench-smollm2
+
+The protocol is ../shared/PROTOCOL.md: calibration on 32 windows of 2048 WikiText-2 test tokens at
+seeded offsets from 150000; evaluation on the first 16 windows of 2048 of WikiText-2 test and the
+first 8 of PTB validation. A cell spec is METHOD[@ALLOCATION[:KEY=VALUE,...]][+lstsq][+seq]: an
+allocation strategy after '@' (default uniform) with its options after ':', '+lstsq' for the
+least-squares update of B, '+seq' for sequential calibration (such cells run their own calibration
+pass). Otherwise one calibration pass over the dense model collects every input statistic the cells
+need (the Gram matrices do not depend on the method), and one gradient pass the Fisher information if
+a method needs it; they serve every cell. Each cell compresses a fresh copy of the dense model.
+
+Measured per cell, dense alongside: perplexities, parameters, compression time split into statistics,
+allocation, decomposition and training, peak resident memory while compressing, prefill and decode
+throughput, weight bytes, the memory a prefill adds, and the saved file size (:mod:`svdkit.speed`).
+Writes ``results.json`` (rewritten after every cell: an interrupted run resumes from the finished
+cells), ``results.md`` and PNG plots (perplexity vs ratio, rank maps of non-uniform allocations, SoCo
+training curves, singular spectra of a few matrices before and after whitening).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import SvdkitError
+
+__all__ = ["CellSpec", "BenchConfig", "parse_spec", "parse_options", "run_bench", "markdown", "cell_label"]
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """One row of the grid (without its ratio)."""
+
+    method: str
+    allocation: str = "uniform"
+    update: str = "none"
+    sequential: bool = False
+    options: str = "{}"  # allocation options as sorted JSON (hashable)
+
+
+@dataclass
+class BenchConfig:
+    model: str = "smollm2-135m"
+    cells: Sequence[str] = ("svd", "svd-llm")
+    ratios: Sequence[float] = (0.2, 0.4, 0.6)
+    data_dir: str | None = None
+    calib_samples: int = 32
+    calib_offset: int = 150000
+    seqlen: int = 2048
+    seed: int = 0
+    eval_windows: int = 16
+    ptb_windows: int = 8
+    sensitivity_windows: int | None = None
+    sensitivity_seqlen: int | None = None
+    device: str = "auto"
+    speed: bool = True
+    decode_tokens: int = 64
+    repeats: int = 3
+    plots: bool = True
+
+
+def parse_options(text: str) -> dict:
+    """'rule=power,strength=0.5' -> {'rule': 'power', 'strength': 0.5} (values read as JSON when they parse)."""
+    options = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise SvdkitError(f"allocation options are KEY=VALUE separated by commas, got {part!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def parse_spec(spec: str) -> CellSpec:
+    """'svd-llm@v2:strength=0.5+lstsq+seq' -> CellSpec, checking the method and allocation names."""
+    from .allocation import allocator_names
+    from .compress import compress  # noqa: F401  (registers every allocator)
+    from .methods import method_names
+
+    head, *flags = spec.split("+")
+    unknown = set(flags) - {"lstsq", "seq"}
+    if unknown:
+        raise SvdkitError(f"unknown flag(s) {sorted(unknown)} in cell '{spec}': use +lstsq and/or +seq")
+    head, _, opts = head.partition(":")
+    method, _, allocation = head.partition("@")
+    allocation = allocation or "uniform"
+    if method not in method_names():
+        raise SvdkitError(f"unknown method '{method}' in cell '{spec}'; known: {', '.join(method_names())}")
+    if allocation not in allocator_names():
+        raise SvdkitError(f"unknown allocation '{allocation}' in cell '{spec}'; known: {', '.join(allocator_names())}")
+    return CellSpec(
+        method,
+        allocation,
+        "lstsq" if "lstsq" in flags else "none",
+        "seq" in flags,
+        json.dumps(parse_options(opts), sort_keys=True),
+    )
+
+
+def cell_label(cell: dict) -> str:
+    """method[+lstsq][+seq] of a result cell."""
+    extra = ("+lstsq" if cell.get("update", "none") == "lstsq" else "") + ("+seq" if cell.get("sequential") else "")
+    return cell["method"] + extra
+
+
+def _alloc_label(cell: dict) -> str:
+    opts = cell.get("allocation_options") or {}
+    extra = ", ".join(f"{k}={v}" for k, v in opts.items())
+    return cell["allocation"] + (f" ({extra})" if extra else "")
+
+
+def _key(cell: dict) -> tuple:
+    return (
+        cell["method"],
+        cell.get("allocation", "uniform"),
+        cell["ratio"],
+        cell.get("update", "none"),
+        bool(cell.get("sequential", False)),
+        json.dumps(cell.get("allocation_options") or {}, sort_keys=True),
+    )
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Per-module union of two statistics dicts (e.g. input statistics and Fisher information)."""
+    from .statistics import LinearStats
+
+    out = dict(a)
+    for name, st in b.items():
+        prev = out.get(name)
+        out[name] = st if prev is None else LinearStats({**prev.values, **st.values}, prev.tokens, name)
+    return out
+
+
+def _texts(config: BenchConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    from .data import load_text, tokenize
+
+    if config.data_dir is not None:
+        data = Path(config.data_dir)
+        sources = (data / "wikitext-2-raw" / "wiki.test.raw", data / "ptb" / "ptb.valid.txt")
+        missing = [str(p) for p in sources if not p.is_file()]
+        if missing:
+            raise SvdkitError(
+                f"the protocol's text is missing: {', '.join(missing)}; --data-dir must hold "
+                "wikitext-2-raw/wiki.test.raw and ptb/ptb.valid.txt"
+            )
+    else:
+        sources = ("wikitext2", "ptb")  # $SVDKIT_DATA, else Hugging Face datasets (network)
+    return tokenize(tokenizer, load_text(sources[0])), tokenize(tokenizer, load_text(sources[1]))
+
+
+def _evaluate(model, wiki, ptb, config: BenchConfig) -> dict[str, Any]:
+    from .evaluate import perplexity
+    from .speed import measure
+
+    w = perplexity(model, None, wiki, seqlen=config.seqlen, max_windows=config.eval_windows, progress=False)
+    p = perplexity(model, None, ptb, seqlen=config.seqlen, max_windows=config.ptb_windows, progress=False)
+    out: dict[str, Any] = {"wikitext2": w.ppl, "ptb": p.ppl, "params": w.params}
+    if config.speed:
+        out.update(measure(model, wiki[: config.seqlen], config.decode_tokens, repeats=config.repeats))
+    return out
+
+
+def _settings(config: BenchConfig) -> dict:
+    return {
+        "model": config.model,
+        "seqlen": config.seqlen,
+        "eval_windows": config.eval_windows,
+        "ptb_windows": config.ptb_windows,
+        "calibration": {
+            "samples": config.calib_samples,
+            "seqlen": config.seqlen,
+            "offset": config.calib_offset,
+            "seed": config.seed,
+        },
+    }
+
+
+def _resume(json_path: Path, report: dict) -> dict:
+    """Finished cells of an earlier run with the same settings, by key (refuses other settings)."""
+    if not json_path.exists():
+        return {}
+    old = json.loads(json_path.read_text())
+    mine = _settings_of(report)
+    theirs = _settings_of(old)
+    if mine != theirs:
+        raise SvdkitError(
+            f"{json_path} holds results of other settings ({theirs} vs {mine}): choose another output or remove it"
+        )
+    report["dense"] = old.get("dense")
+    report["calibration"]["passes"] = old.get("calibration", {}).get("passes", {})
+    return {_key(c): c for c in old.get("cells", [])}
+
+
+def _settings_of(report: dict) -> dict:
+    calib = {k: v for k, v in report.get("calibration", {}).items() if k not in ("seconds", "passes")}
+    return {**{k: report.get(k) for k in ("model", "seqlen", "eval_windows", "ptb_windows")}, "calibration": calib}
+
+
+def run_bench(
+    config: BenchConfig,
+    json_path: str | os.PathLike,
+    md_path: str | os.PathLike | None = None,
+    plot_dir: str | os.PathLike | None = None,
+    command: str = "",
+    log=print,
+) -> dict:
+    """Run the grid of `config`, writing `json_path` after every cell, then `md_path` and the plots."""
+    import svdkit
+
+    from .allocation import check_ratio, get_allocator
+    from .calibration import collect_statistics
+    from .data import calibration_windows
+    from .gradients import GRADIENT_STATISTICS
+    from .methods import get_method
+    from .models import find_architecture, resolve_device
+    from .speed import peak_rss_mb, reset_peak_rss
+
+    specs = [parse_spec(s) for s in config.cells]
+    if not specs or not config.ratios:
+        raise SvdkitError("the grid is empty: give at least one method and one ratio")
+    ratios = [check_ratio(r) for r in config.ratios]
+    json_path = Path(json_path)
+    if not json_path.parent.is_dir():
+        raise SvdkitError(f"cannot write results: folder '{json_path.parent}' does not exist")
+    dev = resolve_device(config.device)
+    model, tok = svdkit.load_model(config.model)
+    model.to(dev)
+    wiki, ptb = _texts(config, tok)
+    log(f"WikiText-2 test: {wiki.numel():,} tokens; PTB validation: {ptb.numel():,} tokens")
+
+    report: dict[str, Any] = {
+        **_settings(config),
+        "command": command,
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs ({platform.processor() or platform.platform()}), "
+        f"device {dev}, torch threads {torch.get_num_threads()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "svdkit": svdkit.__version__,
+        "torch": torch.__version__,
+        "cells": [],
+    }
+    done = _resume(json_path, report)
+    if done:
+        log(f"resuming: {len(done)} finished cells in {json_path}")
+    if not report.get("dense"):
+        report["dense"] = _evaluate(model, wiki, ptb, config)
+    log(f"dense: {report['dense']}")
+
+    grid = [(s, r) for s in specs for r in ratios]
+    keys = [(s.method, s.allocation, r, s.update, s.sequential, s.options) for s, r in grid]
+    todo = [(s, r) for (s, r), k in zip(grid, keys, strict=True) if k not in done]
+    needs: set[str] = set()
+    for s, _ in todo:
+        if not s.sequential:
+            needs |= get_method(s.method).requires | get_allocator(s.allocation).requires
+            needs |= {"gram"} if s.update == "lstsq" else set()
+    if config.plots and plot_dir is not None:
+        needs.add("gram")  # the spectra before/after whitening
+    passes = report["calibration"].setdefault("passes", {})
+    windows = calibration_windows(wiki, config.calib_samples, config.seqlen, config.calib_offset, config.seed)
+    arch = find_architecture(model)
+    stats = None
+    for kind, group in (("inputs", needs - GRADIENT_STATISTICS), ("fisher", needs & GRADIENT_STATISTICS)):
+        if group:
+            t = time.perf_counter()
+            part = collect_statistics(model, arch, windows, group, dev)
+            passes[kind] = time.perf_counter() - t
+            stats = part if stats is None else _merge(stats, part)
+    report["calibration"]["seconds"] = sum(passes.values())
+
+    def save() -> None:
+        report["peak_rss_mb"] = peak_rss_mb()
+        ordered = [done[k] for k in keys if k in done]
+        report["cells"] = ordered + [c for k, c in done.items() if k not in keys]
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, json_path)
+
+    for spec, ratio in todo:
+        options = json.loads(spec.options)
+        if spec.allocation == "sensitivity":
+            sens = {"windows": config.sensitivity_windows, "seqlen": config.sensitivity_seqlen}
+            options = {**{k: v for k, v in sens.items() if v is not None}, **options}
+        work = copy.deepcopy(model)
+        reset_peak_rss()
+        r = svdkit.compress(
+            work,
+            tok,
+            method=spec.method,
+            ratio=ratio,
+            calib=wiki,
+            calib_samples=config.calib_samples,
+            calib_seqlen=config.seqlen,
+            calib_offset=config.calib_offset,
+            seed=config.seed,
+            device=dev,
+            statistics=None if spec.sequential else stats,
+            progress=spec.allocation != "uniform" or spec.sequential or get_method(spec.method).stage is not None,
+            allocation=spec.allocation,
+            allocation_options=options,
+            update=spec.update,
+            sequential=spec.sequential,
+        )
+        compress_rss = peak_rss_mb()
+        req = get_method(spec.method).requires | get_allocator(spec.allocation).requires
+        req |= {"gram"} if spec.update == "lstsq" else set()
+        shared = (passes.get("inputs", 0.0) if req - GRADIENT_STATISTICS else 0.0) + (
+            passes.get("fisher", 0.0) if req & GRADIENT_STATISTICS else 0.0
+        )
+        cell = {
+            "method": spec.method,
+            "allocation": spec.allocation,
+            "allocation_options": json.loads(spec.options),
+            "ratio": ratio,
+            "update": spec.update,
+            "sequential": spec.sequential,
+            "statistics_s": r.timings["calibration"] if spec.sequential else shared,
+            "allocation_s": r.timings["allocation"],
+            "decomposition_s": r.timings["decomposition"],
+            "training_s": r.timings.get("training", 0.0),
+            "compress_peak_rss_mb": compress_rss,
+            "allocation_report": r.allocation,
+            **({"training": r.training} if r.training else {}),
+            "ranks": r.ranks,
+            **_evaluate(work, wiki, ptb, config),
+        }
+        done[_key(cell)] = cell
+        log({k: v for k, v in cell.items() if k not in ("ranks", "training", "allocation_report")})
+        save()
+        del work
+    save()
+    if md_path is not None:
+        Path(md_path).write_text(markdown(report))
+    if config.plots and plot_dir is not None:
+        from .bench_plots import write_plots
+
+        write_plots(report, Path(plot_dir), model, stats)
+    return report
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    if x is None:
+        return ""
+    return f"{x:.{digits}f}" if x < 1e4 else f"{x:.3g}"
+
+
+def markdown(report: dict) -> str:
+    """The results as markdown: settings, a quality-and-time table, a speed-and-memory table."""
+    dense = report["dense"]
+    calib = report["calibration"]
+    lines = [
+        f"# Protocol results: {report['model']}",
+        "",
+        f"- command: `{report['command']}`",
+        f"- machine: {report['machine']}",
+        f"- date: {report['date']}; svdkit {report['svdkit']}, torch {report['torch']}",
+        f"- calibration: {calib['samples']} x {calib['seqlen']} WikiText-2 test tokens at seeded offsets from "
+        f"{calib['offset']} (seed {calib['seed']}); one pass shared by every cell: {calib.get('seconds', 0):.1f} s",
+        f"- evaluation: WikiText-2 test, first {report['eval_windows']} windows of {report['seqlen']}; "
+        f"PTB validation, first {report['ptb_windows']} windows",
+        "",
+        "## Quality and compression time",
+        "",
+        "| method | allocation | ratio | WikiText-2 ppl | PTB ppl | parameters | statistics s | allocation s "
+        "| decomposition s | training s | total s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| dense | | 0 | {_fmt(dense['wikitext2'])} | {_fmt(dense['ptb'])} | {dense['params']:,} | | | | | | |",
+    ]
+    for c in report["cells"]:
+        training = c.get("training_s", 0.0)
+        total = c["statistics_s"] + c["allocation_s"] + c["decomposition_s"] + training
+        rss = c.get("compress_peak_rss_mb")
+        lines.append(
+            f"| {cell_label(c)} | {_alloc_label(c)} | {c['ratio']} | {_fmt(c['wikitext2'])} | {_fmt(c['ptb'])} | "
+            f"{c['params']:,} | {c['statistics_s']:.0f} | {c['allocation_s']:.0f} | {c['decomposition_s']:.1f} | "
+            f"{training:.0f} | {total:.0f} | {_fmt(rss, 0)} |"
+        )
+    lines += ["", "## Speed and memory (dense measured in the same run)", ""]
+    lines += [
+        "| method | allocation | ratio | prefill tok/s | vs dense | decode tok/s | vs dense | weights MB "
+        "| prefill peak MB | file MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def speed_row(label: str, alloc: str, ratio, c: dict) -> str:
+        def vs(key: str) -> str:
+            if c.get(key) is None or not dense.get(key):
+                return ""
+            return f"{c[key] / dense[key]:.2f}x"
+
+        return (
+            f"| {label} | {alloc} | {ratio} | {_fmt(c.get('prefill_tok_s'), 0)} | {vs('prefill_tok_s')} | "
+            f"{_fmt(c.get('decode_tok_s'), 1)} | {vs('decode_tok_s')} | {_fmt(c.get('weights_mb'), 0)} | "
+            f"{_fmt(c.get('prefill_peak_mb'), 0)} | {_fmt(c.get('file_mb'), 0)} |"
+        )
+
+    lines.append(speed_row("dense", "", 0, dense))
+    for c in report["cells"]:
+        lines.append(speed_row(cell_label(c), _alloc_label(c), c["ratio"], c))
+    passes = ", ".join(f"{k} {v:.0f} s" for k, v in calib.get("passes", {}).items())
+    lines += [
+        "",
+        f"Statistics passes (shared by all cells): {passes or 'none'}. 'statistics s' is the time of the passes "
+        "a cell's method needs ('inputs' collects every input statistic at once, so it is an upper bound for a "
+        "method that needs only mean |x|); 'total s' adds allocation, decomposition and training (soco). "
+        "'peak RSS MB' is the process's peak resident memory while the cell compressed (it includes the "
+        "harness's dense model and shared statistics). Prefill: one forward of "
+        f"{report['seqlen']} tokens; decode: batch-1 greedy generation with the KV cache; both medians of 3. "
+        "'prefill peak MB' is the memory one prefill adds above what is resident.",
+        "",
+        f"Peak resident memory of the whole run: {report.get('peak_rss_mb', 0):.0f} MB.",
+        "",
+    ]
+    return "\n".join(lines)
