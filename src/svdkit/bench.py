@@ -27,7 +27,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +259,7 @@ def run_bench(
     log(f"dense: {report['dense']}")
 
     grid = [(s, r) for s in specs for r in ratios]
-    keys = [(s.method, s.allocation, r, s.update, s.sequential, s.options) for s, r in grid]
+    keys = [_key({**asdict(s), "ratio": r, "allocation_options": json.loads(s.options)}) for s, r in grid]
     todo = [(s, r) for (s, r), k in zip(grid, keys, strict=True) if k not in done]
     needs: set[str] = set()
     for s, _ in todo:
