@@ -71,7 +71,7 @@ def test_bench_grid_measures_plots_and_resumes(capsys, tmp_path, tiny_folder, da
     ]
     dense = report["dense"]
     for c in [dense, *cells]:
-        assert c["prefill_tok_s"] > 0 and c["decode_tok_s"] > 0 and c["file_mb"] > 0
+        assert c["prefill_tok_s"] > 0 and c["forward_tok_s"] > 0 and c["decode_tok_s"] > 0 and c["file_mb"] > 0
     for c in cells:
         assert c["params"] < dense["params"]
         assert c["weights_mb"] < dense["weights_mb"] and c["file_mb"] < dense["file_mb"]
@@ -129,6 +129,22 @@ def test_decode_and_prefill_memory_are_measured():
     assert decode_tokens_per_second(model, ids[:8], new_tokens=5, repeats=1) > 0
     peak = prefill_peak_mb(model, ids)
     assert peak is None or peak >= 0
+
+
+def test_prefill_is_a_generation_prefill_and_forward_scores_every_position():
+    from svdkit import speed
+
+    model = tiny_model()
+    ids = random_tokens(64)
+    seen = []
+    hook = model.register_forward_hook(lambda mod, args, kwargs, out: seen.append((kwargs, out)), with_kwargs=True)
+    assert speed.prefill_tokens_per_second(model, ids, repeats=1) > 0
+    kwargs, out = seen[-1]
+    assert out.logits.shape[1] == 1 and kwargs["past_key_values"].get_seq_length() == 64  # cache filled
+    seen.clear()
+    assert speed.forward_tokens_per_second(model, ids, repeats=1) > 0
+    assert seen[-1][1].logits.shape[1] == 64 and seen[-1][0]["use_cache"] is False
+    hook.remove()
 
 
 def test_whitened_spectrum_is_the_plain_one_under_identity_gram_and_tilts_otherwise():

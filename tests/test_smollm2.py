@@ -89,3 +89,35 @@ def test_nsvd_variants_stay_close_to_svd_llm(smollm2, shared_data):
         ppl[method] = svdkit.perplexity(work, tok, wiki, seqlen=512, max_windows=2, progress=False).ppl
     assert all(math.isfinite(v) for v in ppl.values())
     assert ppl["nsvd"] < 1.5 * ppl["svd-llm"] and ppl["nsvd2"] < 1.5 * ppl["svd-llm"]
+
+
+def test_latent_kv_cache_generates_the_same_tokens(smollm2, shared_data):
+    """k/v compressed for a 50% KV-cache reduction: the latent cache is half the size, same greedy tokens."""
+    from svdkit.kvcache import enable_latent_kv_cache, kv_bytes_per_token
+
+    _, tok = smollm2
+    wiki = tokenize(tok, load_text(shared_data / "wikitext-2-raw" / "wiki.test.raw"))
+    work, _ = svdkit.load_model("smollm2-135m", progress=False)
+    r = svdkit.compress(
+        work,
+        tok,
+        ratio=0,
+        kv_ratio=0.5,
+        calib=wiki,
+        calib_samples=8,
+        calib_seqlen=256,
+        calib_offset=150_000,
+        device="cpu",
+        progress=False,
+    )
+    assert set(r.ranks.values()) == {96} and len(r.ranks) == 60  # 30 layers x (k_proj, v_proj), 192 rows each
+    prompt = wiki[:300][None]
+    kw = dict(do_sample=False, max_new_tokens=40, min_new_tokens=40, pad_token_id=0)
+    with torch.no_grad():
+        ordinary = work.generate(prompt, **kw)
+        full = kv_bytes_per_token(work, prompt[0])
+        enable_latent_kv_cache(work)
+        latent = work.generate(prompt, **kw)
+    assert full == 30 * 2 * 192 * 4  # float32 keys and values, 30 layers
+    assert kv_bytes_per_token(work, prompt[0]) == full / 2
+    assert torch.equal(latent, ordinary)

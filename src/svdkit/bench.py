@@ -389,9 +389,9 @@ def markdown(report: dict) -> str:
         )
     lines += ["", "## Speed and memory (dense measured in the same run)", ""]
     lines += [
-        "| method | allocation | ratio | prefill tok/s | vs dense | decode tok/s | vs dense | weights MB "
-        "| prefill peak MB | file MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | allocation | ratio | prefill tok/s | vs dense | forward tok/s | vs dense | decode tok/s | vs dense "
+        "| weights MB | prefill peak MB | file MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def speed_row(label: str, alloc: str, ratio, c: dict) -> str:
@@ -402,6 +402,7 @@ def markdown(report: dict) -> str:
 
         return (
             f"| {label} | {alloc} | {ratio} | {_fmt(c.get('prefill_tok_s'), 0)} | {vs('prefill_tok_s')} | "
+            f"{_fmt(c.get('forward_tok_s'), 0)} | {vs('forward_tok_s')} | "
             f"{_fmt(c.get('decode_tok_s'), 1)} | {vs('decode_tok_s')} | {_fmt(c.get('weights_mb'), 0)} | "
             f"{_fmt(c.get('prefill_peak_mb'), 0)} | {_fmt(c.get('file_mb'), 0)} |"
         )
@@ -416,9 +417,11 @@ def markdown(report: dict) -> str:
         "a cell's method needs ('inputs' collects every input statistic at once, so it is an upper bound for a "
         "method that needs only mean |x|); 'total s' adds allocation, decomposition and training (soco). "
         "'peak RSS MB' is the process's peak resident memory while the cell compressed (it includes the "
-        "harness's dense model and shared statistics). Prefill: one forward of "
-        f"{report['seqlen']} tokens; decode: batch-1 greedy generation with the KV cache; both medians of 3. "
-        "'prefill peak MB' is the memory one prefill adds above what is resident.",
+        "harness's dense model and shared statistics). Prefill: a generation prefill of "
+        f"{report['seqlen']} tokens (KV cache filled, logits of the last position only, as generate() runs it); "
+        "forward: one forward of the same window with every position's logits (as perplexity runs it); decode: "
+        "batch-1 greedy generation with the KV cache; all medians of 3. 'prefill peak MB' is the memory one "
+        "prefill adds above what is resident.",
         "",
         f"Peak resident memory of the whole run: {report.get('peak_rss_mb', 0):.0f} MB.",
         "",

@@ -1,4 +1,4 @@
-"""The svdkit command line: compress, eval, info, densify, demo, methods, bench.
+"""The svdkit command line: compress, eval, generate, info, densify, demo, methods, bench.
 
 Bad input ends with one line ``svdkit: error: ...`` on standard error and exit code 2; ``--json``
 makes a command print one JSON object as the last line of standard output.
@@ -38,6 +38,15 @@ def _ratio(text: str) -> float:
         raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1), got {text!r}") from e
     except SvdkitError as e:
         raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _ratio_or_zero(text: str) -> float:
+    try:
+        if float(text) == 0.0:
+            return 0.0
+    except ValueError:
+        pass
+    return _ratio(text)
 
 
 def _int_at_least(minimum: int, what: str):
@@ -90,7 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a model into a low-rank model folder")
     c.add_argument("model", help="model folder, hub id, .gguf file, or 'smollm2-135m'")
     c.add_argument("--method", default="svd-llm", help=f"one of: {', '.join(method_names())} (default svd-llm)")
-    c.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of each matrix's parameters removed (0.2)")
+    c.add_argument(
+        "--ratio",
+        type=_ratio_or_zero,
+        default=0.2,
+        help="fraction of each matrix's parameters removed (0.2); 0 with --kv-ratio compresses only k/v",
+    )
+    c.add_argument(
+        "--kv-ratio",
+        type=_ratio,
+        default=None,
+        metavar="RHO",
+        help="fix every k_proj/v_proj at the rank that shrinks a latent KV cache by RHO, e.g. 0.5 "
+        "(load with --kv-cache latent / kv_cache='latent' to use it)",
+    )
     c.add_argument("--calib", default="demo", help=f"calibration text: {sources} (default demo)")
     c.add_argument("--calib-samples", type=_positive, default=32, help="calibration windows (32)")
     c.add_argument("--calib-seqlen", type=_positive, default=2048, help="tokens per calibration window (2048)")
@@ -179,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("folder")
     d.add_argument("--output", required=True)
     d.add_argument("--overwrite", action="store_true")
+
+    g = sub.add_parser("generate", help="greedy generation from a prompt, with the ordinary or the latent KV cache")
+    g.add_argument("model", help="model folder (compressed or not), hub id, .gguf file, or 'smollm2-135m'")
+    g.add_argument("--prompt", default="The history of the city begins", help="text to continue")
+    g.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to generate (32)")
+    g.add_argument(
+        "--kv-cache",
+        choices=("ordinary", "latent"),
+        default="ordinary",
+        help="latent: cache A x of the low-rank k_proj/v_proj instead of keys and values (default ordinary)",
+    )
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
     sub.add_parser("methods", help="list the compression methods")
 
@@ -281,6 +316,10 @@ def cmd_compress(a) -> None:
     start = time.perf_counter()
     from .allocation import get_allocator, make_allocation_config
 
+    if a.ratio == 0 and a.kv_ratio is None:
+        raise SvdkitError("--ratio 0 compresses nothing: give a ratio in (0, 1), or --kv-ratio to compress only k/v")
+    if a.densify and a.kv_ratio is not None:
+        raise SvdkitError("--densify writes dense k_proj/v_proj, which have no latent to cache: drop one of them")
     make_config(get_method(a.method), dict(a.option))  # fail on a bad method or option before any work
     make_allocation_config(get_allocator(a.allocation), dict(a.allocation_option))
     resolve_device(a.device)
@@ -303,6 +342,7 @@ def cmd_compress(a) -> None:
         allocation_options=dict(a.allocation_option),
         update=a.update,
         statistics_dir=a.statistics_dir,
+        kv_ratio=a.kv_ratio,
     )
     model.to("cpu")
     if a.densify:
@@ -541,6 +581,45 @@ def cmd_densify(a) -> None:
     print(f"dense model written to {out}")
 
 
+def cmd_generate(a) -> None:
+    import torch
+    from transformers import DynamicCache
+
+    from .io import load
+    from .kvcache import kv_cache_bytes
+
+    model, tok = load(a.model, device=a.device, kv_cache=a.kv_cache)
+    ids = tok(a.prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    if ids.numel() == 0:
+        raise SvdkitError("--prompt is empty after tokenization: give some text")
+    cache = DynamicCache(config=model.config)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            ids, past_key_values=cache, max_new_tokens=a.max_new_tokens, do_sample=False, pad_token_id=pad
+        )
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1] :]
+    cached = cache.get_seq_length()
+    per_token = kv_cache_bytes(cache) / max(cached, 1)
+    print(a.prompt + tok.decode(new, skip_special_tokens=True))
+    print(
+        f"{new.numel()} tokens in {seconds:.2f}s ({new.numel() / seconds:.1f} tokens/s, prompt included); "
+        f"{a.kv_cache} KV cache: {per_token:,.0f} bytes per token ({cached} tokens cached)"
+    )
+    _emit(
+        {
+            "text": tok.decode(new, skip_special_tokens=True),
+            "tokens": new.tolist(),
+            "seconds": round(seconds, 3),
+            "kv_cache": a.kv_cache,
+            "kv_bytes_per_token": per_token,
+        },
+        a.json,
+    )
+
+
 def cmd_methods(a) -> None:
     import dataclasses
 
@@ -581,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "densify": cmd_densify,
         "methods": cmd_methods,
         "bench": cmd_bench,
+        "generate": cmd_generate,
     }
     try:
         if a.command == "demo":

@@ -19,6 +19,7 @@ from .data import calibration_windows, source_tokens
 from .errors import SvdkitError
 from .gradients import GRADIENT_STATISTICS
 from .io import SvdkitConfig
+from .kvcache import KV_TARGETS, check_kv_ratio, kv_ranks
 from .lowrank import LowRankLinear, count_parameters
 from .methods import factorize, get_method, make_config
 from .models import find_architecture, resolve_device
@@ -90,6 +91,7 @@ def compress(
     allocation_options: Mapping[str, Any] | None = None,
     update: str = "none",
     statistics_dir: str | os.PathLike | None = None,
+    kv_ratio: float | None = None,
 ) -> CompressionResult:
     """Compress `model` in place: every target linear becomes a LowRankLinear of its allocated rank.
 
@@ -114,19 +116,36 @@ def compress(
     allocation gives at `ratio` (see :mod:`svdkit.spectrum`). Input is
     checked before any module is touched; a failure during decomposition leaves the model partly
     compressed (reload it).
+
+    `kv_ratio` fixes every k_proj / v_proj at the rank that shrinks a latent KV cache by that fraction
+    (:func:`~svdkit.kvcache.kv_ranks`), whatever the allocation gave them, and keeps them low-rank even
+    above their parameter break-even; the other targets keep the allocation's ranks. With ``ratio=0``
+    only k_proj / v_proj are compressed. Load the result with ``kv_cache="latent"`` to cache the latents.
     """
     start = time.perf_counter()
     spec = get_method(method)
     config = make_config(spec, method_options)
     allocator = get_allocator(allocation)
     alloc_config = make_allocation_config(allocator, allocation_options)
-    ratio = check_ratio(ratio)
+    if kv_ratio is not None:
+        kv_ratio = check_kv_ratio(kv_ratio)
+        if spec.stage is not None:
+            raise SvdkitError(f"kv_ratio fixes the k/v ranks, but method '{method}' chooses every rank itself")
+    kv_only = kv_ratio is not None and ratio == 0
+    if kv_only and allocation != "uniform":
+        raise SvdkitError(
+            f"ratio 0 with kv_ratio compresses only k_proj/v_proj: allocation '{allocation}' has nothing to do"
+        )
+    if not kv_only:
+        ratio = check_ratio(ratio)
     if update not in UPDATES:
         raise SvdkitError(f"unknown update '{update}'; known: {', '.join(UPDATES)}")
     dev = resolve_device(device)
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise SvdkitError("this model is already compressed by svdkit: start from the dense model")
-    arch = find_architecture(model, targets)
+    arch = find_architecture(model, KV_TARGETS if kv_only and targets is None else targets)
+    if kv_ratio is not None and not kv_ranks(arch.shapes(), kv_ratio):
+        raise SvdkitError(f"kv_ratio needs k_proj/v_proj among the targets, but the targets are {arch.targets}")
     params_dense = count_parameters(model)
     shapes = arch.shapes()
     timings = {"allocation": 0.0, "calibration": 0.0, "decomposition": 0.0}
@@ -226,10 +245,12 @@ def compress(
             device=dev,
             progress=progress,
         )
-        ranks = allocator.allocate(context, alloc_config)
+        ranks = {n: None for n in shapes} if kv_only else allocator.allocate(context, alloc_config)
         timings["allocation"] = time.perf_counter() - t
         if set(ranks) != set(shapes):
             raise RuntimeError(f"allocator {allocation} returned ranks for other modules than the targets")
+        if kv_ratio is not None:
+            ranks.update(kv_ranks(shapes, kv_ratio))
         budget = ranks
         if spec.stage is not None:  # factor at the stage's start ranks; the stage fixes the final ones
             ranks = spec.stage.start_ranks(shapes, config)
@@ -270,6 +291,7 @@ def compress(
         calibration=calibration,
         allocation=alloc_record,
         update=update,
+        kv_ratio=kv_ratio,
         **({"training": {k: v for k, v in training.items() if k != "curve"}} if training else {}),
     )
     return CompressionResult(

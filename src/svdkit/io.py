@@ -160,13 +160,28 @@ def save(model, tokenizer, path: str | os.PathLike, overwrite: bool = False) -> 
     return _atomic_write(Path(path), overwrite, write)
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) saved by :func:`save` (or any model :func:`svdkit.load_model` takes)."""
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    kv_cache: str = "ordinary",
+):
+    """Load (model, tokenizer) saved by :func:`save` (or any model :func:`svdkit.load_model` takes).
+
+    ``kv_cache="latent"`` makes generation cache the latents A x of the low-rank k_proj / v_proj
+    instead of the keys and values (:mod:`svdkit.kvcache`).
+    """
+    from .kvcache import KV_MODES, enable_latent_kv_cache
     from .models import load_model, resolve_device
 
+    if kv_cache not in KV_MODES:
+        raise SvdkitError(f"kv_cache must be one of {', '.join(KV_MODES)}, got {kv_cache!r}")
+    dev = resolve_device(device) if device is not None else None
     model, tokenizer = load_model(path, dtype=dtype)
-    if device is not None:
-        model.to(resolve_device(device))
+    if kv_cache == "latent":
+        enable_latent_kv_cache(model)
+    if dev is not None:
+        model.to(dev)
     return model, tokenizer
 
 

@@ -1,8 +1,13 @@
 """Speed and memory of a model, measured the same way for the dense and the compressed one.
 
-- prefill: tokens/s of one forward over a (1, seqlen) window, median of `repeats` after a warm-up;
-- decode: tokens/s of batch-1 greedy generation with the KV cache (``generate``, exactly `new_tokens`
-  new tokens after a short prompt), median of `repeats` after a warm-up;
+- prefill: tokens/s of a generation prefill over a (1, seqlen) prompt, as ``generate`` runs it: one
+  forward that fills a fresh KV cache and computes the logits of the last position only
+  (``logits_to_keep=1``); median of `repeats` after a warm-up;
+- forward: tokens/s of one forward over the window with the logits of every position and no cache
+  (what perplexity evaluation and scoring run); the vocabulary projection (49,152 x 576 in
+  SmolLM2-135M, never compressed) is a fifth of its work;
+- decode: tokens/s of batch-1 greedy generation with the KV cache (``generate``, exactly
+  `new_tokens` new tokens after a short prompt), median of `repeats` after a warm-up;
 - memory: the bytes of the weights, and the peak memory a prefill adds on top of what is resident
   (CUDA: ``max_memory_allocated``; CPU: the process's peak resident set, VmHWM, reset through
   ``/proc/self/clear_refs`` on Linux, else not measured);
@@ -22,6 +27,7 @@ from torch import nn
 
 __all__ = [
     "prefill_tokens_per_second",
+    "forward_tokens_per_second",
     "decode_tokens_per_second",
     "weights_mb",
     "prefill_peak_mb",
@@ -43,20 +49,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _prefill(model: nn.Module, x: torch.Tensor):
+    """One generation prefill of x (1, L): a fresh cache filled, the last position's logits only."""
+    from transformers import DynamicCache
+
+    keep = {"logits_to_keep": 1} if getattr(model, "_supports_logits_to_keep", lambda: False)() else {}
+    return model(input_ids=x, past_key_values=DynamicCache(config=model.config), use_cache=True, **keep)
+
+
+def _median_time(run, dev: torch.device, repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(dev)
+        t = time.perf_counter()
+        run()
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def prefill_tokens_per_second(model: nn.Module, ids: torch.Tensor, repeats: int = 3) -> float:
-    """Median tokens/s of one forward over `ids` (1-D) as a single sequence, after one warm-up."""
+    """Median tokens/s of a generation prefill of `ids` (1-D): cache filled, last logits only."""
     dev = _device(model)
     x = ids[None].to(dev)
-    times = []
     with torch.no_grad():
-        model(input_ids=x, use_cache=False)
-        for _ in range(repeats):
-            _sync(dev)
-            t = time.perf_counter()
-            model(input_ids=x, use_cache=False)
-            _sync(dev)
-            times.append(time.perf_counter() - t)
-    return ids.numel() / statistics.median(times)
+        return ids.numel() / _median_time(lambda: _prefill(model, x), dev, repeats)
+
+
+def forward_tokens_per_second(model: nn.Module, ids: torch.Tensor, repeats: int = 3) -> float:
+    """Median tokens/s of one forward over `ids` (1-D) with every position's logits and no cache."""
+    dev = _device(model)
+    x = ids[None].to(dev)
+    with torch.no_grad():
+        return ids.numel() / _median_time(lambda: model(input_ids=x, use_cache=False), dev, repeats)
 
 
 def decode_tokens_per_second(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 64, repeats: int = 3) -> float:
@@ -116,7 +142,7 @@ def peak_rss_mb() -> float:
 
 
 def prefill_peak_mb(model: nn.Module, ids: torch.Tensor) -> float | None:
-    """Peak memory one prefill of `ids` adds above what is resident before it, MiB (None if unmeasurable)."""
+    """Peak memory one generation prefill of `ids` adds above what is resident before it, MiB (None if unmeasurable)."""
     dev = _device(model)
     x = ids[None].to(dev)
     with torch.no_grad():
@@ -124,13 +150,13 @@ def prefill_peak_mb(model: nn.Module, ids: torch.Tensor) -> float | None:
             torch.cuda.synchronize(dev)
             before = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-            model(input_ids=x, use_cache=False)
+            _prefill(model, x)
             torch.cuda.synchronize(dev)
             return (torch.cuda.max_memory_allocated(dev) - before) / _MB
         if not reset_peak_rss():
             return None
         before = _status_mb("VmRSS")
-        model(input_ids=x, use_cache=False)
+        _prefill(model, x)
         peak = _status_mb("VmHWM")
     return None if before is None or peak is None else max(peak - before, 0.0)
 
@@ -150,6 +176,7 @@ def measure(
     """Every number above for `model`, with `ids` (1-D) as the prefill window and its start as the prompt."""
     return {
         "prefill_tok_s": prefill_tokens_per_second(model, ids, repeats),
+        "forward_tok_s": forward_tokens_per_second(model, ids, repeats),
         "decode_tok_s": decode_tokens_per_second(model, ids[:prompt], decode_tokens, repeats)
         if decode_tokens
         else None,
