@@ -72,6 +72,8 @@ def test_bench_grid_measures_plots_and_resumes(capsys, tmp_path, tiny_folder, da
     dense = report["dense"]
     for c in [dense, *cells]:
         assert c["prefill_tok_s"] > 0 and c["forward_tok_s"] > 0 and c["decode_tok_s"] > 0 and c["file_mb"] > 0
+    for c in cells:  # the dense model, timed alongside each cell
+        assert set(c["reference"]) == {"prefill_tok_s", "forward_tok_s", "decode_tok_s"}
     for c in cells:
         assert c["params"] < dense["params"]
         assert c["weights_mb"] < dense["weights_mb"] and c["file_mb"] < dense["file_mb"]
@@ -158,3 +160,17 @@ def test_whitened_spectrum_is_the_plain_one_under_identity_gram_and_tilts_otherw
     one[0, 0] = 5.0
     _, white = whitened_spectra(model, {"0": LinearStats({"gram": one}, 5, "0")}, ["0"])["0"]
     assert white[0] == 1.0 and max(white[1:]) < 1e-12
+
+
+def test_paired_speed_times_the_models_in_alternation():
+    from svdkit.speed import paired_speed
+
+    a, b = tiny_model(), tiny_model(seed=1)
+    order: list[str] = []
+    a.register_forward_hook(lambda *_: order.append("a"))
+    b.register_forward_hook(lambda *_: order.append("b"))
+    out = paired_speed({"a": a, "b": b}, random_tokens(32), new_tokens=0, repeats=2)
+    assert set(out) == {"a", "b"} and all(v > 0 for d in out.values() for v in d.values())
+    assert set(out["a"]) == {"prefill_tok_s", "forward_tok_s"}  # no decode asked for
+    # warm-ups (prefill, forward) of each, then per round: prefill a, prefill b, forward a, forward b
+    assert order == ["a", "a", "b", "b"] + ["a", "b", "a", "b"] * 2

@@ -184,7 +184,10 @@ def test_cli_compress_kv_ratio_and_generate(capsys, tiny_folder, text_file, tmp_
         + ["--calib-samples", "2", "--calib-seqlen", "32", "--output", str(out)]
     )
     assert code == 0
-    capsys.readouterr()
+    assert "svdkit generate" in capsys.readouterr().out
+    assert main(["info", str(out), "--json"]) == 0
+    stdout, _ = capsys.readouterr()
+    assert "50% smaller KV cache" in stdout and json.loads(stdout.strip().splitlines()[-1])["kv_ratio"] == 0.5
     results = {}
     for mode in ("ordinary", "latent"):
         code = main(

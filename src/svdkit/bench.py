@@ -161,7 +161,7 @@ def _texts(config: BenchConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return tokenize(tokenizer, load_text(sources[0])), tokenize(tokenizer, load_text(sources[1]))
 
 
-def _evaluate(model, wiki, ptb, config: BenchConfig) -> dict[str, Any]:
+def _evaluate(model, wiki, ptb, config: BenchConfig, reference=None) -> dict[str, Any]:
     from .evaluate import perplexity
     from .speed import measure
 
@@ -169,7 +169,9 @@ def _evaluate(model, wiki, ptb, config: BenchConfig) -> dict[str, Any]:
     p = perplexity(model, None, ptb, seqlen=config.seqlen, max_windows=config.ptb_windows, progress=False)
     out: dict[str, Any] = {"wikitext2": w.ppl, "ptb": p.ppl, "params": w.params}
     if config.speed:
-        out.update(measure(model, wiki[: config.seqlen], config.decode_tokens, repeats=config.repeats))
+        out.update(
+            measure(model, wiki[: config.seqlen], config.decode_tokens, repeats=config.repeats, reference=reference)
+        )
     return out
 
 
@@ -280,8 +282,9 @@ def run_bench(
             stats = part if stats is None else _merge(stats, part)
     report["calibration"]["seconds"] = sum(passes.values())
 
-    def save() -> None:
-        report["peak_rss_mb"] = peak_rss_mb()
+    def save() -> None:  # the speed measurements reset the peak: keep the largest seen
+        seen = [c.get("compress_peak_rss_mb") or 0.0 for c in done.values()]
+        report["peak_rss_mb"] = max(report.get("peak_rss_mb") or 0.0, peak_rss_mb(), *seen)
         ordered = [done[k] for k in keys if k in done]
         report["cells"] = ordered + [c for k, c in done.items() if k not in keys]
         tmp = json_path.with_name(json_path.name + ".tmp")
@@ -334,7 +337,7 @@ def run_bench(
             "allocation_report": r.allocation,
             **({"training": r.training} if r.training else {}),
             "ranks": r.ranks,
-            **_evaluate(work, wiki, ptb, config),
+            **_evaluate(work, wiki, ptb, config, reference=model),
         }
         done[_key(cell)] = cell
         log({k: v for k, v in cell.items() if k not in ("ranks", "training", "allocation_report")})
@@ -396,9 +399,10 @@ def markdown(report: dict) -> str:
 
     def speed_row(label: str, alloc: str, ratio, c: dict) -> str:
         def vs(key: str) -> str:
-            if c.get(key) is None or not dense.get(key):
+            ref = c.get("reference", dense)  # the dense model timed alongside the cell, if it was
+            if c.get(key) is None or not ref.get(key):
                 return ""
-            return f"{c[key] / dense[key]:.2f}x"
+            return f"{c[key] / ref[key]:.2f}x"
 
         return (
             f"| {label} | {alloc} | {ratio} | {_fmt(c.get('prefill_tok_s'), 0)} | {vs('prefill_tok_s')} | "
@@ -420,8 +424,11 @@ def markdown(report: dict) -> str:
         "harness's dense model and shared statistics). Prefill: a generation prefill of "
         f"{report['seqlen']} tokens (KV cache filled, logits of the last position only, as generate() runs it); "
         "forward: one forward of the same window with every position's logits (as perplexity runs it); decode: "
-        "batch-1 greedy generation with the KV cache; all medians of 3. 'prefill peak MB' is the memory one "
-        "prefill adds above what is resident.",
+        "batch-1 greedy generation with the KV cache; all medians of 3. 'vs dense' divides by the dense "
+        "model timed in alternation with the cell (same minutes, so the drift of a shared machine cancels); "
+        "the dense row is the first measurement. 'prefill peak MB' is the memory one prefill adds above what "
+        "is resident (on CPU: pages the process had to take from the system; memory its allocator reuses "
+        "does not show, so 0 means the prefill fit in memory already held).",
         "",
         f"Peak resident memory of the whole run: {report.get('peak_rss_mb', 0):.0f} MB.",
         "",

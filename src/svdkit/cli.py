@@ -358,6 +358,11 @@ def cmd_compress(a) -> None:
         f"time {seconds:.1f}s (calibration {t['calibration']:.1f}s, decomposition {t['decomposition']:.1f}s, "
         f"allocation {t['allocation']:.2f}s); written to {out}" + (" (densified)" if a.densify else "")
     )
+    if a.kv_ratio is not None:
+        print(
+            f"k_proj/v_proj at the ranks of a {a.kv_ratio:.0%} smaller KV cache: "
+            f"svdkit generate {out} --kv-cache latent"
+        )
     if result.training:
         tr = result.training
         print(
@@ -509,6 +514,7 @@ def folder_info(folder: str | Path) -> dict:
         "version": record.get("version"),
         "allocation": record.get("allocation"),
         "update": record.get("update", "none"),
+        "kv_ratio": record.get("kv_ratio"),
         "training": record.get("training"),
         "shapes": dict(sorted(shapes.items(), key=lambda kv: _natural(kv[0]))),
         "dense_kept": sorted(dense_kept, key=_natural),
@@ -535,6 +541,8 @@ def cmd_info(a) -> None:
         )
     if info["update"] != "none":
         print(f"parameter update: {info['update']}")
+    if info["kv_ratio"] is not None:
+        print(f"k_proj/v_proj sized for a {info['kv_ratio']:.0%} smaller KV cache (load with kv_cache='latent')")
     if info["training"]:
         tr = info["training"]
         print(
@@ -565,7 +573,7 @@ def cmd_info(a) -> None:
             raise SvdkitError(f"cannot read {curve_file}: {e}") from e
         plot_curve(curve, a.plot_curve, title=f"{info['method']} at ratio {info['ratio']}")
         print(f"training curve written to {a.plot_curve}")
-    keys = ("method", "ratio", "allocation", "update", "params", "params_dense", "ranks", "dense_kept")
+    keys = ("method", "ratio", "allocation", "update", "kv_ratio", "params", "params_dense", "ranks", "dense_kept")
     _emit({k: info[k] for k in keys}, a.json)
 
 

@@ -8,6 +8,8 @@
   SmolLM2-135M, never compressed) is a fifth of its work;
 - decode: tokens/s of batch-1 greedy generation with the KV cache (``generate``, exactly
   `new_tokens` new tokens after a short prompt), median of `repeats` after a warm-up;
+- paired: the compressed model and the dense one timed in alternation (:func:`paired_speed`), so
+  that their ratio is not the drift of a shared machine between two measurements minutes apart;
 - memory: the bytes of the weights, and the peak memory a prefill adds on top of what is resident
   (CUDA: ``max_memory_allocated``; CPU: the process's peak resident set, VmHWM, reset through
   ``/proc/self/clear_refs`` on Linux, else not measured);
@@ -20,12 +22,15 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
+    "paired_speed",
     "prefill_tokens_per_second",
     "forward_tokens_per_second",
     "decode_tokens_per_second",
@@ -57,53 +62,79 @@ def _prefill(model: nn.Module, x: torch.Tensor):
     return model(input_ids=x, past_key_values=DynamicCache(config=model.config), use_cache=True, **keep)
 
 
-def _median_time(run, dev: torch.device, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(dev)
-        t = time.perf_counter()
-        run()
-        _sync(dev)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _timed(run, dev: torch.device) -> float:
+    _sync(dev)
+    t = time.perf_counter()
+    run()
+    _sync(dev)
+    return time.perf_counter() - t
+
+
+def _runs(model: nn.Module, ids: torch.Tensor, new_tokens: int, prompt: int) -> dict[str, tuple]:
+    """What is timed, as (work, tokens it counts): prefill, forward and (if new_tokens) decode."""
+    dev = _device(model)
+    x = ids[None].to(dev)
+    p = x[:, :prompt]
+    pad = getattr(model.config, "eos_token_id", None)
+    pad = pad[0] if isinstance(pad, list) else pad
+    gen = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=pad)
+    runs = {
+        "prefill_tok_s": (lambda: _prefill(model, x), ids.numel()),
+        "forward_tok_s": (lambda: model(input_ids=x, use_cache=False), ids.numel()),
+    }
+    if new_tokens:
+        runs["decode_tok_s"] = (lambda: model.generate(p, **gen), new_tokens)
+    return runs
+
+
+def paired_speed(
+    models: Mapping[str, nn.Module],
+    ids: torch.Tensor,
+    new_tokens: int = 64,
+    prompt: int = 32,
+    repeats: int = 3,
+    only: tuple[str, ...] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Prefill, forward and decode tokens/s of several models, timed interleaved: name -> {key: median}.
+
+    Each of `repeats` rounds times every model once per measurement, one after the other, so drift
+    of a shared machine (other tenants, clock changes) hits all models alike and their ratios stay
+    fair; one warm-up run each first. `ids` (1-D) is the prefill window, its first `prompt` tokens
+    the decode prompt; decode generates exactly `new_tokens` tokens (none if 0). `only` keeps some
+    of the keys ``prefill_tok_s``, ``forward_tok_s``, ``decode_tok_s``.
+    """
+    plans = {name: _runs(m, ids, new_tokens, prompt) for name, m in models.items()}
+    if only is not None:
+        plans = {name: {k: v for k, v in plan.items() if k in only} for name, plan in plans.items()}
+    times: dict[str, dict[str, list[float]]] = {name: {k: [] for k in plan} for name, plan in plans.items()}
+    with torch.no_grad():
+        for plan in plans.values():
+            for run, _ in plan.values():
+                run()  # warm-up
+        for _ in range(repeats):
+            for key in next(iter(plans.values())):
+                for name, plan in plans.items():
+                    run, _ = plan[key]
+                    times[name][key].append(_timed(run, _device(models[name])))
+    return {
+        name: {key: plan[key][1] / statistics.median(times[name][key]) for key in plan} for name, plan in plans.items()
+    }
 
 
 def prefill_tokens_per_second(model: nn.Module, ids: torch.Tensor, repeats: int = 3) -> float:
     """Median tokens/s of a generation prefill of `ids` (1-D): cache filled, last logits only."""
-    dev = _device(model)
-    x = ids[None].to(dev)
-    with torch.no_grad():
-        return ids.numel() / _median_time(lambda: _prefill(model, x), dev, repeats)
+    return paired_speed({"m": model}, ids, 0, repeats=repeats, only=("prefill_tok_s",))["m"]["prefill_tok_s"]
 
 
 def forward_tokens_per_second(model: nn.Module, ids: torch.Tensor, repeats: int = 3) -> float:
     """Median tokens/s of one forward over `ids` (1-D) with every position's logits and no cache."""
-    dev = _device(model)
-    x = ids[None].to(dev)
-    with torch.no_grad():
-        return ids.numel() / _median_time(lambda: model(input_ids=x, use_cache=False), dev, repeats)
+    return paired_speed({"m": model}, ids, 0, repeats=repeats, only=("forward_tok_s",))["m"]["forward_tok_s"]
 
 
 def decode_tokens_per_second(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 64, repeats: int = 3) -> float:
     """Median tokens/s of greedy batch-1 generation of exactly `new_tokens` after `prompt` (1-D ids)."""
-    dev = _device(model)
-    x = prompt[None].to(dev)
-    pad = getattr(model.config, "eos_token_id", None)
-    if isinstance(pad, list):
-        pad = pad[0]
-    kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=pad)
-    times = []
-    with torch.no_grad():
-        model.generate(x, **{**kwargs, "min_new_tokens": 4, "max_new_tokens": 4})
-        for _ in range(repeats):
-            _sync(dev)
-            t = time.perf_counter()
-            out = model.generate(x, **kwargs)
-            _sync(dev)
-            times.append(time.perf_counter() - t)
-    produced = out.shape[1] - x.shape[1]
-    return produced / statistics.median(times)
+    out = paired_speed({"m": model}, prompt, new_tokens, prompt.numel(), repeats, only=("decode_tok_s",))
+    return out["m"]["decode_tok_s"]
 
 
 def weights_mb(model: nn.Module) -> float:
@@ -171,16 +202,26 @@ def saved_size_mb(model: nn.Module) -> float:
 
 
 def measure(
-    model: nn.Module, ids: torch.Tensor, decode_tokens: int = 64, prompt: int = 32, repeats: int = 3
-) -> dict[str, float | None]:
-    """Every number above for `model`, with `ids` (1-D) as the prefill window and its start as the prompt."""
-    return {
-        "prefill_tok_s": prefill_tokens_per_second(model, ids, repeats),
-        "forward_tok_s": forward_tokens_per_second(model, ids, repeats),
-        "decode_tok_s": decode_tokens_per_second(model, ids[:prompt], decode_tokens, repeats)
-        if decode_tokens
-        else None,
+    model: nn.Module,
+    ids: torch.Tensor,
+    decode_tokens: int = 64,
+    prompt: int = 32,
+    repeats: int = 3,
+    reference: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Every number above for `model`, with `ids` (1-D) as the prefill window and its start as the prompt.
+
+    With a `reference` model (the dense one), its speeds are timed interleaved with `model`'s
+    (:func:`paired_speed`) and returned under ``"reference"``, for a fair ratio.
+    """
+    models = {"model": model, **({"reference": reference} if reference is not None else {})}
+    speed = paired_speed(models, ids, decode_tokens, prompt, repeats)
+    out: dict[str, Any] = {
+        **speed["model"],
         "weights_mb": weights_mb(model),
         "prefill_peak_mb": prefill_peak_mb(model, ids),
         "file_mb": saved_size_mb(model),
     }
+    if reference is not None:
+        out["reference"] = speed["reference"]
+    return out

@@ -1,0 +1,82 @@
+"""One quality table from the protocol runs' JSON files (no number typed by hand).
+
+    python benchmarks/results_grid.py [docs/results/core.json docs/results/activation.json ...]
+
+Every file is a results JSON written by `svdkit bench` / `benchmarks/protocol.py` on the same protocol
+(same calibration windows, same evaluation windows). Cells that appear in several files must agree
+(the runs are deterministic); the table keeps the first and says where it came from. Prints markdown:
+one row per cell (method, allocation, update, sequential), WikiText-2 and PTB perplexity per ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DEFAULT = [
+    "docs/results/core.json",
+    "docs/results/activation.json",
+    "docs/results/update.json",
+    "docs/results/sequential.json",
+    "docs/results/v2.json",
+    "docs/results/soco_beta1.json",
+]
+RATIOS = (0.2, 0.4, 0.6)
+SKIP = {("svd-llm", "uniform", "", "lstsq", True)}
+"""the two-stream update before the staged pass (a since-fixed defect, kept in v2.json as a record)"""
+
+
+def label(c: dict) -> tuple:
+    opts = c.get("allocation_options") or {}
+    alloc = c.get("allocation") or "uniform"
+    return (
+        c["method"],
+        alloc,
+        ",".join(f"{k}={v}" for k, v in opts.items()),
+        c.get("update") or "none",
+        bool(c.get("sequential")),
+    )
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return ""
+    return f"{x:.2f}" if x < 1e4 else f"{x:.2g}"
+
+
+def main(files: list[str]) -> str:
+    rows: dict[tuple, dict] = {}
+    dense = None
+    for f in files:
+        report = json.loads(Path(f).read_text())
+        if dense is None:
+            dense = report["dense"]
+        elif abs(report["dense"]["wikitext2"] - dense["wikitext2"]) > 1e-6:
+            raise SystemExit(f"{f}: a different dense perplexity, so not the same protocol")
+        for c in report["cells"]:
+            key = label(c)
+            if key in SKIP:
+                continue
+            row = rows.setdefault(key, {"source": Path(f).name, "cells": {}})
+            old = row["cells"].get(c["ratio"])
+            if old is not None and abs(old["wikitext2"] - c["wikitext2"]) > 1e-6 * old["wikitext2"]:
+                raise SystemExit(f"{f}: {key} at {c['ratio']} disagrees with {row['source']}")
+            row["cells"].setdefault(c["ratio"], c)
+    lines = [
+        "| method | allocation | update | WikiText-2 0.2 | 0.4 | 0.6 | PTB 0.2 | 0.4 | 0.6 | from |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| dense | | | {fmt(dense['wikitext2'])} | | | {fmt(dense['ptb'])} | | | |",
+    ]
+    for (method, alloc, opts, update, seq), row in rows.items():
+        cells = row["cells"]
+        wiki = [fmt(cells[r]["wikitext2"]) if r in cells else "" for r in RATIOS]
+        ptb = [fmt(cells[r]["ptb"]) if r in cells else "" for r in RATIOS]
+        how = alloc + (f" ({opts})" if opts else "")
+        upd = " + ".join(x for x in (update if update != "none" else "", "sequential" if seq else "") if x)
+        lines.append(f"| {method} | {how} | {upd} | {' | '.join(wiki)} | {' | '.join(ptb)} | {row['source']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(main(sys.argv[1:] or DEFAULT))
