@@ -42,6 +42,8 @@ def tiny_config(kind: str = "llama", **overrides):
         cfg = transformers.Gemma3TextConfig(
             **common, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]
         )
+    elif kind == "qwen3":  # per-head q/k norms
+        cfg = transformers.Qwen3Config(**common, head_dim=16)
     elif kind == "qwen3-sliding":
         cfg = transformers.Qwen3Config(
             **common, head_dim=16, use_sliding_window=True, sliding_window=8, max_window_layers=1

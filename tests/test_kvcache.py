@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 import torch
 import transformers
-from conftest import VOCAB, random_tokens, tiny_config, tiny_model
+from conftest import random_tokens, tiny_config, tiny_model
+from transformers import DynamicCache
 
 import svdkit
 from svdkit.cli import main
@@ -22,21 +24,6 @@ from svdkit.kvcache import (
 from svdkit.lowrank import LowRankLinear
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
-
-
-def qwen3_model(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-    )
-    return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
 def low_rank_kv(model, rank: int = 12):
@@ -73,9 +60,7 @@ def test_kv_rank_rule():
 
 @pytest.mark.parametrize("kind", ["llama", "llama-bias", "qwen2", "mistral-nowindow", "qwen3"])
 def test_latent_cache_gives_the_same_tokens_and_a_smaller_cache(kind):
-    if kind == "qwen3":
-        model = qwen3_model()
-    elif kind == "mistral-nowindow":
+    if kind == "mistral-nowindow":
         torch.manual_seed(0)
         cfg = tiny_config("mistral", sliding_window=None)
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
@@ -101,7 +86,7 @@ def test_latent_cache_gives_the_same_tokens_and_a_smaller_cache(kind):
 
 
 def test_left_padded_batch_and_beam_search_match():
-    model = low_rank_kv(qwen3_model(1), rank=10)
+    model = low_rank_kv(tiny_model("qwen3", 1), rank=10)
     ids = torch.stack([random_tokens(40, 1), random_tokens(40, 2)])
     mask = torch.ones_like(ids)
     mask[1, :7], ids[1, :7] = 0, 0  # left padding: generate counts positions from the first real token
@@ -131,9 +116,28 @@ def test_enable_refuses_what_it_cannot_do_and_changes_nothing():
         enable_latent_kv_cache(low_rank_kv(sliding, rank=8))
     assert not latent_kv_enabled(sliding)
     model = low_rank_kv(tiny_model("llama"), rank=8)
+    ids = random_tokens(8)[None]
+    with torch.no_grad():
+        filled = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).past_key_values
     enable_latent_kv_cache(model)
     with pytest.raises(svdkit.SvdkitError, match="default DynamicCache"):
-        generate(model, random_tokens(8)[None], max_new_tokens=2, cache_implementation="static")
+        generate(model, ids, max_new_tokens=2, cache_implementation="static")
+    with pytest.raises(svdkit.SvdkitError, match="filled with kv_cache='ordinary'"):
+        with torch.no_grad():
+            model(random_tokens(2)[None], past_key_values=filled, use_cache=True)
+
+
+def test_a_cache_made_without_config_and_pickling_work():
+    model = low_rank_kv(tiny_model("llama"), rank=8)
+    ids = random_tokens(20)[None]
+    ordinary = generate(model, ids, max_new_tokens=10, past_key_values=DynamicCache())
+    enable_latent_kv_cache(model)
+    assert torch.equal(generate(model, ids, max_new_tokens=10, past_key_values=DynamicCache()), ordinary)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the swapped classes can be found by name
+    buffer.seek(0)
+    copy = torch.load(buffer, weights_only=False)
+    assert latent_kv_enabled(copy) and torch.equal(generate(copy, ids, max_new_tokens=10), ordinary)
 
 
 def test_compress_kv_ratio_only_and_with_a_ratio(tiny_tokenizer, text_file, tmp_path):
@@ -163,8 +167,11 @@ def test_compress_kv_errors(tiny_tokenizer, text_file, tmp_path):
     calib = dict(calib=text_file, calib_samples=2, calib_seqlen=32, device="cpu", progress=False)
     with pytest.raises(svdkit.SvdkitError, match="ratio must be strictly between 0 and 1"):
         svdkit.compress(tiny_model(), tiny_tokenizer, ratio=0, **calib)
-    with pytest.raises(svdkit.SvdkitError, match="nothing to do"):
-        svdkit.compress(tiny_model(), tiny_tokenizer, ratio=0, kv_ratio=0.5, allocation="v2", **calib)
+    for ratio in (0, 0.3):
+        with pytest.raises(svdkit.SvdkitError, match="use the uniform allocation with kv_ratio"):
+            svdkit.compress(tiny_model(), tiny_tokenizer, ratio=ratio, kv_ratio=0.5, allocation="v2", **calib)
+    with pytest.raises(svdkit.SvdkitError, match="do not pass targets"):
+        svdkit.compress(tiny_model(), tiny_tokenizer, ratio=0, kv_ratio=0.5, targets=["k_proj"], **calib)
     with pytest.raises(svdkit.SvdkitError, match="chooses every rank itself"):
         svdkit.compress(tiny_model(), tiny_tokenizer, method="soco", ratio=0.3, kv_ratio=0.5, **calib)
     with pytest.raises(svdkit.SvdkitError, match="needs k_proj/v_proj among the targets"):

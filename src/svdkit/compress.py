@@ -119,8 +119,9 @@ def compress(
 
     `kv_ratio` fixes every k_proj / v_proj at the rank that shrinks a latent KV cache by that fraction
     (:func:`~svdkit.kvcache.kv_ranks`), whatever the allocation gave them, and keeps them low-rank even
-    above their parameter break-even; the other targets keep the allocation's ranks. With ``ratio=0``
-    only k_proj / v_proj are compressed. Load the result with ``kv_cache="latent"`` to cache the latents.
+    above their parameter break-even; the other targets keep the uniform allocation's ranks (another
+    allocation is refused: it spreads one budget over all matrices). With ``ratio=0`` only k_proj /
+    v_proj are compressed. Load the result with ``kv_cache="latent"`` to cache the latents.
     """
     start = time.perf_counter()
     spec = get_method(method)
@@ -132,10 +133,13 @@ def compress(
         if spec.stage is not None:
             raise SvdkitError(f"kv_ratio fixes the k/v ranks, but method '{method}' chooses every rank itself")
     kv_only = kv_ratio is not None and ratio == 0
-    if kv_only and allocation != "uniform":
+    if kv_ratio is not None and allocation != "uniform":
         raise SvdkitError(
-            f"ratio 0 with kv_ratio compresses only k_proj/v_proj: allocation '{allocation}' has nothing to do"
+            f"kv_ratio fixes the k/v ranks after allocation, which would break allocation '{allocation}''s "
+            "budget over all matrices: use the uniform allocation with kv_ratio"
         )
+    if kv_only and targets is not None:
+        raise SvdkitError("ratio 0 with kv_ratio compresses exactly k_proj/v_proj: do not pass targets")
     if not kv_only:
         ratio = check_ratio(ratio)
     if update not in UPDATES:
@@ -143,7 +147,7 @@ def compress(
     dev = resolve_device(device)
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise SvdkitError("this model is already compressed by svdkit: start from the dense model")
-    arch = find_architecture(model, KV_TARGETS if kv_only and targets is None else targets)
+    arch = find_architecture(model, KV_TARGETS if kv_only else targets)
     if kv_ratio is not None and not kv_ranks(arch.shapes(), kv_ratio):
         raise SvdkitError(f"kv_ratio needs k_proj/v_proj among the targets, but the targets are {arch.targets}")
     params_dense = count_parameters(model)

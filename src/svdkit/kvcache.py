@@ -14,12 +14,15 @@ model saves and loads as before); :func:`disable_latent_kv_cache` switches back.
 the ordinary :class:`~transformers.DynamicCache` that ``generate()`` creates, as (batch, 1, L, r)
 tensors, so greedy search, sampling and beam search work unchanged.
 
-Positions: keys are rotated after reconstruction at their cache slot 0..L-1, and queries at theirs.
-Rotary attention scores depend only on position differences, so this equals the ordinary path
-exactly when positions are the cache slots (any unpadded input) and up to rounding when a batch is
-left-padded (``generate`` then counts positions from each row's first real token: a constant shift
-per row). Rope types whose frequencies change with the context length (``dynamic``, ``longrope``),
-sliding-window attention and static caches are refused with a clear error.
+Positions: keys are rotated after reconstruction at their cache slot 0..L-1, and queries at theirs;
+``position_ids`` given to the model are not used. Rotary attention scores depend only on position
+differences, so this equals the ordinary path exactly when positions are the cache slots (any
+unpadded input) and up to rounding when they are shifted by a constant per row (a left-padded batch:
+``generate`` counts positions from each row's first real token). Positions with gaps or resets
+(packed sequences) are not supported. The latents are computed from the factors directly
+(``x A^T``), so forward hooks on k_proj / v_proj do not run on this path. Rope types whose
+frequencies change with the context length (``dynamic``, ``longrope``), sliding-window attention and
+static caches are refused with a clear error.
 
 :func:`kv_ranks` is the method-independent rule for a KV-cache target: reduction rho keeps rank
 r = floor((1 - rho) m) of each m-row k/v matrix, so the cache shrinks by at least rho whatever the
@@ -101,6 +104,32 @@ def _expand(proj: nn.Module, latent: torch.Tensor) -> torch.Tensor:
     return F.linear(latent, proj.B, proj.bias) if isinstance(proj, LowRankLinear) else latent
 
 
+def _check_cache(cache, index: int, width: int) -> None:
+    """Refuse a cache that cannot hold this layer's latents: not a dynamic one, or filled by the other mode."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        kind = None
+    elif index < len(layers):
+        kind = type(layers[index])
+    else:  # a DynamicCache() made without a config adds its layers on first use
+        kind = getattr(cache, "layer_class_to_replicate", None)
+    if kind is not DynamicLayer:
+        got = type(cache).__name__ + ("" if kind is None else f" with {kind.__name__}")
+        raise SvdkitError(
+            f"the latent KV cache needs transformers' default DynamicCache, got {got}: drop "
+            "cache_implementation or use kv_cache='ordinary'"
+        )
+    if index < len(layers):
+        keys = layers[index].keys
+        if isinstance(keys, torch.Tensor) and keys.numel() and (keys.shape[1] != 1 or keys.shape[-1] != width):
+            raise SvdkitError(
+                "this cache holds full keys and values (it was filled with kv_cache='ordinary'), not latents: "
+                "start generation with a fresh cache after switching the KV-cache mode"
+            )
+
+
 class LatentKVAttention:
     """Mixin placed before a Llama-family attention class: the forward that caches the k/v latents."""
 
@@ -123,13 +152,7 @@ class LatentKVAttention:
         lat_k, lat_v = _latent(self.k_proj, hidden_states), _latent(self.v_proj, hidden_states)
         offset = 0
         if past_key_values is not None:
-            layer = past_key_values.layers[self.layer_idx] if hasattr(past_key_values, "layers") else None
-            if layer is None or type(layer).__name__ != "DynamicLayer":
-                got = type(past_key_values).__name__ + ("" if layer is None else f" with {type(layer).__name__}")
-                raise SvdkitError(
-                    f"the latent KV cache needs transformers' default DynamicCache, got {got}: drop "
-                    "cache_implementation or use kv_cache='ordinary'"
-                )
+            _check_cache(past_key_values, self.layer_idx, lat_k.shape[-1])
             offset = past_key_values.get_seq_length(self.layer_idx)
             lat_k, lat_v = past_key_values.update(lat_k[:, None], lat_v[:, None], self.layer_idx)
             lat_k, lat_v = lat_k[:, 0], lat_v[:, 0]
@@ -159,12 +182,29 @@ class LatentKVAttention:
 
 
 _CLASSES: dict[type, type] = {}
+_HOMES = {
+    "LlamaAttention": "transformers.models.llama.modeling_llama",
+    "MistralAttention": "transformers.models.mistral.modeling_mistral",
+    "Qwen2Attention": "transformers.models.qwen2.modeling_qwen2",
+    "Qwen3Attention": "transformers.models.qwen3.modeling_qwen3",
+}
 
 
 def _latent_class(cls: type) -> type:
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Latent{cls.__name__}", (LatentKVAttention, cls), {"__module__": __name__})
+        name = f"Latent{cls.__name__}"
+        _CLASSES[cls] = type(name, (LatentKVAttention, cls), {"__module__": __name__, "__qualname__": name})
     return _CLASSES[cls]
+
+
+def __getattr__(name: str) -> type:
+    """``svdkit.kvcache.LatentLlamaAttention`` and the like, so that pickle finds the swapped classes."""
+    base = name.removeprefix("Latent")
+    if name.startswith("Latent") and base in _HOMES:
+        import importlib
+
+        return _latent_class(getattr(importlib.import_module(_HOMES[base]), base))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
