@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .allocation import allocator_names
     from .compress import compress  # noqa: F401  (registers every allocator)
     from .data import SOURCES
+    from .kvcache import KV_MODES
     from .methods import method_names
     from .update import UPDATES
 
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to generate (32)")
     g.add_argument(
         "--kv-cache",
-        choices=("ordinary", "latent"),
+        choices=KV_MODES,
         default="ordinary",
         help="latent: cache A x of the low-rank k_proj/v_proj instead of keys and values (default ordinary)",
     )
@@ -609,16 +610,17 @@ def cmd_generate(a) -> None:
         )
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1] :]
+    text = tok.decode(new, skip_special_tokens=True)
     cached = cache.get_seq_length()
     per_token = kv_cache_bytes(cache) / max(cached, 1)
-    print(a.prompt + tok.decode(new, skip_special_tokens=True))
+    print(a.prompt + text)
     print(
         f"{new.numel()} tokens in {seconds:.2f}s ({new.numel() / seconds:.1f} tokens/s, prompt included); "
         f"{a.kv_cache} KV cache: {per_token:,.0f} bytes per token ({cached} tokens cached)"
     )
     _emit(
         {
-            "text": tok.decode(new, skip_special_tokens=True),
+            "text": text,
             "tokens": new.tolist(),
             "seconds": round(seconds, 3),
             "kv_cache": a.kv_cache,

@@ -148,10 +148,10 @@ def compress(
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise SvdkitError("this model is already compressed by svdkit: start from the dense model")
     arch = find_architecture(model, KV_TARGETS if kv_only else targets)
-    if kv_ratio is not None and not kv_ranks(arch.shapes(), kv_ratio):
+    shapes = arch.shapes()
+    if kv_ratio is not None and not kv_ranks(shapes, kv_ratio):
         raise SvdkitError(f"kv_ratio needs k_proj/v_proj among the targets, but the targets are {arch.targets}")
     params_dense = count_parameters(model)
-    shapes = arch.shapes()
     timings = {"allocation": 0.0, "calibration": 0.0, "decomposition": 0.0}
     if spec.stage is not None:
         timings["training"] = 0.0
