@@ -89,6 +89,7 @@ def test_bench_grid_measures_plots_and_resumes(capsys, tmp_path, tiny_folder, da
     code, printed, err = run(capsys, *argv[:-4], "--methods", "svd", "--ratios", 0.3, 0.4, "--out", out)
     assert code == 0, err
     assert "resuming: 4 finished cells" in printed
+    assert "spectra plot is skipped" in printed  # plain svd needs no statistics: no pass only for the plot
     again = json.loads((out / "results.json").read_text())
     assert [c["ratio"] for c in again["cells"][:2]] == [0.3, 0.4]
     assert again["cells"][0] == cells[0]

@@ -1,4 +1,4 @@
-"""SoCo: scored layers, the budget projection, pruning by score, folding, the three-stage training and
+"""SoCo: scored layers, the count penalty, pruning by score, folding, the three-stage training and
 its failure modes, on small matrices and tiny models."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from svdkit.cli import main
 from svdkit.methods.soco import SoCoConfig, start_ranks
 from svdkit.spectrum import (
     ScoredLinear,
-    capped_prox,
+    dual_step,
     fold_scores,
-    project_budget,
+    penalty_grad,
     prune_to_budget,
     soft_count,
 )
@@ -60,41 +60,40 @@ def test_fold_keeps_the_masked_components_with_their_scores():
     assert torch.allclose(folded(x), scored(x), atol=1e-5)
 
 
-def test_budget_projection_is_a_cost_weighted_soft_threshold_at_beta_one():
-    scores = torch.tensor([1.0, 1.0, 0.9, 0.95, 0.2, 1.0], dtype=torch.float64)
-    costs = torch.tensor([10.0, 10.0, 10.0, 30.0, 30.0, 30.0], dtype=torch.float64)
-    target = 60.0
-    s = scores.clone()
-    lam = project_budget(s, costs, target)
-    assert lam > 0 and soft_count(s, costs) <= target + 1e-6
-    assert soft_count(s, costs) > target - 1e-3  # the weakest penalty that fits: no more shrinkage
+def test_penalty_gradient_is_cost_weighted_up_to_one_and_zero_above():
+    scores = torch.tensor([0.5, 0.99, 1.0, 2.5, 0.0], dtype=torch.float64)
+    costs = torch.tensor([10.0, 30.0, 10.0, 30.0, 20.0], dtype=torch.float64)
+    g = penalty_grad(scores, costs, 2.0)  # at 1 itself the penalty pulls (else untrained scores never move)
+    assert torch.allclose(g, torch.tensor([1.0, 3.0, 1.0, 0.0, 2.0], dtype=torch.float64))
+    assert soft_count(scores, costs) == 0.5 * 10 + 0.99 * 30 + 10 + 30
+
+
+def test_dual_step_raises_the_penalty_above_target_and_never_below_zero():
+    assert dual_step(0.5, soft=120.0, target=100.0, span=40.0, rate=2.0) == 1.5
+    assert dual_step(0.5, soft=80.0, target=100.0, span=40.0, rate=2.0) == 0.0
+    assert dual_step(0.0, soft=100.0, target=100.0, span=40.0, rate=2.0) == 0.0
+
+
+def test_penalty_in_the_gradient_drops_the_least_loss_per_parameter_first():
+    """On a separable quadratic loss sum h (s - 1)^2 / 2, Adam with the penalty in the gradient settles
+    at s = 1 - lam w / h: the scores fall to 0 in the order of h / w (loss held per parameter), not of
+    h alone (the order a proximal step after Adam's normalised step would not see)."""
+    h = torch.tensor([4.0, 1.0, 3.0, 0.5], dtype=torch.float64)
+    costs = torch.tensor([10.0, 10.0, 40.0, 10.0], dtype=torch.float64)  # w = 4 / 7, 4 / 7, 16 / 7, 4 / 7
+    s = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([s], lr=0.01)
+    for _ in range(1500):
+        opt.zero_grad()
+        (0.5 * h * (s - 1) ** 2).sum().backward()
+        with torch.no_grad():
+            s.grad += penalty_grad(s.detach(), costs, 1.0)
+        opt.step()
+        with torch.no_grad():
+            s.clamp_(min=0)
     w = costs / costs.mean()
-    assert torch.allclose(s, (scores - lam * w).clamp(min=0), atol=1e-6)
-    under = scores.clone()
-    assert project_budget(under, costs, 1e9) == 0.0 and torch.equal(under, scores)
-
-
-def test_capped_projection_keeps_scores_above_the_cap():
-    scores = torch.tensor([1.0, 1.0, 0.9, 2.5, 0.2, 1.0], dtype=torch.float64)
-    costs = torch.tensor([10.0, 10.0, 10.0, 30.0, 30.0, 30.0], dtype=torch.float64)
-    s = scores.clone()
-    project_budget(s, costs, 60.0)
-    assert s[3] == 2.5  # above the cap a score costs its whole component whatever its value: not shrunk
-    assert s[0] < 1  # below it, shrunk
-
-
-def test_capped_projection_becomes_a_hard_threshold_as_beta_falls():
-    scores = torch.tensor([1.0, 1.0, 0.9, 2.5, 0.2, 1.0], dtype=torch.float64)
-    costs = torch.tensor([10.0, 10.0, 10.0, 30.0, 30.0, 30.0], dtype=torch.float64)
-    s = scores.clone()
-    project_budget(s, costs, 60.0, beta=0.02)
-    # 60 = 10 + 10 + 10 + 30: the cheap components and the strongest expensive one survive unchanged
-    assert torch.equal(s, torch.tensor([1.0, 1.0, 0.9, 2.5, 0.0, 0.0], dtype=torch.float64))
-    assert soft_count(s, costs, 0.02) == 60.0
-    # the proximal operator itself: hard threshold s^2 / 2 < lam w in the limit
-    w = costs / costs.mean()
-    out = capped_prox(scores, costs, 0.3, beta=1e-6)
-    assert torch.equal(out, torch.where(scores**2 / 2 < 0.3 * w, 0.0, scores))
+    expected = (1 - w / h).clamp(min=0)  # [6 / 7, 3 / 7, 5 / 21, 0]
+    assert torch.allclose(s.detach(), expected, atol=0.03)
+    assert s[2] < s[1] < s[0]  # the costly matrix's component goes before the cheap one of lower h
 
 
 def test_pruning_follows_scores_not_singular_value_order():
@@ -143,9 +142,13 @@ def test_soco_meets_the_budget_reallocates_and_round_trips(tmp_path, tiny_tokeni
     stages = [row["stage"] for row in r.training["curve"]]
     assert stages == ["coarse"] * 6 + ["refine"] * 4 + ["final"] * 2
     curve = r.training["curve"]
-    assert all(row["kept"] <= row["target"] + 1e-9 for row in curve[:10])  # projected onto the budget
-    assert curve[0]["kept"] > curve[5]["kept"] and abs(curve[5]["kept"] - curve[5]["target"]) < 1e-3
-    assert curve[5]["target"] == curve[9]["target"]  # the coarse stage ends at the budget
+    assert curve[0]["soft"] > curve[5]["soft"] and max(row["penalty"] for row in curve[:6]) > 0
+    assert curve[5]["target"] == curve[9]["target"] == curve[11]["target"]  # the coarse stage ends at the budget
+    refine = [row["kept"] for row in curve[5:10]]
+    assert all(a >= b for a, b in zip(refine, refine[1:], strict=False))  # the hard count falls step by step...
+    assert curve[6]["kept"] > curve[9]["target"] >= curve[9]["kept"]  # ...to the budget at the refine's end
+    assert all(row["penalty"] == 0 and row["kept"] == curve[9]["kept"] for row in curve[10:])
+    assert [row["lr"] for row in curve[9:]] == [0.02, 0.02, 0.01]  # annealed in the final stage
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [row["step"] for row in lines] == list(range(1, 13))
     assert all(p.requires_grad for p in model.parameters())  # nothing left frozen
@@ -259,8 +262,8 @@ def test_cli_soco_divergence_writes_nothing(tmp_path, tiny_folder, monkeypatch, 
         ({"coarse": 0.8, "refine": 0.5}, "sum <= 1"),
         ({"lr": 0}, "lr must be positive"),
         ({"steps": 0}, "steps must be a positive integer"),
-        ({"beta_min": 0.5, "beta_start": 0.1}, "beta_min <= beta_start"),
-        ({"beta_min": 0}, "0 < beta_min"),
+        ({"penalty_lr": 0}, "penalty_lr must be positive"),
+        ({"anneal": "yes"}, "anneal must be true or false"),
     ],
 )
 def test_soco_config_errors(options, message):

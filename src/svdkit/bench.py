@@ -269,7 +269,10 @@ def run_bench(
             needs |= get_method(s.method).requires | get_allocator(s.allocation).requires
             needs |= {"gram"} if s.update == "lstsq" else set()
     if config.plots and plot_dir is not None:
-        needs.add("gram")  # the spectra before/after whitening
+        if needs:  # the spectra before/after whitening ride on a pass that runs anyway
+            needs.add("gram")
+        else:
+            log("no cell left needs calibration statistics: the spectra plot is skipped (no pass just for it)")
     passes = report["calibration"].setdefault("passes", {})
     windows = calibration_windows(wiki, config.calib_samples, config.seqlen, config.calib_offset, config.seed)
     arch = find_architecture(model)

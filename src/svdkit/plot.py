@@ -70,9 +70,12 @@ def plot_curve(curve: list[dict], path: str | os.PathLike, title: str = "") -> P
     ax.set_ylabel("cross-entropy (training windows)", color="tab:blue")
     twin = ax.twinx()
     twin.plot(steps, [row["kept"] for row in curve], color="tab:orange", label="kept")
+    if all("soft" in row for row in curve):  # the L1 count sum c min(s, 1) that the penalty steers
+        twin.plot(steps, [row["soft"] for row in curve], color="tab:green", lw=0.8, label="soft count")
     if all("target" in row for row in curve):
         twin.plot(steps, [row["target"] for row in curve], color="tab:orange", ls=":", label="target")
     twin.set_ylabel("kept share of target parameters", color="tab:orange")
+    twin.legend(loc="lower left", fontsize=7)
     stage_starts = [
         (row["step"], row.get("stage"))
         for i, row in enumerate(curve)

@@ -2,26 +2,24 @@
 parameter budget (Singular spectrum optimization, 2025; the working spec is ../shared/METHODS.md).
 
 Each target y = B (A x) + b of rank r becomes y = B (s * (A x)) + b with scores s (r, start at 1); only
-the scores train, on next-token cross-entropy over the calibration windows. A kept component of an
-m x n matrix costs c = m + n parameters; the *soft* kept count is K(s) = sum c * min(s, 1), so scores
-above 1 cost nothing extra and can compensate for pruned neighbours. Three stages (svdkit's reading of
-the paper, which publishes no code):
+the scores train, with Adam, on next-token cross-entropy over the calibration windows. A kept component
+of an m x n matrix costs c = m + n parameters. The count has two readings: the *hard* count (the cost of
+the components still in play: in the mask, score above 0) and its L1 relaxation, the *soft* count
+K(s) = sum c * min(s, 1), where scores above 1 cost nothing extra and can compensate for pruned ones.
+Three stages (svdkit's reading of the paper, which publishes no code):
 
-1. coarse: the count target falls linearly from the start count to the budget; after each Adam step
-   on the cross-entropy the scores take the proximal step of the count penalty lam K(s), with the
-   weakest lam >= 0 that meets the target (bisection; the budget sets the penalty, nothing is tuned).
-   At beta = 1 this is the cost-weighted soft threshold s <- max(s - lam c / mean(c), 0) (an L1 penalty);
-2. refine: the same at the budget itself, so scores trade places at a fixed count, while the count
-   anneals toward the hard one: K_beta(s) = sum c * min(s / beta, 1) with beta falling geometrically
-   from ``beta_start`` (1) to ``beta_min`` (0.02). The proximal step of this capped-L1 penalty (:func:`capped_prox`)
-   moves from the soft threshold to the hard threshold of the L0 count, which zeroes the weakest scores
-   and leaves the kept ones untouched. ``beta_start`` sets the coarse stage's beta (default 1);
-3. final: prune to the exact budget, largest scores first (regardless of singular-value order; every
-   matrix keeps at least its best component), then train the kept scores on the cross-entropy alone.
-
-Status: on SmolLM2-135M at 0.4 no version of these stages beats svd-llm-v2 yet: whenever the count
-moves from the soft (L1) to the hard one, the model, which relied on components at fractional scores,
-breaks (docs/results/README.md, SoCo, records what was tried and measured).
+1. coarse: the soft count's target falls linearly from the start count to the budget. Its penalty
+   lam * sum w min(s, 1) (w = c / mean(c)) enters the *gradient* (:func:`penalty_grad`), scaled by a
+   running root-mean-square of the cross-entropy's gradients, so the optimiser weighs the two per
+   score: a score with curvature h settles at s = 1 - lam w / h, and the components whose loss per
+   parameter is smallest fall to 0 first. lam follows the target by dual ascent (:func:`dual_step`);
+   nothing is tuned by hand per model. (A proximal step after Adam's, the first design, compared the
+   penalty with Adam's per-score normalised steps instead and ranked the components by the sign
+   consistency of their gradients; docs/results/README.md records how that failed.)
+2. refine: the soft count's target stays at the budget while the hard count is brought down to it
+   linearly, each step pruning the smallest scores (:func:`prune_to_budget`), so the model is never
+   cut by more than a small step at once and the scores keep adapting to what has been removed;
+3. final: at the exact budget, the kept scores train on the cross-entropy alone (free to exceed 1).
 
 The budget is the parameter count the allocation gives the targets at the target ratio (by default
 the uniform one): the final count is at most the budget and within one component of it. The scores
@@ -47,9 +45,9 @@ from .lowrank import LowRankLinear
 
 __all__ = [
     "ScoredLinear",
-    "capped_prox",
+    "dual_step",
     "learn_spectrum",
-    "project_budget",
+    "penalty_grad",
     "prune_to_budget",
     "fold_scores",
     "soft_count",
@@ -70,54 +68,32 @@ class ScoredLinear(nn.Module):
         return F.linear(h * (self.score * self.mask).to(h.dtype), self.low.B, self.low.bias)
 
 
-def soft_count(scores: torch.Tensor, costs: torch.Tensor, beta: float = 1.0) -> float:
-    """K(s) = sum c * min(s / beta, 1) (scores are kept >= 0); beta -> 0 approaches the hard count."""
-    return float((costs * (scores / beta).clamp(0, 1)).sum())
+def soft_count(scores: torch.Tensor, costs: torch.Tensor) -> float:
+    """K(s) = sum c * min(s, 1) (scores are kept >= 0): the L1 relaxation of the kept count."""
+    return float((costs * scores.clamp(0, 1)).sum())
 
 
-def capped_prox(scores: torch.Tensor, costs: torch.Tensor, lam: float, beta: float = 1.0) -> torch.Tensor:
-    """The proximal operator of lam * sum w min(s / beta, 1) (w = c / mean(c)) on s >= 0, per coordinate.
+def penalty_grad(scores: torch.Tensor, costs: torch.Tensor, lam: float) -> torch.Tensor:
+    """A gradient of lam * sum w min(s, 1) with w = c / mean(c): lam w up to 1, 0 above.
 
-    Each score takes the better of two candidates: shrunk, x = clip(s - lam w / beta, 0, beta), paying
-    the slope; or kept, x = max(s, beta), paying the cap lam w. At beta = 1 and s <= 1 it is the soft
-    threshold (L1); as beta -> 0 it becomes the hard threshold of the L0 count (zero s where
-    s^2 / 2 < lam w), leaving the kept scores untouched.
+    At s = 1 it takes the subgradient that pulls down: untrained scores start there.
+
+    Added to the cross-entropy's gradient before the optimiser's step, so the stationary point of a
+    score with curvature h is s = 1 - lam w / h: a component is dropped (s -> 0) where the loss it
+    holds per parameter, h / w, is below lam.
     """
-    s = scores.clamp(min=0)
-    w = costs / costs.mean()
-    slope = lam * w / beta
-    shrunk = (s - slope).clamp(0, beta)
-    kept = s.clamp(min=beta)
-    f_shrunk = 0.5 * (shrunk - s) ** 2 + slope * shrunk
-    f_kept = 0.5 * (kept - s) ** 2 + lam * w
-    return torch.where(f_shrunk <= f_kept, shrunk, kept)
+    return lam * (costs / costs.mean()) * (scores <= 1).to(costs.dtype)
 
 
-def project_budget(
-    scores: torch.Tensor, costs: torch.Tensor, target: float, iters: int = 50, beta: float = 1.0
-) -> float:
-    """In place: s <- capped_prox(s, lam, beta) with the smallest lam >= 0 giving K_beta(s) <= target; returns lam.
-
-    The budget acts as the weight of the count penalty: bisection finds the weakest penalty whose
-    proximal step meets it (the count is non-increasing in lam).
-    """
-    scores.clamp_(min=0)
-    if soft_count(scores, costs, beta) <= target:
-        return 0.0
-    w = costs / costs.mean()
-    lo, hi = 0.0, float((scores * scores.clamp(min=beta) / w).max()) + 1.0  # hi zeroes every score
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if soft_count(capped_prox(scores, costs, mid, beta), costs, beta) > target:
-            lo = mid
-        else:
-            hi = mid
-    scores.copy_(capped_prox(scores, costs, hi, beta))
-    return hi
+def dual_step(lam: float, soft: float, target: float, span: float, rate: float) -> float:
+    """Dual ascent on the penalty's weight: lam grows while the soft count is above target (never below 0)."""
+    return max(0.0, lam + rate * (soft - target) / span)
 
 
 def prune_to_budget(scores: torch.Tensor, costs: torch.Tensor, owner: torch.Tensor, budget: float) -> torch.Tensor:
     """A keep-mask: every matrix's best component first, then the largest scores while their cost fits.
+
+    Negative scores mark components out of play: never kept, except as a matrix's only component.
 
     `owner` gives each component's matrix index (components of a matrix are contiguous, in singular-value
     order). Equal scores go by position inside their matrix, so untrained scores (all 1) keep every
@@ -144,7 +120,7 @@ def prune_to_budget(scores: torch.Tensor, costs: torch.Tensor, owner: torch.Tens
             f"({spent:,.0f} needed): choose a lower ratio"
         )
     for j in order:
-        if not keep[j] and spent + float(costs[j]) <= budget:
+        if not keep[j] and float(scores[j]) >= 0 and spent + float(costs[j]) <= budget:
             keep[j] = True
             spent += float(costs[j])
     return keep
@@ -237,17 +213,23 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
             params = [s.score for s in scored.values()]
             opt = torch.optim.Adam(params, lr=config.lr)
             bar = tqdm(range(steps), desc="soco", unit="step", disable=not context.progress)
-            cursor, beta = 0, config.beta_start
+            cursor, lam, square, hard_from = 0, 0.0, 0.0, start
             for step in bar:
                 if step < n_coarse:
                     stage, target = "coarse", start + (budget - start) * (step + 1) / n_coarse
+                    hard = start
                 elif step < n_coarse + n_refine:
                     stage, target = "refine", budget
-                    done = (step - n_coarse + 1) / n_refine  # anneal the soft count toward the hard one
-                    beta = config.beta_start * (config.beta_min / config.beta_start) ** done
+                    if step == n_coarse:
+                        hard_from = _hard_count(scored, costs)
+                    hard = hard_from + (budget - hard_from) * (step - n_coarse + 1) / n_refine
                 else:
-                    stage, target = "final", budget
-                    if step == n_coarse + n_refine:
+                    stage, target, hard = "final", budget, budget
+                    if config.anneal:  # a fixed objective from here: the step falls linearly toward 0
+                        left = (steps - step) / (steps - n_coarse - n_refine)
+                        for group in opt.param_groups:
+                            group["lr"] = config.lr * left
+                    if step == n_coarse + n_refine and n_refine == 0:
                         _prune(scored, costs, owner, budget)
                 idx = order[torch.arange(cursor, cursor + config.batch) % len(order)]
                 cursor += config.batch
@@ -260,29 +242,41 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                with torch.no_grad():
+                    grad = torch.cat([s.score.grad.detach().cpu() for s in scored.values()]).double()
+                    square = 0.9 * square + 0.1 * float(grad.square().mean())
+                    scale = (square / (1 - 0.9 ** (step + 1))) ** 0.5
+                    if stage != "final" and lam > 0:  # the count penalty, in units of the gradients' size
+                        flat = torch.cat([s.score.detach().cpu() for s in scored.values()]).double()
+                        extra = penalty_grad(flat, costs, lam * scale)
+                        offset = 0
+                        for s in scored.values():
+                            more = extra[offset : offset + s.low.rank].to(s.score.device, s.score.dtype)
+                            s.score.grad += more * s.mask
+                            offset += s.low.rank
                 opt.step()
                 with torch.no_grad():
+                    for s in scored.values():
+                        s.score.clamp_(min=0).mul_(s.mask)
+                    if stage == "refine" and _hard_count(scored, costs) > hard:
+                        _prune(scored, costs, owner, hard)
                     flat = torch.cat([s.score.detach().cpu() for s in scored.values()]).double()
-                    if stage != "final":
-                        project_budget(flat, costs, target, beta=beta)
-                    flat.clamp_(min=0)
-                    mask = torch.cat([s.mask.cpu() for s in scored.values()])
-                    flat *= mask
                     if not torch.isfinite(flat).all():
                         raise SvdkitError(
                             f"soco scores became non-finite at step {step + 1}: lower lr (now {config.lr})"
                         )
-                    offset = 0
-                    for s in scored.values():
-                        s.score.copy_(flat[offset : offset + s.low.rank].to(s.score.device))
-                        offset += s.low.rank
-                kept = soft_count(flat, costs, beta) if stage != "final" else float((costs * mask).sum())
+                    soft = soft_count(flat, costs)
+                    lam = dual_step(lam, soft, target, start - budget, config.penalty_lr) if stage != "final" else 0.0
+                kept = _hard_count(scored, costs)
                 row = {
                     "step": step + 1,
                     "stage": stage,
                     "loss": float(loss.detach()),
                     "kept": kept / dense_total,
+                    "soft": soft / dense_total,
                     "target": target / dense_total,
+                    "penalty": lam,
+                    "lr": opt.param_groups[0]["lr"],
                     "seconds": round(time.perf_counter() - t0, 3),
                 }
                 curve.append(row)
@@ -322,9 +316,16 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
     return ranks, report
 
 
+def _hard_count(scored: dict[str, ScoredLinear], costs: torch.Tensor) -> float:
+    """The parameters of the components still in play (in the mask, score above 0)."""
+    alive = torch.cat([(s.mask & (s.score > 0)).cpu() for s in scored.values()])
+    return float(costs[alive].sum())
+
+
 def _prune(scored: dict[str, ScoredLinear], costs: torch.Tensor, owner: torch.Tensor, budget: float) -> None:
     flat = torch.cat([s.score.detach().cpu() for s in scored.values()])
-    keep = prune_to_budget(flat, costs, owner, budget)
+    alive = torch.cat([s.mask.cpu() for s in scored.values()]) & (flat > 0)
+    keep = prune_to_budget(torch.where(alive, flat, -1.0), costs, owner, budget)
     offset = 0
     with torch.no_grad():
         for s in scored.values():

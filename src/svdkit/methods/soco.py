@@ -38,12 +38,12 @@ class SoCoConfig:
     """share of the steps that move the budget from the start count down to the target"""
     refine: float = 0.3
     """share of the steps trained at the target budget before the final pruning (the rest: after it)"""
-    beta_start: float = 1.0
-    """the count sum c min(s / beta, 1) uses this beta in the coarse stage (1: an L1 count; small: the hard count)"""
-    beta_min: float = 0.02
-    """the refine stage anneals beta from beta_start to beta_min"""
+    penalty_lr: float = 0.3
+    """dual-ascent step of the count penalty's weight (per unit of the count's excess, relative to the cut)"""
     lr: float = 0.02
     """Adam learning rate of the scores (they start at 1)"""
+    anneal: bool = True
+    """in the final stage the learning rate falls linearly from lr toward 0"""
     seqlen: int = 512
     """tokens per training window (the calibration windows are cut to this length)"""
     batch: int = 1
@@ -51,7 +51,7 @@ class SoCoConfig:
     seed: int = 0
     """order of the training windows"""
     log: str | None = None
-    """a file that receives one JSON line per step (step, stage, loss, kept share, target, seconds)"""
+    """a file that receives one JSON line per step (step, stage, loss, kept, soft, target, penalty, lr, seconds)"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, str) or self.base == "soco":
@@ -65,7 +65,7 @@ class SoCoConfig:
                 )
         else:
             raise ValueError(f"unknown base method {self.base!r}; known: {', '.join(method_names())}")
-        for name in ("start_ratio", "coarse", "refine", "lr", "beta_min", "beta_start"):
+        for name in ("start_ratio", "coarse", "refine", "lr", "penalty_lr"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a number, got {v!r}")
@@ -75,8 +75,10 @@ class SoCoConfig:
             raise ValueError(
                 f"coarse and refine are shares of the steps: >= 0 with a sum <= 1, got {self.coarse}, {self.refine}"
             )
-        if not 0 < self.beta_min <= self.beta_start <= 1:
-            raise ValueError(f"need 0 < beta_min <= beta_start <= 1, got {self.beta_min} and {self.beta_start}")
+        if not isinstance(self.anneal, bool):
+            raise ValueError(f"anneal must be true or false, got {self.anneal!r}")
+        if not self.penalty_lr > 0:
+            raise ValueError(f"penalty_lr must be positive, got {self.penalty_lr}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         for name in ("steps", "seqlen", "batch"):
