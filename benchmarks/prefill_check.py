@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import svdkit
 from svdkit.lowrank import LowRankLinear
-from svdkit.speed import _prefill, paired_speed
+from svdkit.speed import paired_speed, prefill
 
 
 def low_rank_copy(model, ratio: float):
@@ -39,9 +39,9 @@ def low_rank_copy(model, ratio: float):
 
 def breakdown(model, ids: torch.Tensor) -> dict[str, float]:
     with torch.no_grad():
-        _prefill(model, ids[None])
+        prefill(model, ids[None])
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            _prefill(model, ids[None])
+            prefill(model, ids[None])
     groups = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for e in prof.key_averages():
         if e.key in ("aten::mm", "aten::addmm", "aten::bmm"):

@@ -21,7 +21,7 @@ DEFAULT = [
     "docs/results/sequential.json",
     "docs/results/v2.json",
     "docs/results/seq_update/results.json",
-    "docs/results/soco_beta1.json",
+    "docs/results/soco.json",
 ]
 RATIOS = (0.2, 0.4, 0.6)
 SKIP = {("v2.json", ("svd-llm", "uniform", "", "lstsq", True))}

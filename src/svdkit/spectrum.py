@@ -18,7 +18,8 @@ Three stages (svdkit's reading of the paper, which publishes no code):
    consistency of their gradients; docs/results/README.md records how that failed.)
 2. refine: the soft count's target stays at the budget while the hard count is brought down to it
    linearly, each step pruning the smallest scores (:func:`prune_to_budget`), so the model is never
-   cut by more than a small step at once and the scores keep adapting to what has been removed;
+   cut by more than a small step at once and the scores keep adapting to what has been removed; its
+   last step cuts the mask itself to the budget (scores at 0 are kept only to fill what is left);
 3. final: at the exact budget, the kept scores train on the cross-entropy alone (free to exceed 1).
 
 The budget is the parameter count the allocation gives the targets at the target ratio (by default
@@ -258,8 +259,9 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
                 with torch.no_grad():
                     for s in scored.values():
                         s.score.clamp_(min=0).mul_(s.mask)
-                    if stage == "refine" and _hard_count(scored, costs) > hard:
-                        _prune(scored, costs, owner, hard)
+                    last = step == n_coarse + n_refine - 1  # the mask itself must fit: zeros in it could revive
+                    if stage == "refine" and (last or _hard_count(scored, costs) > hard):
+                        _prune(scored, costs, owner, hard, fill=last)
                     flat = torch.cat([s.score.detach().cpu() for s in scored.values()]).double()
                     if not torch.isfinite(flat).all():
                         raise SvdkitError(
@@ -322,9 +324,13 @@ def _hard_count(scored: dict[str, ScoredLinear], costs: torch.Tensor) -> float:
     return float(costs[alive].sum())
 
 
-def _prune(scored: dict[str, ScoredLinear], costs: torch.Tensor, owner: torch.Tensor, budget: float) -> None:
+def _prune(
+    scored: dict[str, ScoredLinear], costs: torch.Tensor, owner: torch.Tensor, budget: float, fill: bool = True
+) -> None:
     flat = torch.cat([s.score.detach().cpu() for s in scored.values()])
-    alive = torch.cat([s.mask.cpu() for s in scored.values()]) & (flat > 0)
+    alive = torch.cat([s.mask.cpu() for s in scored.values()])  # pruned ones stay out
+    if not fill:  # zero scores out too; else they fill what the budget has left, last
+        alive &= flat > 0
     keep = prune_to_budget(torch.where(alive, flat, -1.0), costs, owner, budget)
     offset = 0
     with torch.no_grad():

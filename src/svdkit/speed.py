@@ -31,6 +31,7 @@ from torch import nn
 
 __all__ = [
     "paired_speed",
+    "prefill",
     "prefill_tokens_per_second",
     "forward_tokens_per_second",
     "decode_tokens_per_second",
@@ -54,7 +55,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prefill(model: nn.Module, x: torch.Tensor):
+def prefill(model: nn.Module, x: torch.Tensor):
     """One generation prefill of x (1, L): a fresh cache filled, the last position's logits only."""
     from transformers import DynamicCache
 
@@ -79,7 +80,7 @@ def _runs(model: nn.Module, ids: torch.Tensor, new_tokens: int, prompt: int) -> 
     pad = pad[0] if isinstance(pad, list) else pad
     gen = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=pad)
     runs = {
-        "prefill_tok_s": (lambda: _prefill(model, x), ids.numel()),
+        "prefill_tok_s": (lambda: prefill(model, x), ids.numel()),
         "forward_tok_s": (lambda: model(input_ids=x, use_cache=False), ids.numel()),
     }
     if new_tokens:
@@ -181,13 +182,13 @@ def prefill_peak_mb(model: nn.Module, ids: torch.Tensor) -> float | None:
             torch.cuda.synchronize(dev)
             before = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-            _prefill(model, x)
+            prefill(model, x)
             torch.cuda.synchronize(dev)
             return (torch.cuda.max_memory_allocated(dev) - before) / _MB
         if not reset_peak_rss():
             return None
         before = _status_mb("VmRSS")
-        _prefill(model, x)
+        prefill(model, x)
         peak = _status_mb("VmHWM")
     return None if before is None or peak is None else max(peak - before, 0.0)
 

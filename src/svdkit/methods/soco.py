@@ -32,7 +32,7 @@ class SoCoConfig:
     """the method that factors each matrix once (its statistics must be among: gram)"""
     start_ratio: float = 0.0
     """ratio of the start decomposition; 0 = the largest rank that still saves parameters"""
-    steps: int = 120
+    steps: int = 240
     """training steps in all (one step = `batch` windows of `seqlen` tokens)"""
     coarse: float = 0.5
     """share of the steps that move the budget from the start count down to the target"""
