@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import svdkit
-from svdkit.allocation import rank_for_ratio, saves_parameters
+from svdkit.allocation import allocate_uniform
 from svdkit.bench import parse_options
 from svdkit.calibration import collect_statistics
 from svdkit.compress import decompose_linear
@@ -67,10 +67,7 @@ def main() -> None:
     args = p.parse_args()
     start = start_model(Path(args.cache), Path(args.data_dir))
     shapes, val = start["shapes"], start["val"][: 4 * 2048]
-    budget = {}
-    for name, (m, n) in shapes.items():
-        k = min(rank_for_ratio(m, n, args.ratio), m, n)
-        budget[name] = k if saves_parameters(m, n, k) else None
+    budget = allocate_uniform(shapes, args.ratio)
     if args.reference:  # the leading k components of the start factors are svd-llm-v2 at rank k
         model = copy.deepcopy(start["model"])
         for name, k in budget.items():

@@ -218,14 +218,13 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
             for step in bar:
                 if step < n_coarse:
                     stage, target = "coarse", start + (budget - start) * (step + 1) / n_coarse
-                    hard = start
                 elif step < n_coarse + n_refine:
                     stage, target = "refine", budget
                     if step == n_coarse:
                         hard_from = _hard_count(scored, costs)
                     hard = hard_from + (budget - hard_from) * (step - n_coarse + 1) / n_refine
                 else:
-                    stage, target, hard = "final", budget, budget
+                    stage, target = "final", budget
                     if config.anneal:  # a fixed objective from here: the step falls linearly toward 0
                         left = (steps - step) / (steps - n_coarse - n_refine)
                         for group in opt.param_groups:
@@ -244,11 +243,11 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 with torch.no_grad():
-                    grad = torch.cat([s.score.grad.detach().cpu() for s in scored.values()]).double()
+                    grad = _flat(scored, lambda s: s.score.grad).double()
                     square = 0.9 * square + 0.1 * float(grad.square().mean())
                     scale = (square / (1 - 0.9 ** (step + 1))) ** 0.5
                     if stage != "final" and lam > 0:  # the count penalty, in units of the gradients' size
-                        flat = torch.cat([s.score.detach().cpu() for s in scored.values()]).double()
+                        flat = _flat(scored, lambda s: s.score).double()
                         extra = penalty_grad(flat, costs, lam * scale)
                         offset = 0
                         for s in scored.values():
@@ -262,7 +261,7 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
                     last = step == n_coarse + n_refine - 1  # the mask itself must fit: zeros in it could revive
                     if stage == "refine" and (last or _hard_count(scored, costs) > hard):
                         _prune(scored, costs, owner, hard, fill=last)
-                    flat = torch.cat([s.score.detach().cpu() for s in scored.values()]).double()
+                    flat = _flat(scored, lambda s: s.score).double()
                     if not torch.isfinite(flat).all():
                         raise SvdkitError(
                             f"soco scores became non-finite at step {step + 1}: lower lr (now {config.lr})"
@@ -318,17 +317,22 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
     return ranks, report
 
 
+def _flat(scored: dict[str, ScoredLinear], part) -> torch.Tensor:
+    """`part(layer)` of every scored layer, detached, on the CPU, end to end in model order."""
+    return torch.cat([part(s).detach().cpu() for s in scored.values()])
+
+
 def _hard_count(scored: dict[str, ScoredLinear], costs: torch.Tensor) -> float:
     """The parameters of the components still in play (in the mask, score above 0)."""
-    alive = torch.cat([(s.mask & (s.score > 0)).cpu() for s in scored.values()])
+    alive = _flat(scored, lambda s: s.mask & (s.score > 0))
     return float(costs[alive].sum())
 
 
 def _prune(
     scored: dict[str, ScoredLinear], costs: torch.Tensor, owner: torch.Tensor, budget: float, fill: bool = True
 ) -> None:
-    flat = torch.cat([s.score.detach().cpu() for s in scored.values()])
-    alive = torch.cat([s.mask.cpu() for s in scored.values()])  # pruned ones stay out
+    flat = _flat(scored, lambda s: s.score)
+    alive = _flat(scored, lambda s: s.mask)  # pruned ones stay out
     if not fill:  # zero scores out too; else they fill what the budget has left, last
         alive &= flat > 0
     keep = prune_to_budget(torch.where(alive, flat, -1.0), costs, owner, budget)
