@@ -52,6 +52,12 @@ def main() -> None:
     p.add_argument("--val-windows", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--rank-multiple",
+        type=int,
+        default=1,
+        help="rank alignment (1, exact ranks: what the published runs used; svdkit's default is 8)",
+    )
     p.add_argument("--out", default=str(HERE.parent / "docs" / "results" / "allocation_sweep"))
     args = p.parse_args()
 
@@ -109,6 +115,7 @@ def main() -> None:
                     allocation=allocation,
                     allocation_options=options,
                     method_options=method_options,
+                    rank_multiple=args.rank_multiple,
                 )
                 row = {
                     "ratio": ratio,

@@ -1,31 +1,41 @@
 """Where the prefill time of SmolLM2-135M goes, dense against low-rank, timed in alternation.
 
-    python benchmarks/prefill_check.py [--ratios 0.2 0.4 0.6] [--repeats 7] [--profile 0.4]
+    python benchmarks/prefill_check.py [--ratios 0.2 0.4 0.6] [--rank-multiples 1 8] [--repeats 5] [--profile 0.4]
 
 Speed depends on the shapes only, so the low-rank models here get random factors at the ranks uniform
-allocation gives (the ranks of svd-llm, svd, asvd, ... at that ratio): no calibration needed. Prints the
-generation-prefill tokens/s of each (2048 tokens, cache filled, last logits only; median of --repeats,
-models interleaved, see svdkit.speed.paired_speed) and, with --profile, torch's operator breakdown of
-one prefill of the dense model and of the model at that ratio.
+allocation gives (the ranks of svd-llm, svd, asvd, ... at that ratio), rounded by
+svdkit.allocation.align_ranks to each of --rank-multiples (1: exact): no calibration needed. Each
+low-rank model is timed against the dense one alone, as `svdkit bench` times a cell: generation
+prefills of 2048 tokens (cache filled, last logits only), the two models in alternation
+(svdkit.speed.paired_speed, median of --repeats), once in each order (dense first, then low-rank
+first). Prints both ratios and, with --profile, torch's operator breakdown of one prefill of the dense
+model and of the model at that ratio (first multiple).
+
+The pairs matter: interleaving the dense model with four low-rank models at once (the first version
+of this script) measured 0.4 with ranks in multiples of 8 at 1.24x, where this version measured 1.29x
+and 1.31x on the same day (docs/results/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import svdkit
+from svdkit.allocation import align_ranks
 from svdkit.lowrank import LowRankLinear
 from svdkit.speed import paired_speed, prefill
 
 
-def low_rank_copy(model, ratio: float):
-    """A copy whose targets are LowRankLinear at uniform allocation's ranks, with random factors."""
+def low_rank_copy(model, ratio: float, multiple: int = 1):
+    """A copy whose targets are LowRankLinear at uniform allocation's (aligned) ranks, with random factors."""
     work = copy.deepcopy(model)
-    ranks = svdkit.allocate_uniform(svdkit.find_architecture(work).shapes(), ratio)
+    shapes = svdkit.find_architecture(work).shapes()
+    ranks = align_ranks(svdkit.allocate_uniform(shapes, ratio), shapes, multiple)
     g = torch.Generator().manual_seed(0)
     for name, k in ranks.items():
         if k is None:
@@ -56,23 +66,40 @@ def breakdown(model, ids: torch.Tensor) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--rank-multiples", type=int, nargs="+", default=[8], help="rank alignments to compare (8)")
     p.add_argument("--profile", type=float, default=None, help="also profile the dense model and this ratio")
     a = p.parse_args()
     model, _ = svdkit.load_model("smollm2-135m", progress=False)
     ids = torch.randint(0, model.config.vocab_size, (a.seqlen,), generator=torch.Generator().manual_seed(0))
-    models = {"dense": model, **{str(r): low_rank_copy(model, r) for r in a.ratios}}
-    speed = paired_speed(models, ids, new_tokens=0, repeats=a.repeats, only=("prefill_tok_s",))
-    print(f"| model | parameters | prefill tok/s | vs dense |  (torch threads {torch.get_num_threads()})")
-    print("|---|---|---|---|")
-    for name, s in speed.items():
-        ratio = s["prefill_tok_s"] / speed["dense"]["prefill_tok_s"]
-        params = svdkit.count_parameters(models[name])
-        print(f"| {name} | {params:,} | {s['prefill_tok_s']:.0f} | {ratio:.2f}x |")
+    models = {"dense": model}
+    print(
+        f"| ratio, rank multiple | parameters | prefill tok/s | vs dense, dense first | low-rank first |  "
+        f"(threads {torch.get_num_threads()})"
+    )
+    print("|---|---|---|---|---|")
+    for r in a.ratios:
+        for k in a.rank_multiples:
+            name = f"{r} x{k}"
+            models[name] = low_rank_copy(model, r, k)
+            ratios, speeds = [], []
+            for order in (("dense", name), (name, "dense")):
+                speed = paired_speed({m: models[m] for m in order}, ids, 0, repeats=a.repeats, only=("prefill_tok_s",))
+                ratios.append(speed[name]["prefill_tok_s"] / speed["dense"]["prefill_tok_s"])
+                speeds.append(speed[name]["prefill_tok_s"])
+            params = svdkit.count_parameters(models[name])
+            print(
+                f"| {name} | {params:,} | {statistics.mean(speeds):.0f} | {ratios[0]:.2f}x | {ratios[1]:.2f}x |",
+                flush=True,
+            )
+            if a.profile is None or (r, k) != (a.profile, a.rank_multiples[0]):
+                del models[name]
     if a.profile is not None:
         print("\nprofile of one prefill, seconds of operator self time:")
-        for name in ("dense", str(a.profile)):
+        low = f"{a.profile} x{a.rank_multiples[0]}"
+        models.setdefault(low, low_rank_copy(model, a.profile, a.rank_multiples[0]))
+        for name in ("dense", low):
             parts = breakdown(models[name], ids)
             total = sum(parts.values())
             print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + f", total {total:.2f}")

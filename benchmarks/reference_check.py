@@ -102,7 +102,9 @@ def main() -> None:
         ref = copy.deepcopy(model)
         reference_whitening(ref, grams, ratio)
         ours = copy.deepcopy(model)
-        svdkit.compress(ours, tok, method="svd-llm", ratio=ratio, statistics=stats, device="cpu", progress=False)
+        svdkit.compress(  # exact ranks, as the reference code keeps
+            ours, tok, method="svd-llm", ratio=ratio, statistics=stats, device="cpu", progress=False, rank_multiple=1
+        )
         row = {
             "ratio": ratio,
             "reference_ppl": svdkit.perplexity(ref, None, wiki, **evaluation).ppl,

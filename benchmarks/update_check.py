@@ -37,5 +37,6 @@ for seq, upd in [(False, "none"), (True, "none"), (False, "lstsq"), (True, "lsts
         progress=False,
         sequential=seq,
         update=upd,
+        rank_multiple=1,  # exact ranks, as in the published check
     )
     print(seq, upd, ppl(w), flush=True)

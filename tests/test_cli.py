@@ -49,6 +49,8 @@ def test_compress_eval_info_densify(capsys, tmp_path, tiny_folder, text_file):
         "cpu",
         "--output",
         out,
+        "--rank-multiple",
+        "1",
         "--json",
     )
     assert code == 0
@@ -61,7 +63,7 @@ def test_compress_eval_info_densify(capsys, tmp_path, tiny_folder, text_file):
     assert code == 0 and info["method"] == "svd-llm" and info["ratio"] == 0.4
     assert info["params"] == summary["params"] and info["params_dense"] == summary["params_dense"]
     assert info["ranks"]["model.layers.0.self_attn.k_proj"] == 12  # floor(32 * 64 * 0.6 / 96)
-    assert "rank 12" in stdout
+    assert "rank 12" in stdout and info["allocation"]["rank_multiple"] == 1
 
     code, stdout, _ = run(capsys, "eval", out, "--dataset", text_file, "--seqlen", "32", "--max-windows", "2", "--json")
     result = last_json(stdout)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import svdkit
 from svdkit import LowRankLinear, rank_for_ratio
+from svdkit.allocation import align_ranks
 
 METHODS = svdkit.method_names()
 KINDS = ["llama", "llama-bias", "qwen2", "mistral", "gemma", "gemma3", "qwen3-sliding"]
@@ -38,10 +39,13 @@ def test_method_contract(kind, method):
     assert len(shapes) == 14 and result.ranks == {n: k for n, (_, _, k) in shapes.items()}
     uniform = sum(rank_for_ratio(m, n, 0.4) * (m + n) for m, n, _ in shapes.values())
     kept = sum(k * (m + n) for m, n, k in shapes.values())
+    assert all(k % 8 == 0 for _, _, k in shapes.values())  # the default rank_multiple
     if svdkit.get_method(method).stage is None:
-        assert all(k == rank_for_ratio(m, n, 0.4) for m, n, k in shapes.values())
+        exact = svdkit.allocate_uniform({n: (m, k_in) for n, (m, k_in, _) in shapes.items()}, 0.4)
+        assert result.ranks == align_ranks(exact, {n: (m, k_in) for n, (m, k_in, _) in shapes.items()}, 8)
+        assert uniform - 8 * max(m + n for m, n, _ in shapes.values()) < kept <= uniform
     else:  # a whole-model stage (soco) spends the uniform allocation's budget its own way
-        assert uniform - max(m + n for m, n, _ in shapes.values()) < kept <= uniform
+        assert uniform - 8 * max(m + n for m, n, _ in shapes.values()) < kept <= uniform
         assert len({k for _, _, k in shapes.values()}) > 1
     saved = sum(m * n - k * (m + n) for m, n, k in shapes.values())
     assert result.params_dense == dense and result.params == dense - saved == svdkit.count_parameters(model)

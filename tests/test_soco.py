@@ -130,8 +130,9 @@ def test_start_ranks_save_parameters():
 def test_soco_meets_the_budget_reallocates_and_round_trips(tmp_path, tiny_tokenizer):
     log = tmp_path / "curve.jsonl"
     model = tiny_model("llama")
-    uniform = _compress(tiny_model("llama"), method="svd-llm-v2", ratio=0.4)
-    r = _compress(model, method="soco", ratio=0.4, method_options={"steps": 12, "seqlen": 32, "log": str(log)})
+    uniform = _compress(tiny_model("llama"), method="svd-llm-v2", ratio=0.4, rank_multiple=1)
+    options = {"steps": 12, "seqlen": 32, "log": str(log)}
+    r = _compress(model, method="soco", ratio=0.4, method_options=options, rank_multiple=1)
     shapes = svdkit.find_architecture(tiny_model("llama")).shapes()
     budget = sum(k * sum(shapes[n]) for n, k in uniform.ranks.items())
     kept = sum(k * sum(shapes[n]) for n, k in r.ranks.items())
@@ -189,7 +190,8 @@ def test_soco_final_stage_lowers_the_loss_on_its_windows():
 def test_untrained_scores_prune_every_matrix_alike():
     """With no projected step all scores are 1: ties go by position inside each matrix, so the ranks
     stay spread over all matrices instead of whole matrices kept in model order."""
-    r = _compress(tiny_model("llama"), method="soco", ratio=0.4, method_options={"steps": 2, "coarse": 0, "refine": 0})
+    options = {"steps": 2, "coarse": 0, "refine": 0}
+    r = _compress(tiny_model("llama"), method="soco", ratio=0.4, method_options=options, rank_multiple=1)
     assert min(r.ranks.values()) > 1
     assert max(r.ranks.values()) - min(r.ranks.values()) <= 2
 
@@ -253,6 +255,39 @@ def test_cli_soco_divergence_writes_nothing(tmp_path, tiny_folder, monkeypatch, 
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_kd_loss_is_zero_at_the_start_and_positive_once_scores_move():
+    """The kd teacher is the start decomposition: with every score at 1 and nothing pruned the student
+    is the teacher (KL 0); a moved score makes the KL positive, and its gradient reaches the scores."""
+    from svdkit.spectrum import _loss
+
+    model = tiny_model("llama")
+    _compress(model, method="svd-llm", ratio=0.2, rank_multiple=1)
+    names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    scored = {n: ScoredLinear(model.get_submodule(n)) for n in names}
+    for n, s in scored.items():
+        model.set_submodule(n, s)
+    ids = random_tokens(24, seed=7)[None]
+    assert float(_loss(model, scored, ids, "kd").detach()) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for s in scored.values():
+            s.score.mul_(0.5)
+    kl = _loss(model, scored, ids, "kd")
+    kl.backward()
+    assert float(kl) > 1e-7 and scored[names[0]].score.grad.abs().sum() > 0  # a tiny random model: small KL
+    assert not any(s.start for s in scored.values())  # the teacher switch is off again
+    ce = _loss(model, scored, ids, "ce")
+    assert float(ce) == pytest.approx(float(model(input_ids=ids, labels=ids).loss))
+
+
+def test_soco_kd_meets_the_budget():
+    shapes = svdkit.find_architecture(tiny_model("llama")).shapes()
+    options = {"steps": 6, "seqlen": 32, "loss": "kd"}
+    r = _compress(tiny_model("llama"), method="soco", ratio=0.4, method_options=options, rank_multiple=1)
+    budget = sum(k * sum(shapes[n]) for n, k in svdkit.allocate_uniform(shapes, 0.4).items())
+    assert r.training["budget"] == budget and budget - max(m + n for m, n in shapes.values()) < r.training["kept"]
+    assert r.training["kept"] <= budget and all(row["loss"] > -1e-6 for row in r.training["curve"])
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -264,6 +299,7 @@ def test_cli_soco_divergence_writes_nothing(tmp_path, tiny_folder, monkeypatch, 
         ({"steps": 0}, "steps must be a positive integer"),
         ({"penalty_lr": 0}, "penalty_lr must be positive"),
         ({"anneal": "yes"}, "anneal must be true or false"),
+        ({"loss": "mse"}, "loss must be 'ce' or 'kd'"),
     ],
 )
 def test_soco_config_errors(options, message):

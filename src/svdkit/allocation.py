@@ -28,6 +28,8 @@ __all__ = [
     "saves_parameters",
     "check_ratio",
     "allocate_uniform",
+    "align_ranks",
+    "check_rank_multiple",
     "AllocationContext",
     "Allocator",
     "register_allocator",
@@ -72,6 +74,49 @@ def allocate_uniform(shapes: Mapping[str, tuple[int, int]], ratio: float) -> dic
     return ranks
 
 
+def check_rank_multiple(multiple: int) -> int:
+    """Validate the rank alignment: a positive integer (1 keeps the ranks exact)."""
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+        raise SvdkitError(f"rank_multiple must be a positive integer (1 keeps the ranks exact), got {multiple!r}")
+    return multiple
+
+
+def align_ranks(
+    ranks: Mapping[str, int | None], shapes: Mapping[str, tuple[int, int]], multiple: int
+) -> dict[str, int | None]:
+    """Ranks rounded to multiples of `multiple` within the parameter budget that `ranks` spend.
+
+    Matrix products run faster when the rank is a multiple of 8 or 16 (vector width on CPUs, tensor
+    cores on GPUs): a rank-251 layer can be slower than a rank-256 one. Largest-remainder rounding:
+    every rank k >= `multiple` goes down to multiple * floor(k / multiple); then, by decreasing
+    remainder k mod `multiple` (ties in model order), ranks go back up by `multiple` while the total
+    cost sum k (m + n) stays within that of `ranks` and the matrix still saves parameters. Ranks below
+    `multiple` and dense matrices (None) are left as they are, so no matrix is deleted.
+    """
+    multiple = check_rank_multiple(multiple)
+    out = dict(ranks)
+    if multiple == 1:
+        return out
+    spare = 0
+    remainders = []
+    for i, (name, k) in enumerate(ranks.items()):
+        if k is None or k < multiple:
+            continue
+        m, n = shapes[name]
+        r = k % multiple
+        out[name] = k - r
+        spare += r * (m + n)
+        if r:
+            remainders.append((-r, i, name))
+    for _, _, name in sorted(remainders):
+        m, n = shapes[name]
+        up = out[name] + multiple
+        if multiple * (m + n) <= spare and saves_parameters(m, n, up):
+            out[name] = up
+            spare -= multiple * (m + n)
+    return out
+
+
 @dataclass
 class AllocationContext:
     """Everything an allocator may use. Fields an allocator does not declare a need for may be None."""
@@ -92,6 +137,9 @@ class AllocationContext:
     """how the windows and statistics were made (for the allocator's own records)"""
     device: Any = None
     progress: bool = True
+    rank_multiple: int = 1
+    """ranks are rounded to multiples of this within the budget (:func:`align_ranks`); a method that fixes
+    its final ranks itself (SoCo) applies it there"""
     report: dict = dataclasses.field(default_factory=dict)
     """what the allocator wants recorded next to the ranks (e.g. a threshold it chose)"""
 

@@ -68,6 +68,7 @@ class BenchConfig:
     decode_tokens: int = 64
     repeats: int = 3
     plots: bool = True
+    rank_multiple: int = 8
 
 
 def parse_options(text: str) -> dict:
@@ -181,6 +182,7 @@ def _settings(config: BenchConfig) -> dict:
         "seqlen": config.seqlen,
         "eval_windows": config.eval_windows,
         "ptb_windows": config.ptb_windows,
+        "rank_multiple": config.rank_multiple,
         "calibration": {
             "samples": config.calib_samples,
             "seqlen": config.seqlen,
@@ -208,7 +210,8 @@ def _resume(json_path: Path, report: dict) -> dict:
 
 def _settings_of(report: dict) -> dict:
     calib = {k: v for k, v in report.get("calibration", {}).items() if k not in ("seconds", "passes")}
-    return {**{k: report.get(k) for k in ("model", "seqlen", "eval_windows", "ptb_windows")}, "calibration": calib}
+    plain = {k: report.get(k) for k in ("model", "seqlen", "eval_windows", "ptb_windows")}
+    return {**plain, "rank_multiple": report.get("rank_multiple", 1), "calibration": calib}
 
 
 def run_bench(
@@ -318,6 +321,7 @@ def run_bench(
             allocation_options=options,
             update=spec.update,
             sequential=spec.sequential,
+            rank_multiple=config.rank_multiple,
         )
         compress_rss = peak_rss_mb()
         req = get_method(spec.method).requires | get_allocator(spec.allocation).requires

@@ -66,6 +66,10 @@ def _int_at_least(minimum: int, what: str):
 
 _positive = _int_at_least(1, "a positive integer")
 _nonnegative = _int_at_least(0, "an integer >= 0")
+RANK_MULTIPLE_HELP = (
+    "round the ranks to multiples of this within the same parameter budget, for faster products (8); "
+    "1 keeps the allocation's exact ranks"
+)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -153,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where non-uniform allocations and gradient statistics spill every layer's statistics "
         "(a temporary folder inside DIR, removed afterwards; default: the system's temporary folder)",
     )
+    c.add_argument("--rank-multiple", type=_positive, default=8, help=RANK_MULTIPLE_HELP)
     c.add_argument(
         "--sequential",
         action="store_true",
@@ -262,6 +267,7 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--no-speed", action="store_true", help="skip the speed and memory measurements")
     b.add_argument("--decode-tokens", type=_nonnegative, default=64, help="tokens generated per decode run (64)")
     b.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    b.add_argument("--rank-multiple", type=_positive, default=8, help=RANK_MULTIPLE_HELP)
 
 
 def bench_config(a) -> BenchConfig:
@@ -285,6 +291,7 @@ def bench_config(a) -> BenchConfig:
         speed=not a.no_speed,
         decode_tokens=a.decode_tokens,
         plots=not a.no_plots,
+        rank_multiple=a.rank_multiple,
     )
 
 
@@ -344,6 +351,7 @@ def cmd_compress(a) -> None:
         update=a.update,
         statistics_dir=a.statistics_dir,
         kv_ratio=a.kv_ratio,
+        rank_multiple=a.rank_multiple,
     )
     model.to("cpu")
     if a.densify:
@@ -531,8 +539,10 @@ def cmd_info(a) -> None:
     info = folder_info(a.folder)
     ranks = dict(sorted(info["ranks"].items(), key=lambda kv: _natural(kv[0])))
     alloc = info.get("allocation") or {}
+    multiple = alloc.get("rank_multiple", 1)
+    aligned = f" (ranks in multiples of {multiple})" if multiple > 1 else ""
     print(
-        f"method {info['method']}, ratio {info['ratio']}, allocation {alloc.get('name', 'uniform')}, "
+        f"method {info['method']}, ratio {info['ratio']}, allocation {alloc.get('name', 'uniform')}{aligned}, "
         f"svdkit {info['version']}"
     )
     if info["params_dense"]:

@@ -23,7 +23,9 @@ Three stages (svdkit's reading of the paper, which publishes no code):
 3. final: at the exact budget, the kept scores train on the cross-entropy alone (free to exceed 1).
 
 The budget is the parameter count the allocation gives the targets at the target ratio (by default
-the uniform one): the final count is at most the budget and within one component of it. The scores
+the uniform one): the final count is at most the budget and within one component of it; with a rank
+multiple (the pipeline's ``rank_multiple``), the final cut then rounds every matrix's count to it
+within the same parameter count (:func:`align_keep`), and the final stage trains the rounded set. The scores
 are folded into the factors (sqrt(s) into each), leaving an ordinary low-rank model. Training needs the
 whole model on one device; interrupting it raises KeyboardInterrupt with the model restored to its
 start decomposition's layers, and a non-finite loss stops it with an SvdkitError.
@@ -41,11 +43,13 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from .allocation import align_ranks
 from .errors import SvdkitError
 from .lowrank import LowRankLinear
 
 __all__ = [
     "ScoredLinear",
+    "align_keep",
     "dual_step",
     "learn_spectrum",
     "penalty_grad",
@@ -63,8 +67,12 @@ class ScoredLinear(nn.Module):
         self.low = low
         self.score = nn.Parameter(torch.ones(low.rank, device=low.A.device))
         self.register_buffer("mask", torch.ones(low.rank, dtype=torch.bool, device=low.A.device))
+        self.start = False
+        """True: compute the start decomposition's layer (every component, scores 1): the kd teacher"""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.start:
+            return self.low(x)
         h = F.linear(x, self.low.A)
         return F.linear(h * (self.score * self.mask).to(h.dtype), self.low.B, self.low.bias)
 
@@ -127,6 +135,25 @@ def prune_to_budget(scores: torch.Tensor, costs: torch.Tensor, owner: torch.Tens
     return keep
 
 
+def align_keep(
+    keep: torch.Tensor, scores: torch.Tensor, owner: torch.Tensor, shapes: list[tuple[int, int]], multiple: int
+) -> torch.Tensor:
+    """The keep-mask with every matrix's count rounded to a multiple of `multiple` within its cost.
+
+    The counts are rounded by :func:`~svdkit.allocation.align_ranks` (`shapes`: (m, n) by owner); a
+    matrix then keeps its best components: those already kept by score, then the others by score
+    (negative: out of play, last), ties by position. A count never exceeds the matrix's components.
+    """
+    counts = {o: int(keep[owner == o].sum()) for o in range(len(shapes))}
+    aligned = align_ranks(counts, dict(enumerate(shapes)), multiple)
+    out = torch.zeros_like(keep)
+    for o, k in aligned.items():
+        idx = (owner == o).nonzero().flatten().tolist()
+        order = sorted(idx, key=lambda j: (not bool(keep[j]), -float(scores[j]), j))
+        out[order[:k]] = True
+    return out
+
+
 def fold_scores(scored: ScoredLinear) -> LowRankLinear:
     """The kept components with sqrt(s) folded into A and B (float64 arithmetic, the layer's dtype)."""
     low = scored.low
@@ -150,6 +177,7 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
     name, a report with the budget, the kept count, the time and the loss curve per step).
     """
     names = list(context.shapes)
+    multiple = getattr(context, "rank_multiple", 1)
     budget = float(sum(_cost(context.shapes[n], budget_ranks[n]) for n in names))
     device = context.device
     windows = context.windows
@@ -230,11 +258,11 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
                         for group in opt.param_groups:
                             group["lr"] = config.lr * left
                     if step == n_coarse + n_refine and n_refine == 0:
-                        _prune(scored, costs, owner, budget)
+                        _prune(scored, costs, owner, budget, multiple=multiple)
                 idx = order[torch.arange(cursor, cursor + config.batch) % len(order)]
                 cursor += config.batch
                 ids = chunks[idx].to(device)
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss = _loss(model, scored, ids, config.loss)
                 if not torch.isfinite(loss):
                     raise SvdkitError(
                         f"soco training diverged at step {step + 1} ({stage} stage): the loss is "
@@ -260,7 +288,7 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
                         s.score.clamp_(min=0).mul_(s.mask)
                     last = step == n_coarse + n_refine - 1  # the mask itself must fit: zeros in it could revive
                     if stage == "refine" and (last or _hard_count(scored, costs) > hard):
-                        _prune(scored, costs, owner, hard, fill=last)
+                        _prune(scored, costs, owner, hard, fill=last, multiple=multiple)
                     flat = _flat(scored, lambda s: s.score).double()
                     if not torch.isfinite(flat).all():
                         raise SvdkitError(
@@ -286,7 +314,7 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
                     log.flush()
                 bar.set_postfix(loss=f"{row['loss']:.3f}", kept=f"{row['kept']:.3f}", stage=stage)
         if n_coarse + n_refine >= steps:  # no final steps: prune at the end
-            _prune(scored, costs, owner, budget)
+            _prune(scored, costs, owner, budget, multiple=multiple)
         final = {name: fold_scores(s) for name, s in scored.items()}
     except BaseException:
         for name, s in scored.items():  # back to the start decomposition's layers
@@ -317,6 +345,24 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
     return ranks, report
 
 
+def _loss(model: nn.Module, scored: dict[str, ScoredLinear], ids: torch.Tensor, kind: str) -> torch.Tensor:
+    """Next-token cross-entropy on `ids` ("ce"), or ("kd") the KL divergence of the model's next-token
+    distributions from those of the start decomposition (every component, scores 1) on the same ids."""
+    if kind == "ce":
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    with torch.no_grad():
+        for s in scored.values():
+            s.start = True
+        try:
+            teacher = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+        finally:
+            for s in scored.values():
+                s.start = False
+    student = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+    vocab = student.shape[-1]
+    return F.kl_div(student.reshape(-1, vocab), teacher.reshape(-1, vocab), log_target=True, reduction="batchmean")
+
+
 def _flat(scored: dict[str, ScoredLinear], part) -> torch.Tensor:
     """`part(layer)` of every scored layer, detached, on the CPU, end to end in model order."""
     return torch.cat([part(s).detach().cpu() for s in scored.values()])
@@ -329,13 +375,22 @@ def _hard_count(scored: dict[str, ScoredLinear], costs: torch.Tensor) -> float:
 
 
 def _prune(
-    scored: dict[str, ScoredLinear], costs: torch.Tensor, owner: torch.Tensor, budget: float, fill: bool = True
+    scored: dict[str, ScoredLinear],
+    costs: torch.Tensor,
+    owner: torch.Tensor,
+    budget: float,
+    fill: bool = True,
+    multiple: int = 1,
 ) -> None:
+    """Cut the masks to `budget` (:func:`prune_to_budget`); the final cut (`fill`) also aligns the ranks."""
     flat = _flat(scored, lambda s: s.score)
     alive = _flat(scored, lambda s: s.mask)  # pruned ones stay out
     if not fill:  # zero scores out too; else they fill what the budget has left, last
         alive &= flat > 0
     keep = prune_to_budget(torch.where(alive, flat, -1.0), costs, owner, budget)
+    if fill and multiple > 1:
+        shapes = [(x.low.out_features, x.low.in_features) for x in scored.values()]
+        keep = align_keep(keep, torch.where(alive, flat, -1.0), owner, shapes, multiple)
     offset = 0
     with torch.no_grad():
         for s in scored.values():

@@ -50,6 +50,9 @@ class SoCoConfig:
     """windows per step"""
     seed: int = 0
     """order of the training windows"""
+    loss: str = "ce"
+    """"ce": next-token cross-entropy (the paper); "kd": KL divergence from the start decomposition's
+    next-token distributions (a teacher forward per step)"""
     log: str | None = None
     """a file that receives one JSON line per step (step, stage, loss, kept, soft, target, penalty, lr, seconds)"""
 
@@ -75,6 +78,8 @@ class SoCoConfig:
             raise ValueError(
                 f"coarse and refine are shares of the steps: >= 0 with a sum <= 1, got {self.coarse}, {self.refine}"
             )
+        if self.loss not in ("ce", "kd"):
+            raise ValueError(f"loss must be 'ce' or 'kd', got {self.loss!r}")
         if not isinstance(self.anneal, bool):
             raise ValueError(f"anneal must be true or false, got {self.anneal!r}")
         if not self.penalty_lr > 0:
