@@ -6,13 +6,15 @@ Only k_proj / v_proj are compressed (svd-llm, ``ratio=0, kv_ratio=rho``), from o
 protocol's calibration windows (32 x 2048 WikiText-2 test tokens at seeded offsets from 150000). Each
 model is evaluated on the protocol's perplexity windows, then decoded greedily (batch 1, exactly
 --new-tokens tokens, median of 3 after a warm-up) after a short and a long prompt, with the ordinary
-cache and with the latent one; the cache bytes per token are measured from a real cache. The tokens
+cache and with the latent one (a copy of the model, timed in alternation with the ordinary one so the
+drift of a shared machine cancels); the cache bytes per token are measured from a real cache. The tokens
 the two caches generate are compared after the long prompt.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -24,9 +26,9 @@ import torch
 import svdkit
 from svdkit.calibration import collect_statistics
 from svdkit.data import calibration_windows, load_text, tokenize
-from svdkit.kvcache import KV_TARGETS, disable_latent_kv_cache, enable_latent_kv_cache, kv_bytes_per_token
+from svdkit.kvcache import KV_TARGETS, enable_latent_kv_cache, kv_bytes_per_token
 from svdkit.models import find_architecture
-from svdkit.speed import decode_tokens_per_second
+from svdkit.speed import paired_speed
 
 
 def generate_ids(model, prompt: torch.Tensor, n: int) -> list[int]:
@@ -45,19 +47,22 @@ def row(model, label: str, kv_ratio: float | None, wiki, ptb, a) -> dict:
         "ptb": svdkit.perplexity(model, None, ptb, max_windows=a.ptb_windows, **ev).ppl,
     }
     short, long = wiki[: a.short_prompt], wiki[: a.long_prompt]
-    modes = ["ordinary", "latent"] if kv_ratio is not None else ["ordinary"]
-    for mode in modes:
-        if mode == "latent":
-            enable_latent_kv_cache(model)
+    models = {"ordinary": model}
+    if kv_ratio is not None:  # a copy with the latent cache, timed in alternation with the ordinary one
+        models["latent"] = copy.deepcopy(model)
+        enable_latent_kv_cache(models["latent"])
+    speed = {
+        key: paired_speed(models, prompt, a.new_tokens, prompt.numel(), only=("decode_tok_s",))
+        for key, prompt in (("decode_short_tok_s", short), ("decode_long_tok_s", long))
+    }
+    for mode, m in models.items():
         r[mode] = {
-            "kv_bytes_per_token": kv_bytes_per_token(model, short),
-            "decode_short_tok_s": decode_tokens_per_second(model, short, a.new_tokens),
-            "decode_long_tok_s": decode_tokens_per_second(model, long, a.new_tokens),
-            "tokens": generate_ids(model, long, a.compare_tokens),
+            "kv_bytes_per_token": kv_bytes_per_token(m, short),
+            **{key: speed[key][mode]["decode_tok_s"] for key in speed},
+            "tokens": generate_ids(m, long, a.compare_tokens),
         }
         print(label, mode, {k: v for k, v in r[mode].items() if k != "tokens"}, flush=True)
     if kv_ratio is not None:
-        disable_latent_kv_cache(model)
         r["same_tokens"] = r["latent"]["tokens"] == r["ordinary"]["tokens"]
     return r
 

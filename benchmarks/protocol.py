@@ -4,8 +4,9 @@
 
 The same harness as ``svdkit bench`` (:mod:`svdkit.bench`: cell syntax, shared calibration pass,
 measurements, resuming), kept for the commands recorded in docs/results: ``--out`` is a path prefix
-(PREFIX.json and PREFIX.md), the text comes from ../shared/data unless --data-dir says otherwise, and
-plots are written only with --plots DIR.
+(PREFIX.json and PREFIX.md), the text comes from ../shared/data unless --data-dir says otherwise,
+plots are written only with --plots DIR, and the ranks are exact (--rank-multiple 1) unless
+--rank-multiple says otherwise, as in the runs recorded before that option existed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_bench_arguments(p)
-    p.set_defaults(data_dir=str(HERE.parent.parent / "shared" / "data"))
+    # exact ranks unless asked: the recorded commands predate --rank-multiple (svdkit bench rounds to 8)
+    p.set_defaults(data_dir=str(HERE.parent.parent / "shared" / "data"), rank_multiple=1)
     p.add_argument("--out", default=str(HERE.parent / "results" / "protocol"), help="path prefix of .json/.md")
     p.add_argument("--plots", default=None, metavar="DIR", help="also write the PNG plots into DIR")
     args = p.parse_args()

@@ -35,6 +35,12 @@ def test_alignment_never_rounds_past_the_break_even_rank():
     assert _cost(out, shapes) <= _cost(ranks, shapes)
 
 
+def test_limits_cap_a_raise():
+    shapes = {"a": (100, 100), "b": (100, 100)}
+    out = align_ranks({"a": 7 + 8, "b": 14}, shapes, 4, limits={"a": 15})
+    assert out == {"a": 12, "b": 16}  # a may not go up to 16 (only 15 components); b takes the spare
+
+
 def test_uniform_smollm2_shapes_stay_within_budget_and_aligned():
     shapes = {}
     for i in range(30):
@@ -78,6 +84,39 @@ def test_align_keep_keeps_the_best_scored_components_per_matrix():
     # counts 3 and 3 (remainder 1 each): floors 2 + 2 free 40, so matrix 0 goes back up to 4 with its
     # best unkept score (0.6 at position 5; the -1 stays out); matrix 1 drops its weakest kept one
     assert out.tolist() == [True, False, True, True, False, True, True, True, False, False, False, False]
+
+
+def test_align_keep_caps_counts_at_the_components_and_may_revive_pruned_ones():
+    owner = torch.tensor([0] * 8 + [1] * 7)
+    shapes = [(100, 100)] * 2  # 200 parameters a component
+    scores = torch.ones(15)
+    scores[5:8] = -1.0  # matrix 0: three components pruned earlier
+    keep = scores >= 0
+    out = align_keep(keep, scores, owner, shapes, 4)
+    # counts 5 and 7 -> floors 4 and 4, 800 spare; matrix 1 (remainder 3) has only 7 components, so
+    # matrix 0 goes up to 8 and takes back its pruned components
+    assert [int(out[owner == o].sum()) for o in range(2)] == [8, 4]
+    assert out[5:8].all() and int(out.sum()) * 200 <= int(keep.sum()) * 200
+
+
+def test_kv_ratio_ranks_stay_exact_and_the_rest_is_aligned_on_its_own_budget():
+    calib = random_tokens(4 * 64, seed=1)
+    opts = dict(method="svd-llm", ratio=0.4, calib=calib, calib_samples=4, calib_seqlen=64, progress=False)
+    shapes = svdkit.find_architecture(tiny_model("llama")).shapes()
+    r = svdkit.compress(tiny_model("llama"), kv_ratio=0.3, **opts)
+    kv = {n: k for n, k in r.ranks.items() if n.endswith(("k_proj", "v_proj"))}
+    assert set(kv.values()) == {22}  # floor(0.7 * 32): the cache's size, not rounded
+    rest = {n: k for n, k in allocate_uniform(shapes, 0.4).items() if n not in kv}
+    assert {n: k for n, k in r.ranks.items() if n not in kv} == align_ranks(rest, shapes, 8)
+
+
+def test_info_names_the_rank_multiple(capsys, tmp_path, tiny_folder, text_file):
+    out = tmp_path / "small"
+    args = ["compress", str(tiny_folder), "--calib", str(text_file), "--calib-samples", "2", "--calib-seqlen", "32"]
+    assert main([*args, "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "allocation uniform (ranks in multiples of 8)" in capsys.readouterr().out
 
 
 def test_soco_final_ranks_are_aligned_within_the_budget():

@@ -116,6 +116,22 @@ def test_bench_refuses_bad_cells_and_other_settings(capsys, tmp_path, tiny_folde
     assert json.loads((out / "results.json").read_text()) == report  # untouched
 
 
+def test_bench_passes_records_and_resumes_on_the_rank_multiple(capsys, tmp_path, tiny_folder, data_dir):
+    out = tmp_path / "bench"
+    argv = _grid(tiny_folder, data_dir, out, "--methods", "svd-llm", "--ratios", 0.4, "--no-speed", "--no-plots")
+    assert run(capsys, *argv, "--rank-multiple", 16)[0] == 0
+    report = json.loads((out / "results.json").read_text())
+    ranks = report["cells"][0]["ranks"].values()
+    assert report["rank_multiple"] == 16 and all(k % 16 == 0 or k < 16 for k in ranks) and max(ranks) >= 16
+    assert "- ranks: rounded to multiples of 16" in (out / "results.md").read_text()
+    code, _, err = run(capsys, *argv)  # the default, 8, is another setting
+    assert code == 2 and "holds results of other settings" in err
+    del report["rank_multiple"]  # a file written before the option existed held exact ranks
+    (out / "results.json").write_text(json.dumps(report))
+    code, printed, err = run(capsys, *argv, "--rank-multiple", 1)
+    assert code == 0 and "resuming: 1 finished cells" in printed, err
+
+
 def test_weights_and_file_size_shrink_with_low_rank_layers():
     model = tiny_model()
     dense_w, dense_f = weights_mb(model), saved_size_mb(model)

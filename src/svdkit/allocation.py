@@ -82,7 +82,10 @@ def check_rank_multiple(multiple: int) -> int:
 
 
 def align_ranks(
-    ranks: Mapping[str, int | None], shapes: Mapping[str, tuple[int, int]], multiple: int
+    ranks: Mapping[str, int | None],
+    shapes: Mapping[str, tuple[int, int]],
+    multiple: int,
+    limits: Mapping[str, int] | None = None,
 ) -> dict[str, int | None]:
     """Ranks rounded to multiples of `multiple` within the parameter budget that `ranks` spend.
 
@@ -91,7 +94,8 @@ def align_ranks(
     every rank k >= `multiple` goes down to multiple * floor(k / multiple); then, by decreasing
     remainder k mod `multiple` (ties in model order), ranks go back up by `multiple` while the total
     cost sum k (m + n) stays within that of `ranks` and the matrix still saves parameters. Ranks below
-    `multiple` and dense matrices (None) are left as they are, so no matrix is deleted.
+    `multiple` and dense matrices (None) are left as they are, so no matrix is deleted. `limits` caps
+    a rank where fewer components exist (SoCo's start decomposition).
     """
     multiple = check_rank_multiple(multiple)
     out = dict(ranks)
@@ -111,7 +115,8 @@ def align_ranks(
     for _, _, name in sorted(remainders):
         m, n = shapes[name]
         up = out[name] + multiple
-        if multiple * (m + n) <= spare and saves_parameters(m, n, up):
+        fits = limits is None or name not in limits or up <= limits[name]
+        if fits and multiple * (m + n) <= spare and saves_parameters(m, n, up):
             out[name] = up
             spare -= multiple * (m + n)
     return out

@@ -366,6 +366,12 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return f"{x:.{digits}f}" if x < 1e4 else f"{x:.3g}"
 
 
+def _ranks_line(multiple: int) -> str:
+    if multiple == 1:
+        return "the allocation's exact ranks"
+    return f"rounded to multiples of {multiple} within the allocation's parameter budget"
+
+
 def markdown(report: dict) -> str:
     """The results as markdown: settings, a quality-and-time table, a speed-and-memory table."""
     dense = report["dense"]
@@ -380,6 +386,7 @@ def markdown(report: dict) -> str:
         f"{calib['offset']} (seed {calib['seed']}); one pass shared by every cell: {calib.get('seconds', 0):.1f} s",
         f"- evaluation: WikiText-2 test, first {report['eval_windows']} windows of {report['seqlen']}; "
         f"PTB validation, first {report['ptb_windows']} windows",
+        f"- ranks: {_ranks_line(report.get('rank_multiple', 1))}",
         "",
         "## Quality and compression time",
         "",

@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where non-uniform allocations and gradient statistics spill every layer's statistics "
         "(a temporary folder inside DIR, removed afterwards; default: the system's temporary folder)",
     )
-    c.add_argument("--rank-multiple", type=_positive, default=8, help=RANK_MULTIPLE_HELP)
+    c.add_argument("--rank-multiple", type=_positive, default=8, metavar="N", help=RANK_MULTIPLE_HELP)
     c.add_argument(
         "--sequential",
         action="store_true",
@@ -267,7 +267,7 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--no-speed", action="store_true", help="skip the speed and memory measurements")
     b.add_argument("--decode-tokens", type=_nonnegative, default=64, help="tokens generated per decode run (64)")
     b.add_argument("--no-plots", action="store_true", help="write no PNG plots")
-    b.add_argument("--rank-multiple", type=_positive, default=8, help=RANK_MULTIPLE_HELP)
+    b.add_argument("--rank-multiple", type=_positive, default=8, metavar="N", help=RANK_MULTIPLE_HELP)
 
 
 def bench_config(a) -> BenchConfig:

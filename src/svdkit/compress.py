@@ -265,13 +265,14 @@ def compress(
             rank_multiple=rank_multiple,
         )
         ranks = {n: None for n in shapes} if kv_only else allocator.allocate(context, alloc_config)
-        if spec.stage is None:
-            ranks = align_ranks(ranks, shapes, rank_multiple)
-        timings["allocation"] = time.perf_counter() - t
         if set(ranks) != set(shapes):
             raise RuntimeError(f"allocator {allocation} returned ranks for other modules than the targets")
-        if kv_ratio is not None:
-            ranks.update(kv_ranks(shapes, kv_ratio))
+        fixed = kv_ranks(shapes, kv_ratio) if kv_ratio is not None else {}  # exact: they size the cache
+        if spec.stage is None:
+            rest = {n: k for n, k in ranks.items() if n not in fixed}
+            ranks = {**ranks, **align_ranks(rest, shapes, rank_multiple)}
+        ranks.update(fixed)
+        timings["allocation"] = time.perf_counter() - t
         budget = ranks
         if spec.stage is not None:  # factor at the stage's start ranks; the stage fixes the final ones
             ranks = spec.stage.start_ranks(shapes, config)

@@ -67,7 +67,8 @@ def plot_curve(curve: list[dict], path: str | os.PathLike, title: str = "") -> P
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.plot(steps, [row["loss"] for row in curve], lw=0.8, color="tab:blue")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (training windows)", color="tab:blue")
+    objective = {"kd": "KL from the start decomposition"}.get(curve[0].get("objective"), "cross-entropy")
+    ax.set_ylabel(f"{objective} (training windows)", color="tab:blue")
     twin = ax.twinx()
     twin.plot(steps, [row["kept"] for row in curve], color="tab:orange", label="kept")
     if all("soft" in row for row in curve):  # the L1 count sum c min(s, 1) that the penalty steers

@@ -22,6 +22,11 @@ Three stages (svdkit's reading of the paper, which publishes no code):
    last step cuts the mask itself to the budget (scores at 0 are kept only to fill what is left);
 3. final: at the exact budget, the kept scores train on the cross-entropy alone (free to exceed 1).
 
+Option ``loss="kd"`` (svdkit's addition, not the paper's) replaces the cross-entropy by the KL
+divergence of the model's next-token distributions from the start decomposition's on the same
+window (a no-grad teacher forward per step, every component at score 1); the curve records which
+objective its ``loss`` column holds.
+
 The budget is the parameter count the allocation gives the targets at the target ratio (by default
 the uniform one): the final count is at most the budget and within one component of it; with a rank
 multiple (the pipeline's ``rank_multiple``), the final cut then rounds every matrix's count to it
@@ -140,12 +145,14 @@ def align_keep(
 ) -> torch.Tensor:
     """The keep-mask with every matrix's count rounded to a multiple of `multiple` within its cost.
 
-    The counts are rounded by :func:`~svdkit.allocation.align_ranks` (`shapes`: (m, n) by owner); a
-    matrix then keeps its best components: those already kept by score, then the others by score
-    (negative: out of play, last), ties by position. A count never exceeds the matrix's components.
+    The counts are rounded by :func:`~svdkit.allocation.align_ranks` (`shapes`: (m, n) by owner), never
+    above a matrix's components; a matrix then keeps its best components: those already kept by score,
+    then the others by score (-1: pruned earlier), ties by position. A count that goes up may so bring
+    back components pruned earlier, with score 0: the final stage trains them like the others.
     """
     counts = {o: int(keep[owner == o].sum()) for o in range(len(shapes))}
-    aligned = align_ranks(counts, dict(enumerate(shapes)), multiple)
+    sizes = {o: int((owner == o).sum()) for o in range(len(shapes))}
+    aligned = align_ranks(counts, dict(enumerate(shapes)), multiple, limits=sizes)
     out = torch.zeros_like(keep)
     for o, k in aligned.items():
         idx = (owner == o).nonzero().flatten().tolist()
@@ -300,6 +307,7 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
                 row = {
                     "step": step + 1,
                     "stage": stage,
+                    "objective": config.loss,
                     "loss": float(loss.detach()),
                     "kept": kept / dense_total,
                     "soft": soft / dense_total,
@@ -338,6 +346,7 @@ def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: A
         "start": int(start),
         "kept": int(kept_params),
         "steps": steps,
+        "objective": config.loss,
         "seconds": round(time.perf_counter() - t0, 2),
         "final_loss": curve[-1]["loss"] if curve else None,
         "curve": curve,

@@ -54,7 +54,8 @@ class SoCoConfig:
     """"ce": next-token cross-entropy (the paper); "kd": KL divergence from the start decomposition's
     next-token distributions (a teacher forward per step)"""
     log: str | None = None
-    """a file that receives one JSON line per step (step, stage, loss, kept, soft, target, penalty, lr, seconds)"""
+    """a file that receives one JSON line per step (step, stage, objective, loss, kept, soft, target, penalty, lr,
+    seconds)"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, str) or self.base == "soco":
