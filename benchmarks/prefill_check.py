@@ -73,34 +73,33 @@ def main() -> None:
     a = p.parse_args()
     model, _ = svdkit.load_model("smollm2-135m", progress=False)
     ids = torch.randint(0, model.config.vocab_size, (a.seqlen,), generator=torch.Generator().manual_seed(0))
-    models = {"dense": model}
     print(
         f"| ratio, rank multiple | parameters | prefill tok/s | vs dense, dense first | low-rank first |  "
         f"(threads {torch.get_num_threads()})"
     )
     print("|---|---|---|---|---|")
+    profiled = None
     for r in a.ratios:
         for k in a.rank_multiples:
-            name = f"{r} x{k}"
-            models[name] = low_rank_copy(model, r, k)
+            pair = {"dense": model, "low": low_rank_copy(model, r, k)}
             ratios, speeds = [], []
-            for order in (("dense", name), (name, "dense")):
-                speed = paired_speed({m: models[m] for m in order}, ids, 0, repeats=a.repeats, only=("prefill_tok_s",))
-                ratios.append(speed[name]["prefill_tok_s"] / speed["dense"]["prefill_tok_s"])
-                speeds.append(speed[name]["prefill_tok_s"])
-            params = svdkit.count_parameters(models[name])
+            for order in (("dense", "low"), ("low", "dense")):
+                speed = paired_speed({m: pair[m] for m in order}, ids, 0, repeats=a.repeats, only=("prefill_tok_s",))
+                ratios.append(speed["low"]["prefill_tok_s"] / speed["dense"]["prefill_tok_s"])
+                speeds.append(speed["low"]["prefill_tok_s"])
+            params = svdkit.count_parameters(pair["low"])
             print(
-                f"| {name} | {params:,} | {statistics.mean(speeds):.0f} | {ratios[0]:.2f}x | {ratios[1]:.2f}x |",
+                f"| {r} x{k} | {params:,} | {statistics.mean(speeds):.0f} | {ratios[0]:.2f}x | {ratios[1]:.2f}x |",
                 flush=True,
             )
-            if a.profile is None or (r, k) != (a.profile, a.rank_multiples[0]):
-                del models[name]
+            if (r, k) == (a.profile, a.rank_multiples[0]):
+                profiled = pair["low"]
     if a.profile is not None:
+        if profiled is None:
+            profiled = low_rank_copy(model, a.profile, a.rank_multiples[0])
         print("\nprofile of one prefill, seconds of operator self time:")
-        low = f"{a.profile} x{a.rank_multiples[0]}"
-        models.setdefault(low, low_rank_copy(model, a.profile, a.rank_multiples[0]))
-        for name in ("dense", low):
-            parts = breakdown(models[name], ids)
+        for name, m in (("dense", model), (f"{a.profile} x{a.rank_multiples[0]}", profiled)):
+            parts = breakdown(m, ids)
             total = sum(parts.values())
             print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + f", total {total:.2f}")
 

@@ -150,9 +150,9 @@ def align_keep(
     then the others by score (-1: pruned earlier), ties by position. A count that goes up may so bring
     back components pruned earlier, with score 0: the final stage trains them like the others.
     """
-    counts = {o: int(keep[owner == o].sum()) for o in range(len(shapes))}
-    sizes = {o: int((owner == o).sum()) for o in range(len(shapes))}
-    aligned = align_ranks(counts, dict(enumerate(shapes)), multiple, limits=sizes)
+    counts = torch.bincount(owner[keep], minlength=len(shapes)).tolist()
+    sizes = torch.bincount(owner, minlength=len(shapes)).tolist()
+    aligned = align_ranks(dict(enumerate(counts)), dict(enumerate(shapes)), multiple, limits=dict(enumerate(sizes)))
     out = torch.zeros_like(keep)
     for o, k in aligned.items():
         idx = (owner == o).nonzero().flatten().tolist()
@@ -396,10 +396,11 @@ def _prune(
     alive = _flat(scored, lambda s: s.mask)  # pruned ones stay out
     if not fill:  # zero scores out too; else they fill what the budget has left, last
         alive &= flat > 0
-    keep = prune_to_budget(torch.where(alive, flat, -1.0), costs, owner, budget)
+    ranked = torch.where(alive, flat, -1.0)
+    keep = prune_to_budget(ranked, costs, owner, budget)
     if fill and multiple > 1:
         shapes = [(x.low.out_features, x.low.in_features) for x in scored.values()]
-        keep = align_keep(keep, torch.where(alive, flat, -1.0), owner, shapes, multiple)
+        keep = align_keep(keep, ranked, owner, shapes, multiple)
     offset = 0
     with torch.no_grad():
         for s in scored.values():
