@@ -11,6 +11,7 @@ from conftest import TEXT, random_tokens, tiny_model
 from svdkit import LowRankLinear, compress
 from svdkit.bench_plots import whitened_spectra
 from svdkit.cli import main
+from svdkit.compat import cache_kwarg
 from svdkit.speed import decode_tokens_per_second, prefill_peak_mb, saved_size_mb, weights_mb
 from svdkit.statistics import LinearStats
 
@@ -159,7 +160,7 @@ def test_prefill_is_a_generation_prefill_and_forward_scores_every_position():
     hook = model.register_forward_hook(lambda mod, args, kwargs, out: seen.append((kwargs, out)), with_kwargs=True)
     assert speed.prefill_tokens_per_second(model, ids, repeats=1) > 0
     kwargs, out = seen[-1]
-    assert out.logits.shape[1] == 1 and kwargs["past_key_values"].get_seq_length() == 64  # cache filled
+    assert out.logits.shape[1] == 1 and kwargs[cache_kwarg(model.forward)].get_seq_length() == 64  # cache filled
     seen.clear()
     assert speed.forward_tokens_per_second(model, ids, repeats=1) > 0
     assert seen[-1][1].logits.shape[1] == 64 and seen[-1][0]["use_cache"] is False

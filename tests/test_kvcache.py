@@ -13,6 +13,7 @@ from transformers import DynamicCache
 
 import svdkit
 from svdkit.cli import main
+from svdkit.compat import cache_kwargs, output_cache
 from svdkit.kvcache import (
     disable_latent_kv_cache,
     enable_latent_kv_cache,
@@ -39,9 +40,33 @@ def low_rank_kv(model, rank: int = 12):
     return model
 
 
-def generate(model, ids, **kw):
+def latent_width(proj) -> int:
+    """What the latent cache keeps per token for one projection: its rank, or its whole output when dense."""
+    return proj.rank if isinstance(proj, LowRankLinear) else proj.out_features
+
+
+def check_cache(model, cache, length: int) -> None:
+    """The cache really served generation: `length` tokens in every layer, as latents (batch, 1, L, r) of
+    each layer's k_proj rank when the latent path is on, as keys (batch, kv heads, L, head_dim) when not."""
+    assert cache.get_seq_length() == length > 0
+    for layer, attention in zip(cache.layers, (decoder.self_attn for decoder in model.model.layers), strict=True):
+        if latent_kv_enabled(model):
+            assert layer.keys.shape[1:] == (1, length, latent_width(attention.k_proj))
+            assert layer.values.shape[1:] == (1, length, latent_width(attention.v_proj))
+        else:
+            assert layer.keys.shape[1:] == (model.config.num_key_value_heads, length, attention.head_dim)
+
+
+def generate(model, ids, cache=None, **kw):
+    """Greedy generation through `cache` (a fresh DynamicCache by default), checked by :func:`check_cache`."""
+    cache = DynamicCache(config=model.config) if cache is None else cache
     with torch.no_grad():
-        return model.generate(ids, **{**GREEDY, **kw})
+        out = model.generate(ids, **{**GREEDY, **kw}, **cache_kwargs(model, cache))
+    if kw.get("num_beams", 1) == 1:
+        check_cache(model, cache, out.shape[1] - 1)
+    else:  # beam search reorders and may stop early: check the layout only
+        check_cache(model, cache, cache.get_seq_length())
+    return out
 
 
 def test_kv_rank_rule():
@@ -118,21 +143,22 @@ def test_enable_refuses_what_it_cannot_do_and_changes_nothing():
     model = low_rank_kv(tiny_model("llama"), rank=8)
     ids = random_tokens(8)[None]
     with torch.no_grad():
-        filled = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).past_key_values
+        filled = output_cache(model(ids, use_cache=True, **cache_kwargs(model, DynamicCache(config=model.config))))
     enable_latent_kv_cache(model)
     with pytest.raises(svdkit.SvdkitError, match="default DynamicCache"):
-        generate(model, ids, max_new_tokens=2, cache_implementation="static")
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=2, cache_implementation="static", **GREEDY)
     with pytest.raises(svdkit.SvdkitError, match="filled with kv_cache='ordinary'"):
         with torch.no_grad():
-            model(random_tokens(2)[None], past_key_values=filled, use_cache=True)
+            model(random_tokens(2)[None], use_cache=True, **cache_kwargs(model, filled))
 
 
 def test_a_cache_made_without_config_and_pickling_work():
     model = low_rank_kv(tiny_model("llama"), rank=8)
     ids = random_tokens(20)[None]
-    ordinary = generate(model, ids, max_new_tokens=10, past_key_values=DynamicCache())
+    ordinary = generate(model, ids, max_new_tokens=10, cache=DynamicCache())
     enable_latent_kv_cache(model)
-    assert torch.equal(generate(model, ids, max_new_tokens=10, past_key_values=DynamicCache()), ordinary)
+    assert torch.equal(generate(model, ids, max_new_tokens=10, cache=DynamicCache()), ordinary)
     buffer = io.BytesIO()
     torch.save(model, buffer)  # the swapped classes can be found by name
     buffer.seek(0)
@@ -205,7 +231,10 @@ def test_cli_compress_kv_ratio_and_generate(capsys, tiny_folder, text_file, tmp_
         assert code == 0
         results[mode] = json.loads(stdout.strip().splitlines()[-1])
     assert results["latent"]["tokens"] == results["ordinary"]["tokens"] and len(results["latent"]["tokens"]) == 12
-    assert results["latent"]["kv_bytes_per_token"] == pytest.approx(results["ordinary"]["kv_bytes_per_token"] / 2)
+    # 2 layers x float32: 2 x 32 key/value numbers per token and layer, or 16 + 16 latent numbers
+    assert results["ordinary"]["kv_bytes_per_token"] == 2 * 4 * 64 and results["latent"]["kv_bytes_per_token"] == 256
+    prompt = len(transformers.AutoTokenizer.from_pretrained(out)("The quick brown").input_ids)
+    assert results["latent"]["kv_tokens_cached"] == results["ordinary"]["kv_tokens_cached"] == prompt + 12 - 1
 
     code = main(["compress", str(tiny_folder), "--ratio", "0", "--output", str(tmp_path / "x")])
     assert code == 2 and "compresses nothing" in capsys.readouterr().err
@@ -214,3 +243,37 @@ def test_cli_compress_kv_ratio_and_generate(capsys, tiny_folder, text_file, tmp_
     code = main(["generate", str(tiny_folder), "--kv-cache", "latent"])
     assert code == 2 and "no k_proj or v_proj" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_latent_attention_refuses_a_transformers_api_it_does_not_know(monkeypatch):
+    """A release whose attention takes the cache under a new name, or passes it so, is refused, never ignored."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    def renamed(self, hidden_states, position_embeddings=None, attention_mask=None, kv_store=None, **kwargs):
+        raise AssertionError("never called")
+
+    model = low_rank_kv(tiny_model("llama"), rank=8)
+    future = type("LlamaAttention", (LlamaAttention,), {"forward": renamed})
+    for layer in model.model.layers:
+        layer.self_attn.__class__ = future
+    with pytest.raises(svdkit.SvdkitError, match="does not know the attention API of transformers .*kv_store"):
+        enable_latent_kv_cache(model)
+    assert not latent_kv_enabled(model)
+
+    model = low_rank_kv(tiny_model("llama"), rank=8)
+    enable_latent_kv_cache(model)
+    attention, x = model.model.layers[0].self_attn, torch.zeros(1, 3, 64)
+    with pytest.raises(svdkit.SvdkitError, match="passes the KV cache to attention as 'kv_store'"):
+        attention(x, attention_mask=None, kv_store=DynamicCache(config=model.config))
+
+
+def test_cli_generate_refuses_a_cache_that_stayed_empty(capsys, monkeypatch, tiny_folder, text_file, tmp_path):
+    """If generation ever bypasses the cache svdkit passes, the text is not printed: one error line, exit 2."""
+    out = tmp_path / "kv"
+    argv = ["compress", str(tiny_folder), "--ratio", "0", "--kv-ratio", "0.5", "--calib", str(text_file)]
+    assert main(argv + ["--calib-samples", "2", "--calib-seqlen", "32", "--output", str(out)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("svdkit.compat.cache_kwargs", lambda model, cache: {})
+    code = main(["generate", str(out), "--prompt", "The quick brown", "--kv-cache", "latent", "--json"])
+    stdout, err = capsys.readouterr()
+    assert code == 2 and "KV cache holds 0 tokens" in err and stdout == ""

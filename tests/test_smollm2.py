@@ -8,8 +8,10 @@ import math
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import svdkit
+from svdkit.compat import cache_kwargs
 from svdkit.data import load_text, tokenize
 
 pytestmark = pytest.mark.slow
@@ -113,11 +115,16 @@ def test_latent_kv_cache_generates_the_same_tokens(smollm2, shared_data):
     assert set(r.ranks.values()) == {96} and len(r.ranks) == 60  # 30 layers x (k_proj, v_proj), 192 rows each
     prompt = wiki[:300][None]
     kw = dict(do_sample=False, max_new_tokens=40, min_new_tokens=40, pad_token_id=0)
+    caches = {mode: DynamicCache(config=work.config) for mode in ("ordinary", "latent")}
     with torch.no_grad():
-        ordinary = work.generate(prompt, **kw)
+        ordinary = work.generate(prompt, **kw, **cache_kwargs(work, caches["ordinary"]))
         full = kv_bytes_per_token(work, prompt[0])
         enable_latent_kv_cache(work)
-        latent = work.generate(prompt, **kw)
+        latent = work.generate(prompt, **kw, **cache_kwargs(work, caches["latent"]))
     assert full == 30 * 2 * 192 * 4  # float32 keys and values, 30 layers
     assert kv_bytes_per_token(work, prompt[0]) == full / 2
     assert torch.equal(latent, ordinary)
+    # the latent path really ran: 339 tokens cached, as (1, 3 kv heads, L, 64) keys or (1, 1, L, 96) latents
+    assert caches["ordinary"].get_seq_length() == caches["latent"].get_seq_length() == 300 + 40 - 1
+    assert caches["ordinary"].layers[0].keys.shape == (1, 3, 339, 64)
+    assert all(layer.keys.shape == layer.values.shape == (1, 1, 339, 96) for layer in caches["latent"].layers)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .compat import CACHE_NAMES
 from .errors import SvdkitError
 from .models import Architecture
 from .statistics import STATISTICS, LinearStats, Statistic
@@ -91,7 +92,7 @@ class _Recorder(StandIn):
         if self._index == 0:
             state["hidden"].append(x.detach().cpu())
         if self._index not in state["kwargs"]:
-            kept = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+            kept = {k: v for k, v in kwargs.items() if k not in (*CACHE_NAMES, "past_key_value")}
             state["kwargs"][self._index] = {**kept, "use_cache": False}
         if self._index == 0 and state["done_first"]:
             raise _Captured

@@ -604,6 +604,7 @@ def cmd_generate(a) -> None:
     import torch
     from transformers import DynamicCache
 
+    from .compat import cache_kwargs
     from .io import load
     from .kvcache import kv_cache_bytes
 
@@ -616,12 +617,18 @@ def cmd_generate(a) -> None:
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
-            ids, past_key_values=cache, max_new_tokens=a.max_new_tokens, do_sample=False, pad_token_id=pad
+            ids, max_new_tokens=a.max_new_tokens, do_sample=False, pad_token_id=pad, **cache_kwargs(model, cache)
         )
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1] :]
-    text = tok.decode(new, skip_special_tokens=True)
     cached = cache.get_seq_length()
+    if cached != out.shape[1] - 1:  # the last token is never fed back; anything else means the cache went unused
+        raise SvdkitError(
+            f"the {a.kv_cache} KV cache holds {cached} tokens after generating {out.shape[1]} in all (expected "
+            f"{out.shape[1] - 1}): this transformers release does not use svdkit's cache as expected, so the text is "
+            "not trusted; use the transformers release in svdkit's lock"
+        )
+    text = tok.decode(new, skip_special_tokens=True)
     per_token = kv_cache_bytes(cache) / max(cached, 1)
     print(a.prompt + text)
     print(
@@ -635,6 +642,7 @@ def cmd_generate(a) -> None:
             "seconds": round(seconds, 3),
             "kv_cache": a.kv_cache,
             "kv_bytes_per_token": per_token,
+            "kv_tokens_cached": cached,
         },
         a.json,
     )

@@ -33,6 +33,7 @@ costs more parameters than the dense matrix, and only the cache shrinks.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .compat import CACHE_NAMES, attention_function, cache_kwargs, transformers_version
 from .errors import SvdkitError
 from .lowrank import LowRankLinear
 
@@ -61,6 +63,7 @@ KV_MODES = ("ordinary", "latent")
 KV_TARGETS = ("k_proj", "v_proj")
 SUPPORTED_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
 _VARYING_ROPE = ("dynamic", "longrope")
+_ATTENTION_ARGS = ("hidden_states", "position_embeddings", "attention_mask")
 
 
 def check_kv_ratio(kv_ratio: float) -> float:
@@ -130,6 +133,47 @@ def _check_cache(cache, index: int, width: int) -> None:
             )
 
 
+def _refuse_unknown_cache(kwargs: Mapping) -> None:
+    """A KV cache passed under a name the latent forward does not read would be ignored silently: refuse it."""
+    from transformers.cache_utils import Cache
+
+    for name, value in kwargs.items():
+        if isinstance(value, Cache):
+            raise SvdkitError(
+                f"transformers {transformers_version()} passes the KV cache to attention as '{name}', which the "
+                "latent KV cache does not read: use kv_cache='ordinary' or the transformers release in svdkit's lock"
+            )
+
+
+def _api_problem(attention: type, rotary: nn.Module) -> str | None:
+    """What in this transformers release differs from what the latent forward uses, or None."""
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer  # noqa: F401  (used by _check_cache)
+    except ImportError as e:
+        return str(e)
+    signature = inspect.signature(attention.forward)
+    if not any(name in signature.parameters for name in CACHE_NAMES) or any(
+        name not in signature.parameters for name in _ATTENTION_ARGS
+    ):
+        return f"{attention.__name__}.forward{signature}"
+    if list(inspect.signature(rotary.forward).parameters)[:2] != ["x", "position_ids"]:
+        return f"{type(rotary).__name__}.forward{inspect.signature(rotary.forward)}"
+    if not all(callable(getattr(DynamicCache, a, None)) for a in ("update", "get_seq_length")):
+        return "DynamicCache without update() and get_seq_length()"
+    return None
+
+
+def _check_api(attention: type, rotary: nn.Module) -> None:
+    """Refuse a transformers release whose attention, rotary embedding or cache differ from what the forward uses."""
+    problem = _api_problem(attention, rotary)
+    if problem is not None:
+        raise SvdkitError(
+            f"the latent KV cache does not know the attention API of transformers {transformers_version()} "
+            f"({problem}): use kv_cache='ordinary' or the transformers release in svdkit's lock"
+        )
+
+
 class LatentKVAttention:
     """Mixin placed before a Llama-family attention class: the forward that caches the k/v latents."""
 
@@ -138,12 +182,16 @@ class LatentKVAttention:
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
+        cache=None,
         past_key_values=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        """The attention with the latent cache; the cache comes as `cache` (transformers 5.24+) or
+        `past_key_values` (before), and a cache under any other name is refused, not ignored."""
         from transformers.models.llama.modeling_llama import eager_attention_forward
 
+        cache = cache if cache is not None else past_key_values
+        _refuse_unknown_cache(kwargs)
         batch, length = hidden_states.shape[:2]
         query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim)
         if hasattr(self, "q_norm"):
@@ -151,10 +199,10 @@ class LatentKVAttention:
         query = query.transpose(1, 2)
         lat_k, lat_v = _latent(self.k_proj, hidden_states), _latent(self.v_proj, hidden_states)
         offset = 0
-        if past_key_values is not None:
-            _check_cache(past_key_values, self.layer_idx, lat_k.shape[-1])
-            offset = past_key_values.get_seq_length(self.layer_idx)
-            lat_k, lat_v = past_key_values.update(lat_k[:, None], lat_v[:, None], self.layer_idx)
+        if cache is not None:
+            _check_cache(cache, self.layer_idx, lat_k.shape[-1])
+            offset = cache.get_seq_length(self.layer_idx)
+            lat_k, lat_v = cache.update(lat_k[:, None], lat_v[:, None], self.layer_idx)
             lat_k, lat_v = lat_k[:, 0], lat_v[:, 0]
         total = lat_k.shape[1]
         key = _expand(self.k_proj, lat_k).view(batch, total, -1, self.head_dim)
@@ -166,7 +214,7 @@ class LatentKVAttention:
         cos, sin = self._svdkit_rotary(value, slots)
         query = _rope(query, cos[:, offset:], sin[:, offset:])
         key = _rope(key, cos, sin)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attend = attention_function(self.config._attn_implementation, eager_attention_forward)
         out, weights = attend(
             self,
             query,
@@ -252,6 +300,8 @@ def enable_latent_kv_cache(model: nn.Module) -> int:
     if len(rotaries) != 1:
         raise SvdkitError(f"the latent KV cache needs exactly one rotary embedding module, found {len(rotaries)}")
     rotary = rotaries[0]
+    for cls in {type(mod) for _, mod in todo}:
+        _check_api(cls, rotary)
     rope_type = str(getattr(rotary, "rope_type", "default"))
     if rope_type in _VARYING_ROPE:
         raise SvdkitError(
@@ -292,5 +342,5 @@ def kv_bytes_per_token(model: nn.Module, prompt: torch.Tensor) -> float:
     dev = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=prompt[None].to(dev), past_key_values=cache, use_cache=True)
+        model(input_ids=prompt[None].to(dev), use_cache=True, **cache_kwargs(model, cache))
     return kv_cache_bytes(cache) / prompt.numel()

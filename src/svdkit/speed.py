@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import cache_kwargs
+
 __all__ = [
     "paired_speed",
     "prefill",
@@ -60,7 +62,7 @@ def prefill(model: nn.Module, x: torch.Tensor):
     from transformers import DynamicCache
 
     keep = {"logits_to_keep": 1} if getattr(model, "_supports_logits_to_keep", lambda: False)() else {}
-    return model(input_ids=x, past_key_values=DynamicCache(config=model.config), use_cache=True, **keep)
+    return model(input_ids=x, use_cache=True, **cache_kwargs(model, DynamicCache(config=model.config)), **keep)
 
 
 def _timed(run, dev: torch.device) -> float:
