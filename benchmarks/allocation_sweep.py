@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 
 import svdkit
-from svdkit import heterogeneous
-from svdkit.allocation import get_allocator
-from svdkit.bench import parse_options
-from svdkit.calibration import collect_statistics
-from svdkit.data import calibration_windows, load_text, tokenize
+from svdkit.allocators import get_allocator
+from svdkit.allocators import v2 as heterogeneous
+from svdkit.bench.grid import parse_options
+from svdkit.calibration.collect import collect_statistics
+from svdkit.core.architecture import find_architecture
+from svdkit.core.device import resolve_device
 from svdkit.methods import get_method
-from svdkit.models import find_architecture, resolve_device
+from svdkit.sources.text import calibration_windows, load_text, tokenize
 
 HERE = Path(__file__).resolve().parent
 

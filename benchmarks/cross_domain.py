@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 import svdkit
-from svdkit.calibration import collect_statistics
-from svdkit.data import calibration_windows, load_text, tokenize
+from svdkit.calibration.collect import collect_statistics
+from svdkit.core.architecture import find_architecture
+from svdkit.core.device import resolve_device
 from svdkit.methods import get_method
-from svdkit.models import find_architecture, resolve_device
+from svdkit.sources.text import calibration_windows, load_text, tokenize
 
 HERE = Path(__file__).resolve().parent
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 import svdkit
-from svdkit.calibration import collect_statistics
-from svdkit.data import calibration_windows, load_text, tokenize
-from svdkit.kvcache import KV_TARGETS, enable_latent_kv_cache, kv_bytes_per_token
-from svdkit.models import find_architecture
-from svdkit.speed import paired_speed
+from svdkit.calibration.collect import collect_statistics
+from svdkit.core.architecture import find_architecture
+from svdkit.measure.speed import paired_speed
+from svdkit.saved.kvcache import KV_TARGETS, enable_latent_kv_cache, kv_bytes_per_token
+from svdkit.sources.text import calibration_windows, load_text, tokenize
 
 
 def generate_ids(model, prompt: torch.Tensor, n: int) -> list[int]:

@@ -4,10 +4,10 @@
 
 Speed depends on the shapes only, so the low-rank models here get random factors at the ranks uniform
 allocation gives (the ranks of svd-llm, svd, asvd, ... at that ratio), rounded by
-svdkit.allocation.align_ranks to each of --rank-multiples (1: exact): no calibration needed. Each
+svdkit.core.ranks.align_ranks to each of --rank-multiples (1: exact): no calibration needed. Each
 low-rank model is timed against the dense one alone, as `svdkit bench` times a cell: generation
 prefills of 2048 tokens (cache filled, last logits only), the two models in alternation
-(svdkit.speed.paired_speed, median of --repeats), once in each order (dense first, then low-rank
+(svdkit.measure.speed.paired_speed, median of --repeats), once in each order (dense first, then low-rank
 first). Prints both ratios and, with --profile, torch's operator breakdown of one prefill of the dense
 model and of the model at that ratio (first multiple).
 
@@ -26,9 +26,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import svdkit
-from svdkit.allocation import align_ranks
-from svdkit.lowrank import LowRankLinear
-from svdkit.speed import paired_speed, prefill
+from svdkit.core.lowrank import LowRankLinear
+from svdkit.core.ranks import align_ranks
+from svdkit.measure.speed import paired_speed, prefill
 
 
 def low_rank_copy(model, ratio: float, multiple: int = 1):

@@ -2,7 +2,7 @@
 
     python benchmarks/protocol.py --methods svd svd-llm asvd@sensitivity --ratios 0.2 0.4 0.6 --out docs/results/core
 
-The same harness as ``svdkit bench`` (:mod:`svdkit.bench`: cell syntax, shared calibration pass,
+The same harness as ``svdkit bench`` (:mod:`svdkit.bench.grid`: cell syntax, shared calibration pass,
 measurements, resuming), kept for the commands recorded in docs/results: ``--out`` is a path prefix
 (PREFIX.json and PREFIX.md), the text comes from ../shared/data unless --data-dir says otherwise,
 plots are written only with --plots DIR, and the ranks are exact (--rank-multiple 1) unless
@@ -16,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from svdkit.bench import markdown, run_bench
+from svdkit.bench.grid import run_bench
+from svdkit.bench.report import markdown
 from svdkit.cli import add_bench_arguments, bench_config
 from svdkit.errors import SvdkitError
 

@@ -4,7 +4,7 @@
 
 Prints one line per rank k in [first, end): the median time of F.linear(x, A) with A (k x width) and
 its GFLOP/s (2 tokens width k / time); each of --repeats rounds times every rank once, in turn. On
-CPUs the output width k decides how well the matrix kernel vectorises; svdkit.allocation.align_ranks
+CPUs the output width k decides how well the matrix kernel vectorises; svdkit.core.ranks.align_ranks
 rounds ranks to multiples of 8 for that reason.
 """
 

@@ -16,8 +16,7 @@ import re
 from pathlib import Path
 
 import svdkit
-from svdkit.bench_plots import cell_rank_info
-from svdkit.plot import plot_curve, plot_rank_map
+from svdkit.bench.plots import cell_rank_info, plot_curve, plot_rank_map
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 import svdkit
-from svdkit.data import calibration_windows, load_text, tokenize
-from svdkit.lowrank import LowRankLinear
+from svdkit.core.lowrank import LowRankLinear
+from svdkit.sources.text import calibration_windows, load_text, tokenize
 
 HERE = Path(__file__).resolve().parent
 
@@ -92,7 +92,7 @@ def main() -> None:
     grams = reference_grams(model, windows)
     ref_calib = time.perf_counter() - t
     t = time.perf_counter()
-    from svdkit.calibration import collect_statistics
+    from svdkit.calibration.collect import collect_statistics
 
     stats = collect_statistics(model, svdkit.find_architecture(model), windows, {"gram"}, torch.device("cpu"))
     ours_calib = time.perf_counter() - t

@@ -22,16 +22,16 @@ from pathlib import Path
 import torch
 
 import svdkit
-from svdkit.allocation import allocate_uniform
-from svdkit.bench import parse_options
-from svdkit.calibration import collect_statistics
-from svdkit.compress import decompose_linear
-from svdkit.data import calibration_windows, load_text, tokenize
-from svdkit.lowrank import LowRankLinear
+from svdkit.allocators.uniform import allocate_uniform
+from svdkit.bench.grid import parse_options
+from svdkit.calibration.collect import collect_statistics
+from svdkit.core.architecture import find_architecture
+from svdkit.core.lowrank import LowRankLinear
 from svdkit.methods import get_method, make_config
 from svdkit.methods.soco import SoCoConfig, start_ranks
-from svdkit.models import find_architecture
-from svdkit.spectrum import learn_spectrum
+from svdkit.methods.soco.training import learn_spectrum
+from svdkit.pipeline.compress import decompose_linear
+from svdkit.sources.text import calibration_windows, load_text, tokenize
 
 HERE = Path(__file__).resolve().parent
 

@@ -10,7 +10,7 @@ import copy
 import sys
 
 import svdkit
-from svdkit.data import load_text, tokenize
+from svdkit.sources.text import load_text, tokenize
 
 model, tok = svdkit.load_model("smollm2-135m")
 wiki = tokenize(tok, load_text(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/wikitext-2-raw/wiki.test.raw"))

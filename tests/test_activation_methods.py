@@ -7,10 +7,9 @@ import torch
 from conftest import correlated_inputs
 
 from svdkit import SvdkitError
+from svdkit.calibration.statistics import LinearStats
 from svdkit.methods import get_method, make_config, method_names
-from svdkit.methods.linalg import eigen_whitening, robust_cholesky
-from svdkit.methods.nsvd import stage_ranks
-from svdkit.statistics import LinearStats
+from svdkit.methods.linalg import eigen_whitening, robust_cholesky, split_rank
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 inputs = correlated_inputs
@@ -92,17 +91,17 @@ def test_nsvd_with_whole_rank_in_the_first_stage_is_the_first_stage(method):
 def test_nsvd_pair_is_first_stage_plus_residual_svd(method):
     X = inputs(9, 40)
     k = 6
-    k1, k2 = stage_ranks(k, 0.7)
+    k1, k2 = split_rank(k, 0.7)
     assert (k1, k2) == (4, 2)
     first = product("svd-llm", W, stats_of(X), k1)
     expected = first + truncated(W - first, k2)
     assert torch.allclose(product(method, W, stats_of(X), k, k1_fraction=0.7), expected, atol=1e-8)
 
 
-def test_stage_ranks_default_split():
-    assert stage_ranks(100, 0.95) == (95, 5)
-    assert stage_ranks(1, 0.95) == (1, 0)
-    assert stage_ranks(10, 0.01) == (1, 9)
+def test_split_rank_default_split():
+    assert split_rank(100, 0.95) == (95, 5)
+    assert split_rank(1, 0.95) == (1, 0)
+    assert split_rank(10, 0.01) == (1, 9)
 
 
 @pytest.mark.parametrize("method", ["nsvd", "nsvd2"])

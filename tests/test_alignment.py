@@ -7,9 +7,10 @@ import torch
 from conftest import random_tokens, tiny_model
 
 import svdkit
-from svdkit.allocation import align_ranks, allocate_uniform
+from svdkit.allocators.uniform import allocate_uniform
 from svdkit.cli import main
-from svdkit.spectrum import align_keep
+from svdkit.core.ranks import align_ranks
+from svdkit.methods.soco.training import align_keep
 
 
 def _cost(ranks, shapes):

@@ -9,11 +9,11 @@ import torch
 from conftest import TEXT, random_tokens, tiny_model
 
 from svdkit import LowRankLinear, compress
-from svdkit.bench_plots import whitened_spectra
+from svdkit.bench.plots import whitened_spectra
+from svdkit.calibration.statistics import LinearStats
 from svdkit.cli import main
-from svdkit.compat import cache_kwarg
-from svdkit.speed import decode_tokens_per_second, prefill_peak_mb, saved_size_mb, weights_mb
-from svdkit.statistics import LinearStats
+from svdkit.core.compat import cache_kwarg
+from svdkit.measure.speed import decode_tokens_per_second, prefill_peak_mb, saved_size_mb, weights_mb
 
 
 def run(capsys, *argv):
@@ -152,7 +152,7 @@ def test_decode_and_prefill_memory_are_measured():
 
 
 def test_prefill_is_a_generation_prefill_and_forward_scores_every_position():
-    from svdkit import speed
+    from svdkit.measure import speed
 
     model = tiny_model()
     ids = random_tokens(64)
@@ -181,7 +181,7 @@ def test_whitened_spectrum_is_the_plain_one_under_identity_gram_and_tilts_otherw
 
 
 def test_paired_speed_times_the_models_in_alternation():
-    from svdkit.speed import paired_speed
+    from svdkit.measure.speed import paired_speed
 
     a, b = tiny_model(), tiny_model(seed=1)
     order: list[str] = []

@@ -8,7 +8,7 @@ from conftest import random_tokens, tiny_model
 from torch import nn
 
 from svdkit import SvdkitError, find_architecture
-from svdkit.calibration import collect_statistics, iterate_layers
+from svdkit.calibration.collect import collect_statistics, iterate_layers
 
 LLAMA_TARGETS = [
     "self_attn.q_proj",

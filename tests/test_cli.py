@@ -222,7 +222,7 @@ def test_hub_id_offline_is_a_clear_error(tmp_path):
 
 def test_demo_refuses_to_replace_a_foreign_folder(tmp_path):
     from svdkit import SvdkitError
-    from svdkit.demo import run_demo
+    from svdkit.cli.demo import run_demo
 
     out = tmp_path / "mine"
     out.mkdir()

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import svdkit
 from svdkit import LowRankLinear, rank_for_ratio
-from svdkit.allocation import align_ranks
+from svdkit.core.ranks import align_ranks
 
 METHODS = svdkit.method_names()
 KINDS = ["llama", "llama-bias", "qwen2", "mistral", "gemma", "gemma3", "qwen3-sliding"]
@@ -111,8 +111,8 @@ def test_svd_llm_tracks_the_dense_model_better_than_plain_svd():
 
 
 def test_precomputed_statistics_give_the_same_model_as_the_streaming_pass():
-    from svdkit.calibration import collect_statistics
-    from svdkit.data import calibration_windows
+    from svdkit.calibration.collect import collect_statistics
+    from svdkit.sources.text import calibration_windows
 
     calib = random_tokens(4 * 64, seed=1)
     streamed, _, _ = compressed("llama", "svd-llm")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from svdkit import SvdkitError
-from svdkit.data import calibration_windows, eval_windows, load_text
+from svdkit.sources.text import calibration_windows, eval_windows, load_text
 
 
 def test_calibration_windows_follow_the_protocol_rule():
@@ -54,7 +54,7 @@ def test_named_sources_read_svdkit_data(shared_data, monkeypatch):
 
 
 def test_a_text_source_needs_a_tokenizer():
-    from svdkit.data import source_tokens
+    from svdkit.sources.text import source_tokens
 
     with pytest.raises(SvdkitError, match="needs a tokenizer"):
         source_tokens(None, "demo")

@@ -7,8 +7,9 @@ import torch
 from conftest import random_tokens, tiny_model
 
 import svdkit
-from svdkit.calibration import _layer_output, capture_layer_inputs, collect_statistics
-from svdkit.gradients import collect_fisher, loss_from_layer
+from svdkit.calibration.collect import collect_statistics
+from svdkit.calibration.gradients import collect_fisher, loss_from_layer
+from svdkit.calibration.walk import capture_layer_inputs, layer_output
 
 CPU = torch.device("cpu")
 
@@ -50,7 +51,7 @@ def test_loss_from_any_layer_equals_the_full_forward():
         x = hidden[0]
         for start, layer in enumerate(arch.layers):
             assert float(loss_from_layer(model, arch, ids, start, x)) == pytest.approx(full, rel=1e-6)
-            x = _layer_output(layer(x, **kwargs[start]))
+            x = layer_output(layer, x, kwargs[start], CPU)
         assert float(loss_from_layer(model, arch, ids, len(arch.layers), x)) == pytest.approx(full, rel=1e-6)
 
 

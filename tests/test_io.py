@@ -8,7 +8,7 @@ import pytest
 from conftest import random_tokens, tiny_model
 
 import svdkit
-from svdkit.cli import folder_info
+from svdkit.saved.folder import folder_info
 
 
 def small_compressed():

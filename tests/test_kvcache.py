@@ -13,8 +13,9 @@ from transformers import DynamicCache
 
 import svdkit
 from svdkit.cli import main
-from svdkit.compat import cache_kwargs, output_cache
-from svdkit.kvcache import (
+from svdkit.core.compat import cache_kwargs, output_cache
+from svdkit.core.lowrank import LowRankLinear
+from svdkit.saved.kvcache import (
     disable_latent_kv_cache,
     enable_latent_kv_cache,
     kv_bytes_per_token,
@@ -22,7 +23,6 @@ from svdkit.kvcache import (
     kv_ranks,
     latent_kv_enabled,
 )
-from svdkit.lowrank import LowRankLinear
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
 
@@ -273,7 +273,7 @@ def test_cli_generate_refuses_a_cache_that_stayed_empty(capsys, monkeypatch, tin
     argv = ["compress", str(tiny_folder), "--ratio", "0", "--kv-ratio", "0.5", "--calib", str(text_file)]
     assert main(argv + ["--calib-samples", "2", "--calib-seqlen", "32", "--output", str(out)]) == 0
     capsys.readouterr()
-    monkeypatch.setattr("svdkit.compat.cache_kwargs", lambda model, cache: {})
+    monkeypatch.setattr("svdkit.core.compat.cache_kwargs", lambda model, cache: {})
     code = main(["generate", str(out), "--prompt", "The quick brown", "--kv-cache", "latent", "--json"])
     stdout, err = capsys.readouterr()
     assert code == 2 and "KV cache holds 0 tokens" in err and stdout == ""

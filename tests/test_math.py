@@ -9,10 +9,11 @@ import torch
 from conftest import correlated_inputs
 
 from svdkit import LowRankLinear, SvdkitError
-from svdkit.allocation import allocate_uniform, break_even_rank, check_ratio, rank_for_ratio, saves_parameters
+from svdkit.allocators.uniform import allocate_uniform
+from svdkit.calibration.statistics import LinearStats
+from svdkit.core.ranks import break_even_rank, check_ratio, rank_for_ratio, saves_parameters
 from svdkit.methods import get_method, make_config
 from svdkit.methods.linalg import robust_cholesky
-from svdkit.statistics import LinearStats
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -136,7 +137,7 @@ def test_statistics_with_nan_are_refused_naming_the_module():
 
 @pytest.mark.parametrize("n", [5, 200, 577, 1536])
 def test_block_triangular_gram_equals_the_full_product(n):
-    from svdkit.statistics import gram_matrix
+    from svdkit.calibration.statistics import gram_matrix
 
     x = torch.randn(300, n, generator=torch.Generator().manual_seed(n))
     assert torch.allclose(gram_matrix(x), x.T @ x, rtol=1e-12, atol=1e-9)

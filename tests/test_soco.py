@@ -13,7 +13,7 @@ import svdkit
 from svdkit import LowRankLinear, rank_for_ratio
 from svdkit.cli import main
 from svdkit.methods.soco import SoCoConfig, start_ranks
-from svdkit.spectrum import (
+from svdkit.methods.soco.training import (
     ScoredLinear,
     dual_step,
     fold_scores,
@@ -167,7 +167,7 @@ def test_soco_meets_the_budget_reallocates_and_round_trips(tmp_path, tiny_tokeni
 def test_soco_final_stage_lowers_the_loss_on_its_windows():
     """Two runs share their first four steps (same windows, same pruning); the one that goes on
     training the kept scores after pruning ends with a lower loss on the calibration windows."""
-    from svdkit.data import calibration_windows
+    from svdkit.sources.text import calibration_windows
 
     windows = calibration_windows(random_tokens(8 * 64, seed=1), 8, 64, 0, 0)
 
@@ -258,7 +258,7 @@ def test_cli_soco_divergence_writes_nothing(tmp_path, tiny_folder, monkeypatch, 
 def test_kd_loss_is_zero_at_the_start_and_positive_once_scores_move():
     """The kd teacher is the start decomposition: with every score at 1 and nothing pruned the student
     is the teacher (KL 0); a moved score makes the KL positive, and its gradient reaches the scores."""
-    from svdkit.spectrum import _loss
+    from svdkit.methods.soco.training import _loss
 
     model = tiny_model("llama")
     _compress(model, method="svd-llm", ratio=0.2, rank_multiple=1)

@@ -7,9 +7,9 @@ import torch
 from conftest import correlated_inputs
 
 from svdkit import SvdkitError
+from svdkit.calibration.statistics import LinearStats
 from svdkit.methods import get_method, make_config
 from svdkit.methods.linalg import eigen_whitening, robust_cholesky, whitened_singular_values
-from svdkit.statistics import LinearStats
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 W = torch.randn(12, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -84,7 +84,7 @@ import math  # noqa: E402
 from conftest import random_tokens, tiny_model  # noqa: E402
 
 import svdkit  # noqa: E402
-from svdkit.heterogeneous import group_of, heterogeneous_ratios  # noqa: E402
+from svdkit.allocators.v2 import group_of, heterogeneous_ratios  # noqa: E402
 
 
 @pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
@@ -198,9 +198,9 @@ def test_v2_allocation_bad_options():
 
 
 def test_store_round_trip_matches_memory_and_cleans_up(tmp_path):
-    from svdkit.calibration import collect_statistics
-    from svdkit.data import calibration_windows
-    from svdkit.store import StatisticsStore
+    from svdkit.calibration.collect import collect_statistics
+    from svdkit.calibration.store import StatisticsStore
+    from svdkit.sources.text import calibration_windows
 
     model = tiny_model("llama")
     arch = svdkit.find_architecture(model)
@@ -229,7 +229,7 @@ def test_store_round_trip_matches_memory_and_cleans_up(tmp_path):
 
 # --- the least-squares update -------------------------------------------------------------------
 
-from svdkit.update import lstsq_update  # noqa: E402
+from svdkit.pipeline.update import lstsq_update  # noqa: E402
 
 
 def _factors(method, W, X, k):
@@ -297,8 +297,8 @@ def test_unknown_update_is_a_clear_error():
 def test_two_stream_cross_statistic(tmp_path):
     """Without any replacement both streams are the dense one, so C = G exactly; once layer 0 is
     compressed, layer 1's C is the dense inputs against the compressed model's inputs."""
-    from svdkit.calibration import iterate_layers
-    from svdkit.data import calibration_windows
+    from svdkit.calibration.collect import iterate_layers
+    from svdkit.sources.text import calibration_windows
 
     model = tiny_model("llama")
     arch = svdkit.find_architecture(model)
@@ -327,7 +327,7 @@ def test_two_stream_cross_statistic(tmp_path):
 def test_sequential_update_fits_the_dense_model_better():
     """On the calibration windows (where the least-squares fit is guaranteed), the sequential update
     brings the compressed model's last hidden states closer to the dense model's."""
-    from svdkit.data import calibration_windows
+    from svdkit.sources.text import calibration_windows
 
     ids = calibration_windows(random_tokens(4 * 32, seed=1), 4, 32, 0, 0)
     with torch.no_grad():

@@ -20,7 +20,7 @@ from conftest import tiny_model  # noqa: E402
 import svdkit  # noqa: E402
 from svdkit import SvdkitError  # noqa: E402
 from svdkit.cli import main  # noqa: E402
-from svdkit.zeroshot import zero_shot  # noqa: E402
+from svdkit.measure.zeroshot import zero_shot  # noqa: E402
 
 TASK = "svdkit_tiny_mc"
 DOCS = [

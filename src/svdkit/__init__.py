@@ -11,15 +11,21 @@ Importing svdkit registers its saved format with transformers, so
 ``AutoModelForCausalLM.from_pretrained(folder)`` loads a compressed folder as a low-rank model.
 """
 
-from .allocation import allocate_uniform, allocator_names, rank_for_ratio
-from .compress import CompressionResult, compress
+from .allocators import allocator_names
+from .allocators.uniform import allocate_uniform
+from .core.architecture import find_architecture
+from .core.lowrank import LowRankLinear, count_parameters
+from .core.ranks import rank_for_ratio
 from .errors import SvdkitError
-from .evaluate import PerplexityResult, perplexity
-from .io import densify, load, save
-from .lowrank import LowRankLinear, count_parameters
+from .measure.perplexity import PerplexityResult, perplexity
 from .methods import get_method, method_names, register
-from .models import find_architecture, load_model
+from .pipeline.compress import CompressionResult, compress
+from .saved.folder import densify, load, save
+from .saved.format import register_format
+from .sources.models import load_model
 from .version import __version__
+
+register_format()  # AutoModelForCausalLM.from_pretrained(folder) builds the low-rank model once svdkit is imported
 
 __all__ = [
     "CompressionResult",

@@ -1,6 +1,17 @@
-"""Compression methods, registered by name (importing this package registers them all)."""
+"""Compression methods: one file per registered name (``svd-llm`` is svd_llm.py); SoCo, which trains,
+is a folder. Importing this package registers them all."""
 
-from . import asvd, fwsvd, nsvd, soco, svd, svd_llm, svd_llm_v2  # noqa: F401  (registration side effects)
-from .registry import Factors, Method, ModelStage, factorize, get_method, make_config, method_names, register
+from . import asvd, fwsvd, nsvd, nsvd2, soco, svd, svd_llm, svd_llm_v2  # noqa: F401  (registration)
+from .base import METHODS, Factors, Method, ModelStage, factorize, get_method, make_config, method_names, register
 
-__all__ = ["Factors", "Method", "ModelStage", "factorize", "get_method", "make_config", "method_names", "register"]
+__all__ = [
+    "METHODS",
+    "Factors",
+    "Method",
+    "ModelStage",
+    "factorize",
+    "get_method",
+    "make_config",
+    "method_names",
+    "register",
+]

@@ -9,27 +9,23 @@ reference adds 1e-6 to s), which leaves such channels nearly unconstrained.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..statistics import LinearStats
+from ..calibration.statistics import LinearStats
+from ..core.options import Options, number, option
+from .base import Factors, register
 from .linalg import floor_relative, scaled_svd_factors
-from .registry import Factors, register
 
 __all__ = ["ASVDConfig", "asvd"]
 
 
 @dataclass
-class ASVDConfig:
-    alpha: float = 0.5
-    """exponent of the channel scale s_j = mean|x_j|^alpha, in [0, 2] (0 is plain SVD)"""
-
-    def __post_init__(self) -> None:
-        a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or not 0 <= a <= 2:
-            raise ValueError(f"alpha must be a number in [0, 2], got {a!r}")
+class ASVDConfig(Options):
+    alpha: float = option(
+        0.5, "exponent of the channel scale s_j = mean|x_j|^alpha, in [0, 2] (0 is plain SVD)", number(0, 2)
+    )
 
 
 @register(

@@ -14,15 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..statistics import LinearStats
+from ..calibration.statistics import LinearStats
+from ..core.options import Options
+from .base import Factors, register
 from .linalg import floor_relative, scaled_svd_factors
-from .registry import Factors, register
 
 __all__ = ["FWSVDConfig", "fwsvd"]
 
 
 @dataclass
-class FWSVDConfig:
+class FWSVDConfig(Options):
     """FWSVD has no options (the Fisher information comes from the calibration windows)."""
 
 

@@ -1,5 +1,6 @@
 """Float64 building blocks shared by the methods: sqrt-split factors, diagonal scalings, and two
-whitenings of a Gram matrix (a Cholesky that never fails, and an eigen route with a pseudo-inverse)."""
+whitenings of a Gram matrix (a Cholesky that never fails, and an eigen route with a pseudo-inverse), and
+the nested pair (a first stage plus the plain SVD of its residual) that NSVD and SVD-LLM V2 store."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ __all__ = [
     "eigen_whitened_factors",
     "whitened_singular_values",
     "floor_relative",
+    "nested_factors",
+    "split_rank",
 ]
 
 
@@ -113,3 +116,25 @@ def whitened_singular_values(W: torch.Tensor, G: torch.Tensor, rel_floor: float 
     ||(W - W') X||_F^2. The same for any square root of G, so SVD-LLM's W L has them too."""
     S_w, _ = eigen_whitening(G, rel_floor)
     return torch.linalg.svdvals(W @ S_w)
+
+
+def split_rank(rank: int, fraction: float) -> tuple[int, int]:
+    """(k1, k2) with k1 = round(fraction * rank) clamped to [1, rank] and k2 = rank - k1.
+
+    Python rounds halves to even, as NSVD's round() is read here; with fraction 0.95 any rank of 10 or
+    less therefore has no second stage (k2 = 0).
+    """
+    k1 = min(rank, max(1, round(fraction * rank)))
+    return k1, rank - k1
+
+
+def nested_factors(
+    W: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor], k2: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append the rank-k2 plain SVD of the residual W - B1 A1 to the first-stage pair (A1, B1)."""
+    A1, B1 = first
+    if k2 == 0:
+        return A1, B1
+    U, S, Vh = torch.linalg.svd(W - B1 @ A1, full_matrices=False)
+    A2, B2 = split_factors(U, S, Vh, k2)
+    return torch.cat([A1, A2], 0), torch.cat([B1, B2], 1)

@@ -6,15 +6,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..statistics import LinearStats
+from ..calibration.statistics import LinearStats
+from ..core.options import Options
+from .base import Factors, register
 from .linalg import split_factors
-from .registry import Factors, register
 
 __all__ = ["SVDConfig", "svd"]
 
 
 @dataclass
-class SVDConfig:
+class SVDConfig(Options):
     """Plain SVD has no options."""
 
 

@@ -12,17 +12,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ..statistics import LinearStats
+from ..calibration.statistics import LinearStats
+from ..core.options import Options, number, option
+from .base import Factors, register
 from .linalg import robust_cholesky, split_factors
-from .registry import Factors, register
 
 __all__ = ["SVDLLMConfig", "svd_llm", "whitened_spectrum"]
 
 
 @dataclass
-class SVDLLMConfig:
-    rel_eps: float = 1e-6
-    """jitter added to a non-positive-definite Gram matrix, relative to its largest eigenvalue"""
+class SVDLLMConfig(Options):
+    rel_eps: float = option(
+        1e-6, "jitter added to a non-positive-definite Gram matrix, relative to its largest eigenvalue", number(0, 1)
+    )
 
 
 def whitened_spectrum(W: torch.Tensor, G: torch.Tensor, rel_eps: float = 1e-6):

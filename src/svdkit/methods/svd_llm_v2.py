@@ -19,28 +19,25 @@ directions), so no rank is wasted and W' is never worse than W on inputs outside
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..statistics import LinearStats
-from .linalg import eigen_whitened_factors
-from .nsvd import nested_factors
-from .registry import Factors, register
+from ..calibration.statistics import LinearStats
+from ..core.options import Options, number, option
+from .base import Factors, register
+from .linalg import eigen_whitened_factors, nested_factors
 
 __all__ = ["SVDLLMV2Config", "svd_llm_v2"]
 
 
 @dataclass
-class SVDLLMV2Config:
-    rel_floor: float = 1e-10
-    """eigenvalues of G at or below rel_floor * lambda_max are treated as unreached directions"""
-
-    def __post_init__(self) -> None:
-        f = self.rel_floor
-        if isinstance(f, bool) or not isinstance(f, int | float) or not math.isfinite(f) or not 0 <= f < 1:
-            raise ValueError(f"rel_floor must be a number in [0, 1), got {f!r}")
+class SVDLLMV2Config(Options):
+    rel_floor: float = option(
+        1e-10,
+        "eigenvalues of G at or below rel_floor * lambda_max are treated as unreached directions",
+        number(0, 1, hi_open=True),
+    )
 
 
 @register(

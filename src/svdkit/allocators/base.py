@@ -1,0 +1,103 @@
+"""What every allocator is: a function (context, config) -> {target: rank or None}, registered by name.
+
+An *allocator* chooses every target's rank for a global ratio. Allocators are registered by name
+(:data:`ALLOCATORS`) with a small config, like methods; the pipeline calls them with an
+:class:`AllocationContext` and aligns or fixes ranks afterwards itself. ``uniform`` needs nothing but
+the shapes; ``sensitivity`` needs the method, the statistics and calibration windows; ``v2`` needs
+every matrix's input Gram matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.options import build_config
+from ..core.registry import Registry
+
+__all__ = [
+    "ALLOCATORS",
+    "AllocationContext",
+    "Allocator",
+    "register_allocator",
+    "get_allocator",
+    "allocator_names",
+    "make_allocation_config",
+]
+
+
+@dataclass
+class AllocationContext:
+    """Everything an allocator may use. Fields an allocator does not declare a need for may be None."""
+
+    shapes: dict[str, tuple[int, int]]
+    """full module name -> (out_features, in_features) of every target"""
+    ratio: float
+    model: Any = None
+    arch: Any = None
+    method: Any = None
+    """the :class:`~svdkit.methods.Method` that will factor the matrices"""
+    method_config: Any = None
+    statistics: Mapping[str, Any] | None = None
+    """full module name -> LinearStats (None when the method needs none)"""
+    windows: Any = None
+    """calibration token windows (n x seqlen)"""
+    calibration: dict | None = None
+    """how the windows and statistics were made (for the allocator's own records)"""
+    device: Any = None
+    progress: bool = True
+    rank_multiple: int = 1
+    """ranks are rounded to multiples of this within the budget (:func:`align_ranks`); a method that fixes
+    its final ranks itself (SoCo) applies it there"""
+    report: dict = dataclasses.field(default_factory=dict)
+    """what the allocator wants recorded next to the ranks (e.g. a threshold it chose)"""
+
+
+@dataclass(frozen=True)
+class Allocator:
+    name: str
+    allocate: Callable[[AllocationContext, Any], dict[str, int | None]]
+    config_cls: type
+    needs_statistics: bool
+    """True when every matrix's statistics must exist before any rank is fixed"""
+    needs_windows: bool
+    summary: str
+    requires: frozenset[str] = frozenset()
+    """statistics the allocator itself reads (collected even when the method needs none)"""
+
+
+ALLOCATORS: Registry[Allocator] = Registry("allocation")
+
+
+def register_allocator(
+    name: str,
+    config_cls: type,
+    needs_statistics: bool = False,
+    needs_windows: bool = False,
+    summary: str = "",
+    requires: tuple[str, ...] = (),
+):
+    """Decorator: register `fn(context, config) -> {name: rank or None}` as allocation strategy `name`."""
+
+    def wrap(fn):
+        ALLOCATORS.add(
+            name, Allocator(name, fn, config_cls, needs_statistics, needs_windows, summary, frozenset(requires))
+        )
+        return fn
+
+    return wrap
+
+
+def allocator_names() -> list[str]:
+    return ALLOCATORS.names()
+
+
+def get_allocator(name: str) -> Allocator:
+    return ALLOCATORS.get(name)
+
+
+def make_allocation_config(allocator: Allocator, options: Mapping[str, Any] | None = None) -> Any:
+    """The allocator's config dataclass from a mapping, with clear errors for unknown keys or bad values."""
+    return build_config(allocator.config_cls, options, f"allocation '{allocator.name}'")

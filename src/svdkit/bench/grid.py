@@ -1,0 +1,341 @@
+"""The same-protocol benchmark: a grid of methods x ratios x allocations on one model, one harness.
+
+    svdkit bench --methods svd svd-llm svd-llm-v2@v2 soco --ratios 0.2 0.4 0.6 --out bench-smollm2
+
+The protocol is ../shared/PROTOCOL.md: calibration on 32 windows of 2048 WikiText-2 test tokens at
+seeded offsets from 150000; evaluation on the first 16 windows of 2048 of WikiText-2 test and the
+first 8 of PTB validation. A cell spec is METHOD[@ALLOCATION[:KEY=VALUE,...]][+lstsq][+seq]: an
+allocation strategy after '@' (default uniform) with its options after ':', '+lstsq' for the
+least-squares update of B, '+seq' for sequential calibration (such cells run their own calibration
+pass). Otherwise one calibration pass over the dense model collects every input statistic the cells
+need (the Gram matrices do not depend on the method), and one gradient pass the Fisher information if
+a method needs it; they serve every cell. Each cell compresses a fresh copy of the dense model.
+
+Measured per cell, dense alongside: perplexities, parameters, compression time split into statistics,
+allocation, decomposition and training, peak resident memory while compressing, prefill and decode
+throughput, weight bytes, the memory a prefill adds, and the saved file size (:mod:`svdkit.speed`).
+Writes ``results.json`` (rewritten after every cell: an interrupted run resumes from the finished
+cells), ``results.md`` and PNG plots (perplexity vs ratio, rank maps of non-uniform allocations, SoCo
+training curves, singular spectra of a few matrices before and after whitening).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..allocators import allocator_names, get_allocator
+from ..calibration.collect import collect_statistics
+from ..calibration.gradients import GRADIENT_STATISTICS
+from ..calibration.statistics import LinearStats
+from ..core.architecture import find_architecture
+from ..core.device import resolve_device
+from ..core.ranks import check_ratio
+from ..errors import SvdkitError
+from ..measure.perplexity import perplexity
+from ..measure.speed import measure, peak_rss_mb, reset_peak_rss
+from ..methods import get_method, method_names
+from ..pipeline.compress import compress
+from ..sources.models import load_model
+from ..sources.text import calibration_windows, load_text, tokenize
+from ..version import __version__
+from .plots import write_plots
+from .report import markdown
+
+__all__ = ["CellSpec", "BenchConfig", "parse_spec", "parse_options", "run_bench"]
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """One row of the grid (without its ratio)."""
+
+    method: str
+    allocation: str = "uniform"
+    update: str = "none"
+    sequential: bool = False
+    options: str = "{}"  # allocation options as sorted JSON (hashable)
+
+
+@dataclass
+class BenchConfig:
+    model: str = "smollm2-135m"
+    cells: Sequence[str] = ("svd", "svd-llm")
+    ratios: Sequence[float] = (0.2, 0.4, 0.6)
+    data_dir: str | None = None
+    calib_samples: int = 32
+    calib_offset: int = 150000
+    seqlen: int = 2048
+    seed: int = 0
+    eval_windows: int = 16
+    ptb_windows: int = 8
+    sensitivity_windows: int | None = None
+    sensitivity_seqlen: int | None = None
+    device: str = "auto"
+    speed: bool = True
+    decode_tokens: int = 64
+    repeats: int = 3
+    plots: bool = True
+    rank_multiple: int = 8
+
+
+def parse_options(text: str) -> dict:
+    """'rule=power,strength=0.5' -> {'rule': 'power', 'strength': 0.5} (values read as JSON when they parse)."""
+    options = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise SvdkitError(f"allocation options are KEY=VALUE separated by commas, got {part!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def parse_spec(spec: str) -> CellSpec:
+    """'svd-llm@v2:strength=0.5+lstsq+seq' -> CellSpec, checking the method and allocation names."""
+    head, *flags = spec.split("+")
+    unknown = set(flags) - {"lstsq", "seq"}
+    if unknown:
+        raise SvdkitError(f"unknown flag(s) {sorted(unknown)} in cell '{spec}': use +lstsq and/or +seq")
+    head, _, opts = head.partition(":")
+    method, _, allocation = head.partition("@")
+    allocation = allocation or "uniform"
+    if method not in method_names():
+        raise SvdkitError(f"unknown method '{method}' in cell '{spec}'; known: {', '.join(method_names())}")
+    if allocation not in allocator_names():
+        raise SvdkitError(f"unknown allocation '{allocation}' in cell '{spec}'; known: {', '.join(allocator_names())}")
+    return CellSpec(
+        method,
+        allocation,
+        "lstsq" if "lstsq" in flags else "none",
+        "seq" in flags,
+        json.dumps(parse_options(opts), sort_keys=True),
+    )
+
+
+def _key(cell: dict) -> tuple:
+    return (
+        cell["method"],
+        cell.get("allocation", "uniform"),
+        cell["ratio"],
+        cell.get("update", "none"),
+        bool(cell.get("sequential", False)),
+        json.dumps(cell.get("allocation_options") or {}, sort_keys=True),
+    )
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Per-module union of two statistics dicts (e.g. input statistics and Fisher information)."""
+    out = dict(a)
+    for name, st in b.items():
+        prev = out.get(name)
+        out[name] = st if prev is None else LinearStats({**prev.values, **st.values}, prev.tokens, name)
+    return out
+
+
+def _texts(config: BenchConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    if config.data_dir is not None:
+        data = Path(config.data_dir)
+        sources = (data / "wikitext-2-raw" / "wiki.test.raw", data / "ptb" / "ptb.valid.txt")
+        missing = [str(p) for p in sources if not p.is_file()]
+        if missing:
+            raise SvdkitError(
+                f"the protocol's text is missing: {', '.join(missing)}; --data-dir must hold "
+                "wikitext-2-raw/wiki.test.raw and ptb/ptb.valid.txt"
+            )
+    else:
+        sources = ("wikitext2", "ptb")  # $SVDKIT_DATA, else Hugging Face datasets (network)
+    return tokenize(tokenizer, load_text(sources[0])), tokenize(tokenizer, load_text(sources[1]))
+
+
+def _evaluate(model, wiki, ptb, config: BenchConfig, reference=None) -> dict[str, Any]:
+    w = perplexity(model, None, wiki, seqlen=config.seqlen, max_windows=config.eval_windows, progress=False)
+    p = perplexity(model, None, ptb, seqlen=config.seqlen, max_windows=config.ptb_windows, progress=False)
+    out: dict[str, Any] = {"wikitext2": w.ppl, "ptb": p.ppl, "params": w.params}
+    if config.speed:
+        out.update(
+            measure(model, wiki[: config.seqlen], config.decode_tokens, repeats=config.repeats, reference=reference)
+        )
+    return out
+
+
+def _settings(config: BenchConfig) -> dict:
+    return {
+        "model": config.model,
+        "seqlen": config.seqlen,
+        "eval_windows": config.eval_windows,
+        "ptb_windows": config.ptb_windows,
+        "rank_multiple": config.rank_multiple,
+        "calibration": {
+            "samples": config.calib_samples,
+            "seqlen": config.seqlen,
+            "offset": config.calib_offset,
+            "seed": config.seed,
+        },
+    }
+
+
+def _resume(json_path: Path, report: dict) -> dict:
+    """Finished cells of an earlier run with the same settings, by key (refuses other settings)."""
+    if not json_path.exists():
+        return {}
+    old = json.loads(json_path.read_text())
+    mine = _settings_of(report)
+    theirs = _settings_of(old)
+    if mine != theirs:
+        raise SvdkitError(
+            f"{json_path} holds results of other settings ({theirs} vs {mine}): choose another output or remove it"
+        )
+    report["dense"] = old.get("dense")
+    report["calibration"]["passes"] = old.get("calibration", {}).get("passes", {})
+    return {_key(c): c for c in old.get("cells", [])}
+
+
+def _settings_of(report: dict) -> dict:
+    calib = {k: v for k, v in report.get("calibration", {}).items() if k not in ("seconds", "passes")}
+    plain = {k: report.get(k) for k in ("model", "seqlen", "eval_windows", "ptb_windows")}
+    return {**plain, "rank_multiple": report.get("rank_multiple", 1), "calibration": calib}
+
+
+def run_bench(
+    config: BenchConfig,
+    json_path: str | os.PathLike,
+    md_path: str | os.PathLike | None = None,
+    plot_dir: str | os.PathLike | None = None,
+    command: str = "",
+    log=print,
+) -> dict:
+    """Run the grid of `config`, writing `json_path` after every cell, then `md_path` and the plots."""
+    specs = [parse_spec(s) for s in config.cells]
+    if not specs or not config.ratios:
+        raise SvdkitError("the grid is empty: give at least one method and one ratio")
+    ratios = [check_ratio(r) for r in config.ratios]
+    json_path = Path(json_path)
+    if not json_path.parent.is_dir():
+        raise SvdkitError(f"cannot write results: folder '{json_path.parent}' does not exist")
+    dev = resolve_device(config.device)
+    model, tok = load_model(config.model)
+    model.to(dev)
+    wiki, ptb = _texts(config, tok)
+    log(f"WikiText-2 test: {wiki.numel():,} tokens; PTB validation: {ptb.numel():,} tokens")
+
+    report: dict[str, Any] = {
+        **_settings(config),
+        "command": command,
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs ({platform.processor() or platform.platform()}), "
+        f"device {dev}, torch threads {torch.get_num_threads()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "svdkit": __version__,
+        "torch": torch.__version__,
+        "cells": [],
+    }
+    done = _resume(json_path, report)
+    if done:
+        log(f"resuming: {len(done)} finished cells in {json_path}")
+    if not report.get("dense"):
+        report["dense"] = _evaluate(model, wiki, ptb, config)
+    log(f"dense: {report['dense']}")
+
+    grid = [(s, r) for s in specs for r in ratios]
+    keys = [_key({**asdict(s), "ratio": r, "allocation_options": json.loads(s.options)}) for s, r in grid]
+    todo = [(s, r) for (s, r), k in zip(grid, keys, strict=True) if k not in done]
+    needs: set[str] = set()
+    for s, _ in todo:
+        if not s.sequential:
+            needs |= get_method(s.method).requires | get_allocator(s.allocation).requires
+            needs |= {"gram"} if s.update == "lstsq" else set()
+    if config.plots and plot_dir is not None:
+        if needs:  # the spectra before/after whitening ride on a pass that runs anyway
+            needs.add("gram")
+        else:
+            log("no cell left needs calibration statistics: the spectra plot is skipped (no pass just for it)")
+    passes = report["calibration"].setdefault("passes", {})
+    windows = calibration_windows(wiki, config.calib_samples, config.seqlen, config.calib_offset, config.seed)
+    arch = find_architecture(model)
+    stats = None
+    for kind, group in (("inputs", needs - GRADIENT_STATISTICS), ("fisher", needs & GRADIENT_STATISTICS)):
+        if group:
+            t = time.perf_counter()
+            part = collect_statistics(model, arch, windows, group, dev)
+            passes[kind] = time.perf_counter() - t
+            stats = part if stats is None else _merge(stats, part)
+    report["calibration"]["seconds"] = sum(passes.values())
+
+    def save() -> None:  # the speed measurements reset the peak: keep the largest seen
+        seen = [c.get("compress_peak_rss_mb") or 0.0 for c in done.values()]
+        report["peak_rss_mb"] = max(report.get("peak_rss_mb") or 0.0, peak_rss_mb(), *seen)
+        ordered = [done[k] for k in keys if k in done]
+        report["cells"] = ordered + [c for k, c in done.items() if k not in keys]
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, json_path)
+
+    for spec, ratio in todo:
+        options = json.loads(spec.options)
+        if spec.allocation == "sensitivity":
+            sens = {"windows": config.sensitivity_windows, "seqlen": config.sensitivity_seqlen}
+            options = {**{k: v for k, v in sens.items() if v is not None}, **options}
+        work = copy.deepcopy(model)
+        reset_peak_rss()
+        r = compress(
+            work,
+            tok,
+            method=spec.method,
+            ratio=ratio,
+            calib=wiki,
+            calib_samples=config.calib_samples,
+            calib_seqlen=config.seqlen,
+            calib_offset=config.calib_offset,
+            seed=config.seed,
+            device=dev,
+            statistics=None if spec.sequential else stats,
+            progress=spec.allocation != "uniform" or spec.sequential or get_method(spec.method).stage is not None,
+            allocation=spec.allocation,
+            allocation_options=options,
+            update=spec.update,
+            sequential=spec.sequential,
+            rank_multiple=config.rank_multiple,
+        )
+        compress_rss = peak_rss_mb()
+        req = get_method(spec.method).requires | get_allocator(spec.allocation).requires
+        req |= {"gram"} if spec.update == "lstsq" else set()
+        shared = (passes.get("inputs", 0.0) if req - GRADIENT_STATISTICS else 0.0) + (
+            passes.get("fisher", 0.0) if req & GRADIENT_STATISTICS else 0.0
+        )
+        cell = {
+            "method": spec.method,
+            "allocation": spec.allocation,
+            "allocation_options": json.loads(spec.options),
+            "ratio": ratio,
+            "update": spec.update,
+            "sequential": spec.sequential,
+            "statistics_s": r.timings["calibration"] if spec.sequential else shared,
+            "allocation_s": r.timings["allocation"],
+            "decomposition_s": r.timings["decomposition"],
+            "training_s": r.timings.get("training", 0.0),
+            "compress_peak_rss_mb": compress_rss,
+            "allocation_report": r.allocation,
+            **({"training": r.training} if r.training else {}),
+            "ranks": r.ranks,
+            **_evaluate(work, wiki, ptb, config, reference=model),
+        }
+        done[_key(cell)] = cell
+        log({k: v for k, v in cell.items() if k not in ("ranks", "training", "allocation_report")})
+        save()
+        del work
+    save()
+    if md_path is not None:
+        Path(md_path).write_text(markdown(report))
+    if config.plots and plot_dir is not None:
+        write_plots(report, Path(plot_dir), model, stats)
+    return report

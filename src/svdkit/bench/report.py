@@ -1,0 +1,107 @@
+"""The markdown report of a benchmark run (:mod:`.grid`): settings, quality and time, speed and memory."""
+
+from __future__ import annotations
+
+__all__ = ["markdown", "cell_label", "alloc_label"]
+
+
+def cell_label(cell: dict) -> str:
+    """method[+lstsq][+seq] of a result cell."""
+    extra = ("+lstsq" if cell.get("update", "none") == "lstsq" else "") + ("+seq" if cell.get("sequential") else "")
+    return cell["method"] + extra
+
+
+def alloc_label(cell: dict) -> str:
+    opts = cell.get("allocation_options") or {}
+    extra = ", ".join(f"{k}={v}" for k, v in opts.items())
+    return cell["allocation"] + (f" ({extra})" if extra else "")
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    if x is None:
+        return ""
+    return f"{x:.{digits}f}" if x < 1e4 else f"{x:.3g}"
+
+
+def _ranks_line(multiple: int) -> str:
+    if multiple == 1:
+        return "the allocation's exact ranks"
+    return f"rounded to multiples of {multiple} within the allocation's parameter budget"
+
+
+def markdown(report: dict) -> str:
+    """The results as markdown: settings, a quality-and-time table, a speed-and-memory table."""
+    dense = report["dense"]
+    calib = report["calibration"]
+    lines = [
+        f"# Protocol results: {report['model']}",
+        "",
+        f"- command: `{report['command']}`",
+        f"- machine: {report['machine']}",
+        f"- date: {report['date']}; svdkit {report['svdkit']}, torch {report['torch']}",
+        f"- calibration: {calib['samples']} x {calib['seqlen']} WikiText-2 test tokens at seeded offsets from "
+        f"{calib['offset']} (seed {calib['seed']}); one pass shared by every cell: {calib.get('seconds', 0):.1f} s",
+        f"- evaluation: WikiText-2 test, first {report['eval_windows']} windows of {report['seqlen']}; "
+        f"PTB validation, first {report['ptb_windows']} windows",
+        f"- ranks: {_ranks_line(report.get('rank_multiple', 1))}",
+        "",
+        "## Quality and compression time",
+        "",
+        "| method | allocation | ratio | WikiText-2 ppl | PTB ppl | parameters | statistics s | allocation s "
+        "| decomposition s | training s | total s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| dense | | 0 | {_fmt(dense['wikitext2'])} | {_fmt(dense['ptb'])} | {dense['params']:,} | | | | | | |",
+    ]
+    for c in report["cells"]:
+        training = c.get("training_s", 0.0)
+        total = c["statistics_s"] + c["allocation_s"] + c["decomposition_s"] + training
+        rss = c.get("compress_peak_rss_mb")
+        lines.append(
+            f"| {cell_label(c)} | {alloc_label(c)} | {c['ratio']} | {_fmt(c['wikitext2'])} | {_fmt(c['ptb'])} | "
+            f"{c['params']:,} | {c['statistics_s']:.0f} | {c['allocation_s']:.0f} | {c['decomposition_s']:.1f} | "
+            f"{training:.0f} | {total:.0f} | {_fmt(rss, 0)} |"
+        )
+    lines += ["", "## Speed and memory (dense measured in the same run)", ""]
+    lines += [
+        "| method | allocation | ratio | prefill tok/s | vs dense | forward tok/s | vs dense | decode tok/s | vs dense "
+        "| weights MB | prefill peak MB | file MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def speed_row(label: str, alloc: str, ratio, c: dict) -> str:
+        def vs(key: str) -> str:
+            ref = c.get("reference", dense)  # the dense model timed alongside the cell, if it was
+            if c.get(key) is None or not ref.get(key):
+                return ""
+            return f"{c[key] / ref[key]:.2f}x"
+
+        return (
+            f"| {label} | {alloc} | {ratio} | {_fmt(c.get('prefill_tok_s'), 0)} | {vs('prefill_tok_s')} | "
+            f"{_fmt(c.get('forward_tok_s'), 0)} | {vs('forward_tok_s')} | "
+            f"{_fmt(c.get('decode_tok_s'), 1)} | {vs('decode_tok_s')} | {_fmt(c.get('weights_mb'), 0)} | "
+            f"{_fmt(c.get('prefill_peak_mb'), 0)} | {_fmt(c.get('file_mb'), 0)} |"
+        )
+
+    lines.append(speed_row("dense", "", 0, dense))
+    for c in report["cells"]:
+        lines.append(speed_row(cell_label(c), alloc_label(c), c["ratio"], c))
+    passes = ", ".join(f"{k} {v:.0f} s" for k, v in calib.get("passes", {}).items())
+    lines += [
+        "",
+        f"Statistics passes (shared by all cells): {passes or 'none'}. 'statistics s' is the time of the passes "
+        "a cell's method needs ('inputs' collects every input statistic at once, so it is an upper bound for a "
+        "method that needs only mean |x|); 'total s' adds allocation, decomposition and training (soco). "
+        "'peak RSS MB' is the process's peak resident memory while the cell compressed (it includes the "
+        "harness's dense model and shared statistics). Prefill: a generation prefill of "
+        f"{report['seqlen']} tokens (KV cache filled, logits of the last position only, as generate() runs it); "
+        "forward: one forward of the same window with every position's logits (as perplexity runs it); decode: "
+        "batch-1 greedy generation with the KV cache; all medians of 3. 'vs dense' divides by the dense "
+        "model timed in alternation with the cell (same minutes, so the drift of a shared machine cancels); "
+        "the dense row is the first measurement. 'prefill peak MB' is the memory one prefill adds above what "
+        "is resident (on CPU: pages the process had to take from the system; memory its allocator reuses "
+        "does not show, so 0 means the prefill fit in memory already held).",
+        "",
+        f"Peak resident memory of the whole run: {report.get('peak_rss_mb', 0):.0f} MB.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,276 @@
+"""Input statistics of every target linear, collected on the layer-by-layer walk (:mod:`.walk`).
+
+Linears fed the very same tensor (q/k/v, gate/up) share one accumulator, so each Gram matrix is
+computed once. :func:`iterate_layers` yields each layer with its finished statistics; the caller may
+replace modules in that layer before the generator resumes. By default the next layer's inputs are the
+dense layer's outputs; with ``sequential=True`` every input (within a layer too) is recomputed through
+the modules modified so far. :func:`collect_statistics` runs the whole pass (and the gradient pass for
+Fisher information) and returns every target's statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.architecture import Architecture
+from ..errors import SvdkitError
+from .gradients import GRADIENT_STATISTICS, collect_fisher
+from .statistics import STATISTICS, LinearStats, Statistic
+from .store import StatisticsStore
+from .walk import capture_layer_inputs, layer_output, move_outside_layers, on_device, outside_device
+
+CROSS = "cross"
+"""dense inputs against compressed inputs, sum x_dense x^T (two-stream sequential calibration only)"""
+
+__all__ = ["CROSS", "LayerStats", "collect_statistics", "iterate_layers"]
+
+
+@dataclass
+class LayerStats:
+    """What :func:`iterate_layers` yields: a decoder layer and its targets' statistics."""
+
+    index: int
+    layer: nn.Module
+    stats: dict[str, LinearStats]
+    """target name relative to the layer (e.g. 'self_attn.q_proj') -> statistics"""
+
+
+class _Cross(Statistic):
+    """Sum over tokens of x_dense x^T (n x n, float64): the dense layer's inputs against the compressed
+    model's inputs for the same tokens (sequential calibration; see :mod:`svdkit.update`)."""
+
+    name = CROSS
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.total: torch.Tensor | None = None
+        self.dense: torch.Tensor | None = None  # the current window's dense inputs, set before update
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.n).float()
+        c = (self.dense.reshape(-1, self.n).float().T @ x).double()
+        self.total = c if self.total is None else self.total.add_(c)
+        self.tokens += x.shape[0]
+
+    def value(self) -> torch.Tensor:
+        if self.total is None:
+            raise RuntimeError("no calibration tokens reached this layer")
+        return self.total.cpu()
+
+
+_ACCUMULATORS: dict[str, type[Statistic]] = {**STATISTICS, CROSS: _Cross}
+
+
+class _Stop(Exception):
+    """Raised by a staged collector's hook once the layer's forward has passed the input it collects."""
+
+
+class _Collector:
+    """Hooks on one layer's target linears that feed each distinct input once into shared statistics.
+
+    Staged (sequential calibration): only the first distinct input the forward reaches among the hooked
+    targets is collected (the ``group``: q/k/v, or o, or gate/up, or down), and the forward stops at
+    the next one. With ``record=True`` the hooks only keep each group input (the dense stream); a
+    collector whose ``dense`` is such a recorder also accumulates the cross statistic against it.
+    """
+
+    def __init__(
+        self, layer: nn.Module, targets: list[str], needs: Iterable[str], staged: bool = False, record: bool = False
+    ) -> None:
+        self.layer, self.targets, self.needs = layer, list(targets), sorted(needs)
+        self.staged, self.record = staged, record
+        self.owner: dict[str, str] = {}  # target -> the target whose accumulator it shares
+        self.acc: dict[str, dict[str, Statistic]] = {}
+        self.group: str | None = None
+        self.inputs: dict[str, torch.Tensor] = {}  # record: the current window's input per owner
+        self.dense: _Collector | None = None
+        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._handles = [layer.get_submodule(t).register_forward_pre_hook(self._hook(t)) for t in targets]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            if name not in self.owner:  # first window: find which targets read the same tensor
+                key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+                first, _ = self._seen.setdefault(key, (name, x))  # holding x keeps its address unique
+                self.owner[name] = first
+                if self.group is None:
+                    self.group = first
+                if first == name and not self.record and (not self.staged or first == self.group):
+                    self.acc[name] = {s: _ACCUMULATORS[s](x.shape[-1]) for s in self.needs}
+            owner = self.owner[name]
+            if self.staged and owner != self.group:
+                raise _Stop
+            if owner == name:
+                if self.record:
+                    self.inputs[name] = x.detach()
+                    return
+                if self.dense is not None:
+                    self.acc[name][CROSS].dense = self.dense.inputs[name]
+                for stat in self.acc[name].values():
+                    stat.update(x.detach())
+
+        return hook
+
+    def run(self, layer: nn.Module, x: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor | None:
+        """The layer's output for `x` (on the CPU), or None where a staged collector stopped the forward."""
+        try:
+            return layer_output(layer, x, kwargs, device)
+        except _Stop:
+            return None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._seen.clear()
+
+    def finish(self, prefix: str = "") -> dict[str, LinearStats]:
+        """Finished statistics per collected target; targets that read the same input share one values dict."""
+        values = {owner: {s: a.value() for s, a in acc.items()} for owner, acc in self.acc.items()}
+        out = {}
+        for t in self.targets:
+            if t not in self.owner:
+                if self.staged and self.group is not None:
+                    continue  # a later stage's target
+                raise SvdkitError(
+                    f"{prefix}{t} received no input during calibration (an unused or routed projection): "
+                    "leave it out with targets=[...]"
+                )
+            owner = self.owner[t]
+            if owner not in self.acc:
+                continue  # read a later stage's input
+            acc = self.acc[owner]
+            tokens = next(iter(acc.values())).tokens if acc else 0
+            out[t] = LinearStats(values[owner], tokens, module=prefix + t)
+        return out
+
+
+@torch.no_grad()
+def iterate_layers(
+    model: nn.Module,
+    arch: Architecture,
+    windows: torch.Tensor,
+    needs: Iterable[str],
+    device: torch.device,
+    sequential: bool = False,
+    progress: bool = True,
+) -> Iterator[LayerStats]:
+    """Yield every decoder layer (on `device`) with its targets' statistics, in order.
+
+    The caller may swap modules inside ``item.layer`` before asking for the next item. The layer goes
+    back to its original device afterwards. By default each layer is yielded once, with every target's
+    statistics from the dense inputs.
+
+    ``sequential=True`` yields each layer once per distinct input, in the order the forward reaches
+    them (q/k/v, then o, then gate/up, then down), each time with only those targets' statistics,
+    computed through the layer as the caller has modified it so far (intra-layer sequential, as GPTQ's
+    "true sequential"): o_proj's statistics see the compressed q/k/v. Each stage reruns the layer up to
+    the input it needs; the next layer's inputs are the fully modified layer's outputs. With ``"cross"``
+    in `needs` a second stream of hidden states runs through a dense copy of each layer alongside, and
+    each target also gets C = sum x_dense x^T (the least-squares update's cross statistic); this
+    doubles the activations held and adds one dense forward per stage.
+    """
+    needs = set(needs)
+    two_streams = CROSS in needs
+    if two_streams and not sequential:
+        raise SvdkitError("the cross statistic compares dense and compressed inputs: it needs sequential=True")
+    outside_home = outside_device(model, arch, device)
+    inputs = capture_layer_inputs(model, arch, windows, device, progress)
+    hidden = inputs.hidden
+    dense_hidden = list(hidden) if two_streams else None
+    bar = tqdm(total=len(arch.layers), desc="calibrating layers", unit="layer", disable=not progress)
+    try:
+        for index, layer in enumerate(arch.layers):
+            kwargs = inputs.kwargs_on(index, device)
+            name = f"{arch.layers_path}.{index}."
+            with on_device(layer, device):
+                if not sequential:
+                    collector = _Collector(layer, arch.targets, needs)
+                    try:
+                        outputs = [collector.run(layer, x, kwargs, device) for x in hidden]
+                    finally:
+                        collector.remove()
+                    yield LayerStats(index, layer, collector.finish(name))
+                    hidden = outputs
+                else:
+                    yield from _stages(layer, index, name, arch.targets, needs, hidden, dense_hidden, kwargs, device)
+                    hidden = [layer_output(layer, x, kwargs, device) for x in hidden]
+            bar.update(1)
+    finally:
+        bar.close()
+        move_outside_layers(model, arch.layers_path, outside_home)
+
+
+def _stages(layer, index, name, targets, needs, hidden, dense_hidden, kwargs, device) -> Iterator[LayerStats]:
+    """Sequential mode's stages for one layer; advances `dense_hidden` in place through a dense copy."""
+    dense_layer = copy.deepcopy(layer) if dense_hidden is not None else None
+    pending = list(targets)
+    while pending:
+        collector = _Collector(layer, pending, needs, staged=True)
+        recorder = _Collector(dense_layer, pending, (), staged=True, record=True) if dense_layer else None
+        collector.dense = recorder
+        try:
+            for w, x in enumerate(hidden):
+                if recorder is not None:
+                    recorder.run(dense_layer, dense_hidden[w], kwargs, device)
+                collector.run(layer, x, kwargs, device)
+        finally:
+            collector.remove()
+            if recorder is not None:
+                recorder.remove()
+        stats = collector.finish(name)
+        yield LayerStats(index, layer, stats)
+        pending = [t for t in pending if t not in stats]
+    if dense_layer is not None:
+        dense_hidden[:] = [layer_output(dense_layer, x, kwargs, device) for x in dense_hidden]
+
+
+def collect_statistics(
+    model: nn.Module,
+    arch: Architecture,
+    windows: torch.Tensor,
+    needs: Iterable[str],
+    device: torch.device,
+    progress: bool = True,
+    store: StatisticsStore | None = None,
+) -> Mapping[str, LinearStats]:
+    """Every target's statistics from the dense model, by full module name.
+
+    Input statistics (see :data:`~svdkit.statistics.STATISTICS`) come from one layer-by-layer pass;
+    gradient statistics (``fisher``, see :mod:`svdkit.gradients`) from a backward pass. Costs one n x n
+    float64 Gram matrix per distinct input (shared by q/k/v and by gate/up): for SmolLM2-135M about
+    27 MB per layer, held in CPU memory (a dict is returned), or written layer by layer into `store`
+    (a :class:`~svdkit.store.StatisticsStore`, returned) so memory holds one layer. Lets several
+    compressions (methods, ratios, allocations) reuse one pass.
+    """
+    needs = set(needs)
+    unknown = sorted(needs - set(STATISTICS) - GRADIENT_STATISTICS)
+    if unknown:
+        raise SvdkitError(f"unknown statistic(s) {unknown}; known: {sorted(set(STATISTICS) | GRADIENT_STATISTICS)}")
+    out: dict[str, LinearStats] = {}
+    hooks = needs - GRADIENT_STATISTICS
+    if hooks:
+        for item in iterate_layers(model, arch, windows, hooks, device, sequential=False, progress=progress):
+            named = {f"{arch.layers_path}.{item.index}.{name}": st for name, st in item.stats.items()}
+            if store is not None:
+                store.put_layer(item.index, named)
+            else:
+                out.update(named)
+    if "fisher" in needs:
+        fisher = collect_fisher(model, arch, windows, device, progress)
+        tokens = windows.numel()
+        if store is not None:
+            for name, rows in fisher.items():
+                store.add(name, {"fisher": rows}, tokens)
+            return store
+        for name, rows in fisher.items():
+            st = out.get(name)
+            values = {**st.values, "fisher": rows} if st is not None else {"fisher": rows}
+            out[name] = LinearStats(values, st.tokens if st is not None else tokens, module=name)
+    return store if store is not None else out

@@ -1,0 +1,7 @@
+"""``python -m svdkit.cli``: the same as the ``svdkit`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

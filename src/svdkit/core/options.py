@@ -1,0 +1,153 @@
+"""Options: small dataclasses whose fields carry their help text and their check, declared once.
+
+A field is declared with :func:`option` (default, help, check); an :class:`Options` dataclass runs
+every field's check after construction (then its own :meth:`Options.check` for rules that tie fields
+together), so a bad value fails the same way whether it comes from Python, the command line or a
+benchmark grid. The checks (:func:`number`, :func:`integer`, :func:`choice`, :func:`boolean`,
+:func:`path`) raise ValueError with one line "NAME must be ..., got VALUE"; :func:`build_config` turns
+unknown keys and rejected values into an :class:`~svdkit.errors.SvdkitError` naming what was configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..errors import SvdkitError
+
+__all__ = [
+    "Check",
+    "Options",
+    "option",
+    "number",
+    "integer",
+    "choice",
+    "boolean",
+    "path",
+    "help_of",
+    "build_config",
+]
+
+Check = Callable[[str, Any], Any]
+"""check(name, value) -> the value to keep (possibly normalised); raises ValueError"""
+
+
+def option(default: Any, help: str, check: Check | None = None, **metadata: Any) -> Any:
+    """A dataclass field with its help text and its check (both read by :class:`Options` and the CLI);
+    further `metadata` (e.g. command-line settings) rides along."""
+    return dataclasses.field(default=default, metadata={"help": help, "check": check, **metadata})
+
+
+def help_of(cls: type, name: str) -> str:
+    """The help text declared for field `name` of the options dataclass `cls`."""
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
+
+
+class Options:
+    """Base of the option dataclasses: checks every field declared with a check, then :meth:`check`."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            check = f.metadata.get("check")
+            if check is not None:
+                setattr(self, f.name, check(f.name, getattr(self, f.name)))
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields (override); single fields are checked by their declared check."""
+
+
+def _bound(x: float) -> str:
+    return "inf" if x == math.inf else "-inf" if x == -math.inf else f"{x:g}"
+
+
+def number(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False) -> Check:
+    """A finite real number in the interval [lo, hi] (ends excluded where open); (0, inf) reads "positive"."""
+
+    def check(name: str, v: Any) -> Any:
+        ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
+        if ok and (v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi)):
+            ok = False
+        if ok:
+            return v
+        if lo == 0 and lo_open and hi == math.inf:
+            raise ValueError(f"{name} must be positive, got {v!r}")
+        if lo == -math.inf and hi == math.inf:
+            raise ValueError(f"{name} must be a number, got {v!r}")
+        left, right = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
+        raise ValueError(f"{name} must be a number in {left}{_bound(lo)}, {_bound(hi)}{right}, got {v!r}")
+
+    return check
+
+
+def integer(minimum: int | None = None) -> Check:
+    """An integer (not a bool), at least `minimum` when given."""
+
+    def check(name: str, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int) or (minimum is not None and v < minimum):
+            what = (
+                "an integer"
+                if minimum is None
+                else "a positive integer"
+                if minimum == 1
+                else f"an integer >= {minimum}"
+            )
+            raise ValueError(f"{name} must be {what}, got {v!r}")
+        return v
+
+    return check
+
+
+def choice(*values: str) -> Check:
+    """One of the given strings."""
+
+    def check(name: str, v: Any) -> Any:
+        if v not in values:
+            listed = (
+                " or ".join(repr(x) for x in values) if len(values) <= 2 else "one of " + ", ".join(map(repr, values))
+            )
+            raise ValueError(f"{name} must be {listed}, got {v!r}")
+        return v
+
+    return check
+
+
+def boolean() -> Check:
+    """True or False (JSON true/false on the command line)."""
+
+    def check(name: str, v: Any) -> Any:
+        if not isinstance(v, bool):
+            raise ValueError(f"{name} must be true or false, got {v!r}")
+        return v
+
+    return check
+
+
+def path(optional: bool = True) -> Check:
+    """A file path (a non-empty string or os.PathLike); None where `optional`."""
+
+    def check(name: str, v: Any) -> Any:
+        if v is None and optional:
+            return v
+        if not isinstance(v, str | os.PathLike) or not os.fspath(v):
+            raise ValueError(f"{name} must be a file path, got {v!r}")
+        return v
+
+    return check
+
+
+def build_config(cls: type, options: Mapping[str, Any] | None, what: str) -> Any:
+    """`cls(**options)`; unknown keys and rejected values become an SvdkitError naming `what`."""
+    options = dict(options or {})
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        known = ", ".join(sorted(fields)) or "none"
+        raise SvdkitError(f"{what} has no option {', '.join(unknown)} (its options: {known})")
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as e:
+        raise SvdkitError(f"{what}: {e}") from e

@@ -1,0 +1,1 @@
+"""Measuring a model: perplexity, zero-shot accuracy (lm-evaluation-harness), speed and memory."""

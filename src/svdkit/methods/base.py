@@ -1,0 +1,116 @@
+"""The method registry: a method is a pure function (W, statistics, rank, config) -> (A, B).
+
+W is the m x n weight in float64, A (k x n) and B (m x k) with W' = B A. The pipeline looks methods
+up by name and knows nothing else about them. A method is *nested* when its rank-k factors are the
+first k rows of A and columns of B of any higher-rank result (truncated SVDs of a fixed matrix are):
+allocators that try many ranks of one matrix then decompose it once and slice.
+
+A method may add a whole-model *stage* (:class:`ModelStage`): the pipeline then factors every target
+at the stage's start ranks and hands the model to the stage, which fixes the final ranks itself (SoCo
+learns which singular components to keep under the allocation's parameter budget).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..calibration.statistics import LinearStats
+from ..core.options import build_config
+from ..core.registry import Registry
+from ..errors import SvdkitError
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "ModelStage",
+    "Factors",
+    "register",
+    "get_method",
+    "method_names",
+    "make_config",
+    "factorize",
+]
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+DecomposeFn = Callable[[torch.Tensor, LinearStats | None, int, Any], Factors]
+
+
+@dataclass(frozen=True)
+class ModelStage:
+    """A method's whole-model stage, run once every target has been factored.
+
+    ``start_ranks(shapes, config)`` gives the rank each target is factored at (name -> rank);
+    ``run(model, context, budget, config)`` gets the model with those low-rank layers, the
+    :class:`~svdkit.allocation.AllocationContext` (with calibration windows) and the allocation's
+    ranks at the target ratio (`budget`: name -> rank or None), rewrites the low-rank layers and
+    returns (final ranks by name, a report dict). It may raise :class:`SvdkitError`.
+    """
+
+    start_ranks: Callable[[Mapping[str, tuple[int, int]], Any], dict[str, int]]
+    run: Callable[..., tuple[dict[str, int], dict]]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    decompose: DecomposeFn
+    config_cls: type
+    requires: frozenset[str]
+    summary: str
+    paper: str = ""
+    nested: bool = False
+    stage: ModelStage | None = None
+
+
+METHODS: Registry[Method] = Registry("method", known="known methods")
+
+
+def register(
+    name: str,
+    config_cls: type,
+    requires: tuple[str, ...] = (),
+    summary: str = "",
+    paper: str = "",
+    nested: bool = False,
+    stage: ModelStage | None = None,
+) -> Callable[[DecomposeFn], DecomposeFn]:
+    """Decorator: register `fn` as method `name` with its config dataclass and needed statistics."""
+
+    def wrap(fn: DecomposeFn) -> DecomposeFn:
+        METHODS.add(name, Method(name, fn, config_cls, frozenset(requires), summary, paper, nested, stage))
+        return fn
+
+    return wrap
+
+
+def method_names() -> list[str]:
+    return METHODS.names()
+
+
+def get_method(name: str) -> Method:
+    return METHODS.get(name)
+
+
+def make_config(method: Method, options: Mapping[str, Any] | None = None) -> Any:
+    """Build the method's config dataclass from a mapping, with clear errors for unknown keys or values."""
+    return build_config(method.config_cls, options, f"method '{method.name}'")
+
+
+def factorize(
+    method: Method, config: Any, weight: torch.Tensor, stats: LinearStats | None, rank: int, device, name: str
+) -> Factors:
+    """The method's float64 factors (A, B) of `weight` at `rank`, checked; failures name the module."""
+    W = weight.detach().to(device=device, dtype=torch.float64)
+    try:
+        A, B = method.decompose(W, stats, rank, config)
+    except (ValueError, RuntimeError, torch.linalg.LinAlgError) as e:
+        raise SvdkitError(f"method {method.name} failed on {name}: {e}") from e
+    if A.shape != (rank, W.shape[1]) or B.shape != (W.shape[0], rank):
+        raise RuntimeError(f"method {method.name} returned factors {tuple(A.shape)}, {tuple(B.shape)} for {name}")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise SvdkitError(f"method {method.name} produced non-finite factors for {name}")
+    return A, B

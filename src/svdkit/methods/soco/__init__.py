@@ -1,0 +1,117 @@
+"""SoCo: learned singular-spectrum scores (Singular spectrum optimization, 2025; METHODS.md).
+
+Every target is factored once by an activation-aware base method (default svd-llm-v2) at a generous
+start rank, W ~ B A = sum_j b_j a_j^T with the singular values split into both factors. One score s_j
+per component is then learned across the whole model, W' = B diag(s) A (= U diag(S * s) V^T in the
+base's whitened basis), factors frozen, under a global parameter budget, and the components with the
+smallest scores are pruned: see :mod:`svdkit.methods.soco.training` for the three stages. The result is an
+ordinary low-rank model with the kept scores folded into the factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...calibration.statistics import LinearStats
+from ...core.options import Options, boolean, choice, integer, number, option, path
+from ...core.ranks import rank_for_ratio, saves_parameters
+from ..base import METHODS, Factors, ModelStage, get_method, make_config, method_names, register
+from .training import learn_spectrum
+
+__all__ = ["SoCoConfig", "soco", "start_ranks"]
+
+_STATISTICS = frozenset({"gram"})
+
+
+def _log_file(name: str, v: Any) -> Any:
+    path(optional=True)(name, v)
+    if v is not None and not Path(v).parent.is_dir():
+        raise ValueError(f"{name}: folder '{Path(v).parent}' does not exist")
+    return v
+
+
+@dataclass
+class SoCoConfig(Options):
+    base: str = option("svd-llm-v2", "the method that factors each matrix once (its statistics must be among: gram)")
+    start_ratio: float = option(
+        0.0,
+        "ratio of the start decomposition; 0 = the largest rank that still saves parameters",
+        number(0, 1, hi_open=True),
+    )
+    steps: int = option(240, "training steps in all (one step = `batch` windows of `seqlen` tokens)", integer(1))
+    coarse: float = option(0.5, "share of the steps that move the budget from the start count to the target", number())
+    refine: float = option(
+        0.3, "share of the steps trained at the target budget before the final pruning (the rest: after it)", number()
+    )
+    penalty_lr: float = option(
+        0.3,
+        "dual-ascent step of the count penalty's weight (per unit of the count's excess, relative to the cut)",
+        number(0, lo_open=True),
+    )
+    lr: float = option(0.02, "Adam learning rate of the scores (they start at 1)", number(0, lo_open=True))
+    anneal: bool = option(True, "in the final stage the learning rate falls linearly from lr toward 0", boolean())
+    seqlen: int = option(512, "tokens per training window (calibration windows are cut to this length)", integer(1))
+    batch: int = option(1, "windows per step", integer(1))
+    seed: int = option(0, "order of the training windows", integer())
+    loss: str = option(
+        "ce",
+        '"ce": next-token cross-entropy (the paper); "kd": KL divergence from the start decomposition\'s '
+        "next-token distributions (a teacher forward per step)",
+        choice("ce", "kd"),
+    )
+    log: str | None = option(
+        None,
+        "a file that receives one JSON line per step (step, stage, objective, loss, kept, soft, target, penalty, "
+        "lr, seconds)",
+        _log_file,
+    )
+
+    def check(self) -> None:
+        if not isinstance(self.base, str) or self.base == "soco":
+            raise ValueError(f"base must name another method, got {self.base!r}")
+        if self.base not in METHODS:
+            raise ValueError(f"unknown base method {self.base!r}; known: {', '.join(method_names())}")
+        need = get_method(self.base).requires
+        if not need <= _STATISTICS:
+            raise ValueError(
+                f"base '{self.base}' needs statistics {sorted(need - _STATISTICS)} that soco does not "
+                "collect: choose svd, svd-llm, svd-llm-v2, nsvd or nsvd2"
+            )
+        if not (0 <= self.coarse and 0 <= self.refine and self.coarse + self.refine <= 1):
+            raise ValueError(
+                f"coarse and refine are shares of the steps: >= 0 with a sum <= 1, got {self.coarse}, {self.refine}"
+            )
+
+
+def start_ranks(shapes: Mapping[str, tuple[int, int]], config: SoCoConfig) -> dict[str, int]:
+    """The start rank of each target: rank_for_ratio at `start_ratio`, lowered until the pair saves parameters."""
+    out = {}
+    for name, (m, n) in shapes.items():
+        k = min(rank_for_ratio(m, n, config.start_ratio), m, n)
+        while k > 1 and not saves_parameters(m, n, k):
+            k -= 1
+        out[name] = k
+    return out
+
+
+def _run(model, context, budget, config):
+    return learn_spectrum(model, context, budget, config)
+
+
+@register(
+    "soco",
+    SoCoConfig,
+    requires=tuple(_STATISTICS),
+    summary="learned singular-spectrum scores under a global budget (trains on the calibration windows)",
+    paper="SoCo, singular spectrum optimization, 2025",
+    stage=ModelStage(start_ranks=start_ranks, run=_run),
+)
+def soco(W: torch.Tensor, stats: LinearStats | None, rank: int, config: SoCoConfig) -> Factors:
+    """The base method's factors at the start rank (the scores are learned later, on the whole model)."""
+    base = get_method(config.base)
+    return base.decompose(W, stats, rank, make_config(base))
