@@ -18,7 +18,7 @@ from pathlib import Path
 
 from svdkit.bench.grid import run_bench
 from svdkit.bench.report import markdown
-from svdkit.cli import add_bench_arguments, bench_config
+from svdkit.cli.bench import add_bench_arguments, bench_config
 from svdkit.errors import SvdkitError
 
 HERE = Path(__file__).resolve().parent

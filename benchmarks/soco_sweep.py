@@ -2,10 +2,12 @@
 
     python benchmarks/soco_sweep.py --ratio 0.4 --variant penalty_lr=0.3 --variant penalty_lr=0.3,steps=240
 
-The first run computes the protocol's statistics (32 x 2048 WikiText-2 test tokens at seeded offsets
-from 150000), factors every target with SoCo's start decomposition (svd-llm-v2 at the largest rank that
-still saves parameters) and caches the low-rank model in --cache (about 540 MB); later runs load it. Each
-variant then trains on the calibration windows under the uniform allocation's budget at --ratio and is
+The first run plans a SoCo compression of SmolLM2-135M with the protocol's calibration (32 x 2048
+WikiText-2 test tokens at seeded offsets from 150000) and runs the pipeline's stages up to factoring:
+every target gets SoCo's start decomposition (svd-llm-v2 at the largest rank that still saves
+parameters); the low-rank model and the plan are cached in --cache (about 540 MB); later runs load them.
+Each variant then runs the model stage (training) on the calibration windows under the uniform
+allocation's budget at --ratio, with exact ranks, and is
 scored on WikiText-2 test tokens [40960, 40960 + 4 x 2048), which neither the protocol's evaluation
 (the first 16 x 2048) nor its calibration uses. Prints and appends one JSON line per variant to --out.
 """
@@ -14,44 +16,38 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
-import types
 from pathlib import Path
 
 import torch
 
 import svdkit
 from svdkit.allocators.uniform import allocate_uniform
-from svdkit.bench.grid import parse_options
-from svdkit.calibration.collect import collect_statistics
-from svdkit.core.architecture import find_architecture
+from svdkit.bench.grid import PROTOCOL_CALIBRATION, parse_options
 from svdkit.core.lowrank import LowRankLinear
-from svdkit.methods import get_method, make_config
-from svdkit.methods.soco import SoCoConfig, start_ranks
-from svdkit.methods.soco.training import learn_spectrum
-from svdkit.pipeline.compress import decompose_linear
-from svdkit.sources.text import calibration_windows, load_text, tokenize
+from svdkit.pipeline.options import CompressionOptions
+from svdkit.pipeline.plan import make_plan, replan
+from svdkit.pipeline.stages import allocate, factor, model_stage, read_windows
+from svdkit.sources.text import load_text, tokenize
 
 HERE = Path(__file__).resolve().parent
 
 
 def start_model(cache: Path, data_dir: Path) -> dict:
+    """SoCo's start decomposition of SmolLM2-135M with its plan (the pipeline's stages up to factoring), cached."""
     if cache.exists():
         return torch.load(cache, weights_only=False)
     model, tok = svdkit.load_model("smollm2-135m")
     wiki = tokenize(tok, load_text(data_dir / "wikitext-2-raw" / "wiki.test.raw"))
-    windows = calibration_windows(wiki, 32, 2048, 150000, 0)
-    arch = find_architecture(model)
-    stats = collect_statistics(model, arch, windows, {"gram"}, torch.device("cpu"))
-    shapes = arch.shapes()
-    base = get_method("svd-llm-v2")
-    for name, k in start_ranks(shapes, SoCoConfig()).items():
-        low = decompose_linear(
-            model.get_submodule(name), base, make_config(base), stats[name], k, torch.device("cpu"), name
-        )
-        model.set_submodule(name, low)
-    saved = {"model": model, "windows": windows, "val": wiki[40960 : 40960 + 8 * 2048], "shapes": shapes}
+    calibration = dataclasses.replace(PROTOCOL_CALIBRATION, source=wiki)
+    options = CompressionOptions(method="soco", ratio=0.4, rank_multiple=1, device="cpu", calibration=calibration)
+    plan = make_plan(model, options, tokenizer=tok)
+    windows = read_windows(plan, tok)
+    allocation = allocate(plan, model, None, windows)  # a method with a model stage: its start ranks
+    factor(plan, model, allocation.ranks, None, windows)  # calibrates layer by layer as it factors
+    saved = {"model": model, "plan": plan, "windows": windows, "val": wiki[40960 : 40960 + 8 * 2048]}
     torch.save(saved, cache)
     return saved
 
@@ -66,11 +62,10 @@ def main() -> None:
     p.add_argument("--reference", action="store_true", help="also score svd-llm-v2 at the uniform ranks")
     args = p.parse_args()
     start = start_model(Path(args.cache), Path(args.data_dir))
-    shapes, val = start["shapes"], start["val"][: 4 * 2048]
-    budget = allocate_uniform(shapes, args.ratio)
+    val = start["val"][: 4 * 2048]
     if args.reference:  # the leading k components of the start factors are svd-llm-v2 at rank k
         model = copy.deepcopy(start["model"])
-        for name, k in budget.items():
+        for name, k in allocate_uniform(start["plan"].shapes, args.ratio).items():
             low = model.get_submodule(name)
             if k is None:
                 raise SystemExit(f"the uniform allocation keeps {name} dense at {args.ratio}: no reference")
@@ -83,12 +78,9 @@ def main() -> None:
     for text in args.variant:
         options = parse_options(text)
         model = copy.deepcopy(start["model"])
-        config = make_config(get_method("soco"), options)
-        context = types.SimpleNamespace(
-            shapes=shapes, device=torch.device("cpu"), windows=start["windows"], progress=True
-        )
+        plan = replan(start["plan"], ratio=args.ratio, method_options=options)
         t = time.perf_counter()
-        ranks, report = learn_spectrum(model, context, budget, config)
+        ranks, report = model_stage(plan, model, allocate(plan, model, None, start["windows"]))
         seconds = time.perf_counter() - t
         ppl = svdkit.perplexity(model, None, val, seqlen=2048, progress=False).ppl
         row = {"ratio": args.ratio, "options": options, "validation_ppl": ppl, "training_s": round(seconds, 1)}

@@ -10,7 +10,7 @@ import svdkit
 from svdkit.allocators.uniform import allocate_uniform
 from svdkit.cli import main
 from svdkit.core.ranks import align_ranks
-from svdkit.methods.soco.training import align_keep
+from svdkit.methods.soco.scored import align_keep
 
 
 def _cost(ranks, shapes):

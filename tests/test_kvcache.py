@@ -273,7 +273,7 @@ def test_cli_generate_refuses_a_cache_that_stayed_empty(capsys, monkeypatch, tin
     argv = ["compress", str(tiny_folder), "--ratio", "0", "--kv-ratio", "0.5", "--calib", str(text_file)]
     assert main(argv + ["--calib-samples", "2", "--calib-seqlen", "32", "--output", str(out)]) == 0
     capsys.readouterr()
-    monkeypatch.setattr("svdkit.core.compat.cache_kwargs", lambda model, cache: {})
+    monkeypatch.setattr("svdkit.cli.generate.cache_kwargs", lambda model, cache: {})
     code = main(["generate", str(out), "--prompt", "The quick brown", "--kv-cache", "latent", "--json"])
     stdout, err = capsys.readouterr()
     assert code == 2 and "KV cache holds 0 tokens" in err and stdout == ""

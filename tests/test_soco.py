@@ -13,14 +13,16 @@ import svdkit
 from svdkit import LowRankLinear, rank_for_ratio
 from svdkit.cli import main
 from svdkit.methods.soco import SoCoConfig, start_ranks
-from svdkit.methods.soco.training import (
+from svdkit.methods.soco.scored import (
     ScoredLinear,
+    ScoredModel,
     dual_step,
     fold_scores,
     penalty_grad,
     prune_to_budget,
     soft_count,
 )
+from svdkit.methods.soco.training import soco_loss
 
 
 def _low(m=6, n=5, k=4, seed=0, bias=True):
@@ -258,24 +260,22 @@ def test_cli_soco_divergence_writes_nothing(tmp_path, tiny_folder, monkeypatch, 
 def test_kd_loss_is_zero_at_the_start_and_positive_once_scores_move():
     """The kd teacher is the start decomposition: with every score at 1 and nothing pruned the student
     is the teacher (KL 0); a moved score makes the KL positive, and its gradient reaches the scores."""
-    from svdkit.methods.soco.training import _loss
-
     model = tiny_model("llama")
     _compress(model, method="svd-llm", ratio=0.2, rank_multiple=1)
     names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
-    scored = {n: ScoredLinear(model.get_submodule(n)) for n in names}
-    for n, s in scored.items():
-        model.set_submodule(n, s)
+    wrapped = ScoredModel(model, names)
+    wrapped.install(model)
+    scored = wrapped.scored
     ids = random_tokens(24, seed=7)[None]
-    assert float(_loss(model, scored, ids, "kd").detach()) == pytest.approx(0.0, abs=1e-6)
+    assert float(soco_loss(model, wrapped, ids, "kd").detach()) == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
         for s in scored.values():
             s.score.mul_(0.5)
-    kl = _loss(model, scored, ids, "kd")
+    kl = soco_loss(model, wrapped, ids, "kd")
     kl.backward()
     assert float(kl.detach()) > 1e-7 and scored[names[0]].score.grad.abs().sum() > 0  # a tiny random model: small KL
     assert not any(s.start for s in scored.values())  # the teacher switch is off again
-    ce = _loss(model, scored, ids, "ce")
+    ce = soco_loss(model, wrapped, ids, "ce")
     assert float(ce.detach()) == pytest.approx(float(model(input_ids=ids, labels=ids).loss.detach()))
 
 

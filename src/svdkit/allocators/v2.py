@@ -33,7 +33,7 @@ of uniform allocation (up to the same rank flooring).
 
 Cost: one eigendecomposition per distinct Gram matrix and one singular-value computation per matrix
 (26-36 s for SmolLM2-135M on 2 CPU cores, under the decomposition's time); memory holds one layer's
-statistics (read from the :class:`~svdkit.store.StatisticsStore` the pipeline writes).
+statistics (read from the :class:`~svdkit.calibration.store.StatisticsStore` the pipeline writes).
 """
 
 from __future__ import annotations

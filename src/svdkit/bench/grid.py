@@ -2,18 +2,18 @@
 
     svdkit bench --methods svd svd-llm svd-llm-v2@v2 soco --ratios 0.2 0.4 0.6 --out bench-smollm2
 
-The protocol is ../shared/PROTOCOL.md: calibration on 32 windows of 2048 WikiText-2 test tokens at
-seeded offsets from 150000; evaluation on the first 16 windows of 2048 of WikiText-2 test and the
-first 8 of PTB validation. A cell spec is METHOD[@ALLOCATION[:KEY=VALUE,...]][+lstsq][+seq]: an
-allocation strategy after '@' (default uniform) with its options after ':', '+lstsq' for the
-least-squares update of B, '+seq' for sequential calibration (such cells run their own calibration
-pass). Otherwise one calibration pass over the dense model collects every input statistic the cells
-need (the Gram matrices do not depend on the method), and one gradient pass the Fisher information if
-a method needs it; they serve every cell. Each cell compresses a fresh copy of the dense model.
+The protocol: calibration on 32 windows of 2048 WikiText-2 test tokens at seeded offsets from 150000;
+evaluation on the first 16 windows of 2048 of WikiText-2 test and the first 8 of PTB validation. A
+cell spec is METHOD[@ALLOCATION[:KEY=VALUE,...]][+lstsq][+seq]: an allocation strategy after '@'
+(default uniform) with its options after ':', '+lstsq' for the least-squares update of B, '+seq' for
+sequential calibration (such cells run their own calibration pass). Otherwise one calibration pass over
+the dense model collects every input statistic the cells need (the Gram matrices do not depend on the
+method), and one gradient pass the Fisher information if a method needs it; they serve every cell.
+Each cell compresses a fresh copy of the dense model through the pipeline's plan and stages.
 
 Measured per cell, dense alongside: perplexities, parameters, compression time split into statistics,
 allocation, decomposition and training, peak resident memory while compressing, prefill and decode
-throughput, weight bytes, the memory a prefill adds, and the saved file size (:mod:`svdkit.speed`).
+throughput, weight bytes, the memory a prefill adds, and the saved file size (:mod:`svdkit.measure.speed`).
 Writes ``results.json`` (rewritten after every cell: an interrupted run resumes from the finished
 cells), ``results.md`` and PNG plots (perplexity vs ratio, rank maps of non-uniform allocations, SoCo
 training curves, singular spectra of a few matrices before and after whitening).
@@ -22,6 +22,7 @@ training curves, singular spectra of a few matrices before and after whitening).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -33,25 +34,31 @@ from typing import Any
 
 import torch
 
-from ..allocators import allocator_names, get_allocator
+from ..allocators import allocator_names
 from ..calibration.collect import collect_statistics
 from ..calibration.gradients import GRADIENT_STATISTICS
 from ..calibration.statistics import LinearStats
 from ..core.architecture import find_architecture
 from ..core.device import resolve_device
+from ..core.options import parse_assignment
 from ..core.ranks import check_ratio
 from ..errors import SvdkitError
 from ..measure.perplexity import perplexity
 from ..measure.speed import measure, peak_rss_mb, reset_peak_rss
 from ..methods import get_method, method_names
-from ..pipeline.compress import compress
+from ..pipeline.compress import run_plan
+from ..pipeline.options import CalibrationSettings, CompressionOptions
+from ..pipeline.plan import make_plan, statistics_needed
 from ..sources.models import load_model
 from ..sources.text import calibration_windows, load_text, tokenize
 from ..version import __version__
 from .plots import write_plots
 from .report import markdown
 
-__all__ = ["CellSpec", "BenchConfig", "parse_spec", "parse_options", "run_bench"]
+__all__ = ["CellSpec", "BenchConfig", "PROTOCOL_CALIBRATION", "parse_spec", "parse_options", "run_bench"]
+
+PROTOCOL_CALIBRATION = CalibrationSettings(source="wikitext2", samples=32, seqlen=2048, offset=150000, seed=0)
+"""the protocol's calibration: 32 windows of 2048 WikiText-2 test tokens at seeded offsets from 150000"""
 
 
 @dataclass(frozen=True)
@@ -71,10 +78,10 @@ class BenchConfig:
     cells: Sequence[str] = ("svd", "svd-llm")
     ratios: Sequence[float] = (0.2, 0.4, 0.6)
     data_dir: str | None = None
-    calib_samples: int = 32
-    calib_offset: int = 150000
-    seqlen: int = 2048
-    seed: int = 0
+    calibration: CalibrationSettings = dataclasses.field(
+        default_factory=lambda: dataclasses.replace(PROTOCOL_CALIBRATION)
+    )
+    """its seqlen is also the evaluation window; its source is always the WikiText-2 test text"""
     eval_windows: int = 16
     ptb_windows: int = 8
     sensitivity_windows: int | None = None
@@ -86,18 +93,31 @@ class BenchConfig:
     plots: bool = True
     rank_multiple: int = 8
 
+    @property
+    def seqlen(self) -> int:
+        return self.calibration.seqlen
+
+
+@dataclass
+class _Setup:
+    """The dense model, its tokenizer, the protocol's token streams and the device, loaded once."""
+
+    model: Any
+    tokenizer: Any
+    wiki: torch.Tensor
+    ptb: torch.Tensor
+    device: torch.device
+
 
 def parse_options(text: str) -> dict:
     """'rule=power,strength=0.5' -> {'rule': 'power', 'strength': 0.5} (values read as JSON when they parse)."""
     options = {}
     for part in filter(None, text.split(",")):
-        key, sep, value = part.partition("=")
-        if not sep or not key:
-            raise SvdkitError(f"allocation options are KEY=VALUE separated by commas, got {part!r}")
         try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+            key, value = parse_assignment(part)
+        except ValueError:
+            raise SvdkitError(f"allocation options are KEY=VALUE separated by commas, got {part!r}") from None
+        options[key] = value
     return options
 
 
@@ -158,30 +178,26 @@ def _texts(config: BenchConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return tokenize(tokenizer, load_text(sources[0])), tokenize(tokenizer, load_text(sources[1]))
 
 
-def _evaluate(model, wiki, ptb, config: BenchConfig, reference=None) -> dict[str, Any]:
-    w = perplexity(model, None, wiki, seqlen=config.seqlen, max_windows=config.eval_windows, progress=False)
-    p = perplexity(model, None, ptb, seqlen=config.seqlen, max_windows=config.ptb_windows, progress=False)
+def _evaluate(model, setup: _Setup, config: BenchConfig, reference=None) -> dict[str, Any]:
+    seqlen = config.seqlen
+    w = perplexity(model, None, setup.wiki, seqlen=seqlen, max_windows=config.eval_windows, progress=False)
+    p = perplexity(model, None, setup.ptb, seqlen=seqlen, max_windows=config.ptb_windows, progress=False)
     out: dict[str, Any] = {"wikitext2": w.ppl, "ptb": p.ppl, "params": w.params}
     if config.speed:
-        out.update(
-            measure(model, wiki[: config.seqlen], config.decode_tokens, repeats=config.repeats, reference=reference)
-        )
+        window = setup.wiki[:seqlen]
+        out.update(measure(model, window, config.decode_tokens, repeats=config.repeats, reference=reference))
     return out
 
 
 def _settings(config: BenchConfig) -> dict:
+    c = config.calibration
     return {
         "model": config.model,
         "seqlen": config.seqlen,
         "eval_windows": config.eval_windows,
         "ptb_windows": config.ptb_windows,
         "rank_multiple": config.rank_multiple,
-        "calibration": {
-            "samples": config.calib_samples,
-            "seqlen": config.seqlen,
-            "offset": config.calib_offset,
-            "seed": config.seed,
-        },
+        "calibration": {"samples": c.samples, "seqlen": c.seqlen, "offset": c.offset, "seed": c.seed},
     }
 
 
@@ -207,6 +223,104 @@ def _settings_of(report: dict) -> dict:
     return {**plain, "rank_multiple": report.get("rank_multiple", 1), "calibration": calib}
 
 
+def _load(config: BenchConfig, log) -> _Setup:
+    dev = resolve_device(config.device)
+    model, tok = load_model(config.model)
+    model.to(dev)
+    wiki, ptb = _texts(config, tok)
+    log(f"WikiText-2 test: {wiki.numel():,} tokens; PTB validation: {ptb.numel():,} tokens")
+    return _Setup(model, tok, wiki, ptb, dev)
+
+
+def _new_report(config: BenchConfig, device: torch.device, command: str) -> dict[str, Any]:
+    return {
+        **_settings(config),
+        "command": command,
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs ({platform.processor() or platform.platform()}), "
+        f"device {device}, torch threads {torch.get_num_threads()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "svdkit": __version__,
+        "torch": torch.__version__,
+        "cells": [],
+    }
+
+
+def _cell_options(spec: CellSpec, ratio: float, config: BenchConfig, setup: _Setup) -> CompressionOptions:
+    """The pipeline's options for one cell (checked here, before any pass runs)."""
+    options = json.loads(spec.options)
+    if spec.allocation == "sensitivity":
+        sens = {"windows": config.sensitivity_windows, "seqlen": config.sensitivity_seqlen}
+        options = {**{k: v for k, v in sens.items() if v is not None}, **options}
+    loud = spec.allocation != "uniform" or spec.sequential or get_method(spec.method).stage is not None
+    return CompressionOptions(
+        method=spec.method,
+        ratio=ratio,
+        allocation=spec.allocation,
+        allocation_options=options,
+        update=spec.update,
+        sequential=spec.sequential,
+        rank_multiple=config.rank_multiple,
+        device=setup.device,
+        progress=loud,
+        calibration=dataclasses.replace(config.calibration, source=setup.wiki),
+    )
+
+
+def _shared_statistics(setup: _Setup, config: BenchConfig, needs: set[str], passes: dict) -> dict | None:
+    """One dense pass for the input statistics and one gradient pass for Fisher, as far as `needs` asks."""
+    c = config.calibration
+    windows = calibration_windows(setup.wiki, c.samples, c.seqlen, c.offset, c.seed)
+    arch = find_architecture(setup.model)
+    stats = None
+    for kind, group in (("inputs", needs - GRADIENT_STATISTICS), ("fisher", needs & GRADIENT_STATISTICS)):
+        if group:
+            t = time.perf_counter()
+            part = collect_statistics(setup.model, arch, windows, group, setup.device)
+            passes[kind] = time.perf_counter() - t
+            stats = part if stats is None else _merge(stats, part)
+    return stats
+
+
+def _run_cell(spec: CellSpec, options: CompressionOptions, setup: _Setup, config: BenchConfig, stats, passes) -> dict:
+    """Compress a fresh copy of the dense model with `options` and measure it: one result cell."""
+    work = copy.deepcopy(setup.model)
+    reset_peak_rss()
+    plan = make_plan(work, options, None if spec.sequential else stats, setup.tokenizer)
+    r = run_plan(plan, work, setup.tokenizer)
+    compress_rss = peak_rss_mb()
+    shared = (passes.get("inputs", 0.0) if plan.needs - GRADIENT_STATISTICS else 0.0) + (
+        passes.get("fisher", 0.0) if plan.needs & GRADIENT_STATISTICS else 0.0
+    )
+    return {
+        "method": spec.method,
+        "allocation": spec.allocation,
+        "allocation_options": json.loads(spec.options),
+        "ratio": options.ratio,
+        "update": spec.update,
+        "sequential": spec.sequential,
+        "statistics_s": r.timings["calibration"] if spec.sequential else shared,
+        "allocation_s": r.timings["allocation"],
+        "decomposition_s": r.timings["decomposition"],
+        "training_s": r.timings.get("training", 0.0),
+        "compress_peak_rss_mb": compress_rss,
+        "allocation_report": r.allocation,
+        **({"training": r.training} if r.training else {}),
+        "ranks": r.ranks,
+        **_evaluate(work, setup, config, reference=setup.model),
+    }
+
+
+def _write(json_path: Path, report: dict, done: dict, keys: list) -> None:
+    """results.json, atomically; the speed measurements reset the peak memory, so the largest seen is kept."""
+    seen = [c.get("compress_peak_rss_mb") or 0.0 for c in done.values()]
+    report["peak_rss_mb"] = max(report.get("peak_rss_mb") or 0.0, peak_rss_mb(), *seen)
+    ordered = [done[k] for k in keys if k in done]
+    report["cells"] = ordered + [c for k, c in done.items() if k not in keys]
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, json_path)
+
+
 def run_bench(
     config: BenchConfig,
     json_path: str | os.PathLike,
@@ -223,119 +337,44 @@ def run_bench(
     json_path = Path(json_path)
     if not json_path.parent.is_dir():
         raise SvdkitError(f"cannot write results: folder '{json_path.parent}' does not exist")
-    dev = resolve_device(config.device)
-    model, tok = load_model(config.model)
-    model.to(dev)
-    wiki, ptb = _texts(config, tok)
-    log(f"WikiText-2 test: {wiki.numel():,} tokens; PTB validation: {ptb.numel():,} tokens")
-
-    report: dict[str, Any] = {
-        **_settings(config),
-        "command": command,
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs ({platform.processor() or platform.platform()}), "
-        f"device {dev}, torch threads {torch.get_num_threads()}",
-        "date": time.strftime("%Y-%m-%d"),
-        "svdkit": __version__,
-        "torch": torch.__version__,
-        "cells": [],
-    }
+    setup = _load(config, log)
+    report = _new_report(config, setup.device, command)
     done = _resume(json_path, report)
     if done:
         log(f"resuming: {len(done)} finished cells in {json_path}")
     if not report.get("dense"):
-        report["dense"] = _evaluate(model, wiki, ptb, config)
+        report["dense"] = _evaluate(setup.model, setup, config)
     log(f"dense: {report['dense']}")
-
     grid = [(s, r) for s in specs for r in ratios]
     keys = [_key({**asdict(s), "ratio": r, "allocation_options": json.loads(s.options)}) for s, r in grid]
-    todo = [(s, r) for (s, r), k in zip(grid, keys, strict=True) if k not in done]
-    needs: set[str] = set()
-    for s, _ in todo:
-        if not s.sequential:
-            needs |= get_method(s.method).requires | get_allocator(s.allocation).requires
-            needs |= {"gram"} if s.update == "lstsq" else set()
+    todo = [(s, _cell_options(s, r, config, setup)) for (s, r), k in zip(grid, keys, strict=True) if k not in done]
+    needs = _needs([o for s, o in todo if not s.sequential], config.plots and plot_dir is not None, log)
+    passes = report["calibration"].setdefault("passes", {})
+    stats = _shared_statistics(setup, config, needs, passes)
+    report["calibration"]["seconds"] = sum(passes.values())
+    for spec, options in todo:
+        cell = _run_cell(spec, options, setup, config, stats, passes)
+        done[_key(cell)] = cell
+        log({k: v for k, v in cell.items() if k not in ("ranks", "training", "allocation_report")})
+        _write(json_path, report, done, keys)
+    _write(json_path, report, done, keys)
+    if md_path is not None:
+        Path(md_path).write_text(markdown(report))
     if config.plots and plot_dir is not None:
+        write_plots(report, Path(plot_dir), setup.model, stats)
+    return report
+
+
+def _needs(shared: list[CompressionOptions], plots: bool, log) -> set[str]:
+    """The statistics the shared pass collects: what the non-sequential cells read (plus Gram matrices for
+    the spectra plot when a pass runs anyway)."""
+    needs: set[str] = set()
+    for options in shared:
+        r = options.resolved
+        needs |= statistics_needed(r.method, r.allocator, options.update, sequential=False)
+    if plots:
         if needs:  # the spectra before/after whitening ride on a pass that runs anyway
             needs.add("gram")
         else:
             log("no cell left needs calibration statistics: the spectra plot is skipped (no pass just for it)")
-    passes = report["calibration"].setdefault("passes", {})
-    windows = calibration_windows(wiki, config.calib_samples, config.seqlen, config.calib_offset, config.seed)
-    arch = find_architecture(model)
-    stats = None
-    for kind, group in (("inputs", needs - GRADIENT_STATISTICS), ("fisher", needs & GRADIENT_STATISTICS)):
-        if group:
-            t = time.perf_counter()
-            part = collect_statistics(model, arch, windows, group, dev)
-            passes[kind] = time.perf_counter() - t
-            stats = part if stats is None else _merge(stats, part)
-    report["calibration"]["seconds"] = sum(passes.values())
-
-    def save() -> None:  # the speed measurements reset the peak: keep the largest seen
-        seen = [c.get("compress_peak_rss_mb") or 0.0 for c in done.values()]
-        report["peak_rss_mb"] = max(report.get("peak_rss_mb") or 0.0, peak_rss_mb(), *seen)
-        ordered = [done[k] for k in keys if k in done]
-        report["cells"] = ordered + [c for k, c in done.items() if k not in keys]
-        tmp = json_path.with_name(json_path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, json_path)
-
-    for spec, ratio in todo:
-        options = json.loads(spec.options)
-        if spec.allocation == "sensitivity":
-            sens = {"windows": config.sensitivity_windows, "seqlen": config.sensitivity_seqlen}
-            options = {**{k: v for k, v in sens.items() if v is not None}, **options}
-        work = copy.deepcopy(model)
-        reset_peak_rss()
-        r = compress(
-            work,
-            tok,
-            method=spec.method,
-            ratio=ratio,
-            calib=wiki,
-            calib_samples=config.calib_samples,
-            calib_seqlen=config.seqlen,
-            calib_offset=config.calib_offset,
-            seed=config.seed,
-            device=dev,
-            statistics=None if spec.sequential else stats,
-            progress=spec.allocation != "uniform" or spec.sequential or get_method(spec.method).stage is not None,
-            allocation=spec.allocation,
-            allocation_options=options,
-            update=spec.update,
-            sequential=spec.sequential,
-            rank_multiple=config.rank_multiple,
-        )
-        compress_rss = peak_rss_mb()
-        req = get_method(spec.method).requires | get_allocator(spec.allocation).requires
-        req |= {"gram"} if spec.update == "lstsq" else set()
-        shared = (passes.get("inputs", 0.0) if req - GRADIENT_STATISTICS else 0.0) + (
-            passes.get("fisher", 0.0) if req & GRADIENT_STATISTICS else 0.0
-        )
-        cell = {
-            "method": spec.method,
-            "allocation": spec.allocation,
-            "allocation_options": json.loads(spec.options),
-            "ratio": ratio,
-            "update": spec.update,
-            "sequential": spec.sequential,
-            "statistics_s": r.timings["calibration"] if spec.sequential else shared,
-            "allocation_s": r.timings["allocation"],
-            "decomposition_s": r.timings["decomposition"],
-            "training_s": r.timings.get("training", 0.0),
-            "compress_peak_rss_mb": compress_rss,
-            "allocation_report": r.allocation,
-            **({"training": r.training} if r.training else {}),
-            "ranks": r.ranks,
-            **_evaluate(work, wiki, ptb, config, reference=model),
-        }
-        done[_key(cell)] = cell
-        log({k: v for k, v in cell.items() if k not in ("ranks", "training", "allocation_report")})
-        save()
-        del work
-    save()
-    if md_path is not None:
-        Path(md_path).write_text(markdown(report))
-    if config.plots and plot_dir is not None:
-        write_plots(report, Path(plot_dir), model, stats)
-    return report
+    return needs

@@ -43,7 +43,7 @@ class LayerStats:
 
 class _Cross(Statistic):
     """Sum over tokens of x_dense x^T (n x n, float64): the dense layer's inputs against the compressed
-    model's inputs for the same tokens (sequential calibration; see :mod:`svdkit.update`)."""
+    model's inputs for the same tokens (sequential calibration; see :mod:`svdkit.pipeline.update`)."""
 
     name = CROSS
 
@@ -242,11 +242,11 @@ def collect_statistics(
 ) -> Mapping[str, LinearStats]:
     """Every target's statistics from the dense model, by full module name.
 
-    Input statistics (see :data:`~svdkit.statistics.STATISTICS`) come from one layer-by-layer pass;
-    gradient statistics (``fisher``, see :mod:`svdkit.gradients`) from a backward pass. Costs one n x n
+    Input statistics (see :data:`~svdkit.calibration.statistics.STATISTICS`) come from one layer-by-layer pass;
+    gradient statistics (``fisher``, see :mod:`svdkit.calibration.gradients`) from a backward pass. Costs one n x n
     float64 Gram matrix per distinct input (shared by q/k/v and by gate/up): for SmolLM2-135M about
     27 MB per layer, held in CPU memory (a dict is returned), or written layer by layer into `store`
-    (a :class:`~svdkit.store.StatisticsStore`, returned) so memory holds one layer. Lets several
+    (a :class:`~svdkit.calibration.store.StatisticsStore`, returned) so memory holds one layer. Lets several
     compressions (methods, ratios, allocations) reuse one pass.
     """
     needs = set(needs)

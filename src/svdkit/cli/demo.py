@@ -7,6 +7,7 @@ windows are drawn from beyond them, so the two never overlap.
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -17,13 +18,26 @@ from ..saved.folder import prepare_output_dir, save
 from ..saved.format import read_svdkit_config
 from ..sources.models import load_model, smollm2_folder
 from ..sources.text import source_tokens
+from .common import ratio
 
-__all__ = ["run_demo", "DEMO_METHOD"]
+__all__ = ["add_parser", "run", "run_demo", "DEMO_METHOD"]
 
 DEMO_METHOD = "svd-llm"
 SEQLEN = 512
 EVAL_WINDOWS = 16
 CALIB_SAMPLES = 32
+
+
+def add_parser(sub) -> None:
+    m = sub.add_parser("demo", help="compress the bundled SmolLM2-135M and show before/after")
+    m.add_argument("--ratio", type=ratio, default=0.2, help="fraction of parameters removed (0.2)")
+    m.add_argument("--output", default="svdkit-demo-output", help="where the compressed model is written")
+    m.add_argument("--device", default="auto")
+    m.set_defaults(run=run)
+
+
+def run(a: argparse.Namespace) -> None:
+    run_demo(ratio=a.ratio, output=a.output, device=a.device)
 
 
 def _size(folder: Path) -> int:

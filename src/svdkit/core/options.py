@@ -11,6 +11,7 @@ unknown keys and rejected values into an :class:`~svdkit.errors.SvdkitError` nam
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ __all__ = [
     "path",
     "help_of",
     "build_config",
+    "parse_assignment",
 ]
 
 Check = Callable[[str, Any], Any]
@@ -151,3 +153,17 @@ def build_config(cls: type, options: Mapping[str, Any] | None, what: str) -> Any
         return cls(**options)
     except (TypeError, ValueError) as e:
         raise SvdkitError(f"{what}: {e}") from e
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """'KEY=VALUE' -> (key, value), the value read as JSON when it parses (1e-5, true, [0.2, 0.4]), else a string.
+
+    Raises ValueError for text without a key or an '='.
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"options are KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value

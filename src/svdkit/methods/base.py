@@ -45,7 +45,7 @@ class ModelStage:
 
     ``start_ranks(shapes, config)`` gives the rank each target is factored at (name -> rank);
     ``run(model, context, budget, config)`` gets the model with those low-rank layers, the
-    :class:`~svdkit.allocation.AllocationContext` (with calibration windows) and the allocation's
+    :class:`~svdkit.allocators.base.AllocationContext` (with calibration windows) and the allocation's
     ranks at the target ratio (`budget`: name -> rank or None), rewrites the low-rank layers and
     returns (final ranks by name, a report dict). It may raise :class:`SvdkitError`.
     """

@@ -5,7 +5,7 @@ next-token loss L, says how much the loss cares about it. FWSVD sums it per outp
 I_i = sum_j F_ij, decomposes diag(sqrt(I)) W = U S V^T, keeps k and un-scales the left factor:
 A = sqrt(S_k) V_k^T, B = diag(1/sqrt(I)) U_k sqrt(S_k). Rows with (near) zero importance are floored at
 1e-6 * max(I) so the un-scaling stays finite. The gradients come from
-:func:`svdkit.gradients.collect_fisher`, which backpropagates one decoder layer at a time.
+:func:`svdkit.calibration.gradients.collect_fisher`, which backpropagates one decoder layer at a time.
 """
 
 from __future__ import annotations

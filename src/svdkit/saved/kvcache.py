@@ -246,7 +246,7 @@ def _latent_class(cls: type) -> type:
 
 
 def __getattr__(name: str) -> type:
-    """``svdkit.kvcache.LatentLlamaAttention`` and the like, so that pickle finds the swapped classes."""
+    """``svdkit.saved.kvcache.LatentLlamaAttention`` and the like, so that pickle finds the swapped classes."""
     base = name.removeprefix("Latent")
     if name.startswith("Latent") and base in _HOMES:
         import importlib

@@ -1,0 +1,98 @@
+"""``svdkit bench``: the protocol's grid (methods x ratios x allocations): quality, time, speed and memory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..bench.grid import PROTOCOL_CALIBRATION, BenchConfig, parse_spec, run_bench
+from ..bench.report import markdown
+from ..errors import SvdkitError
+from ..pipeline.options import CalibrationSettings, CompressionOptions
+from .common import add_fields, fields_from_args, nonnegative, positive, ratio
+
+__all__ = ["add_parser", "add_bench_arguments", "bench_config", "run"]
+
+CALIBRATION_FLAGS = {
+    "samples": {"flag": "--calib-samples", "type": positive},
+    "offset": {"flag": "--calib-offset", "type": nonnegative},
+    "seqlen": {"flag": "--seqlen", "type": positive, "help": "tokens per window, calibration and evaluation"},
+    "seed": {"flag": "--seed", "type": int},
+}
+"""the calibration flags of ``svdkit bench`` (help texts: :class:`CalibrationSettings`; defaults: the protocol's)"""
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser(
+        "bench",
+        help="the protocol's grid: methods x ratios x allocations, quality, time, speed and memory",
+        description="Run the fixed protocol over a grid of cells; write results.json, results.md and PNG plots "
+        "into --out. A cell is METHOD[@ALLOCATION[:KEY=VALUE,...]][+lstsq][+seq]. A rerun with the same --out "
+        "resumes from the finished cells.",
+    )
+    add_bench_arguments(b)
+    b.add_argument("--out", required=True, help="folder for results.json, results.md and plots/")
+    b.set_defaults(run=run)
+
+
+def add_bench_arguments(b: argparse.ArgumentParser) -> None:
+    """The grid and protocol options of `svdkit bench` (shared with benchmarks/protocol.py)."""
+    b.add_argument("--model", default="smollm2-135m", help="model to compress (default smollm2-135m)")
+    b.add_argument("--methods", nargs="+", default=["svd", "svd-llm"], metavar="CELL", help="cells (see above)")
+    b.add_argument("--ratios", nargs="+", type=ratio, default=[0.2, 0.4, 0.6], help="ratios (0.2 0.4 0.6)")
+    b.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with wikitext-2-raw/wiki.test.raw and ptb/ptb.valid.txt (default: $SVDKIT_DATA, else datasets)",
+    )
+    defaults = {name: getattr(PROTOCOL_CALIBRATION, name) for name in CALIBRATION_FLAGS}
+    add_fields(b, CalibrationSettings, CALIBRATION_FLAGS, prefix="calib_", defaults=defaults)
+    b.add_argument("--eval-windows", type=positive, default=16, help="WikiText-2 evaluation windows (16)")
+    b.add_argument("--ptb-windows", type=positive, default=8, help="PTB evaluation windows (8)")
+    b.add_argument("--sensitivity-windows", type=positive, default=None, help="sensitivity allocation: windows")
+    b.add_argument("--sensitivity-seqlen", type=positive, default=None, help="sensitivity allocation: tokens each")
+    add_fields(b, CompressionOptions, {"device": {}, "rank_multiple": {"type": positive, "metavar": "N"}})
+    b.add_argument("--no-speed", action="store_true", help="skip the speed and memory measurements")
+    b.add_argument("--decode-tokens", type=nonnegative, default=64, help="tokens generated per decode run (64)")
+    b.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+
+
+def bench_config(a: argparse.Namespace) -> BenchConfig:
+    """A :class:`svdkit.bench.grid.BenchConfig` from parsed `svdkit bench` arguments."""
+    given = fields_from_args(a, CalibrationSettings, CALIBRATION_FLAGS, "calib_")
+    calibration = CalibrationSettings(source=PROTOCOL_CALIBRATION.source, **given)
+    return BenchConfig(
+        model=a.model,
+        cells=a.methods,
+        ratios=a.ratios,
+        data_dir=a.data_dir,
+        calibration=calibration,
+        eval_windows=a.eval_windows,
+        ptb_windows=a.ptb_windows,
+        sensitivity_windows=a.sensitivity_windows,
+        sensitivity_seqlen=a.sensitivity_seqlen,
+        device=a.device,
+        speed=not a.no_speed,
+        decode_tokens=a.decode_tokens,
+        plots=not a.no_plots,
+        rank_multiple=a.rank_multiple,
+    )
+
+
+def run(a: argparse.Namespace) -> None:
+    for spec in a.methods:
+        parse_spec(spec)  # bad cells fail before the model loads
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise SvdkitError(f"--out '{out}' exists and is a file: give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    report = run_bench(
+        bench_config(a),
+        out / "results.json",
+        out / "results.md",
+        out / "plots",
+        command="svdkit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "svdkit bench",
+    )
+    print(markdown(report))
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'plots'}")

@@ -1,0 +1,169 @@
+"""``svdkit compress``: compress a model into a low-rank model folder (or a densified one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from ..allocators import allocator_names
+from ..errors import SvdkitError
+from ..methods import method_names
+from ..pipeline.compress import run_plan
+from ..pipeline.options import CalibrationSettings, CompressionOptions
+from ..pipeline.plan import make_plan
+from ..pipeline.update import UPDATES
+from ..saved.folder import densify, prepare_output_dir, save
+from ..sources.models import load_model
+from .common import (
+    CURVE_FILE,
+    add_fields,
+    emit,
+    fields_from_args,
+    nonnegative,
+    option_pair,
+    positive,
+    ratio,
+    ratio_or_zero,
+)
+
+__all__ = ["add_parser", "run", "rank_summary", "CALIBRATION_FLAGS"]
+
+CALIBRATION_FLAGS = {
+    "source": {"flag": "--calib"},
+    "samples": {"flag": "--calib-samples", "type": positive},
+    "seqlen": {"flag": "--calib-seqlen", "type": positive},
+    "offset": {"flag": "--calib-offset", "type": nonnegative},
+    "seed": {"flag": "--seed", "type": int},
+}
+"""the calibration flags of ``svdkit compress`` (help texts and defaults: :class:`CalibrationSettings`)"""
+
+FLAGS = {
+    "method": {"help": f"compression method, one of: {', '.join(method_names())}"},
+    "ratio": {"type": ratio_or_zero},
+    "kv_ratio": {"type": ratio, "metavar": "RHO"},
+    "method_options": {"flag": "--option", "type": option_pair, "action": "append", "metavar": "KEY=VALUE"},
+    "allocation": {"help": f"how ranks are spread over the matrices: {', '.join(allocator_names())}"},
+    "allocation_options": {
+        "flag": "--allocation-option",
+        "type": option_pair,
+        "action": "append",
+        "metavar": "KEY=VALUE",
+    },
+    "update": {"choices": UPDATES},
+    "statistics_dir": {"metavar": "DIR"},
+    "rank_multiple": {"type": positive, "metavar": "N"},
+    "sequential": {"action": "store_true"},
+    "device": {},
+}
+"""the other flags, by :class:`CompressionOptions` field"""
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("compress", help="compress a model into a low-rank model folder")
+    c.add_argument("model", help="model folder, hub id, .gguf file, or 'smollm2-135m'")
+    add_fields(c, CompressionOptions, FLAGS)
+    add_fields(c, CalibrationSettings, CALIBRATION_FLAGS, prefix="calib_")
+    c.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    c.add_argument(
+        "--densify",
+        action="store_true",
+        help="write a plain dense model (W' = B A) that any tool loads, instead of the low-rank one",
+    )
+    c.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    c.set_defaults(run=run)
+
+
+def options_from_args(a: argparse.Namespace) -> CompressionOptions:
+    """The checked options of a parsed command line (fails before any model is loaded)."""
+    if a.ratio == 0 and a.kv_ratio is None:
+        raise SvdkitError("--ratio 0 compresses nothing: give a ratio in (0, 1), or --kv-ratio to compress only k/v")
+    if a.densify and a.kv_ratio is not None:
+        raise SvdkitError("--densify writes dense k_proj/v_proj, which have no latent to cache: drop one of them")
+    calibration = CalibrationSettings(**fields_from_args(a, CalibrationSettings, CALIBRATION_FLAGS, "calib_"))
+    return CompressionOptions(**fields_from_args(a, CompressionOptions, FLAGS), calibration=calibration)
+
+
+def run(a: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    options = options_from_args(a)
+    out = prepare_output_dir(a.output, a.overwrite)
+    model, tok = load_model(a.model)
+    result = run_plan(make_plan(model, options, tokenizer=tok), model, tok)
+    model.to("cpu")
+    if a.densify:
+        densify(model, tok, out, overwrite=a.overwrite, inplace=True)
+    else:
+        save(model, tok, out, overwrite=a.overwrite)
+    seconds = time.perf_counter() - start
+    _report(a, result, model, out, seconds)
+    emit(
+        {
+            "output": str(out),
+            "params": result.params_dense if a.densify else result.params,  # what the folder holds
+            "params_dense": result.params_dense,
+            "seconds": round(seconds, 3),
+        },
+        a.json,
+    )
+
+
+def _report(a: argparse.Namespace, result, model, out, seconds: float) -> None:
+    t = result.timings
+    print(
+        f"{a.method} at ratio {a.ratio}: {result.params_dense:,} -> {result.params:,} parameters "
+        f"({100 * (1 - result.params / result.params_dense):.1f}% fewer), {len(result.ranks)} low-rank "
+        f"matrices, {len(result.dense_kept)} kept dense\n"
+        f"time {seconds:.1f}s (calibration {t['calibration']:.1f}s, decomposition {t['decomposition']:.1f}s, "
+        f"allocation {t['allocation']:.2f}s); written to {out}" + (" (densified)" if a.densify else "")
+    )
+    if a.kv_ratio is not None:
+        print(
+            f"k_proj/v_proj at the ranks of a {a.kv_ratio:.0%} smaller KV cache: "
+            f"svdkit generate {out} --kv-cache latent"
+        )
+    if result.training:
+        tr = result.training
+        print(
+            f"training: {tr['steps']} steps in {tr['seconds']:.0f}s, final loss {tr['final_loss']:.4f}; "
+            f"{tr['kept']:,} target parameters kept for a budget of {tr['budget']:,}"
+        )
+        try:  # the model folder is complete already; the curve is an extra
+            (out / CURVE_FILE).write_text(json.dumps(tr["curve"]) + "\n")
+        except OSError as e:
+            raise SvdkitError(f"the model was written to {out}, but not its training curve: {e}") from e
+    if a.allocation != "uniform" or result.training:
+        print(rank_summary(result.ranks, result.dense_kept, _shapes(model, result)))
+        for key, value in result.allocation.items():
+            if key not in ("name", "config"):
+                print(f"  {key}: {value}")
+
+
+def _shapes(model, result) -> dict[str, tuple[int, int]]:
+    out = {}
+    for name in list(result.ranks) + list(result.dense_kept):
+        mod = model.get_submodule(name)
+        out[name] = (mod.out_features, mod.in_features)
+    return out
+
+
+def rank_summary(ranks: dict[str, int], dense: list[str], shapes: dict[str, tuple[int, int]]) -> str:
+    """Per module type (q_proj, ...): how many matrices, their rank range and mean kept parameter share."""
+    groups: dict[str, list[float]] = {}
+    rank_range: dict[str, list[int]] = {}
+    for name, (m, n) in shapes.items():
+        kind = name.rsplit(".", 1)[-1]
+        k = ranks.get(name)
+        groups.setdefault(kind, []).append(1.0 if k is None else k * (m + n) / (m * n))
+        if k is not None:
+            rank_range.setdefault(kind, []).append(k)
+    lines = ["chosen ranks by module type (kept share of parameters; dense = kept whole):"]
+    for kind, kept in groups.items():
+        r = rank_range.get(kind, [])
+        span = f"rank {min(r)}..{max(r)}" if r else "no low-rank"
+        n_dense = sum(1 for name in dense if name.rsplit(".", 1)[-1] == kind)
+        lines.append(
+            f"  {kind:<10} {len(kept):3d} matrices, {span}, mean kept {sum(kept) / len(kept):.2f}, {n_dense} dense"
+        )
+    return "\n".join(lines)

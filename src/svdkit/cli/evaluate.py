@@ -1,0 +1,93 @@
+"""``svdkit eval``: perplexity of a model on a text, or zero-shot accuracy on lm-eval tasks (``--tasks``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..core.device import resolve_device
+from ..core.lowrank import count_parameters
+from ..errors import SvdkitError
+from ..measure.perplexity import perplexity
+from ..measure.zeroshot import format_results, require_lm_eval, zero_shot
+from ..sources.models import load_model
+from ..sources.text import SOURCES
+from .common import emit, nonnegative, positive
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    sources = f"a text file or one of {', '.join(SOURCES)}"
+    e = sub.add_parser("eval", help="perplexity of a model on a text, or zero-shot accuracy on tasks (--tasks)")
+    e.add_argument("model", help="model folder (compressed or not), hub id, .gguf file, or 'smollm2-135m'")
+    e.add_argument("--dataset", default="wikitext2", help=f"{sources} (default wikitext2)")
+    e.add_argument("--seqlen", type=positive, default=2048, help="tokens per window (2048)")
+    e.add_argument("--max-windows", type=positive, default=None, help="evaluate at most N windows")
+    e.add_argument("--offset", type=nonnegative, default=0, help="skip this many tokens first (0)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    e.add_argument(
+        "--tasks",
+        metavar="TASK[,TASK...]",
+        help="instead of perplexity, zero-shot accuracy on these lm-evaluation-harness tasks, e.g. "
+        "arc_easy,hellaswag (needs: pip install 'svdkit[zeroshot]')",
+    )
+    e.add_argument("--limit", type=positive, default=None, help="with --tasks: at most N documents per task")
+    e.add_argument("--batch-size", type=positive, default=None, help="with --tasks: documents per batch (1)")
+    e.add_argument(
+        "--task-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="with --tasks: a folder of lm-eval task YAML files whose tasks can be named (repeatable)",
+    )
+    e.add_argument("--num-fewshot", type=nonnegative, default=None, help="with --tasks: examples per prompt (0)")
+    e.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    e.set_defaults(run=run)
+
+
+def run(a: argparse.Namespace) -> None:
+    if a.tasks is not None:
+        return _zero_shot(a)
+    only_with_tasks = {"--limit": a.limit, "--batch-size": a.batch_size, "--num-fewshot": a.num_fewshot}
+    given = [flag for flag, value in only_with_tasks.items() if value is not None]
+    given += ["--task-dir"] if a.task_dir else []
+    if given:
+        raise SvdkitError(f"{', '.join(given)}: only for zero-shot evaluation, which needs --tasks TASK[,TASK...]")
+    dev = resolve_device(a.device)
+    model, tok = load_model(a.model)
+    model.to(dev)
+    r = perplexity(model, tok, a.dataset, seqlen=a.seqlen, max_windows=a.max_windows, offset=a.offset)
+    print(
+        f"perplexity {r.ppl:.4f} on {a.dataset}: {r.windows} windows of {a.seqlen}, {r.tokens} predicted "
+        f"tokens, {r.params:,} parameters"
+    )
+    emit({"ppl": r.ppl, "windows": r.windows, "tokens": r.tokens, "params": r.params}, a.json)
+
+
+def _zero_shot(a: argparse.Namespace) -> None:
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise SvdkitError("--tasks needs at least one task name, e.g. --tasks arc_easy,hellaswag")
+    for folder in a.task_dir:
+        if not Path(folder).is_dir():
+            raise SvdkitError(f"--task-dir '{folder}' is not a folder: give a folder of lm-eval task YAML files")
+    require_lm_eval()  # before loading the model
+    dev = resolve_device(a.device)
+    model, tok = load_model(a.model)
+    model.to(dev)
+    shots = a.num_fewshot or 0
+    results = zero_shot(
+        model,
+        tok,
+        tasks,
+        batch_size=a.batch_size or 1,
+        limit=a.limit,
+        task_dirs=a.task_dir,
+        num_fewshot=shots,
+    )
+    params = count_parameters(model)
+    limited = f", at most {a.limit} documents per task" if a.limit else ""
+    print(f"{shots}-shot accuracy of {a.model} ({params:,} parameters){limited}")
+    print(format_results(results))
+    emit({"tasks": results, "num_fewshot": shots, "limit": a.limit, "params": params}, a.json)

@@ -1,0 +1,133 @@
+"""What a compression is asked to do, declared once: every option with its default and help text.
+
+:func:`svdkit.compress` takes these as keyword arguments, the ``svdkit compress`` command line builds
+its flags from them, and the benchmark grid fills them per cell. Constructing
+:class:`CompressionOptions` checks everything that does not need the model (method and allocation
+names and options, ratios, the update, the device), so a command fails before any model is loaded;
+:func:`~svdkit.pipeline.plan.make_plan` then checks what needs the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..allocators import Allocator, get_allocator, make_allocation_config
+from ..core.device import resolve_device
+from ..core.options import Options, option
+from ..core.ranks import check_rank_multiple, check_ratio
+from ..errors import SvdkitError
+from ..methods import Method, get_method, make_config
+from ..saved.kvcache import check_kv_ratio
+from ..sources.text import SOURCES
+from .update import UPDATES
+
+__all__ = ["CalibrationSettings", "CompressionOptions", "Resolved"]
+
+
+@dataclass
+class CalibrationSettings(Options):
+    """Where the calibration windows come from (read only when the method or allocation needs them)."""
+
+    source: str | os.PathLike | torch.Tensor = option(
+        "demo", f"calibration text: a text file or one of {', '.join(SOURCES)}, or token ids"
+    )
+    samples: int = option(32, "calibration windows")
+    seqlen: int = option(2048, "tokens per calibration window")
+    offset: int = option(0, "skip this many tokens first")
+    seed: int = option(0, "seed of the calibration offsets")
+
+    def record(self) -> dict[str, Any]:
+        """The settings as the saved record keeps them (token ids are recorded as such)."""
+        source = "token ids" if isinstance(self.source, torch.Tensor) else os.fspath(self.source)
+        return {
+            "source": source,
+            "samples": self.samples,
+            "seqlen": self.seqlen,
+            "offset": self.offset,
+            "seed": self.seed,
+        }
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The options turned into the objects the pipeline runs (set by :meth:`CompressionOptions.check`)."""
+
+    method: Method
+    method_config: Any
+    allocator: Allocator
+    allocation_config: Any
+    device: torch.device
+    ratio: float
+    kv_ratio: float | None
+
+    @property
+    def kv_only(self) -> bool:
+        """Ratio 0 with a kv_ratio: only k_proj / v_proj are compressed."""
+        return self.kv_ratio is not None and self.ratio == 0
+
+
+@dataclass
+class CompressionOptions(Options):
+    """Everything :func:`svdkit.compress` takes besides the model, the tokenizer and precomputed statistics."""
+
+    method: str = option("svd-llm", "compression method ('svdkit methods' lists them)")
+    ratio: float = option(0.2, "fraction of each matrix's parameters removed; 0 with kv_ratio compresses only k/v")
+    method_options: Mapping[str, Any] | None = option(None, "method options, e.g. rel_eps=1e-5 or alpha=0.5")
+    allocation: str = option("uniform", "how ranks are spread over the matrices")
+    allocation_options: Mapping[str, Any] | None = option(
+        None, "allocation options, e.g. windows=2, seqlen=256, grid=[0.2,0.4,0.6,0.8], cache=FILE"
+    )
+    update: str = option("none", "after truncation, refit each B by least squares on the calibration inputs (lstsq)")
+    sequential: bool = option(False, "statistics of each layer from the already-compressed layers before it")
+    kv_ratio: float | None = option(
+        None, "fix every k_proj/v_proj at the rank that shrinks a latent KV cache by this fraction, e.g. 0.5"
+    )
+    rank_multiple: int = option(
+        8,
+        "round the ranks to multiples of this within the same parameter budget, for faster products; "
+        "1 keeps the allocation's exact ranks",
+    )
+    targets: Sequence[str] | None = option(None, "compress only projections whose names end with one of these")
+    statistics_dir: str | os.PathLike | None = option(
+        None,
+        "where non-uniform allocations and gradient statistics spill every layer's statistics (a temporary "
+        "folder inside it, removed afterwards; default: the system's temporary folder)",
+    )
+    device: str | torch.device | None = option("auto", "auto, cpu, cuda or cuda:N")
+    progress: bool = option(True, "show progress bars")
+    calibration: CalibrationSettings = dataclasses.field(
+        default_factory=CalibrationSettings, metadata={"help": "calibration windows"}
+    )
+    resolved: Resolved = dataclasses.field(init=False, repr=False, compare=False)
+
+    def check(self) -> None:
+        """Every rule that needs no model, in the order a user meets them; sets :attr:`resolved`."""
+        method = get_method(self.method)
+        method_config = make_config(method, self.method_options)
+        allocator = get_allocator(self.allocation)
+        allocation_config = make_allocation_config(allocator, self.allocation_options)
+        check_rank_multiple(self.rank_multiple)
+        kv_ratio = self.kv_ratio
+        if kv_ratio is not None:
+            kv_ratio = check_kv_ratio(kv_ratio)
+            if method.stage is not None:
+                raise SvdkitError(f"kv_ratio fixes the k/v ranks, but method '{self.method}' chooses every rank itself")
+            if self.allocation != "uniform":
+                raise SvdkitError(
+                    "kv_ratio fixes the k/v ranks after allocation, which would break allocation "
+                    f"'{self.allocation}''s budget over all matrices: use the uniform allocation with kv_ratio"
+                )
+        kv_only = kv_ratio is not None and self.ratio == 0
+        if kv_only and self.targets is not None:
+            raise SvdkitError("ratio 0 with kv_ratio compresses exactly k_proj/v_proj: do not pass targets")
+        ratio = self.ratio if kv_only else check_ratio(self.ratio)
+        if self.update not in UPDATES:
+            raise SvdkitError(f"unknown update '{self.update}'; known: {', '.join(UPDATES)}")
+        device = resolve_device(self.device)
+        self.resolved = Resolved(method, method_config, allocator, allocation_config, device, ratio, kv_ratio)

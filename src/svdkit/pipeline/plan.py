@@ -1,0 +1,207 @@
+"""The compression plan: made once from the options and the model, before any module is touched.
+
+It holds what every stage needs to know: the method and allocation with their configs, the targets
+and their shapes, the statistics to collect, how calibration runs (one :class:`CalibrationMode`), and
+the ranks fixed in advance (the k/v ranks of a latent KV cache). Making it runs every check that needs
+the model, the given statistics or the tokenizer, so a compression that starts also gets past its
+checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..allocators import Allocator
+from ..calibration.collect import CROSS
+from ..calibration.gradients import GRADIENT_STATISTICS
+from ..calibration.statistics import LinearStats
+from ..core.architecture import Architecture, find_architecture
+from ..core.lowrank import LowRankLinear, count_parameters
+from ..errors import SvdkitError
+from ..methods import Method
+from ..saved.kvcache import KV_TARGETS, kv_ranks
+from .options import CompressionOptions
+
+__all__ = ["CalibrationMode", "CompressionPlan", "make_plan", "replan", "statistics_needed"]
+
+
+class CalibrationMode(enum.Enum):
+    """How the statistics the method, the allocation and the update need are obtained."""
+
+    NONE = "none"
+    """nothing needs statistics"""
+    PRECOMPUTED = "precomputed"
+    """the caller passed them"""
+    STREAM = "stream"
+    """layer by layer from the dense model, each layer factored as soon as its statistics are ready"""
+    COLLECT = "collect"
+    """every matrix's statistics first (spilled to disk), since ranks or gradients need them all"""
+    SEQUENTIAL = "sequential"
+    """layer by layer from the already-compressed layers (after a dense pass when the allocation needs one)"""
+
+
+def statistics_needed(method: Method, allocator: Allocator, update: str, sequential: bool) -> frozenset[str]:
+    """The statistics a method, an allocation and an update read (``cross`` for the sequential update)."""
+    needs = set(method.requires | allocator.requires)
+    if update == "lstsq":
+        needs.add("gram")
+        if sequential:
+            needs.add(CROSS)  # fit B to the dense layer's outputs from the compressed model's inputs
+    return frozenset(needs)
+
+
+def _mode(needs: frozenset[str], allocator: Allocator, precomputed: bool, sequential: bool) -> CalibrationMode:
+    if not needs:
+        return CalibrationMode.NONE
+    if precomputed:
+        return CalibrationMode.PRECOMPUTED
+    if sequential:
+        return CalibrationMode.SEQUENTIAL
+    if allocator.needs_statistics or needs & GRADIENT_STATISTICS:
+        return CalibrationMode.COLLECT
+    return CalibrationMode.STREAM
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the plan reads from the dense model: where the targets are and how big it is."""
+
+    layers_path: str
+    targets: tuple[str, ...]
+    shapes: dict[str, tuple[int, int]]
+    params: int
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    """Options checked against one model; every stage reads it, none changes it."""
+
+    options: CompressionOptions
+    facts: ModelFacts
+    needs: frozenset[str]
+    mode: CalibrationMode
+    fixed_ranks: dict[str, int]
+    """ranks set before allocation (the k/v ranks of a latent KV cache); kept exact"""
+    statistics: Mapping[str, LinearStats] | None = None
+    """precomputed statistics, by full module name"""
+    needs_windows: bool = False
+
+    @property
+    def method(self) -> Method:
+        return self.options.resolved.method
+
+    @property
+    def method_config(self) -> Any:
+        return self.options.resolved.method_config
+
+    @property
+    def allocator(self) -> Allocator:
+        return self.options.resolved.allocator
+
+    @property
+    def device(self) -> torch.device:
+        return self.options.resolved.device
+
+    @property
+    def ratio(self) -> float:
+        return self.options.resolved.ratio
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return self.facts.shapes
+
+    @property
+    def streams(self) -> bool:
+        """True when the factor stage calibrates as it goes (statistics per layer, never all at once)."""
+        return self.mode in (CalibrationMode.STREAM, CalibrationMode.SEQUENTIAL)
+
+    @property
+    def dense_pass(self) -> bool:
+        """True when every matrix's statistics are collected from the dense model before allocation."""
+        return self.mode is CalibrationMode.COLLECT or (
+            self.mode is CalibrationMode.SEQUENTIAL and self.allocator.needs_statistics
+        )
+
+    def architecture(self, model: nn.Module) -> Architecture:
+        """The targets of this plan in `model` (the model it was made for, or a copy of it)."""
+        return find_architecture(model, list(self.facts.targets))
+
+    def calibration_record(self) -> dict[str, Any] | None:
+        """How the windows and statistics were made, as the saved record keeps it."""
+        record = {**self.options.calibration.record(), "sequential": self.options.sequential}
+        record = record if self.needs_windows else None
+        if self.mode is CalibrationMode.PRECOMPUTED:
+            tokens = next(iter(self.statistics.values())).tokens
+            record = {"statistics": "precomputed", "tokens": tokens, **(record or {})}
+        return record
+
+
+def make_plan(
+    model: nn.Module,
+    options: CompressionOptions,
+    statistics: Mapping[str, LinearStats] | None = None,
+    tokenizer: Any = None,
+) -> CompressionPlan:
+    """Check `options` against `model` (and the precomputed `statistics`, the `tokenizer`) and plan the run."""
+    if any(isinstance(m, LowRankLinear) for m in model.modules()):
+        raise SvdkitError("this model is already compressed by svdkit: start from the dense model")
+    resolved = options.resolved
+    arch = find_architecture(model, KV_TARGETS if resolved.kv_only else options.targets)
+    facts = ModelFacts(arch.layers_path, tuple(arch.targets), arch.shapes(), count_parameters(model))
+    return _plan(options, facts, statistics, tokenizer is not None)
+
+
+def replan(plan: CompressionPlan, **changes: Any) -> CompressionPlan:
+    """The plan with some options changed (e.g. another ratio or method options), for the same model."""
+    options = dataclasses.replace(plan.options, **changes)
+    return _plan(options, plan.facts, plan.statistics, True)
+
+
+def _plan(
+    options: CompressionOptions,
+    facts: ModelFacts,
+    statistics: Mapping[str, LinearStats] | None,
+    has_tokenizer: bool,
+) -> CompressionPlan:
+    resolved = options.resolved
+    fixed = kv_ranks(facts.shapes, resolved.kv_ratio) if resolved.kv_ratio is not None else {}
+    if resolved.kv_ratio is not None and not fixed:
+        raise SvdkitError(f"kv_ratio needs k_proj/v_proj among the targets, but the targets are {list(facts.targets)}")
+    needs = statistics_needed(resolved.method, resolved.allocator, options.update, options.sequential)
+    if needs and statistics is not None:
+        _check_statistics(options, facts, statistics, needs)
+    mode = _mode(needs, resolved.allocator, statistics is not None, options.sequential)
+    if options.sequential and (mode is not CalibrationMode.SEQUENTIAL or needs & GRADIENT_STATISTICS):
+        raise SvdkitError(
+            "sequential mode computes each layer's statistics after the layers before it are compressed: it "
+            "needs input statistics (a method that uses them, or an update), no gradient statistics and no "
+            f"precomputed statistics (here: method '{options.method}', allocation '{options.allocation}', "
+            f"update '{options.update}')"
+        )
+    windows = mode not in (CalibrationMode.NONE, CalibrationMode.PRECOMPUTED)
+    windows = windows or resolved.allocator.needs_windows or resolved.method.stage is not None
+    if windows and not has_tokenizer and not isinstance(options.calibration.source, torch.Tensor):
+        raise SvdkitError(
+            f"method '{options.method}' with allocation '{options.allocation}' needs calibration text: "
+            "pass a tokenizer or token ids"
+        )
+    return CompressionPlan(options, facts, needs, mode, fixed, statistics if needs else None, windows)
+
+
+def _check_statistics(options, facts: ModelFacts, statistics: Mapping[str, LinearStats], needs) -> None:
+    missing = [n for n in facts.shapes if n not in statistics]
+    if missing:
+        raise SvdkitError(f"the given statistics lack {len(missing)} target(s), e.g. {missing[0]}")
+    lacking = sorted(needs - set(statistics[next(iter(facts.shapes))].values))
+    if lacking:
+        raise SvdkitError(
+            f"method '{options.method}' with allocation '{options.allocation}' and update '{options.update}' needs "
+            f"statistics {lacking}, which the given ones lack"
+        )

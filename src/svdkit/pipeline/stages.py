@@ -1,0 +1,264 @@
+"""The named stages of a compression, each callable on its own with a :class:`~.plan.CompressionPlan`.
+
+1. :func:`read_windows`: the calibration windows, when anything needs them;
+2. :func:`calibrate`: the statistics that must exist before any rank is fixed (precomputed ones, or a
+   dense pass spilled to disk); streaming modes calibrate inside :func:`factor` instead;
+3. :func:`allocate`: the allocator's ranks, aligned to the rank multiple, with the fixed k/v ranks;
+4. :func:`factor`: every target replaced by the method's factors (calibrating layer by layer while
+   streaming);
+5. :func:`model_stage`: a method's whole-model stage (SoCo's training), which fixes the final ranks;
+6. :func:`record`: the saved record on the model's config, and the result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..allocators import AllocationContext
+from ..calibration.collect import CROSS, collect_statistics, iterate_layers
+from ..calibration.statistics import LinearStats
+from ..calibration.store import StatisticsStore
+from ..core.lowrank import LowRankLinear, count_parameters
+from ..core.ranks import align_ranks
+from ..errors import SvdkitError
+from ..methods import factorize
+from ..saved.format import SvdkitConfig
+from ..sources.text import calibration_windows, source_tokens
+from ..version import __version__
+from .plan import CompressionPlan
+from .update import lstsq_update
+
+__all__ = [
+    "Allocation",
+    "CompressionResult",
+    "allocate",
+    "calibrate",
+    "decompose_linear",
+    "factor",
+    "model_stage",
+    "read_windows",
+    "record",
+]
+
+Statistics = Mapping[str, LinearStats]
+
+
+@dataclass
+class CompressionResult:
+    method: str
+    ratio: float
+    params_dense: int
+    params: int
+    ranks: dict[str, int]
+    dense_kept: list[str]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    """seconds spent in calibration, decomposition and allocation"""
+    allocation: dict[str, Any] = field(default_factory=dict)
+    """the allocation strategy, its config and what it reported (e.g. a chosen threshold)"""
+    training: dict[str, Any] = field(default_factory=dict)
+    """a method's whole-model stage report (SoCo: budget, kept count, time, loss curve per step)"""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Allocation:
+    """What :func:`allocate` decides."""
+
+    ranks: dict[str, int | None]
+    """the ranks :func:`factor` uses (a method with a whole-model stage: its start ranks)"""
+    budget: dict[str, int | None]
+    """the allocation's ranks at the target ratio (aligned, k/v fixed): the parameter budget"""
+    context: AllocationContext
+
+
+def read_windows(plan: CompressionPlan, tokenizer: Any = None) -> torch.Tensor | None:
+    """The calibration windows (n x seqlen token ids) when the plan needs them, else None."""
+    if not plan.needs_windows:
+        return None
+    c = plan.options.calibration
+    return calibration_windows(source_tokens(tokenizer, c.source), c.samples, c.seqlen, c.offset, c.seed)
+
+
+def calibrate(plan: CompressionPlan, model: nn.Module, windows: torch.Tensor | None) -> Statistics | None:
+    """The statistics needed before allocation: the precomputed ones, or a dense pass into a
+    :class:`~svdkit.calibration.store.StatisticsStore` (the caller closes it); None when streaming covers it."""
+    if plan.statistics is not None:
+        return plan.statistics
+    if not plan.dense_pass:
+        return None
+    store = StatisticsStore(plan.options.statistics_dir)
+    try:
+        arch = plan.architecture(model)
+        return collect_statistics(
+            model, arch, windows, plan.needs - {CROSS}, plan.device, plan.options.progress, store=store
+        )
+    except BaseException:
+        store.close()
+        raise
+
+
+def allocate(
+    plan: CompressionPlan, model: nn.Module, statistics: Statistics | None, windows: torch.Tensor | None
+) -> Allocation:
+    """Ranks by the plan's allocator, rounded to the rank multiple within their budget, k/v ranks fixed."""
+    options = plan.options
+    context = AllocationContext(
+        shapes=plan.shapes,
+        ratio=plan.ratio,
+        model=model,
+        arch=plan.architecture(model),
+        method=plan.method,
+        method_config=plan.method_config,
+        statistics=statistics if plan.needs else None,
+        windows=windows,
+        calibration=plan.calibration_record(),
+        device=plan.device,
+        progress=options.progress,
+        rank_multiple=options.rank_multiple,
+    )
+    shapes = plan.shapes
+    if options.resolved.kv_only:
+        ranks: dict[str, int | None] = {n: None for n in shapes}
+    else:
+        ranks = plan.allocator.allocate(context, options.resolved.allocation_config)
+    if set(ranks) != set(shapes):
+        raise RuntimeError(f"allocator {options.allocation} returned ranks for other modules than the targets")
+    if plan.method.stage is None:
+        rest = {n: k for n, k in ranks.items() if n not in plan.fixed_ranks}
+        ranks = {**ranks, **align_ranks(rest, shapes, options.rank_multiple)}
+    ranks.update(plan.fixed_ranks)  # exact: they size the cache
+    start = ranks if plan.method.stage is None else plan.method.stage.start_ranks(shapes, plan.method_config)
+    return Allocation(start, ranks, context)
+
+
+def decompose_linear(
+    linear: nn.Linear, method, config, stats, rank: int, device: torch.device, name: str, update: str = "none"
+) -> LowRankLinear:
+    """Factor one nn.Linear with `method` in float64 on `device`; returns a LowRankLinear where the linear was.
+
+    ``update="lstsq"`` refits B on the calibration inputs afterwards (:func:`~svdkit.pipeline.update.lstsq_update`).
+    """
+    W = linear.weight.detach().to(device=device, dtype=torch.float64)
+    A, B = factorize(method, config, W, stats, rank, device, name)
+    if update == "lstsq":
+        gram = stats.gram_mean.to(W)
+        cross = stats["cross"].to(W) / max(stats.tokens, 1) if "cross" in stats else None
+        B = lstsq_update(W, A, B, gram, cross)
+        if not torch.isfinite(B).all():
+            raise SvdkitError(f"the least-squares update produced non-finite factors for {name}")
+    home, dtype = linear.weight.device, linear.weight.dtype
+    bias = linear.bias.detach() if linear.bias is not None else None
+    return LowRankLinear.from_factors(A.to(home, dtype), B.to(home, dtype), bias)
+
+
+def factor(
+    plan: CompressionPlan,
+    model: nn.Module,
+    ranks: Mapping[str, int | None],
+    statistics: Statistics | None,
+    windows: torch.Tensor | None,
+) -> dict[str, float]:
+    """Replace every target of rank not None by the method's factors; returns the seconds spent in
+    ``calibration`` (while streaming) and ``decomposition``."""
+    arch = plan.architecture(model)
+    spent = {"calibration": 0.0, "decomposition": 0.0}
+
+    def replace(layer: nn.Module, index: int, stats: Mapping | None, names) -> None:
+        t = time.perf_counter()
+        for target in names:
+            full = f"{arch.layers_path}.{index}.{target}"
+            if ranks[full] is None:
+                continue
+            linear = layer.get_submodule(target)
+            low = decompose_linear(
+                linear,
+                plan.method,
+                plan.method_config,
+                stats[target] if stats else None,
+                ranks[full],
+                plan.device,
+                full,
+                plan.options.update,
+            )
+            layer.set_submodule(target, low)
+        spent["decomposition"] += time.perf_counter() - t
+
+    if plan.streams:
+        t = time.perf_counter()
+        sequential = plan.options.sequential
+        for item in iterate_layers(model, arch, windows, plan.needs, plan.device, sequential, plan.options.progress):
+            replace(item.layer, item.index, item.stats, list(item.stats))  # sequential: one stage's targets
+        spent["calibration"] = time.perf_counter() - t - spent["decomposition"]
+    else:
+        bar = tqdm(arch.layers, desc="decomposing", unit="layer", disable=not plan.options.progress)
+        for index, layer in enumerate(bar):
+            prefix = f"{arch.layers_path}.{index}."
+            stats = {t: statistics.get(prefix + t) for t in arch.targets} if plan.needs else None
+            replace(layer, index, stats, arch.targets)
+    return spent
+
+
+def model_stage(plan: CompressionPlan, model: nn.Module, allocation: Allocation) -> tuple[dict[str, int | None], dict]:
+    """Run the method's whole-model stage, if it has one: (final ranks by name, its report)."""
+    if plan.method.stage is None:
+        return dict(allocation.ranks), {}
+    return plan.method.stage.run(model, allocation.context, allocation.budget, plan.method_config)
+
+
+def record(
+    plan: CompressionPlan,
+    model: nn.Module,
+    allocation: Allocation,
+    ranks: Mapping[str, int | None],
+    training: dict,
+    timings: dict[str, float],
+    seconds: float,
+) -> CompressionResult:
+    """Write the svdkit record into ``model.config.quantization_config`` and return the result."""
+    options = plan.options
+    kept = {name: int(r) for name, r in ranks.items() if r is not None}
+    alloc_record = {
+        "name": options.allocation,
+        "config": _plain(options.resolved.allocation_config),
+        "rank_multiple": options.rank_multiple,
+        **allocation.context.report,
+    }
+    model.config.quantization_config = SvdkitConfig(
+        method=options.method,
+        ratio=plan.ratio,
+        ranks=kept,
+        version=__version__,
+        method_config=_plain(plan.method_config),
+        params_dense=plan.facts.params,
+        calibration=allocation.context.calibration,
+        allocation=alloc_record,
+        update=options.update,
+        kv_ratio=options.resolved.kv_ratio,
+        **({"training": {k: v for k, v in training.items() if k != "curve"}} if training else {}),
+    )
+    return CompressionResult(
+        method=options.method,
+        ratio=plan.ratio,
+        params_dense=plan.facts.params,
+        params=count_parameters(model),
+        ranks=kept,
+        dense_kept=[n for n, r in ranks.items() if r is None],
+        seconds=seconds,
+        timings=timings,
+        allocation=alloc_record,
+        training=training,
+    )
+
+
+def _plain(config) -> dict[str, Any]:
+    return asdict(config) if hasattr(config, "__dataclass_fields__") else {}
