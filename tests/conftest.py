@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny random-weight models of the Llama family, a tiny tokenizer, the shared data."""
+"""Shared fixtures and helpers: tiny random-weight models of the Llama family, a tiny tokenizer, the shared
+data; small matrices for the methods' exact math; compressing a tiny model; running the command line; a
+local zero-shot task."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -128,3 +131,174 @@ def correlated_inputs(n: int, T: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(n, n, generator=g) * torch.logspace(0, -2, n)[None, :]
     return mix @ torch.randn(n, T, generator=g) + 3.0 * torch.randn(n, 1, generator=g)
+
+
+# --- small matrices for the methods' exact math (build them under float64_default) -----------------
+
+W = torch.randn(12, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+"""A 12 x 9 weight the methods' tests decompose."""
+
+
+def stats_of(X: torch.Tensor, **extra):
+    """Statistics of inputs X (n x T): Gram matrix and mean |x|, plus any `extra` values."""
+    from svdkit.calibration.statistics import LinearStats
+
+    return LinearStats({"gram": X @ X.T, "mean_abs": X.abs().mean(1), **extra}, tokens=X.shape[1])
+
+
+def gram_stats(X: torch.Tensor):
+    """Statistics of inputs X (n x T) holding the Gram matrix only."""
+    from svdkit.calibration.statistics import LinearStats
+
+    return LinearStats({"gram": X @ X.T}, tokens=X.shape[1])
+
+
+def decompose(method: str, W, X, k, **opts):
+    """The factors (A, B) of `method` at rank k, with statistics of the inputs X (None: no statistics)."""
+    from svdkit.methods import get_method, make_config
+
+    stats = gram_stats(X) if X is not None else None
+    m = get_method(method)
+    return m.decompose(W, stats, k, make_config(m, opts))
+
+
+def product(method: str, W, stats, k, **opts) -> torch.Tensor:
+    """B A of `method` at rank k, after checking the factors' shapes."""
+    from svdkit.methods import get_method, make_config
+
+    m = get_method(method)
+    A, B = m.decompose(W, stats, k, make_config(m, opts))
+    assert A.shape == (k, W.shape[1]) and B.shape == (W.shape[0], k)
+    return B @ A
+
+
+def truncated(M: torch.Tensor, k: int) -> torch.Tensor:
+    """The best rank-k approximation of M (truncated SVD)."""
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U[:, :k] @ torch.diag(S[:k]) @ Vh[:k]
+
+
+def cost_of(ranks, shapes) -> int:
+    """Parameters kept: k (m + n) per low-rank matrix, m n per dense one (rank None)."""
+    return sum(m * n if ranks[k] is None else ranks[k] * (m + n) for k, (m, n) in shapes.items())
+
+
+# --- compressing a tiny model ---------------------------------------------------------------------
+
+
+def compressed(kind: str, method: str, ratio: float = 0.4):
+    """A tiny model of `kind` compressed by `method` on 4 windows of 64 random tokens: (model, result, dense
+    parameter count)."""
+    import svdkit
+
+    model = tiny_model(kind)
+    dense = svdkit.count_parameters(model)
+    calib = random_tokens(4 * 64, seed=1)
+    result = svdkit.compress(
+        model, method=method, ratio=ratio, calib=calib, calib_samples=4, calib_seqlen=64, device="cpu", progress=False
+    )
+    return model, result, dense
+
+
+def compress_small(model, **kw):
+    """svdkit.compress on 4 windows of 32 random tokens, on the CPU, without progress bars; `kw` overrides."""
+    import svdkit
+
+    calib = random_tokens(4 * 32, seed=1)
+    opts = dict(calib=calib, calib_samples=4, calib_seqlen=32, device="cpu", progress=False)
+    return svdkit.compress(model, **{**opts, **kw})
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv):
+    """Run ``svdkit`` with `argv` (made strings) in-process: (exit code, stdout, stderr)."""
+    from svdkit.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def assert_error(code, err, fragment):
+    """Exit code 2 and one error line, the last, in svdkit's format and holding `fragment`."""
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("svdkit: error: ") and fragment in lines[-1], err
+    assert sum("error" in line for line in lines) == 1
+
+
+# --- a local zero-shot task (multiple choice) for lm-evaluation-harness ----------------------------
+
+TASK = "svdkit_tiny_mc"
+DOCS = [
+    ("The quick brown fox", ["jumps over", "sleeps", "judges my vow"]),
+    ("Pack my box with", ["five dozen liquor jugs", "quartz", "a lazy dog"]),
+    ("How vexingly quick", ["daft zebras jump", "the box", "black"]),
+    ("Sphinx of black quartz,", ["judge my vow", "pack my box", "jump"]),
+    ("The lazy dog", ["sleeps", "jumps over the fox", "is quick"]),
+    ("Five dozen", ["liquor jugs", "zebras", "brown foxes jump"]),
+    ("Daft zebras", ["jump", "judge the sphinx", "pack boxes"]),
+    ("Judge my", ["vow", "quartz sphinx", "lazy brown dog"]),
+]
+WRONG = {1, 5}
+"""documents whose gold answer is the model's worst choice: accuracy 6/8, and 3/4 on the first four"""
+
+
+@pytest.fixture()
+def offline_one_thread(monkeypatch):
+    """Nothing may download; one thread runs a tiny model fastest (no OpenMP waits on a busy machine)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def choice_scores(model, tok, context: str, choices: list[str]) -> list[float]:
+    """Summed log-likelihood of ' choice' after `context`, tokenized as lm-eval does: the whole text is
+    encoded and the continuation is what follows the context's tokens."""
+    n_context = len(tok.encode(context))
+    scores = []
+    for choice in choices:
+        ids = torch.tensor(tok.encode(context + " " + choice))
+        logp = model(input_ids=ids[None]).logits[0].double().log_softmax(-1)
+        scores.append(float(sum(logp[i - 1, ids[i]] for i in range(n_context, len(ids)))))
+    return scores
+
+
+def write_task(folder, model, tok) -> tuple[float, float]:
+    """The task YAML and its data; returns the expected (acc, acc_norm) over all documents."""
+    folder.mkdir(exist_ok=True)
+    rows, norm_hits = [], 0
+    for i, (question, choices) in enumerate(DOCS):
+        s = choice_scores(model, tok, question, choices)
+        ranked = sorted(s, reverse=True)
+        assert ranked[0] - ranked[1] > 1e-3, "choices too close to call"
+        gold = s.index(min(s) if i in WRONG else max(s))
+        norm = [v / len(c) for v, c in zip(s, choices, strict=True)]  # lm-eval's acc_norm: per character
+        norm_hits += norm.index(max(norm)) == gold
+        rows.append({"question": question, "choices": choices, "label": gold})
+    data = folder / "tiny_mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "tiny_mc.yaml").write_text(
+        f"task: {TASK}\n"
+        "dataset_path: json\n"
+        "dataset_kwargs:\n"
+        f"  data_files:\n    test: {json.dumps(str(data))}\n"
+        f"  cache_dir: {json.dumps(str(folder / 'hf-cache'))}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    return 1 - len(WRONG) / len(DOCS), norm_hits / len(DOCS)

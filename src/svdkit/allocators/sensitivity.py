@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..calibration.gradients import loss_from_layer
 from ..calibration.walk import capture_layer_inputs, layer_bounds
 from ..core.lowrank import LowRankLinear
-from ..core.options import Options, integer, option, path
+from ..core.options import Options, integer, number, option, path
 from ..core.ranks import check_ratio, rank_for_ratio
 from ..errors import SvdkitError
 from ..methods.base import factorize
@@ -53,9 +53,13 @@ FORMAT = 1
 
 def _grid(name: str, v: Any) -> tuple[float, ...]:
     grid = v if isinstance(v, list | tuple) else [v]
-    if not grid or not all(isinstance(p, int | float) and not isinstance(p, bool) and 0 < p < 1 for p in grid):
-        raise ValueError(f"{name} must be kept fractions strictly between 0 and 1, got {v!r}")
-    return tuple(sorted({float(p) for p in grid}))
+    try:
+        if not grid:
+            raise ValueError("empty")
+        fractions = {float(number(0, 1, lo_open=True, hi_open=True)(name, p)) for p in grid}
+    except ValueError:
+        raise ValueError(f"{name} must be kept fractions strictly between 0 and 1, got {v!r}") from None
+    return tuple(sorted(fractions))
 
 
 @dataclass

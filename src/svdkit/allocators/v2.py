@@ -22,18 +22,16 @@ svdkit's robust monotone version (``v2``):
 is locally such a power law with exponent 1 / ln L, which depends on the loss's units; here the
 exponent is explicit. A negative strength reverses the direction (an ablation, not the paper's rule).
 
-Measured on SmolLM2-135M (docs/results/README.md, validation slice): the paper's direction makes
-perplexity worse at every strength tried (0.2: 88.0 uniform, 104.4 with the default; 0.4: 328.7 and
-713.1), while the reverse (power, strength -0.5) improves 0.4 to 249.1. The default stays the paper's
-rule, so that ``v2`` means SVD-LLM V2's allocation; the options make both directions available.
+The default is the paper's rule, so that ``v2`` means SVD-LLM V2's allocation; the options make both
+directions available (which one helps depends on the model: the measurements are in the project's docs).
 
 Ratios become ranks with the uniform formula k = floor(m n (1 - r) / (m + n)) (at least 1); a matrix
 whose ratio leaves no saving stays dense. Every group, hence the model, keeps the parameter budget
 of uniform allocation (up to the same rank flooring).
 
 Cost: one eigendecomposition per distinct Gram matrix and one singular-value computation per matrix
-(26-36 s for SmolLM2-135M on 2 CPU cores, under the decomposition's time); memory holds one layer's
-statistics (read from the :class:`~svdkit.calibration.store.StatisticsStore` the pipeline writes).
+(less than the decomposition itself); memory holds one layer's statistics (read from the
+:class:`~svdkit.calibration.store.StatisticsStore` the pipeline writes).
 """
 
 from __future__ import annotations

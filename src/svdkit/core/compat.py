@@ -14,6 +14,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import transformers
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
 from ..errors import SvdkitError
 
 __all__ = ["CACHE_NAMES", "attention_function", "cache_kwarg", "cache_kwargs", "output_cache", "transformers_version"]
@@ -22,8 +25,6 @@ CACHE_NAMES = ("cache", "past_key_values")  # newest first
 
 
 def transformers_version() -> str:
-    import transformers
-
     return transformers.__version__
 
 
@@ -62,8 +63,6 @@ def output_cache(output: Any) -> Any:
 
 def attention_function(implementation: str | None, eager: Callable[..., Any]) -> Callable[..., Any]:
     """transformers' attention kernel for a config's ``_attn_implementation``, `eager` for "eager" (or None)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
         return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
     return eager if implementation in (None, "eager") else ALL_ATTENTION_FUNCTIONS[implementation]

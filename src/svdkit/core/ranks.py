@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 
 from ..errors import SvdkitError
+from .options import integer, number
 
 __all__ = [
     "rank_for_ratio",
@@ -25,9 +26,12 @@ __all__ = [
 
 def check_ratio(ratio: float) -> float:
     """Validate a compression ratio (fraction of parameters removed), which must lie in (0, 1)."""
-    if not isinstance(ratio, int | float) or not math.isfinite(ratio) or not 0.0 < ratio < 1.0:
-        raise SvdkitError(f"ratio must be strictly between 0 and 1 (the fraction of parameters removed), got {ratio!r}")
-    return float(ratio)
+    try:
+        return float(number(0, 1, lo_open=True, hi_open=True)("ratio", ratio))
+    except ValueError:
+        raise SvdkitError(
+            f"ratio must be strictly between 0 and 1 (the fraction of parameters removed), got {ratio!r}"
+        ) from None
 
 
 def rank_for_ratio(m: int, n: int, ratio: float) -> int:
@@ -50,9 +54,10 @@ def saves_parameters(m: int, n: int, rank: int) -> bool:
 
 def check_rank_multiple(multiple: int) -> int:
     """Validate the rank alignment: a positive integer (1 keeps the ranks exact)."""
-    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
-        raise SvdkitError(f"rank_multiple must be a positive integer (1 keeps the ranks exact), got {multiple!r}")
-    return multiple
+    try:
+        return integer(1)("rank_multiple", multiple)
+    except ValueError as e:
+        raise SvdkitError(f"{e} (1 keeps the ranks exact)") from None
 
 
 def align_ranks(

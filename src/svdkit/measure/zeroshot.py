@@ -9,7 +9,9 @@ whose data lm-eval fetches with ``datasets``) or YAML task files in extra folder
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
+import importlib
 import inspect
 import logging
 import os
@@ -20,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.device import resolve_device
+from ..core.options import integer
 from ..errors import SvdkitError
 
 __all__ = ["zero_shot", "format_results", "require_lm_eval", "INSTALL_HINT"]
@@ -83,8 +87,6 @@ def _harness(progress: bool) -> Iterator[None]:
     results that are discarded here (torch's collect_env: seconds) and its ``git describe`` of the working
     folder are skipped; unless `progress`, its progress bars and those of ``datasets`` are off. All is
     restored afterwards."""
-    import importlib
-
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -173,27 +175,8 @@ def zero_shot(
     ``datasets`` (or read from its cache).
     """
     simple_evaluate, HFLM, TaskManager = _import_lm_eval()
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    tasks = [t.strip() for t in tasks if t.strip()]
-    if not tasks:
-        raise SvdkitError("no zero-shot task given: name one or more lm-eval tasks, e.g. arc_easy,hellaswag")
-    if tokenizer is None:
-        raise SvdkitError("zero-shot evaluation needs the model's tokenizer")
-    for what, value, minimum in (("batch_size", batch_size, 1), ("num_fewshot", num_fewshot, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise SvdkitError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise SvdkitError(f"limit must be a positive integer (documents per task) or None, got {limit!r}")
-    dirs = []
-    for d in task_dirs:
-        if not Path(d).is_dir():
-            raise SvdkitError(f"task folder '{d}' does not exist: give a folder of lm-eval task YAML files")
-        dirs.append(str(d))
-
+    tasks, dirs = _checked(tasks, tokenizer, batch_size, limit, num_fewshot, task_dirs)
     if device is not None:
-        from .models import resolve_device
-
         model.to(resolve_device(device))
     was_training = model.training
     with _harness(progress):
@@ -217,6 +200,33 @@ def zero_shot(
             ) from e
         finally:
             model.train(was_training)
+    return _results(out)
+
+
+def _checked(tasks, tokenizer, batch_size, limit, num_fewshot, task_dirs) -> tuple[list[str], list[str]]:
+    """The task names and task folders, after checking every argument of :func:`zero_shot`."""
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    tasks = [t.strip() for t in tasks if t.strip()]
+    if not tasks:
+        raise SvdkitError("no zero-shot task given: name one or more lm-eval tasks, e.g. arc_easy,hellaswag")
+    if tokenizer is None:
+        raise SvdkitError("zero-shot evaluation needs the model's tokenizer")
+    counts = {"batch_size": (batch_size, 1), "num_fewshot": (num_fewshot, 0), "limit": (limit, 1)}
+    try:
+        for name, (value, minimum) in counts.items():
+            if value is not None or name != "limit":  # limit None: every document
+                integer(minimum)(name, value)
+    except ValueError as e:
+        raise SvdkitError(str(e)) from None
+    missing = [str(d) for d in task_dirs if not Path(d).is_dir()]
+    if missing:
+        raise SvdkitError(f"task folder '{missing[0]}' does not exist: give a folder of lm-eval task YAML files")
+    return tasks, [str(d) for d in task_dirs]
+
+
+def _results(out: dict | None) -> dict[str, dict[str, float | int | None]]:
+    """lm-eval's output as {task: {metric: value, ..., "samples": documents scored}}."""
     if out is None:  # lm-eval returns nothing on a non-zero rank of a distributed run
         return {}
     counts = out.get("n-samples", {})
@@ -232,8 +242,6 @@ def zero_shot(
 
 def _copy(tokenizer):
     """lm-eval sets a pad token on the tokenizer it gets: give it a copy, not the caller's."""
-    import copy
-
     try:
         return copy.deepcopy(tokenizer)
     except Exception:  # a tokenizer that cannot be copied is lent as it is

@@ -44,38 +44,36 @@ def compress(
 ) -> CompressionResult:
     """Compress `model` in place: every target linear becomes a LowRankLinear of its allocated rank.
 
-    `calib` is a text source (see :mod:`svdkit.sources.text`) or a 1-D tensor of token ids; it is read when
-    the method needs calibration statistics or the allocation needs windows. The model's config
-    records the method, ratio, allocation and ranks, so :func:`svdkit.save` writes a folder that loads
-    back as the same low-rank model. `statistics` (from :func:`svdkit.calibration.collect.collect_statistics`,
-    by full module name) skips the calibration pass, so one pass can serve several methods and ratios.
+    The options are :class:`~svdkit.pipeline.options.CompressionOptions` (the calibration ones
+    `calib`, `calib_samples`, `calib_seqlen`, `calib_offset` and `seed` are its ``calibration``);
+    this function makes the plan (:func:`~svdkit.pipeline.plan.make_plan`, every check before any
+    module is touched) and runs its stages (:func:`run_plan`). `calib` is a text source (see
+    :mod:`svdkit.sources.text`) or a 1-D tensor of token ids, read when the method needs calibration
+    statistics or the allocation needs windows. The model's config records the method, ratio,
+    allocation and ranks, so :func:`svdkit.save` writes a folder that loads back as the same low-rank
+    model. `statistics` (from :func:`svdkit.calibration.collect.collect_statistics`, by full module
+    name) skips the calibration pass, so one pass can serve several methods and ratios.
 
-    With uniform allocation and input statistics only, calibration streams: each layer is factored as
-    soon as its statistics are ready, and only one layer's statistics are ever held. With
-    ``sequential=True`` it always streams; an allocation that needs every matrix's statistics then
-    gets them from a dense pass first (ranks from the dense model, factors from the compressed one). Other allocations
-    (``v2``, ``sensitivity``) and gradient statistics (FWSVD's Fisher information) need every matrix's
-    statistics before any rank is fixed: those are written layer by layer to a temporary folder in
-    `statistics_dir` (default: the system's temporary folder; for SmolLM2-135M 0.8 GB, see
-    :mod:`svdkit.calibration.store`) and read back one layer at a time. ``update="lstsq"`` refits each B on the
-    calibration inputs after the method (:mod:`svdkit.pipeline.update`); with ``sequential=True`` it fits the
-    dense layer's outputs from the compressed model's inputs, which also runs a dense stream. A method
-    with a whole-model stage (``soco``) factors every target at the stage's start ranks; the stage
-    then trains on the calibration windows and fixes the final ranks within the parameter budget the
-    allocation gives at `ratio` (see :mod:`svdkit.methods.soco.training`). Input is
-    checked before any module is touched; a failure during decomposition leaves the model partly
-    compressed (reload it).
+    How calibration runs (:class:`~svdkit.pipeline.plan.CalibrationMode`): with uniform allocation and
+    input statistics only it streams, each layer factored as soon as its statistics are ready, so only
+    one layer's statistics are ever held; ``sequential=True`` always streams, from the already
+    compressed layers (after a dense pass when the allocation needs every matrix's statistics). Other
+    allocations (``v2``, ``sensitivity``) and gradient statistics (FWSVD's Fisher information) need
+    every matrix's statistics before any rank is fixed: they are spilled layer by layer to a temporary
+    folder in `statistics_dir` (:mod:`svdkit.calibration.store`) and read back one layer at a time.
+    ``update="lstsq"`` refits each B on the calibration inputs after the method
+    (:mod:`svdkit.pipeline.update`). A method with a whole-model stage (``soco``) factors every target
+    at the stage's start ranks, then trains and fixes the final ranks within the parameter budget the
+    allocation gives at `ratio` (:mod:`svdkit.methods.soco.training`).
 
     `kv_ratio` fixes every k_proj / v_proj at the rank that shrinks a latent KV cache by that fraction
-    (:func:`~svdkit.saved.kvcache.kv_ranks`), whatever the allocation gave them, and keeps them low-rank even
-    above their parameter break-even; the other targets keep the uniform allocation's ranks (another
-    allocation is refused: it spreads one budget over all matrices). With ``ratio=0`` only k_proj /
-    v_proj are compressed. Load the result with ``kv_cache="latent"`` to cache the latents.
-
-    `rank_multiple` rounds the allocated ranks to multiples of it within the same parameter budget
-    (:func:`~svdkit.core.ranks.align_ranks`; SoCo rounds its final ranks), since two products of
-    aligned widths run faster; 1 keeps the allocation's exact ranks (the papers' convention). The
-    k/v ranks that `kv_ratio` fixes stay exact.
+    (:func:`~svdkit.saved.kvcache.kv_ranks`), whatever the allocation gave them, and keeps them
+    low-rank even above their parameter break-even; the other targets keep the uniform allocation's
+    ranks (another allocation is refused). With ``ratio=0`` only k_proj / v_proj are compressed. Load
+    the result with ``kv_cache="latent"`` to cache the latents. `rank_multiple` rounds the allocated
+    ranks to multiples of it within the same parameter budget (:func:`~svdkit.core.ranks.align_ranks`;
+    SoCo rounds its final ranks); 1 keeps the exact ranks (the papers' convention); the k/v ranks
+    that `kv_ratio` fixes stay exact.
     """
     options = CompressionOptions(
         method=method,

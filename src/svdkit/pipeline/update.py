@@ -17,7 +17,7 @@ and SVD-LLM once X' differs from X (sequential calibration).
 The sequential form needs intra-layer sequential statistics (:func:`svdkit.calibration.collect.iterate_layers`
 stages every layer by distinct input): when o_proj and down_proj were fitted on inputs computed with
 the dense q/k/v and gate/up, they corrected the upstream error a second time on top of the refitted
-q/k/v and gate/up, and SmolLM2-135M collapsed (perplexity 3678 against 66 for svd-llm at 0.2).
+q/k/v and gate/up, and the model collapsed.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ costs more parameters than the dense matrix, and only the cache shrinks.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 from collections.abc import Mapping
@@ -40,9 +41,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from ..core.compat import CACHE_NAMES, attention_function, cache_kwargs, transformers_version
 from ..core.lowrank import LowRankLinear
+from ..core.options import number
 from ..errors import SvdkitError
 
 __all__ = [
@@ -68,11 +73,12 @@ _ATTENTION_ARGS = ("hidden_states", "position_embeddings", "attention_mask")
 
 def check_kv_ratio(kv_ratio: float) -> float:
     """Validate a KV-cache reduction: the fraction of the cache removed, in (0, 1)."""
-    if not isinstance(kv_ratio, int | float) or not math.isfinite(kv_ratio) or not 0.0 < kv_ratio < 1.0:
+    try:
+        return float(number(0, 1, lo_open=True, hi_open=True)("kv_ratio", kv_ratio))
+    except ValueError:
         raise SvdkitError(
             f"kv_ratio must be strictly between 0 and 1 (the fraction of the KV cache removed), got {kv_ratio!r}"
-        )
-    return float(kv_ratio)
+        ) from None
 
 
 def kv_rank(out_features: int, kv_ratio: float) -> int:
@@ -135,8 +141,6 @@ def _check_cache(cache, index: int, width: int) -> None:
 
 def _refuse_unknown_cache(kwargs: Mapping) -> None:
     """A KV cache passed under a name the latent forward does not read would be ignored silently: refuse it."""
-    from transformers.cache_utils import Cache
-
     for name, value in kwargs.items():
         if isinstance(value, Cache):
             raise SvdkitError(
@@ -148,8 +152,7 @@ def _refuse_unknown_cache(kwargs: Mapping) -> None:
 def _api_problem(attention: type, rotary: nn.Module) -> str | None:
     """What in this transformers release differs from what the latent forward uses, or None."""
     try:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer  # noqa: F401  (used by _check_cache)
+        from transformers.cache_utils import DynamicLayer  # noqa: F401  (a name some releases may lack)
     except ImportError as e:
         return str(e)
     signature = inspect.signature(attention.forward)
@@ -188,8 +191,6 @@ class LatentKVAttention:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The attention with the latent cache; the cache comes as `cache` (transformers 5.24+) or
         `past_key_values` (before), and a cache under any other name is refused, not ignored."""
-        from transformers.models.llama.modeling_llama import eager_attention_forward
-
         cache = cache if cache is not None else past_key_values
         _refuse_unknown_cache(kwargs)
         batch, length = hidden_states.shape[:2]
@@ -249,8 +250,6 @@ def __getattr__(name: str) -> type:
     """``svdkit.saved.kvcache.LatentLlamaAttention`` and the like, so that pickle finds the swapped classes."""
     base = name.removeprefix("Latent")
     if name.startswith("Latent") and base in _HOMES:
-        import importlib
-
         return _latent_class(getattr(importlib.import_module(_HOMES[base]), base))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -337,8 +336,6 @@ def kv_cache_bytes(cache) -> int:
 
 def kv_bytes_per_token(model: nn.Module, prompt: torch.Tensor) -> float:
     """Measured cache bytes per token per sequence: one forward over `prompt` (1-D ids) with a fresh cache."""
-    from transformers import DynamicCache
-
     dev = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
     with torch.no_grad():

