@@ -38,7 +38,13 @@ HERE = Path(__file__).resolve().parent
 def start_model(cache: Path, data_dir: Path) -> dict:
     """SoCo's start decomposition of SmolLM2-135M with its plan (the pipeline's stages up to factoring), cached."""
     if cache.exists():
-        return torch.load(cache, weights_only=False)
+        try:
+            saved = torch.load(cache, weights_only=False)
+        except (ModuleNotFoundError, AttributeError):  # pickled by an svdkit whose modules had other paths
+            saved = {}
+        if "plan" not in saved:
+            raise SystemExit(f"{cache} was written by an older svdkit: delete it and run again")
+        return saved
     model, tok = svdkit.load_model("smollm2-135m")
     wiki = tokenize(tok, load_text(data_dir / "wikitext-2-raw" / "wiki.test.raw"))
     calibration = dataclasses.replace(PROTOCOL_CALIBRATION, source=wiki)

@@ -25,7 +25,11 @@ def _name(name: str) -> str:
 
 def installed() -> dict[str, str]:
     """Canonical name -> version (without a local build tag) of every distribution in the running venv."""
-    found = {_name(d.metadata["Name"]): d.version.split("+")[0] for d in metadata.distributions()}
+    found = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:  # a broken install can leave a distribution without metadata
+            found[_name(name)] = dist.version.split("+")[0]
     found.pop(SELF, None)
     return found
 

@@ -11,6 +11,7 @@ from torch import nn
 import svdkit
 from svdkit.allocators.uniform import allocate_uniform
 from svdkit.calibration.collect import collect_statistics
+from svdkit.calibration.store import StatisticsStore
 from svdkit.core.ranks import align_ranks
 from svdkit.sources.text import calibration_windows
 
@@ -105,3 +106,22 @@ def test_already_compressed_or_unused_projections_are_clear_errors():
             progress=False,
         )
     assert all(type(m) is nn.Linear for m in model.model.layers[0].mlp.children() if isinstance(m, nn.Linear))
+
+
+def test_a_store_passed_in_serves_several_compressions_and_stays_the_callers(tmp_path):
+    model = tiny_model()
+    windows = calibration_windows(random_tokens(4 * 64, seed=1), 4, 64)
+    arch = svdkit.find_architecture(model)
+    store = collect_statistics(
+        model, arch, windows, {"gram"}, torch.device("cpu"), progress=False, store=StatisticsStore(tmp_path)
+    )
+    try:
+        for ratio in (0.2, 0.4):
+            r = svdkit.compress(
+                tiny_model(), method="svd-llm", ratio=ratio, statistics=store, device="cpu", progress=False
+            )
+            assert r.timings["calibration"] == 0.0  # no pass of its own
+        assert store.path.is_dir() and any(store.path.iterdir())
+    finally:
+        store.close()
+    assert not store.path.exists()

@@ -115,3 +115,16 @@ def test_a_plan_replanned_for_another_ratio_trains_a_factored_copy():
         budget = sum(cost(again.shapes[n], k) for n, k in allocation.budget.items())
         assert report["budget"] == budget and report["kept"] <= budget and report["steps"] == 3
         assert ranks == {n: work.get_submodule(n).rank for n in plan.shapes}
+
+
+def test_options_are_frozen_and_replan_keeps_the_targets():
+    opts = options(method="svd-llm", ratio=0.4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.method = "svd"  # the record and the factors could disagree otherwise
+    changed = dataclasses.replace(opts, method="asvd")
+    assert changed.resolved.method.name == "asvd" and opts.resolved.method.name == "svd-llm"
+    plan = make_plan(tiny_model(), opts)
+    assert replan(plan, ratio=0.5).ratio == 0.5
+    for change in ({"targets": ("k_proj",)}, {"ratio": 0, "kv_ratio": 0.5}):
+        with pytest.raises(svdkit.SvdkitError, match="replan keeps the plan's targets"):
+            replan(plan, **change)

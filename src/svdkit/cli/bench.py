@@ -10,17 +10,15 @@ from ..bench.grid import PROTOCOL_CALIBRATION, BenchConfig, parse_spec, run_benc
 from ..bench.report import markdown
 from ..errors import SvdkitError
 from ..pipeline.options import CalibrationSettings, CompressionOptions
-from .common import add_fields, fields_from_args, nonnegative, positive, ratio
+from .common import CALIBRATION_FLAGS, add_fields, fields_from_args, nonnegative, positive, ratio
 
 __all__ = ["add_parser", "add_bench_arguments", "bench_config", "run"]
 
-CALIBRATION_FLAGS = {
-    "samples": {"flag": "--calib-samples", "type": positive},
-    "offset": {"flag": "--calib-offset", "type": nonnegative},
+BENCH_CALIBRATION_FLAGS = {
+    **{k: v for k, v in CALIBRATION_FLAGS.items() if k in ("samples", "offset", "seed")},
     "seqlen": {"flag": "--seqlen", "type": positive, "help": "tokens per window, calibration and evaluation"},
-    "seed": {"flag": "--seed", "type": int},
 }
-"""the calibration flags of ``svdkit bench`` (help texts: :class:`CalibrationSettings`; defaults: the protocol's)"""
+"""the calibration flags of ``svdkit bench``: no source (the protocol's text), one --seqlen for every window"""
 
 
 def add_parser(sub) -> None:
@@ -46,8 +44,8 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
         default=None,
         help="folder with wikitext-2-raw/wiki.test.raw and ptb/ptb.valid.txt (default: $SVDKIT_DATA, else datasets)",
     )
-    defaults = {name: getattr(PROTOCOL_CALIBRATION, name) for name in CALIBRATION_FLAGS}
-    add_fields(b, CalibrationSettings, CALIBRATION_FLAGS, prefix="calib_", defaults=defaults)
+    defaults = {name: getattr(PROTOCOL_CALIBRATION, name) for name in BENCH_CALIBRATION_FLAGS}
+    add_fields(b, CalibrationSettings, BENCH_CALIBRATION_FLAGS, prefix="calib_", defaults=defaults)
     b.add_argument("--eval-windows", type=positive, default=16, help="WikiText-2 evaluation windows (16)")
     b.add_argument("--ptb-windows", type=positive, default=8, help="PTB evaluation windows (8)")
     b.add_argument("--sensitivity-windows", type=positive, default=None, help="sensitivity allocation: windows")
@@ -60,7 +58,7 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
 
 def bench_config(a: argparse.Namespace) -> BenchConfig:
     """A :class:`svdkit.bench.grid.BenchConfig` from parsed `svdkit bench` arguments."""
-    given = fields_from_args(a, CalibrationSettings, CALIBRATION_FLAGS, "calib_")
+    given = fields_from_args(a, CalibrationSettings, BENCH_CALIBRATION_FLAGS, "calib_")
     calibration = CalibrationSettings(source=PROTOCOL_CALIBRATION.source, **given)
     return BenchConfig(
         model=a.model,

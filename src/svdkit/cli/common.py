@@ -14,6 +14,7 @@ from ..core.ranks import check_ratio
 from ..errors import SvdkitError
 
 __all__ = [
+    "CALIBRATION_FLAGS",
     "CURVE_FILE",
     "Parser",
     "add_fields",
@@ -81,7 +82,7 @@ def option_pair(text: str) -> tuple[str, object]:
     try:
         return parse_assignment(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"method {e}") from e
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def add_fields(
@@ -99,11 +100,12 @@ def add_fields(
         settings = dict(settings)
         flag = settings.pop("flag", "--" + name.replace("_", "-"))
         default = (defaults or {}).get(name, declared[name].default)
-        quiet = default is None or default is False or settings.get("action") == "append"
-        help = settings.pop("help", declared[name].metadata["help"]) + ("" if quiet else f" ({default})")
+        help = settings.pop("help", declared[name].metadata["help"])
         if settings.get("action") == "append":
-            default = []
-        if settings.get("action") not in ("store_true", "store_false"):
+            default, help = [], help + " (repeatable)"
+        elif default is not None and default is not False:
+            help += f" (default {default})"
+        if settings.get("action") not in ("store_true", "store_false", "append") and "choices" not in settings:
             settings.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
         parser.add_argument(flag, dest=prefix + name, default=default, help=help, **settings)
 
@@ -121,3 +123,13 @@ def emit(obj: dict, as_json: bool) -> None:
     """With --json: print `obj` as one JSON line (the last line of standard output)."""
     if as_json:
         print(json.dumps(obj), flush=True)
+
+
+CALIBRATION_FLAGS = {
+    "source": {"flag": "--calib"},
+    "samples": {"flag": "--calib-samples", "type": positive},
+    "seqlen": {"flag": "--calib-seqlen", "type": positive},
+    "offset": {"flag": "--calib-offset", "type": nonnegative},
+    "seed": {"flag": "--seed", "type": int},
+}
+"""the calibration flags, by :class:`~svdkit.pipeline.options.CalibrationSettings` field (help and default there)"""

@@ -16,27 +16,18 @@ from ..pipeline.update import UPDATES
 from ..saved.folder import densify, prepare_output_dir, save
 from ..sources.models import load_model
 from .common import (
+    CALIBRATION_FLAGS,
     CURVE_FILE,
     add_fields,
     emit,
     fields_from_args,
-    nonnegative,
     option_pair,
     positive,
     ratio,
     ratio_or_zero,
 )
 
-__all__ = ["add_parser", "run", "rank_summary", "CALIBRATION_FLAGS"]
-
-CALIBRATION_FLAGS = {
-    "source": {"flag": "--calib"},
-    "samples": {"flag": "--calib-samples", "type": positive},
-    "seqlen": {"flag": "--calib-seqlen", "type": positive},
-    "offset": {"flag": "--calib-offset", "type": nonnegative},
-    "seed": {"flag": "--seed", "type": int},
-}
-"""the calibration flags of ``svdkit compress`` (help texts and defaults: :class:`CalibrationSettings`)"""
+__all__ = ["add_parser", "run", "rank_summary", "options_from_args"]
 
 FLAGS = {
     "method": {"help": f"compression method, one of: {', '.join(method_names())}"},

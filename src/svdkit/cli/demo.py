@@ -14,11 +14,12 @@ from pathlib import Path
 from ..core.device import resolve_device
 from ..measure.perplexity import perplexity
 from ..pipeline.compress import compress
+from ..pipeline.options import CompressionOptions
 from ..saved.folder import prepare_output_dir, save
 from ..saved.format import read_svdkit_config
 from ..sources.models import load_model, smollm2_folder
 from ..sources.text import source_tokens
-from .common import ratio
+from .common import add_fields, ratio
 
 __all__ = ["add_parser", "run", "run_demo", "DEMO_METHOD"]
 
@@ -32,7 +33,7 @@ def add_parser(sub) -> None:
     m = sub.add_parser("demo", help="compress the bundled SmolLM2-135M and show before/after")
     m.add_argument("--ratio", type=ratio, default=0.2, help="fraction of parameters removed (0.2)")
     m.add_argument("--output", default="svdkit-demo-output", help="where the compressed model is written")
-    m.add_argument("--device", default="auto")
+    add_fields(m, CompressionOptions, {"device": {}})
     m.set_defaults(run=run)
 
 

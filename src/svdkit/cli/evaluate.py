@@ -10,9 +10,10 @@ from ..core.lowrank import count_parameters
 from ..errors import SvdkitError
 from ..measure.perplexity import perplexity
 from ..measure.zeroshot import format_results, require_lm_eval, zero_shot
+from ..pipeline.options import CompressionOptions
 from ..sources.models import load_model
 from ..sources.text import SOURCES
-from .common import emit, nonnegative, positive
+from .common import add_fields, emit, nonnegative, positive
 
 __all__ = ["add_parser", "run"]
 
@@ -25,7 +26,7 @@ def add_parser(sub) -> None:
     e.add_argument("--seqlen", type=positive, default=2048, help="tokens per window (2048)")
     e.add_argument("--max-windows", type=positive, default=None, help="evaluate at most N windows")
     e.add_argument("--offset", type=nonnegative, default=0, help="skip this many tokens first (0)")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_fields(e, CompressionOptions, {"device": {}})
     e.add_argument(
         "--tasks",
         metavar="TASK[,TASK...]",

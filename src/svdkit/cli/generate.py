@@ -10,9 +10,10 @@ from transformers import DynamicCache
 
 from ..core.compat import cache_kwargs
 from ..errors import SvdkitError
+from ..pipeline.options import CompressionOptions
 from ..saved.folder import load
 from ..saved.kvcache import KV_MODES, kv_cache_bytes
-from .common import emit, positive
+from .common import add_fields, emit, positive
 
 __all__ = ["add_parser", "run"]
 
@@ -28,7 +29,7 @@ def add_parser(sub) -> None:
         default="ordinary",
         help="latent: cache A x of the low-rank k_proj/v_proj instead of keys and values (default ordinary)",
     )
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_fields(g, CompressionOptions, {"device": {}})
     g.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     g.set_defaults(run=run)
 

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import transformers
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import SvdkitError
 
@@ -63,6 +62,8 @@ def output_cache(output: Any) -> Any:
 
 def attention_function(implementation: str | None, eager: Callable[..., Any]) -> Callable[..., Any]:
     """transformers' attention kernel for a config's ``_attn_implementation``, `eager` for "eager" (or None)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # seconds to import: only when attention runs
+
     if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
         return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
     return eager if implementation in (None, "eager") else ALL_ATTENTION_FUNCTIONS[implementation]

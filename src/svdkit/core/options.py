@@ -28,7 +28,6 @@ __all__ = [
     "choice",
     "boolean",
     "path",
-    "help_of",
     "build_config",
     "parse_assignment",
 ]
@@ -43,19 +42,14 @@ def option(default: Any, help: str, check: Check | None = None, **metadata: Any)
     return dataclasses.field(default=default, metadata={"help": help, "check": check, **metadata})
 
 
-def help_of(cls: type, name: str) -> str:
-    """The help text declared for field `name` of the options dataclass `cls`."""
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
-
-
 class Options:
     """Base of the option dataclasses: checks every field declared with a check, then :meth:`check`."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             check = f.metadata.get("check")
-            if check is not None:
-                setattr(self, f.name, check(f.name, getattr(self, f.name)))
+            if check is not None:  # object.__setattr__: frozen option classes normalise too
+                object.__setattr__(self, f.name, check(f.name, getattr(self, f.name)))
         self.check()
 
     def check(self) -> None:
@@ -69,18 +63,18 @@ def _bound(x: float) -> str:
 def number(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False) -> Check:
     """A finite real number in the interval [lo, hi] (ends excluded where open); (0, inf) reads "positive"."""
 
+    left, right = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
+    interval = "" if lo == -math.inf and hi == math.inf else f" in {left}{_bound(lo)}, {_bound(hi)}{right}"
+    positive = lo == 0 and lo_open and hi == math.inf
+
     def check(name: str, v: Any) -> Any:
-        ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
-        if ok and (v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi)):
-            ok = False
-        if ok:
-            return v
-        if lo == 0 and lo_open and hi == math.inf:
-            raise ValueError(f"{name} must be positive, got {v!r}")
-        if lo == -math.inf and hi == math.inf:
-            raise ValueError(f"{name} must be a number, got {v!r}")
-        left, right = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
-        raise ValueError(f"{name} must be a number in {left}{_bound(lo)}, {_bound(hi)}{right}, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise ValueError(
+                f"{name} must be a {'positive ' if positive else ''}number{'' if positive else interval}, got {v!r}"
+            )
+        if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+            raise ValueError(f"{name} must be {'positive' if positive else 'a number' + interval}, got {v!r}")
+        return v
 
     return check
 

@@ -17,6 +17,7 @@ __all__ = [
     "rank_for_ratio",
     "break_even_rank",
     "saves_parameters",
+    "check_fraction",
     "check_ratio",
     "align_ranks",
     "check_rank_multiple",
@@ -24,14 +25,17 @@ __all__ = [
 ]
 
 
+def check_fraction(value: float, name: str, meaning: str) -> float:
+    """Validate a fraction strictly between 0 and 1; the error says what it means."""
+    try:
+        return float(number(0, 1, lo_open=True, hi_open=True)(name, value))
+    except ValueError:
+        raise SvdkitError(f"{name} must be strictly between 0 and 1 ({meaning}), got {value!r}") from None
+
+
 def check_ratio(ratio: float) -> float:
     """Validate a compression ratio (fraction of parameters removed), which must lie in (0, 1)."""
-    try:
-        return float(number(0, 1, lo_open=True, hi_open=True)("ratio", ratio))
-    except ValueError:
-        raise SvdkitError(
-            f"ratio must be strictly between 0 and 1 (the fraction of parameters removed), got {ratio!r}"
-        ) from None
+    return check_fraction(ratio, "ratio", "the fraction of parameters removed")
 
 
 def rank_for_ratio(m: int, n: int, ratio: float) -> int:

@@ -91,16 +91,20 @@ def compress(
         progress=progress,
         calibration=CalibrationSettings(calib, calib_samples, calib_seqlen, calib_offset, seed),
     )
-    return run_plan(make_plan(model, options, statistics, tokenizer), model, tokenizer)
+    start = time.perf_counter()
+    return run_plan(make_plan(model, options, statistics, tokenizer), model, tokenizer, started=start)
 
 
-def run_plan(plan: CompressionPlan, model: nn.Module, tokenizer: Any = None) -> CompressionResult:
+def run_plan(
+    plan: CompressionPlan, model: nn.Module, tokenizer: Any = None, started: float | None = None
+) -> CompressionResult:
     """Run every stage of `plan` on `model` (the model it was made for, or a copy), in place.
 
-    A failure during decomposition leaves the model partly compressed (reload it); statistics spilled
-    to disk are removed whatever happens.
+    A failure during decomposition leaves the model partly compressed (reload it); statistics this run
+    spilled to disk are removed whatever happens (a store the caller passed in is left alone).
+    `started` (a ``time.perf_counter()`` value) counts the planning into the result's seconds.
     """
-    start = time.perf_counter()
+    start = time.perf_counter() if started is None else started
     timings = {"allocation": 0.0, "calibration": 0.0, "decomposition": 0.0}
     if plan.method.stage is not None:
         timings["training"] = 0.0
@@ -111,8 +115,9 @@ def run_plan(plan: CompressionPlan, model: nn.Module, tokenizer: Any = None) -> 
     try:
         t = time.perf_counter()
         statistics = calibrate(plan, model, windows)
-        store = statistics if isinstance(statistics, StatisticsStore) else None
-        timings["calibration"] = time.perf_counter() - t
+        if plan.dense_pass:  # this run's own pass (precomputed statistics stay the caller's)
+            store = statistics if isinstance(statistics, StatisticsStore) else None
+            timings["calibration"] = time.perf_counter() - t
         t = time.perf_counter()
         allocation = allocate(plan, model, statistics, windows)
         timings["allocation"] = time.perf_counter() - t

@@ -30,12 +30,12 @@ from .update import UPDATES
 __all__ = ["CalibrationSettings", "CompressionOptions", "Resolved"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class CalibrationSettings(Options):
     """Where the calibration windows come from (read only when the method or allocation needs them)."""
 
     source: str | os.PathLike | torch.Tensor = option(
-        "demo", f"calibration text: a text file or one of {', '.join(SOURCES)}, or token ids"
+        "demo", f"calibration text: a text file or one of {', '.join(SOURCES)} (in Python also token ids)"
     )
     samples: int = option(32, "calibration windows")
     seqlen: int = option(2048, "tokens per calibration window")
@@ -72,12 +72,15 @@ class Resolved:
         return self.kv_ratio is not None and self.ratio == 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompressionOptions(Options):
-    """Everything :func:`svdkit.compress` takes besides the model, the tokenizer and precomputed statistics."""
+    """Everything :func:`svdkit.compress` takes besides the model, the tokenizer and precomputed statistics.
+
+    Frozen: it is checked once, when made; ``dataclasses.replace`` makes a changed copy (checked again).
+    """
 
     method: str = option("svd-llm", "compression method ('svdkit methods' lists them)")
-    ratio: float = option(0.2, "fraction of each matrix's parameters removed; 0 with kv_ratio compresses only k/v")
+    ratio: float = option(0.2, "fraction of each matrix's parameters removed; 0 with a KV-cache ratio: only k/v")
     method_options: Mapping[str, Any] | None = option(None, "method options, e.g. rel_eps=1e-5 or alpha=0.5")
     allocation: str = option("uniform", "how ranks are spread over the matrices")
     allocation_options: Mapping[str, Any] | None = option(
@@ -86,7 +89,9 @@ class CompressionOptions(Options):
     update: str = option("none", "after truncation, refit each B by least squares on the calibration inputs (lstsq)")
     sequential: bool = option(False, "statistics of each layer from the already-compressed layers before it")
     kv_ratio: float | None = option(
-        None, "fix every k_proj/v_proj at the rank that shrinks a latent KV cache by this fraction, e.g. 0.5"
+        None,
+        "fix every k_proj/v_proj at the rank that shrinks a latent KV cache by this fraction, e.g. 0.5 (load "
+        "with kv_cache='latent' / --kv-cache latent to use it)",
     )
     rank_multiple: int = option(
         8,
@@ -130,4 +135,5 @@ class CompressionOptions(Options):
         if self.update not in UPDATES:
             raise SvdkitError(f"unknown update '{self.update}'; known: {', '.join(UPDATES)}")
         device = resolve_device(self.device)
-        self.resolved = Resolved(method, method_config, allocator, allocation_config, device, ratio, kv_ratio)
+        resolved = Resolved(method, method_config, allocator, allocation_config, device, ratio, kv_ratio)
+        object.__setattr__(self, "resolved", resolved)

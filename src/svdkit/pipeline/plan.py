@@ -92,6 +92,8 @@ class CompressionPlan:
     statistics: Mapping[str, LinearStats] | None = None
     """precomputed statistics, by full module name"""
     needs_windows: bool = False
+    has_tokenizer: bool = False
+    """whether the plan was made with a tokenizer (calibration text can then be read)"""
 
     @property
     def method(self) -> Method:
@@ -159,9 +161,18 @@ def make_plan(
 
 
 def replan(plan: CompressionPlan, **changes: Any) -> CompressionPlan:
-    """The plan with some options changed (e.g. another ratio or method options), for the same model."""
+    """The plan with some options changed (e.g. another ratio or method options), for the same model.
+
+    The targets stay the plan's: a change of `targets`, or to or from compressing only k/v (ratio 0
+    with a kv_ratio), needs the model, so it needs a new plan (:func:`make_plan`).
+    """
     options = dataclasses.replace(plan.options, **changes)
-    return _plan(options, plan.facts, plan.statistics, True)
+    if options.targets != plan.options.targets or options.resolved.kv_only != plan.options.resolved.kv_only:
+        raise SvdkitError(
+            "replan keeps the plan's targets: for other targets, or to compress only k/v, make a new plan with "
+            "make_plan(model, options)"
+        )
+    return _plan(options, plan.facts, plan.statistics, plan.has_tokenizer)
 
 
 def _plan(
@@ -192,7 +203,7 @@ def _plan(
             f"method '{options.method}' with allocation '{options.allocation}' needs calibration text: "
             "pass a tokenizer or token ids"
         )
-    return CompressionPlan(options, facts, needs, mode, fixed, statistics if needs else None, windows)
+    return CompressionPlan(options, facts, needs, mode, fixed, statistics if needs else None, windows, has_tokenizer)
 
 
 def _check_statistics(options, facts: ModelFacts, statistics: Mapping[str, LinearStats], needs) -> None:

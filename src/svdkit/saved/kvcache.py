@@ -43,11 +43,10 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
-from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from ..core.compat import CACHE_NAMES, attention_function, cache_kwargs, transformers_version
 from ..core.lowrank import LowRankLinear
-from ..core.options import number
+from ..core.ranks import check_fraction
 from ..errors import SvdkitError
 
 __all__ = [
@@ -73,12 +72,7 @@ _ATTENTION_ARGS = ("hidden_states", "position_embeddings", "attention_mask")
 
 def check_kv_ratio(kv_ratio: float) -> float:
     """Validate a KV-cache reduction: the fraction of the cache removed, in (0, 1)."""
-    try:
-        return float(number(0, 1, lo_open=True, hi_open=True)("kv_ratio", kv_ratio))
-    except ValueError:
-        raise SvdkitError(
-            f"kv_ratio must be strictly between 0 and 1 (the fraction of the KV cache removed), got {kv_ratio!r}"
-        ) from None
+    return check_fraction(kv_ratio, "kv_ratio", "the fraction of the KV cache removed")
 
 
 def kv_rank(out_features: int, kv_ratio: float) -> int:
@@ -191,6 +185,8 @@ class LatentKVAttention:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The attention with the latent cache; the cache comes as `cache` (transformers 5.24+) or
         `past_key_values` (before), and a cache under any other name is refused, not ignored."""
+        from transformers.models.llama.modeling_llama import eager_attention_forward  # slow to import: used here
+
         cache = cache if cache is not None else past_key_values
         _refuse_unknown_cache(kwargs)
         batch, length = hidden_states.shape[:2]

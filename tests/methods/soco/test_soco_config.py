@@ -24,6 +24,8 @@ def test_start_ranks_save_parameters():
         ({"base": "nope"}, "unknown base"),
         ({"coarse": 0.8, "refine": 0.5}, "sum <= 1"),
         ({"lr": 0}, "lr must be positive"),
+        ({"lr": "fast"}, "lr must be a positive number, got 'fast'"),
+        ({"seed": 1.5}, "seed must be an integer"),
         ({"steps": 0}, "steps must be a positive integer"),
         ({"penalty_lr": 0}, "penalty_lr must be positive"),
         ({"anneal": "yes"}, "anneal must be true or false"),

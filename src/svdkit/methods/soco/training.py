@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -54,6 +54,9 @@ from ...core.ranks import cost
 from ...errors import SvdkitError
 from .schedule import Schedule
 from .scored import ScoredModel, dual_step, penalty_grad, soft_count
+
+if TYPE_CHECKING:  # the allocators import the methods: a type only
+    from ...allocators.base import AllocationContext
 
 __all__ = ["learn_spectrum", "soco_loss", "training_windows"]
 
@@ -90,7 +93,9 @@ def _open_log(path: str | None):
         raise SvdkitError(f"cannot write the soco log {path}: {e}") from e
 
 
-def learn_spectrum(model: nn.Module, context: Any, budget_ranks: dict, config: Any) -> tuple[dict[str, int], dict]:
+def learn_spectrum(
+    model: nn.Module, context: AllocationContext, budget_ranks: dict, config: Any
+) -> tuple[dict[str, int], dict]:
     """Train the scores of every low-rank target of `model` (SoCo's three stages), prune, fold.
 
     `context` gives the targets' shapes, the device, the calibration windows, the progress flag and the
