@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import svdkit
+from svdkit.calibration.collect import collect_statistics
 from svdkit.core.lowrank import LowRankLinear
 from svdkit.sources.text import calibration_windows, load_text, tokenize
 
@@ -92,8 +93,6 @@ def main() -> None:
     grams = reference_grams(model, windows)
     ref_calib = time.perf_counter() - t
     t = time.perf_counter()
-    from svdkit.calibration.collect import collect_statistics
-
     stats = collect_statistics(model, svdkit.find_architecture(model), windows, {"gram"}, torch.device("cpu"))
     ours_calib = time.perf_counter() - t
 
