@@ -180,7 +180,9 @@ def truncated(M: torch.Tensor, k: int) -> torch.Tensor:
 
 def cost_of(ranks, shapes) -> int:
     """Parameters kept: k (m + n) per low-rank matrix, m n per dense one (rank None)."""
-    return sum(m * n if ranks[k] is None else ranks[k] * (m + n) for k, (m, n) in shapes.items())
+    from svdkit.core.ranks import cost
+
+    return sum(cost(shape, ranks[k]) for k, shape in shapes.items())
 
 
 # --- compressing a tiny model ---------------------------------------------------------------------

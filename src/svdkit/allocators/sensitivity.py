@@ -38,7 +38,7 @@ from ..calibration.gradients import loss_from_layer
 from ..calibration.walk import capture_layer_inputs, layer_bounds
 from ..core.lowrank import LowRankLinear
 from ..core.options import Options, integer, number, option, path
-from ..core.ranks import check_ratio, rank_for_ratio
+from ..core.ranks import check_ratio, cost, rank_for_ratio
 from ..errors import SvdkitError
 from ..methods.base import factorize
 from ..sources.models import cache_dir
@@ -306,11 +306,11 @@ def choose_ranks(
             )
         return ranks
 
-    def cost(ranks: Mapping[str, int | None]) -> int:
-        return sum(m * n if ranks[k] is None else ranks[k] * (m + n) for k, (m, n) in shapes.items())
+    def spent(ranks: Mapping[str, int | None]) -> int:
+        return sum(cost(shape, ranks[k]) for k, shape in shapes.items())
 
     taus = sorted({v for name in shapes for v in table.ppl[name] if math.isfinite(v)})
-    if not taus or cost(pick(taus[-1])) > budget:
+    if not taus or spent(pick(taus[-1])) > budget:
         raise SvdkitError(
             f"ratio {ratio} cannot be met with the sensitivity grid (smallest kept fraction {grid[0]}): "
             "use a lower ratio or add smaller fractions to the grid"
@@ -318,7 +318,7 @@ def choose_ranks(
     lo, hi = 0, len(taus) - 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if cost(pick(taus[mid])) <= budget:
+        if spent(pick(taus[mid])) <= budget:
             hi = mid
         else:
             lo = mid + 1

@@ -36,10 +36,9 @@ Check = Callable[[str, Any], Any]
 """check(name, value) -> the value to keep (possibly normalised); raises ValueError"""
 
 
-def option(default: Any, help: str, check: Check | None = None, **metadata: Any) -> Any:
-    """A dataclass field with its help text and its check (both read by :class:`Options` and the CLI);
-    further `metadata` (e.g. command-line settings) rides along."""
-    return dataclasses.field(default=default, metadata={"help": help, "check": check, **metadata})
+def option(default: Any, help: str, check: Check | None = None) -> Any:
+    """A dataclass field with its help text and its check (both read by :class:`Options` and the CLI)."""
+    return dataclasses.field(default=default, metadata={"help": help, "check": check})
 
 
 class Options:

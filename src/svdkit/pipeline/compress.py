@@ -75,6 +75,7 @@ def compress(
     SoCo rounds its final ranks); 1 keeps the exact ranks (the papers' convention); the k/v ranks
     that `kv_ratio` fixes stay exact.
     """
+    start = time.perf_counter()
     options = CompressionOptions(
         method=method,
         ratio=ratio,
@@ -91,7 +92,6 @@ def compress(
         progress=progress,
         calibration=CalibrationSettings(calib, calib_samples, calib_seqlen, calib_offset, seed),
     )
-    start = time.perf_counter()
     return run_plan(make_plan(model, options, statistics, tokenizer), model, tokenizer, started=start)
 
 
