@@ -216,8 +216,8 @@ def test_compress_with_sensitivity_allocation(method, tmp_path, tiny_tokenizer):
     assert dense - r.params >= 0.4 * targets - 1e-6  # the global target is met
     assert r.allocation["name"] == "sensitivity" and r.allocation["threshold_ppl"] > 0
     assert len(set(r.ranks.values())) > 1 or r.dense_kept  # not the uniform answer
-    record = model.config.quantization_config
-    assert record.allocation["name"] == "sensitivity" and record.ranks == r.ranks
+    record = model.config.svdkit
+    assert record["allocation"]["name"] == "sensitivity" and record["ranks"] == r.ranks
     svdkit.save(model, tiny_tokenizer, tmp_path / "out")
     loaded, _ = svdkit.load(tmp_path / "out")
     assert svdkit.count_parameters(loaded) == r.params

@@ -82,7 +82,7 @@ def test_compress_with_v2_allocation(method, tmp_path, tiny_tokenizer):
     budget = sum((1 - 0.4) * m * n for m, n in shapes.values())
     used = sum(k * sum(shapes[n]) for n, k in r.ranks.items()) + sum(math.prod(shapes[n]) for n in r.dense_kept)
     assert used <= budget + 1e-6 and used >= budget - sum(sum(s) for s in shapes.values())
-    assert model.config.quantization_config.allocation["name"] == "v2"
+    assert model.config.svdkit["allocation"]["name"] == "v2"
     assert "ratio_range" in r.allocation
     assert list((tmp_path / "stats").iterdir()) == []  # the spilled statistics are gone
     svdkit.save(model, tiny_tokenizer, tmp_path / "out")
@@ -125,4 +125,4 @@ def test_sequential_with_v2_allocation_takes_ranks_from_the_dense_model(tmp_path
         model, method="svd-llm-v2", ratio=0.4, allocation="v2", sequential=True, update="lstsq", statistics_dir=tmp_path
     )
     assert seq.ranks == plain.ranks and list(tmp_path.iterdir()) == []
-    assert model.config.quantization_config.calibration["sequential"] is True
+    assert model.config.svdkit["calibration"]["sequential"] is True

@@ -39,3 +39,55 @@ def test_store_round_trip_matches_memory_and_cleans_up(tmp_path):
         folder = store.path
         assert folder.parent == tmp_path and any(folder.iterdir())
     assert not folder.exists()
+
+
+def test_spill_estimate_is_a_lower_bound_close_to_what_is_written(tmp_path):
+    from svdkit.calibration.collect import collect_statistics
+    from svdkit.calibration.store import StatisticsStore, spill_bytes
+    from svdkit.sources.text import calibration_windows
+
+    model = tiny_model("llama")
+    arch = svdkit.find_architecture(model)
+    windows = calibration_windows(random_tokens(4 * 32, seed=1), 4, 32)
+    with StatisticsStore(tmp_path) as store:
+        collect_statistics(model, arch, windows, {"gram", "mean_abs"}, torch.device("cpu"), False, store=store)
+        estimate = spill_bytes(arch.shapes(), {"gram", "mean_abs"})
+        assert 0.6 * store.bytes <= estimate <= store.bytes  # o_proj's own input is not counted
+
+
+def test_a_full_disk_while_spilling_is_a_clear_error(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from svdkit.calibration.statistics import LinearStats
+    from svdkit.calibration.store import StatisticsStore
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("svdkit.calibration.store.save_file", full)
+    with StatisticsStore(tmp_path) as store:
+        with pytest.raises(svdkit.SvdkitError, match="cannot write calibration statistics .*No space left"):
+            store.put_layer(0, {"a": LinearStats({"gram": torch.eye(3)}, 1)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_store_sweeps_the_spill_of_a_killed_run(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from svdkit.calibration.store import StatisticsStore
+    from svdkit.core.disk import OWNER_FILE
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    for name, pid in [("svdkit-stats-killed", proc.pid), ("svdkit-stats-running", os.getpid())]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / OWNER_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+    (tmp_path / "svdkit-stats-unmarked").mkdir()
+    with StatisticsStore(tmp_path) as store:
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert names == sorted(["svdkit-stats-running", "svdkit-stats-unmarked", store.path.name])
+        assert (store.path / OWNER_FILE).is_file()

@@ -32,3 +32,12 @@ def test_cli_eval_with_tasks(capsys, tmp_path, tiny_folder, tiny_tokenizer):
     code = main(["eval", str(tiny_folder), "--limit", "3", "--num-fewshot", "0"])  # perplexity options only
     _, err = capsys.readouterr()
     assert code == 2 and "--limit, --num-fewshot: only for zero-shot evaluation, which needs --tasks" in err
+
+
+def test_cli_eval_beyond_the_context_is_one_line(capsys, tiny_folder, text_file):
+    code = main(["eval", str(tiny_folder), "--dataset", str(text_file), "--seqlen", "257", "--device", "cpu"])
+    _, err = capsys.readouterr()
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "svdkit: error: evaluation windows of 257 tokens are longer than the model's context of 256 tokens "
+        "(max_position_embeddings): pass --seqlen / seqlen of at most 256"
+    )

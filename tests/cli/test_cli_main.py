@@ -22,7 +22,7 @@ from conftest import assert_error, run_cli
         (["compress", "{model}", "--option", "nope=1", "--output", "{tmp}/o"], "has no option nope"),
         (
             ["compress", "{model}", "--calib", "{text}", "--calib-seqlen", "99999", "--output", "{tmp}/o"],
-            "too short for one window of 99999",
+            "longer than the model's context of 256 tokens",
         ),
         (["compress", "{model}", "--calib", "{tmp}/nothing.txt", "--output", "{tmp}/o"], "neither a file nor"),
         (["compress", "{gpt2}", "--output", "{tmp}/o"], "unsupported architecture GPT2LMHeadModel: expected"),

@@ -42,3 +42,17 @@ def test_a_non_finite_window_is_reported_not_skipped():
         r = svdkit.perplexity(model, None, ids, seqlen=40, progress=False)
     assert r.windows == 3 and 1 in r.nonfinite_windows and 0 not in r.nonfinite_windows
     assert not math.isfinite(r.ppl)
+
+
+def test_windows_beyond_the_context_or_of_no_length_are_refused_before_the_text_is_read():
+    model = tiny_model()  # max_position_embeddings 256
+    with pytest.raises(
+        svdkit.SvdkitError,
+        match="^evaluation windows of 257 tokens are longer than the model's "
+        r"context of 256 tokens \(max_position_embeddings\): pass --seqlen / seqlen of at most 256$",
+    ):
+        svdkit.perplexity(model, None, "no-such-text.txt", seqlen=257, progress=False)
+    for bad in (1, 64.0, "64", True):
+        with pytest.raises(svdkit.SvdkitError, match=f"^seqlen must be an integer >= 2, got {bad!r}$"):
+            svdkit.perplexity(model, None, random_tokens(600), seqlen=bad, progress=False)
+    assert svdkit.perplexity(model, None, random_tokens(600), seqlen=256, progress=False).windows == 2

@@ -43,5 +43,5 @@ def test_method_contract(kind, method):
     with torch.no_grad():
         logits = model(input_ids=random_tokens(40, seed=2)[None]).logits
     assert torch.isfinite(logits).all()
-    record = model.config.quantization_config
-    assert record.method == method and record.ratio == 0.4 and record.ranks == result.ranks
+    record = model.config.svdkit
+    assert record["method"] == method and record["ratio"] == 0.4 and record["ranks"] == result.ranks

@@ -25,8 +25,8 @@ def test_precomputed_statistics_give_the_same_model_as_the_streaming_pass():
         model, svdkit.find_architecture(model), windows, {"gram"}, torch.device("cpu"), progress=False
     )
     result = svdkit.compress(model, method="svd-llm", ratio=0.4, statistics=stats, device="cpu", progress=False)
-    assert model.config.quantization_config.calibration["statistics"] == "precomputed"
-    assert result.ranks == streamed.config.quantization_config.ranks
+    assert model.config.svdkit["calibration"]["statistics"] == "precomputed"
+    assert result.ranks == streamed.config.svdkit["ranks"]
     ids = random_tokens(40, seed=5)[None]
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, streamed(input_ids=ids).logits, atol=1e-5)
@@ -49,7 +49,7 @@ def test_sequential_mode_compresses_against_the_compressed_prefix():
         device="cpu",
         progress=False,
     )
-    assert model.config.quantization_config.calibration["sequential"] is True
+    assert model.config.svdkit["calibration"]["sequential"] is True
     first = "model.layers.0.self_attn.q_proj"
     last = "model.layers.1.mlp.down_proj"
     # layer 0 sees the same inputs either way; layer 1 sees the compressed layer 0's outputs

@@ -94,7 +94,7 @@ def test_stages_one_by_one_give_what_compress_gives():
         reference, method="svd-llm", ratio=0.4, calib=CALIB.source, calib_samples=8, calib_seqlen=64, progress=False
     )
     assert result.ranks == expected.ranks and result.params == expected.params
-    assert model.config.quantization_config.to_dict().keys() == reference.config.quantization_config.to_dict().keys()
+    assert model.config.svdkit.keys() == reference.config.svdkit.keys()
     state, expected_state = model.state_dict(), reference.state_dict()
     assert all(torch.equal(state[k], expected_state[k]) for k in expected_state)
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import svdkit
 from svdkit import LowRankLinear
-from svdkit.saved.folder import folder_info
+from svdkit.saved.contents import folder_info
 
 
 def small_compressed():
@@ -34,8 +34,10 @@ def small_compressed():
 def test_saved_folder_records_the_compression(tmp_path, tiny_tokenizer):
     model = small_compressed()
     svdkit.save(model, tiny_tokenizer, tmp_path / "out")
-    record = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
-    assert record["quant_method"] == "svdkit" and record["method"] == "svd-llm" and record["ratio"] == 0.5
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "svdkit_llama" and config["architectures"] == ["SvdkitLlamaForCausalLM"]
+    record = config["svdkit"]
+    assert record["method"] == "svd-llm" and record["ratio"] == 0.5
     assert record["version"] == svdkit.__version__ and len(record["ranks"]) == 14
     assert record["calibration"]["samples"] == 2
     info = folder_info(tmp_path / "out")
@@ -88,7 +90,7 @@ def test_save_load_round_trip_reproduces_logits(kind, tmp_path, tiny_tokenizer):
     assert tok("hello")["input_ids"] == tiny_tokenizer("hello")["input_ids"]
     # the reloaded model is an ordinary float model again: it re-saves and casts
     svdkit.save(loaded, tok, tmp_path / "again")
-    assert svdkit.load(tmp_path / "again")[0].config.quantization_config.ranks == result.ranks
+    assert svdkit.load(tmp_path / "again")[0].config.svdkit["ranks"] == result.ranks
     loaded.to(torch.float64)
     loaded.half()
 

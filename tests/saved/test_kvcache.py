@@ -176,7 +176,7 @@ def test_compress_kv_ratio_only_and_with_a_ratio(tiny_tokenizer, text_file, tmp_
     ordinary, _ = svdkit.load(tmp_path / "kv")
     latent, _ = svdkit.load(tmp_path / "kv", kv_cache="latent")
     assert latent_kv_enabled(latent) and not latent_kv_enabled(ordinary)
-    assert ordinary.config.quantization_config.kv_ratio == 0.5
+    assert ordinary.config.svdkit["kv_ratio"] == 0.5
     ids = random_tokens(24)[None]
     assert torch.equal(generate(latent, ids, max_new_tokens=20), generate(ordinary, ids, max_new_tokens=20))
 

@@ -16,16 +16,42 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..core.disk import check_free_space, check_writable, make_scratch_dir
 from ..errors import SvdkitError
 from .statistics import LinearStats
 
-__all__ = ["StatisticsStore"]
+__all__ = ["StatisticsStore", "SPILL_PREFIX", "spill_bytes", "check_spill_space"]
+
+SPILL_PREFIX = "svdkit-stats-"
+"""the name of every statistics folder starts so; a later store sweeps those of dead processes"""
+
+
+def spill_bytes(shapes: Mapping[str, tuple[int, int]], needs: Iterable[str]) -> int:
+    """About the bytes a dense pass spills for targets of these shapes (full name -> (m, n)): per layer,
+    8 n^2 for the Gram matrix and 8 n for the other input statistics of each distinct input.
+
+    Which targets read one input shows only when the model runs; here targets under one parent module
+    with one input width count once (q/k/v/o as one), so the figure is a lower bound."""
+    needs = set(needs)
+    per_input = (8 if "gram" in needs else 0, 8 * len(needs & {"mean_abs"}))
+    inputs = {(name.rpartition(".")[0], n) for name, (_, n) in shapes.items()}
+    return sum(per_input[0] * n * n + per_input[1] * n for _, n in inputs)
+
+
+def check_spill_space(directory: str | os.PathLike | None, size: int) -> None:
+    """Refuse, before calibration, a statistics folder that cannot be written or has less than `size`
+    bytes free (`directory` None: the system's temporary folder)."""
+    where = Path(directory) if directory is not None else Path(tempfile.gettempdir())
+    what = "the calibration statistics (--statistics-dir)"
+    check_writable(where, what)
+    check_free_space(where, size, what)
 
 
 class StatisticsStore(Mapping[str, LinearStats]):
@@ -43,7 +69,7 @@ class StatisticsStore(Mapping[str, LinearStats]):
             except OSError as e:
                 raise SvdkitError(f"cannot create the statistics folder {directory}: {e}") from e
         try:
-            self.path = Path(tempfile.mkdtemp(prefix="svdkit-stats-", dir=directory))
+            self.path = make_scratch_dir(SPILL_PREFIX, directory)
         except OSError as e:
             raise SvdkitError(f"cannot write statistics to {directory or tempfile.gettempdir()}: {e}") from e
         self._where: dict[str, tuple[int, str]] = {}  # full name -> (layer file, owner key)
@@ -66,7 +92,7 @@ class StatisticsStore(Mapping[str, LinearStats]):
         path = self.path / f"layer-{index}.safetensors"
         try:
             save_file(tensors, str(path), metadata={"svdkit": json.dumps({"layer": index})})
-        except OSError as e:
+        except (OSError, SafetensorError) as e:
             raise SvdkitError(
                 f"cannot write calibration statistics to {path}: {e} (free space, or --statistics-dir)"
             ) from e

@@ -1,26 +1,32 @@
 """The svdkit command line: compress, eval, generate, info, densify, demo, methods, bench.
 
-One module per subcommand, each with ``add_parser(subparsers)`` and ``run(args)``. Bad input ends with
-one line ``svdkit: error: ...`` on standard error and exit code 2; ``--json`` makes a command print one
-JSON object as the last line of standard output.
+One module per subcommand, each with ``add_parser(subparsers)`` and ``run(args)``. Bad input, and an I/O
+error (a full disk), ends with one line ``svdkit: error: ...`` on standard error and exit code 2;
+``--json`` makes a command print one JSON object as the last line of standard output. SIGTERM (what
+``timeout``, Docker and Slurm send) and SIGHUP stop a command as Ctrl-C does: every cleanup runs (no
+temporary folder is left), one line says which signal, and the exit code is 128 + its number.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from huggingface_hub.utils import logging as hub_logging
+from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 
 from ..errors import SvdkitError
 from . import bench, compress, demo, densify, evaluate, generate, info, methods
 from .common import CURVE_FILE, Parser
 
-__all__ = ["main", "build_parser", "CURVE_FILE"]
+__all__ = ["main", "build_parser", "CURVE_FILE", "Terminated"]
 
 COMMANDS = (compress, evaluate, info, densify, generate, methods, bench, demo)
 
@@ -37,20 +43,59 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"svdkit: warning: {message}", file=sys.stderr if file is None else file)
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM or SIGHUP: it unwinds like Ctrl-C, so every cleanup runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+@contextmanager
+def _signals_as_interrupts() -> Iterator[None]:
+    """While the command runs, SIGTERM and SIGHUP raise :class:`Terminated` (where they have their default
+    action: a signal ignored on purpose, as under ``nohup``, stays ignored)."""
+    installed = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+                installed[sig] = signal.signal(sig, _terminate)
+    try:
+        yield
+    finally:
+        for sig, previous in installed.items():
+            signal.signal(sig, previous)
+
+
+def _io_message(e: OSError | SafetensorError) -> str:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    where = getattr(e, "filename", None)
+    return f"{where}: {reason}" if where else f"I/O error: {reason}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     hf_logging.set_verbosity_error()
     hub_logging.set_verbosity_error()
     warnings.showwarning = _show_warning
-    try:
-        a.run(a)
-    except SvdkitError as e:
-        print(f"svdkit: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("svdkit: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into `head` and the like
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    with _signals_as_interrupts():
+        try:
+            a.run(a)
+        except SvdkitError as e:
+            print(f"svdkit: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            print(f"svdkit: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+            return 128 + signum
+        except BrokenPipeError:  # output piped into `head` and the like
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except (OSError, SafetensorError) as e:  # what no check foresaw: a disk filled up while writing
+            print(f"svdkit: error: {_io_message(e)}", file=sys.stderr)
+            return 2
     return 0

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 from ..allocators import allocator_names
+from ..calibration.store import check_spill_space, spill_bytes
+from ..core.disk import check_free_space, float32_weight_bytes
+from ..core.lowrank import count_parameters
 from ..errors import SvdkitError
 from ..methods import method_names
 from ..pipeline.compress import run_plan
@@ -79,9 +83,17 @@ def options_from_args(a: argparse.Namespace) -> CompressionOptions:
 def run(a: argparse.Namespace) -> None:
     start = time.perf_counter()
     options = options_from_args(a)
-    out = prepare_output_dir(a.output, a.overwrite)
+    # the output's size, estimated low: float32 weights, less `ratio` of them unless densified
+    keep = 1.0 if a.densify else 1.0 - a.ratio
+    dense = float32_weight_bytes(a.model) if os.path.isdir(a.model) else None
+    out = prepare_output_dir(a.output, a.overwrite, size=int(keep * dense) if dense else 0)
     model, tok = load_model(a.model)
-    result = run_plan(make_plan(model, options, tokenizer=tok), model, tok)
+    if dense is None:  # a hub id, a .gguf file, the bundled alias: measured once loaded
+        check_free_space(out.parent, int(keep * 4 * count_parameters(model)))
+    plan = make_plan(model, options, tokenizer=tok)
+    if plan.dense_pass:
+        check_spill_space(options.statistics_dir, spill_bytes(plan.shapes, plan.needs))
+    result = run_plan(plan, model, tok)
     model.to("cpu")
     if a.densify:
         densify(model, tok, out, overwrite=a.overwrite, inplace=True)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..core.device import resolve_device
+from ..core.disk import check_free_space, float32_weight_bytes
 from ..measure.perplexity import perplexity
 from ..pipeline.compress import compress
 from ..pipeline.options import CompressionOptions
@@ -55,7 +56,9 @@ def run_demo(ratio: float = 0.2, output: str = "svdkit-demo-output", device: str
     prepare_output_dir(out, overwrite=read_svdkit_config(out) is not None if out.is_dir() else False)
     dev = resolve_device(device)
     print(f"svdkit demo: SmolLM2-135M-Instruct, {DEMO_METHOD} at ratio {ratio}, text: Python's documentation")
-    dense_size = _size(smollm2_folder())
+    folder = smollm2_folder()
+    dense_size = _size(folder)
+    check_free_space(out.parent, int((1 - ratio) * (float32_weight_bytes(folder) or 0)))
     model, tok = load_model("smollm2-135m")
     ids = source_tokens(tok, "demo")
     held_out = EVAL_WINDOWS * SEQLEN

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..bench.plots import plot_curve, plot_rank_map
 from ..errors import SvdkitError
-from ..saved.folder import folder_info, natural_key
+from ..saved.contents import folder_info, natural_key
 from .common import CURVE_FILE, emit
 
 __all__ = ["add_parser", "run"]

@@ -4,8 +4,11 @@ A field is declared with :func:`option` (default, help, check); an :class:`Optio
 every field's check after construction (then its own :meth:`Options.check` for rules that tie fields
 together), so a bad value fails the same way whether it comes from Python, the command line or a
 benchmark grid. The checks (:func:`number`, :func:`integer`, :func:`choice`, :func:`boolean`,
-:func:`path`) raise ValueError with one line "NAME must be ..., got VALUE"; :func:`build_config` turns
-unknown keys and rejected values into an :class:`~svdkit.errors.SvdkitError` naming what was configured.
+:func:`path`, :func:`string`, :func:`strings`, :func:`mapping`) raise ValueError with one line "NAME must
+be ..., got VALUE" (a bool is never a number, a float never an integer); :func:`build_config` turns
+unknown keys and rejected values into an :class:`~svdkit.errors.SvdkitError` naming what was configured,
+and :class:`UserOptions` (options a user makes directly) raises SvdkitError itself. :func:`check_context`
+refuses a sequence length beyond a model's context.
 """
 
 from __future__ import annotations
@@ -15,21 +18,27 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import SvdkitError
 
 __all__ = [
     "Check",
     "Options",
+    "UserOptions",
     "option",
     "number",
     "integer",
     "choice",
     "boolean",
     "path",
+    "string",
+    "strings",
+    "mapping",
     "build_config",
     "parse_assignment",
+    "context_length",
+    "check_context",
 ]
 
 Check = Callable[[str, Any], Any]
@@ -53,6 +62,19 @@ class Options:
 
     def check(self) -> None:
         """Rules between fields (override); single fields are checked by their declared check."""
+
+
+class UserOptions(Options):
+    """Options a user makes directly (not through :func:`build_config`): a rejected value is an SvdkitError,
+    its message prefixed by ``WHAT`` when set."""
+
+    WHAT: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+        except (TypeError, ValueError) as e:
+            raise SvdkitError(f"{self.WHAT}: {e}" if self.WHAT else str(e)) from e
 
 
 def _bound(x: float) -> str:
@@ -134,9 +156,51 @@ def path(optional: bool = True) -> Check:
     return check
 
 
+def string() -> Check:
+    """A non-empty string (a name)."""
+
+    def check(name: str, v: Any) -> Any:
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"{name} must be a name (a non-empty string), got {v!r}")
+        return v
+
+    return check
+
+
+def strings(optional: bool = True) -> Check:
+    """A non-empty list or tuple of non-empty strings, kept as a tuple (a lone string is refused); None where
+    `optional`."""
+
+    def check(name: str, v: Any) -> Any:
+        if v is None and optional:
+            return v
+        if not isinstance(v, list | tuple) or not v or not all(isinstance(x, str) and x for x in v):
+            raise ValueError(f"{name} must be a non-empty list of names, e.g. ['q_proj', 'k_proj'], got {v!r}")
+        return tuple(v)
+
+    return check
+
+
+def mapping(optional: bool = True) -> Check:
+    """A mapping with string keys (options by name); None where `optional`."""
+
+    def check(name: str, v: Any) -> Any:
+        if v is None and optional:
+            return v
+        if not isinstance(v, Mapping) or not all(isinstance(k, str) for k in v):
+            raise ValueError(f"{name} must be a mapping of option names to values, e.g. {{'alpha': 0.5}}, got {v!r}")
+        return v
+
+    return check
+
+
 def build_config(cls: type, options: Mapping[str, Any] | None, what: str) -> Any:
-    """`cls(**options)`; unknown keys and rejected values become an SvdkitError naming `what`."""
-    options = dict(options or {})
+    """`cls(**options)`; options that are not a mapping, unknown keys and rejected values become an
+    SvdkitError naming `what`."""
+    try:
+        options = dict(mapping()("options", options) or {})
+    except ValueError as e:
+        raise SvdkitError(f"{what}: {e}") from e
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - fields)
     if unknown:
@@ -160,3 +224,22 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def context_length(model: Any) -> int | None:
+    """The model's context in tokens (its text config's ``max_position_embeddings``), or None where it
+    declares none."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "max_position_embeddings", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def check_context(seqlen: int, context: int | None, what: str, flag: str) -> None:
+    """SvdkitError when windows of `seqlen` tokens exceed the model's `context` (None: not known, no check);
+    `what` names the windows, `flag` what to pass instead."""
+    if context is not None and seqlen > context:
+        raise SvdkitError(
+            f"{what} of {seqlen} tokens are longer than the model's context of {context} tokens "
+            f"(max_position_embeddings): pass {flag} of at most {context}"
+        )

@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 
 from ..core.device import resolve_device
 from ..core.lowrank import count_parameters
+from ..core.options import check_context, context_length, integer
+from ..errors import SvdkitError
 from ..sources.text import eval_windows, source_tokens
 
 __all__ = ["PerplexityResult", "perplexity", "window_nll"]
@@ -55,8 +57,14 @@ def perplexity(
     """Perplexity of `model` on consecutive windows of `source` (a text source or token ids).
 
     `device`, if given, moves the model there first. No window is dropped: a window whose loss is not
-    finite makes the result non-finite and is listed in ``nonfinite_windows`` (with a warning).
+    finite makes the result non-finite and is listed in ``nonfinite_windows`` (with a warning). A
+    `seqlen` beyond the model's context is refused before any text is read.
     """
+    try:
+        integer(2)("seqlen", seqlen)
+    except ValueError as e:
+        raise SvdkitError(str(e)) from None
+    check_context(seqlen, context_length(model), "evaluation windows", "--seqlen / seqlen")
     windows = eval_windows(source_tokens(tokenizer, source), seqlen, max_windows, offset)
     if device is not None:
         model.to(resolve_device(device))

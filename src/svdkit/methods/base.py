@@ -48,10 +48,13 @@ class ModelStage:
     :class:`~svdkit.allocators.base.AllocationContext` (with calibration windows) and the allocation's
     ranks at the target ratio (`budget`: name -> rank or None), rewrites the low-rank layers and
     returns (final ranks by name, a report dict). It may raise :class:`SvdkitError`.
+    ``check(config, samples, seqlen)``, when given, runs when the plan is made: it raises
+    :class:`SvdkitError` when `samples` calibration windows of `seqlen` tokens cannot serve the stage.
     """
 
     start_ranks: Callable[[Mapping[str, tuple[int, int]], Any], dict[str, int]]
     run: Callable[..., tuple[dict[str, int], dict]]
+    check: Callable[[Any, int, int], None] | None = None
 
 
 @dataclass(frozen=True)

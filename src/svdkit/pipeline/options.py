@@ -13,13 +13,14 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..allocators import Allocator, get_allocator, make_allocation_config
 from ..core.device import resolve_device
-from ..core.options import Options, option
+from ..core.options import UserOptions, boolean, integer, mapping, option, path, string, strings
 from ..core.ranks import check_rank_multiple, check_ratio
 from ..errors import SvdkitError
 from ..methods import Method, get_method, make_config
@@ -30,17 +31,33 @@ from .update import UPDATES
 __all__ = ["CalibrationSettings", "CompressionOptions", "Resolved"]
 
 
+def _source(name: str, v: Any) -> Any:
+    """Token ids (an integer tensor), a name in SOURCES or an existing file: checked before any model loads."""
+    if isinstance(v, torch.Tensor):
+        if v.is_floating_point() or v.is_complex() or v.dtype is torch.bool:
+            raise ValueError(f"{name} as token ids must be an integer tensor, got {v.dtype}")
+        return v
+    if not isinstance(v, str | os.PathLike) or not os.fspath(v):
+        raise ValueError(f"{name} must be a text file, one of {', '.join(SOURCES)}, or token ids, got {v!r}")
+    if os.fspath(v) not in SOURCES and not Path(v).is_file():
+        what = "is not a file" if Path(v).exists() else f"is neither a file nor one of: {', '.join(SOURCES)}"
+        raise ValueError(f"text source '{os.fspath(v)}' {what}")
+    return v
+
+
 @dataclass(frozen=True)
-class CalibrationSettings(Options):
+class CalibrationSettings(UserOptions):
     """Where the calibration windows come from (read only when the method or allocation needs them)."""
 
+    WHAT = "calibration"
+
     source: str | os.PathLike | torch.Tensor = option(
-        "demo", f"calibration text: a text file or one of {', '.join(SOURCES)} (in Python also token ids)"
+        "demo", f"calibration text: a text file or one of {', '.join(SOURCES)} (in Python also token ids)", _source
     )
-    samples: int = option(32, "calibration windows")
-    seqlen: int = option(2048, "tokens per calibration window")
-    offset: int = option(0, "skip this many tokens first")
-    seed: int = option(0, "seed of the calibration offsets")
+    samples: int = option(32, "calibration windows", integer(1))
+    seqlen: int = option(2048, "tokens per calibration window", integer(2))
+    offset: int = option(0, "skip this many tokens first", integer(0))
+    seed: int = option(0, "seed of the calibration offsets", integer())
 
     def record(self) -> dict[str, Any]:
         """The settings as the saved record keeps them (token ids are recorded as such)."""
@@ -72,22 +89,34 @@ class Resolved:
         return self.kv_ratio is not None and self.ratio == 0
 
 
+def _device(name: str, v: Any) -> Any:
+    if v is not None and not isinstance(v, str | torch.device):
+        raise ValueError(f"{name} must be auto, cpu, cuda or cuda:N, got {v!r}")
+    return v
+
+
+def _calibration(name: str, v: Any) -> Any:
+    if not isinstance(v, CalibrationSettings):
+        raise ValueError(f"{name} must be a CalibrationSettings, got {type(v).__name__}")
+    return v
+
+
 @dataclass(frozen=True)
-class CompressionOptions(Options):
+class CompressionOptions(UserOptions):
     """Everything :func:`svdkit.compress` takes besides the model, the tokenizer and precomputed statistics.
 
     Frozen: it is checked once, when made; ``dataclasses.replace`` makes a changed copy (checked again).
     """
 
-    method: str = option("svd-llm", "compression method ('svdkit methods' lists them)")
+    method: str = option("svd-llm", "compression method ('svdkit methods' lists them)", string())
     ratio: float = option(0.2, "fraction of each matrix's parameters removed; 0 with a KV-cache ratio: only k/v")
-    method_options: Mapping[str, Any] | None = option(None, "method options, e.g. rel_eps=1e-5 or alpha=0.5")
-    allocation: str = option("uniform", "how ranks are spread over the matrices")
+    method_options: Mapping[str, Any] | None = option(None, "method options, e.g. rel_eps=1e-5 or alpha=0.5", mapping())
+    allocation: str = option("uniform", "how ranks are spread over the matrices", string())
     allocation_options: Mapping[str, Any] | None = option(
-        None, "allocation options, e.g. windows=2, seqlen=256, grid=[0.2,0.4,0.6,0.8], cache=FILE"
+        None, "allocation options, e.g. windows=2, seqlen=256, grid=[0.2,0.4,0.6,0.8], cache=FILE", mapping()
     )
     update: str = option("none", "after truncation, refit each B by least squares on the calibration inputs (lstsq)")
-    sequential: bool = option(False, "statistics of each layer from the already-compressed layers before it")
+    sequential: bool = option(False, "statistics of each layer from the already-compressed layers before it", boolean())
     kv_ratio: float | None = option(
         None,
         "fix every k_proj/v_proj at the rank that shrinks a latent KV cache by this fraction, e.g. 0.5 (load "
@@ -98,16 +127,19 @@ class CompressionOptions(Options):
         "round the ranks to multiples of this within the same parameter budget, for faster products; "
         "1 keeps the allocation's exact ranks",
     )
-    targets: Sequence[str] | None = option(None, "compress only projections whose names end with one of these")
+    targets: Sequence[str] | None = option(
+        None, "compress only projections whose names end with one of these", strings()
+    )
     statistics_dir: str | os.PathLike | None = option(
         None,
         "where non-uniform allocations and gradient statistics spill every layer's statistics (a temporary "
         "folder inside it, removed afterwards; default: the system's temporary folder)",
+        path(),
     )
-    device: str | torch.device | None = option("auto", "auto, cpu, cuda or cuda:N")
-    progress: bool = option(True, "show progress bars")
+    device: str | torch.device | None = option("auto", "auto, cpu, cuda or cuda:N", _device)
+    progress: bool = option(True, "show progress bars", boolean())
     calibration: CalibrationSettings = dataclasses.field(
-        default_factory=CalibrationSettings, metadata={"help": "calibration windows"}
+        default_factory=CalibrationSettings, metadata={"help": "calibration windows", "check": _calibration}
     )
     resolved: Resolved = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -128,7 +160,7 @@ class CompressionOptions(Options):
                     "kv_ratio fixes the k/v ranks after allocation, which would break allocation "
                     f"'{self.allocation}''s budget over all matrices: use the uniform allocation with kv_ratio"
                 )
-        kv_only = kv_ratio is not None and self.ratio == 0
+        kv_only = kv_ratio is not None and not isinstance(self.ratio, bool) and self.ratio == 0
         if kv_only and self.targets is not None:
             raise SvdkitError("ratio 0 with kv_ratio compresses exactly k_proj/v_proj: do not pass targets")
         ratio = self.ratio if kv_only else check_ratio(self.ratio)

@@ -24,8 +24,10 @@ from ..calibration.gradients import GRADIENT_STATISTICS
 from ..calibration.statistics import LinearStats
 from ..core.architecture import Architecture, find_architecture
 from ..core.lowrank import LowRankLinear, count_parameters
+from ..core.options import check_context, context_length
 from ..errors import SvdkitError
 from ..methods import Method
+from ..saved.format import base_classes
 from ..saved.kvcache import KV_TARGETS, kv_ranks
 from .options import CompressionOptions
 
@@ -71,12 +73,14 @@ def _mode(needs: frozenset[str], allocator: Allocator, precomputed: bool, sequen
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What the plan reads from the dense model: where the targets are and how big it is."""
+    """What the plan reads from the dense model: where the targets are, how big it is, its context."""
 
     layers_path: str
     targets: tuple[str, ...]
     shapes: dict[str, tuple[int, int]]
     params: int
+    context: int | None = None
+    """the longest sequence the model takes (max_position_embeddings), None where it declares none"""
 
 
 @dataclass(frozen=True)
@@ -154,9 +158,12 @@ def make_plan(
     """Check `options` against `model` (and the precomputed `statistics`, the `tokenizer`) and plan the run."""
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise SvdkitError("this model is already compressed by svdkit: start from the dense model")
+    base_classes(model)  # the result must be savable
     resolved = options.resolved
     arch = find_architecture(model, KV_TARGETS if resolved.kv_only else options.targets)
-    facts = ModelFacts(arch.layers_path, tuple(arch.targets), arch.shapes(), count_parameters(model))
+    facts = ModelFacts(
+        arch.layers_path, tuple(arch.targets), arch.shapes(), count_parameters(model), context_length(model)
+    )
     return _plan(options, facts, statistics, tokenizer is not None)
 
 
@@ -203,7 +210,18 @@ def _plan(
             f"method '{options.method}' with allocation '{options.allocation}' needs calibration text: "
             "pass a tokenizer or token ids"
         )
+    if windows:
+        _check_windows(options, facts)
     return CompressionPlan(options, facts, needs, mode, fixed, statistics if needs else None, windows, has_tokenizer)
+
+
+def _check_windows(options: CompressionOptions, facts: ModelFacts) -> None:
+    """The calibration windows fit the model's context and serve the method's stage."""
+    calibration = options.calibration
+    check_context(calibration.seqlen, facts.context, "calibration windows", "--calib-seqlen / calib_seqlen")
+    stage = options.resolved.method.stage
+    if stage is not None and stage.check is not None:
+        stage.check(options.resolved.method_config, calibration.samples, calibration.seqlen)
 
 
 def _check_statistics(options, facts: ModelFacts, statistics: Mapping[str, LinearStats], needs) -> None:

@@ -29,7 +29,7 @@ from ..core.lowrank import LowRankLinear, count_parameters
 from ..core.ranks import align_ranks
 from ..errors import SvdkitError
 from ..methods import factorize
-from ..saved.format import SvdkitConfig
+from ..saved.format import make_portable
 from ..sources.text import calibration_windows, source_tokens
 from ..version import __version__
 from .plan import CompressionPlan
@@ -224,7 +224,7 @@ def record(
     timings: dict[str, float],
     seconds: float,
 ) -> CompressionResult:
-    """Write the svdkit record into ``model.config.quantization_config`` and return the result."""
+    """Give the model its svdkit record and classes (:func:`~svdkit.saved.format.make_portable`); the result."""
     options = plan.options
     kept = {name: int(r) for name, r in ranks.items() if r is not None}
     alloc_record = {
@@ -233,18 +233,21 @@ def record(
         "rank_multiple": options.rank_multiple,
         **allocation.context.report,
     }
-    model.config.quantization_config = SvdkitConfig(
-        method=options.method,
-        ratio=plan.ratio,
-        ranks=kept,
-        version=__version__,
-        method_config=_plain(plan.method_config),
-        params_dense=plan.facts.params,
-        calibration=allocation.context.calibration,
-        allocation=alloc_record,
-        update=options.update,
-        kv_ratio=options.resolved.kv_ratio,
-        **({"training": {k: v for k, v in training.items() if k != "curve"}} if training else {}),
+    make_portable(
+        model,
+        {
+            "method": options.method,
+            "ratio": plan.ratio,
+            "ranks": kept,
+            "version": __version__,
+            "method_config": _plain(plan.method_config),
+            "params_dense": plan.facts.params,
+            "calibration": allocation.context.calibration,
+            "allocation": alloc_record,
+            "update": options.update,
+            "kv_ratio": options.resolved.kv_ratio,
+            **({"training": {k: v for k, v in training.items() if k != "curve"}} if training else {}),
+        },
     )
     return CompressionResult(
         method=options.method,

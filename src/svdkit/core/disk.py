@@ -1,0 +1,181 @@
+"""The disk: temporary folders that a later run can prove stale and remove, and the up-front checks that a
+location is writable and has room for what will be written there.
+
+Every temporary folder svdkit makes (a save's hidden sibling, the statistics spill, the bundled model's
+conversion) comes from :func:`make_scratch_dir`, which writes an owner file (pid and host) into it. A
+process killed before it could clean up (SIGKILL, a power cut) leaves its folder behind; the next
+scratch folder made with the same prefix in the same parent first removes the folders it can prove
+stale: their owner file names this host and a pid that no longer runs. A folder without an owner file,
+or of another host, or of a live process, is never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import socket
+import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import SvdkitError
+
+__all__ = [
+    "OWNER_FILE",
+    "make_scratch_dir",
+    "scratch_dir",
+    "sweep_stale",
+    "nearest_existing",
+    "check_writable",
+    "check_free_space",
+    "float32_weight_bytes",
+    "human_bytes",
+]
+
+OWNER_FILE = ".svdkit-owner"
+"""inside every temporary folder: JSON {"pid", "host"} of the process that made it"""
+
+
+def _owner_is_gone(folder: Path) -> bool:
+    """True only when `folder`'s owner file names this host and a pid that is not running."""
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text())
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # no owner file, or one half written: not provably ours
+    if host != socket.gethostname() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, another user's
+        return False
+    return False
+
+
+def sweep_stale(parent: str | os.PathLike, prefix: str) -> list[Path]:
+    """Remove the folders in `parent` named `prefix`... whose owner is provably gone; returns them."""
+    try:
+        entries = sorted(Path(parent).iterdir())
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        if entry.name.startswith(prefix) and entry.is_dir() and not entry.is_symlink() and _owner_is_gone(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def make_scratch_dir(prefix: str, parent: str | os.PathLike | None = None) -> Path:
+    """A new private folder ``parent/prefixXXXX`` (default parent: the system's temporary folder) holding
+    an owner file, made after sweeping stale siblings of the same prefix. The caller removes it.
+
+    Whatever should outlive the folder is written into a subfolder and renamed out of it, so the owner
+    file never travels with it."""
+    parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    sweep_stale(parent, prefix)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        (path / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path
+
+
+@contextmanager
+def scratch_dir(prefix: str, parent: str | os.PathLike | None = None) -> Iterator[Path]:
+    """:func:`make_scratch_dir` as a ``with`` block: the folder is removed on leaving it, whatever happens."""
+    path = make_scratch_dir(prefix, parent)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path` itself if it exists, else its nearest existing ancestor (absolute)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _why(e: OSError) -> str:
+    if e.errno == errno.EROFS:
+        return "read-only file system"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "read-only for this user (permission denied)"
+    return e.strerror or str(e)
+
+
+def check_writable(path: str | os.PathLike, what: str = "the output") -> Path:
+    """Prove that a file can be created where `path` is (or would be made): in its nearest existing folder.
+
+    Returns that folder; raises :class:`SvdkitError` naming it and the reason if not."""
+    folder = nearest_existing(path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".svdkit-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SvdkitError(f"cannot write to {folder}: {_why(e)}: choose another location for {what}") from e
+    return folder
+
+
+def human_bytes(n: int) -> str:
+    """1.5 GB, 230.2 MB (binary units, as the demo's table)."""
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+def check_free_space(path: str | os.PathLike, need: int, what: str = "the output") -> None:
+    """Refuse when the file system holding `path` (or its nearest existing ancestor) has less than `need`
+    bytes free."""
+    folder = nearest_existing(path)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # nothing to measure (the write itself will say what is wrong)
+    if need > free:
+        raise SvdkitError(
+            f"not enough free space in {folder} for {what}: it needs about {human_bytes(need)}, "
+            f"{human_bytes(free)} free: free some space or choose another location"
+        )
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        if size > 100 * 2**20:
+            raise ValueError("header too large")
+        return json.loads(f.read(size))
+
+
+def float32_weight_bytes(folder: str | os.PathLike) -> int | None:
+    """Bytes of the dense model in `folder`'s ``*.safetensors`` once loaded in float32 (how svdkit writes),
+    read from the headers alone; a low-rank pair (``X.A`` k x n, ``X.B`` m x k) counts as the m x n matrix
+    it stands for. None where `folder` holds no safetensors or a header cannot be read."""
+    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
+    shapes: dict[str, list[int]] = {}
+    try:
+        for f in files:
+            shapes.update({k: v["shape"] for k, v in _header(f).items() if k != "__metadata__"})
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+    if not files:
+        return None
+    elements = 0
+    for key, shape in shapes.items():
+        module, _, leaf = key.rpartition(".")
+        pair = shapes.get(f"{module}.A") if leaf == "B" else None
+        if leaf == "A" and f"{module}.B" in shapes:
+            continue  # counted with its B
+        elements += shape[0] * pair[1] if pair is not None else math.prod(shape)
+    return 4 * elements

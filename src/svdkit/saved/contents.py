@@ -1,0 +1,109 @@
+"""What a saved folder holds, read from config.json and the safetensors headers without loading the
+model: its record, its tensors' shapes, whether the two agree (:func:`check_folder`), and the summary
+``svdkit info`` prints (:func:`folder_info`)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from ..errors import SvdkitError
+from .format import read_svdkit_config
+
+__all__ = ["tensor_shapes", "record_problems", "check_folder", "folder_info", "natural_key"]
+
+SHOWN = 3
+"""problems named in one error message"""
+
+
+def tensor_shapes(folder: str | Path) -> dict[str, list[int]]:
+    """Tensor name -> shape over every .safetensors file of `folder`; a truncated or corrupt file is an error."""
+    shapes: dict[str, list[int]] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(f, "pt") as st:
+                for key in st.keys():
+                    shapes[key] = list(st.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise SvdkitError(f"'{f}' is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    return shapes
+
+
+def record_problems(ranks: dict[str, int], shapes: dict[str, list[int]]) -> list[str]:
+    """How the weights disagree with the recorded ranks: a recorded module without factors of its rank,
+    factors of a module the record does not list, or a dense weight beside a recorded rank."""
+    problems = []
+    for name, rank in ranks.items():
+        a, b = shapes.get(f"{name}.A"), shapes.get(f"{name}.B")
+        if a is None or b is None:
+            problems.append(f"{name} has rank {rank} in the record but no factors {name}.A/{name}.B in the weights")
+        elif len(a) != 2 or len(b) != 2 or a[0] != rank or b[1] != rank:
+            problems.append(f"{name} has rank {rank} in the record but factors A {a} and B {b} in the weights")
+        if f"{name}.weight" in shapes:
+            problems.append(f"{name} has rank {rank} in the record but a dense {name}.weight in the weights")
+    unlisted = {key.rpartition(".")[0] for key in shapes if key.endswith((".A", ".B"))} - set(ranks)
+    problems += [f"{name} has factors in the weights but no rank in the record" for name in sorted(unlisted)]
+    return problems
+
+
+def check_folder(folder: str | Path) -> dict | None:
+    """The folder's svdkit record (None for an ordinary model) once its weights are readable and agree
+    with it; otherwise an error naming the modules at fault."""
+    record = read_svdkit_config(folder)
+    shapes = tensor_shapes(folder)
+    if record is None:
+        return None
+    if not shapes:
+        raise SvdkitError(f"'{folder}' has no .safetensors weights")
+    problems = record_problems(record["ranks"], shapes)
+    if problems:
+        more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+        raise SvdkitError(
+            f"'{folder}' is an inconsistent svdkit folder, its weights do not match the ranks in config.json: "
+            f"{'; '.join(problems[:SHOWN])}{more}. The folder is damaged: compress the model again"
+        )
+    return record
+
+
+def folder_info(folder: str | Path) -> dict:
+    """Method, ratio, ranks and parameter counts of a saved folder, read without loading the model."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SvdkitError(f"'{folder}' is not a folder")
+    record = check_folder(folder)
+    if record is None:
+        raise SvdkitError(f"'{folder}' is not an svdkit-compressed model folder (no svdkit record in config.json)")
+    all_shapes = tensor_shapes(folder)
+    ranks = record["ranks"]
+    shapes, dense_kept = {}, []
+    kinds = {re.sub(r"^.*\.\d+\.", "", name) for name in ranks}
+    for key, shape in all_shapes.items():
+        module, _, leaf = key.rpartition(".")
+        if module in ranks and leaf == "B":
+            shapes[module] = [shape[0], all_shapes[f"{module}.A"][1]]
+        elif leaf == "weight" and len(shape) == 2 and re.sub(r"^.*\.\d+\.", "", module) in kinds:
+            if re.search(r"\.\d+\.", module):  # a target type inside a decoder layer, kept dense
+                shapes[module] = shape
+                dense_kept.append(module)
+    return {
+        "method": record.get("method"),
+        "ratio": record.get("ratio"),
+        "params": sum(math.prod(shape) for shape in all_shapes.values()),
+        "params_dense": record.get("params_dense"),
+        "ranks": ranks,
+        "version": record.get("version"),
+        "allocation": record.get("allocation"),
+        "update": record.get("update", "none"),
+        "kv_ratio": record.get("kv_ratio"),
+        "training": record.get("training"),
+        "shapes": dict(sorted(shapes.items(), key=lambda kv: natural_key(kv[0]))),
+        "dense_kept": sorted(dense_kept, key=natural_key),
+    }
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that puts layer 2 before layer 10."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
