@@ -20,7 +20,8 @@ from safetensors import SafetensorError
 from transformers import PreTrainedModel
 
 import svdkit
-from svdkit.core.disk import OWNER_FILE, float32_weight_bytes
+from svdkit.core.disk import OWNER_FILE
+from svdkit.saved.contents import dense_bytes
 
 Usage = namedtuple("Usage", "total used free")
 pytestmark = pytest.mark.usefixtures("offline_one_thread")
@@ -98,10 +99,10 @@ def test_the_size_estimates_stay_below_what_is_written(capsys, tmp_path, tiny_fo
     out = tmp_path / "out"
     code, _, _ = run_cli(capsys, "compress", tiny_folder, "--ratio", "0.6", *calib(text_file), "--output", out)
     assert code == 0
-    assert 0.4 * float32_weight_bytes(tiny_folder) <= (out / "model.safetensors").stat().st_size
+    assert 0.4 * dense_bytes(tiny_folder) <= (out / "model.safetensors").stat().st_size
     code, _, _ = run_cli(capsys, "densify", out, "--output", tmp_path / "dense")
     assert code == 0
-    assert float32_weight_bytes(out) <= (tmp_path / "dense" / "model.safetensors").stat().st_size
+    assert dense_bytes(out) <= (tmp_path / "dense" / "model.safetensors").stat().st_size
 
 
 def test_too_little_room_for_the_statistics_spill_is_refused_before_calibration(

@@ -13,14 +13,12 @@ import sys
 from collections import namedtuple
 
 import pytest
-from conftest import compress_small, tiny_model
 
 import svdkit
 from svdkit.core.disk import (
     OWNER_FILE,
     check_free_space,
     check_writable,
-    float32_weight_bytes,
     make_scratch_dir,
     scratch_dir,
     sweep_stale,
@@ -101,20 +99,3 @@ def test_free_space_is_checked(tmp_path, monkeypatch):
     check_free_space(tmp_path, 2**20)
     with pytest.raises(svdkit.SvdkitError, match=r"not enough free space .* needs about 2\.0 MB, 1\.0 MB free"):
         check_free_space(tmp_path / "out", 2**21)
-
-
-def test_weight_bytes_from_the_headers(tmp_path, tiny_tokenizer):
-    model = tiny_model()
-    dense = 4 * svdkit.count_parameters(model)
-    model.save_pretrained(tmp_path / "dense")
-    assert float32_weight_bytes(tmp_path / "dense") == dense
-    model.half().save_pretrained(tmp_path / "half")  # svdkit loads and writes float32
-    assert float32_weight_bytes(tmp_path / "half") == dense
-    low = tiny_model()
-    compress_small(low, ratio=0.4)
-    svdkit.save(low, tiny_tokenizer, tmp_path / "low")
-    assert float32_weight_bytes(tmp_path / "low") == dense  # a low-rank pair counts as its dense matrix
-    assert float32_weight_bytes(tmp_path / "nothing") is None
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "model.safetensors").write_bytes(b"\x05")
-    assert float32_weight_bytes(tmp_path / "broken") is None

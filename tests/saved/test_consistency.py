@@ -10,6 +10,7 @@ from conftest import assert_error, compress_small, run_cli, tiny_model
 from test_portable import without_svdkit
 
 import svdkit
+from svdkit.saved.contents import dense_bytes
 
 Q0 = "model.layers.0.self_attn.q_proj"
 
@@ -81,3 +82,21 @@ def test_without_svdkit_an_inconsistent_folder_is_refused_too(tmp_path, folder):
     edit_record(folder, lambda r: r["ranks"].pop(Q0))
     got = without_svdkit(tmp_path, folder)[str(folder)]
     assert "do not match the svdkit record" in got["error"] and f"unexpected {Q0}.A" in got["error"]
+
+
+def test_weight_bytes_from_the_headers(tmp_path, tiny_tokenizer):
+    model = tiny_model()
+    dense = 4 * svdkit.count_parameters(model)
+    model.save_pretrained(tmp_path / "dense")
+    assert dense_bytes(tmp_path / "dense") == dense
+    model.half().save_pretrained(tmp_path / "half")  # svdkit loads and writes float32
+    assert dense_bytes(tmp_path / "half") == dense
+    low = tiny_model()
+    compress_small(low, ratio=0.4)
+    svdkit.save(low, tiny_tokenizer, tmp_path / "low")
+    assert dense_bytes(tmp_path / "low") == dense  # a low-rank pair counts as its dense matrix
+    assert dense_bytes(tmp_path / "nothing") is None
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"\x05")
+    with pytest.raises(svdkit.SvdkitError, match="not a readable safetensors file"):
+        dense_bytes(tmp_path / "broken")

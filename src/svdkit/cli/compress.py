@@ -9,7 +9,7 @@ import time
 
 from ..allocators import allocator_names
 from ..calibration.store import check_spill_space, spill_bytes
-from ..core.disk import check_free_space, float32_weight_bytes
+from ..core.disk import check_free_space
 from ..core.lowrank import count_parameters
 from ..errors import SvdkitError
 from ..methods import method_names
@@ -17,6 +17,7 @@ from ..pipeline.compress import run_plan
 from ..pipeline.options import CalibrationSettings, CompressionOptions
 from ..pipeline.plan import make_plan
 from ..pipeline.update import UPDATES
+from ..saved.contents import dense_bytes
 from ..saved.folder import densify, prepare_output_dir, save
 from ..sources.models import load_model
 from .common import (
@@ -85,7 +86,7 @@ def run(a: argparse.Namespace) -> None:
     options = options_from_args(a)
     # the output's size, estimated low: float32 weights, less `ratio` of them unless densified
     keep = 1.0 if a.densify else 1.0 - a.ratio
-    dense = float32_weight_bytes(a.model) if os.path.isdir(a.model) else None
+    dense = dense_bytes(a.model) if os.path.isdir(a.model) else None
     out = prepare_output_dir(a.output, a.overwrite, size=int(keep * dense) if dense else 0)
     model, tok = load_model(a.model)
     if dense is None:  # a hub id, a .gguf file, the bundled alias: measured once loaded

@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 from ..core.device import resolve_device
-from ..core.disk import check_free_space, float32_weight_bytes
+from ..core.disk import check_free_space
 from ..measure.perplexity import perplexity
 from ..pipeline.compress import compress
 from ..pipeline.options import CompressionOptions
+from ..saved.contents import dense_bytes
 from ..saved.folder import prepare_output_dir, save
 from ..saved.format import read_svdkit_config
 from ..sources.models import load_model, smollm2_folder
@@ -58,7 +59,7 @@ def run_demo(ratio: float = 0.2, output: str = "svdkit-demo-output", device: str
     print(f"svdkit demo: SmolLM2-135M-Instruct, {DEMO_METHOD} at ratio {ratio}, text: Python's documentation")
     folder = smollm2_folder()
     dense_size = _size(folder)
-    check_free_space(out.parent, int((1 - ratio) * (float32_weight_bytes(folder) or 0)))
+    check_free_space(out.parent, int((1 - ratio) * (dense_bytes(folder) or 0)))
     model, tok = load_model("smollm2-135m")
     ids = source_tokens(tok, "demo")
     held_out = EVAL_WINDOWS * SEQLEN

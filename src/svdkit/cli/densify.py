@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.disk import float32_weight_bytes
 from ..errors import SvdkitError
+from ..saved.contents import dense_bytes
 from ..saved.folder import densify, prepare_output_dir
 from ..saved.format import read_svdkit_config
 from ..sources.models import load_model
@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
 def run(a: argparse.Namespace) -> None:
     if read_svdkit_config(a.folder) is None:
         raise SvdkitError(f"'{a.folder}' is not an svdkit-compressed model folder")
-    out = prepare_output_dir(a.output, a.overwrite, size=float32_weight_bytes(a.folder) or 0)
+    out = prepare_output_dir(a.output, a.overwrite, size=dense_bytes(a.folder) or 0)
     model, tok = load_model(a.folder)
     densify(model, tok, out, overwrite=a.overwrite, inplace=True)
     print(f"dense model written to {out}")

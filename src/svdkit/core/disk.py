@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import shutil
 import socket
-import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +31,6 @@ __all__ = [
     "nearest_existing",
     "check_writable",
     "check_free_space",
-    "float32_weight_bytes",
     "human_bytes",
 ]
 
@@ -148,34 +145,3 @@ def check_free_space(path: str | os.PathLike, need: int, what: str = "the output
             f"not enough free space in {folder} for {what}: it needs about {human_bytes(need)}, "
             f"{human_bytes(free)} free: free some space or choose another location"
         )
-
-
-def _header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        if size > 100 * 2**20:
-            raise ValueError("header too large")
-        return json.loads(f.read(size))
-
-
-def float32_weight_bytes(folder: str | os.PathLike) -> int | None:
-    """Bytes of the dense model in `folder`'s ``*.safetensors`` once loaded in float32 (how svdkit writes),
-    read from the headers alone; a low-rank pair (``X.A`` k x n, ``X.B`` m x k) counts as the m x n matrix
-    it stands for. None where `folder` holds no safetensors or a header cannot be read."""
-    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
-    shapes: dict[str, list[int]] = {}
-    try:
-        for f in files:
-            shapes.update({k: v["shape"] for k, v in _header(f).items() if k != "__metadata__"})
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
-        return None
-    if not files:
-        return None
-    elements = 0
-    for key, shape in shapes.items():
-        module, _, leaf = key.rpartition(".")
-        pair = shapes.get(f"{module}.A") if leaf == "B" else None
-        if leaf == "A" and f"{module}.B" in shapes:
-            continue  # counted with its B
-        elements += shape[0] * pair[1] if pair is not None else math.prod(shape)
-    return 4 * elements

@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from ..errors import SvdkitError
 from .format import read_svdkit_config
 
-__all__ = ["tensor_shapes", "record_problems", "check_folder", "folder_info", "natural_key"]
+__all__ = ["tensor_shapes", "dense_bytes", "record_problems", "check_folder", "folder_info", "natural_key"]
 
 SHOWN = 3
 """problems named in one error message"""
@@ -30,6 +30,23 @@ def tensor_shapes(folder: str | Path) -> dict[str, list[int]]:
         except (SafetensorError, OSError) as e:
             raise SvdkitError(f"'{f}' is not a readable safetensors file (truncated or corrupt?): {e}") from e
     return shapes
+
+
+def dense_bytes(folder: str | Path) -> int | None:
+    """Bytes of the dense model in `folder` once loaded in float32 (as svdkit loads and writes), from the
+    safetensors headers; a low-rank pair (``X.A`` k x n, ``X.B`` m x k) counts as the m x n matrix it stands
+    for. None where `folder` is not a folder of safetensors files."""
+    shapes = tensor_shapes(folder) if Path(folder).is_dir() else {}
+    if not shapes:
+        return None
+    elements = 0
+    for key, shape in shapes.items():
+        module, _, leaf = key.rpartition(".")
+        if leaf == "A" and f"{module}.B" in shapes:
+            continue  # counted with its B
+        a = shapes.get(f"{module}.A") if leaf == "B" else None
+        elements += shape[0] * a[1] if a is not None else math.prod(shape)
+    return 4 * elements
 
 
 def record_problems(ranks: dict[str, int], shapes: dict[str, list[int]]) -> list[str]:
