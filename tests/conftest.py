@@ -304,3 +304,23 @@ def write_task(folder, model, tok) -> tuple[float, float]:
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
     )
     return 1 - len(WRONG) / len(DOCS), norm_hits / len(DOCS)
+
+
+# --- temporary folders left by a killed run ------------------------------------------------------
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def mark_owner(folder, pid: int, **changes) -> None:
+    """Write `folder`'s owner file as process `pid` of this machine would (`changes` alter fields)."""
+    from svdkit.core.disk import OWNER_FILE, owner
+
+    (folder / OWNER_FILE).write_text(json.dumps({**owner(), "pid": pid, **changes}))

@@ -72,20 +72,16 @@ def test_a_full_disk_while_spilling_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_a_new_store_sweeps_the_spill_of_a_killed_run(tmp_path):
-    import json
     import os
-    import socket
-    import subprocess
-    import sys
+
+    from conftest import dead_pid, mark_owner
 
     from svdkit.calibration.store import StatisticsStore
     from svdkit.core.disk import OWNER_FILE
 
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    for name, pid in [("svdkit-stats-killed", proc.pid), ("svdkit-stats-running", os.getpid())]:
+    for name, pid in [("svdkit-stats-killed", dead_pid()), ("svdkit-stats-running", os.getpid())]:
         (tmp_path / name).mkdir()
-        (tmp_path / name / OWNER_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+        mark_owner(tmp_path / name, pid)
     (tmp_path / "svdkit-stats-unmarked").mkdir()
     with StatisticsStore(tmp_path) as store:
         names = sorted(p.name for p in tmp_path.iterdir())

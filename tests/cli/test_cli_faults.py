@@ -5,17 +5,15 @@ left behind. Each ends with one line and leaves no temporary folder."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections import namedtuple
 
 import pytest
-from conftest import assert_error, compress_small, run_cli, tiny_model
+from conftest import assert_error, compress_small, dead_pid, mark_owner, run_cli, tiny_model
 from safetensors import SafetensorError
 from transformers import PreTrainedModel
 
@@ -235,16 +233,9 @@ def test_ctrl_c_during_the_save_exits_130_and_leaves_nothing(capsys, tmp_path, t
     assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
 
 
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def test_the_next_run_sweeps_what_a_killed_run_left(capsys, tmp_path, tiny_folder, text_file):
     stats = tmp_path / "stats"
-    owner = json.dumps({"pid": dead_pid(), "host": socket.gethostname()})
-    live = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+    owner, live = dead_pid(), os.getpid()
     for folder, marker in [
         (tmp_path / ".out.tmp-killed", owner),
         (tmp_path / ".out.old-killed", owner),
@@ -255,7 +246,7 @@ def test_the_next_run_sweeps_what_a_killed_run_left(capsys, tmp_path, tiny_folde
         folder.mkdir(parents=True)
         (folder / "layer-0.safetensors").write_bytes(b"partial")
         if marker is not None:
-            (folder / OWNER_FILE).write_text(marker)
+            mark_owner(folder, marker)
     argv = ["compress", tiny_folder, *calib(text_file), "--allocation", "v2", "--statistics-dir", stats]
     code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "out")
     assert code == 0, err

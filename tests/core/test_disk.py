@@ -8,13 +8,13 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 from collections import namedtuple
 
 import pytest
+from conftest import dead_pid, mark_owner
 
 import svdkit
+from svdkit.core import disk
 from svdkit.core.disk import (
     OWNER_FILE,
     check_free_space,
@@ -27,20 +27,14 @@ from svdkit.core.disk import (
 Usage = namedtuple("Usage", "total used free")
 
 
-def dead_pid() -> int:
-    """The pid of a process that has exited (and been reaped)."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def leftover(parent, name: str, pid: int | None, host: str | None = None):
-    """A folder `name` in `parent` as a run with `pid` leaves it (pid None: no owner file)."""
+def leftover(parent, name: str, pid: int | None, **changes):
+    """A folder `name` in `parent` as a run with `pid` leaves it (pid None: no owner file; `changes` alter
+    the owner file's fields)."""
     folder = parent / name
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"half written")
     if pid is not None:
-        (folder / OWNER_FILE).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname()}))
+        mark_owner(folder, pid, **changes)
     return folder
 
 
@@ -48,7 +42,7 @@ def test_a_scratch_folder_names_its_owner_and_is_removed_whatever_happens(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         with scratch_dir(".out.tmp-", tmp_path) as tmp:
             owner = json.loads((tmp / OWNER_FILE).read_text())
-            assert owner == {"pid": os.getpid(), "host": socket.gethostname()}
+            assert owner == disk.owner() and owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
             assert tmp.parent == tmp_path and tmp.name.startswith(".out.tmp-")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
@@ -59,12 +53,15 @@ def test_only_folders_of_a_dead_process_on_this_host_are_swept(tmp_path):
     alive = leftover(tmp_path, ".out.tmp-alive", os.getpid())
     unmarked = leftover(tmp_path, ".out.tmp-unmarked", None)
     elsewhere = leftover(tmp_path, ".out.tmp-elsewhere", dead_pid(), host="another-host")
+    container = leftover(tmp_path, ".out.tmp-container", dead_pid(), pidns="another namespace")
+    rebooted = leftover(tmp_path, ".out.tmp-rebooted", os.getpid(), boot="an earlier boot")
+    reused = leftover(tmp_path, ".out.tmp-reused", os.getpid(), started="1")  # the pid is another process now
     other_prefix = leftover(tmp_path, ".other.tmp-dead", dead_pid())
     garbled = leftover(tmp_path, ".out.tmp-garbled", None)
     (garbled / OWNER_FILE).write_text("{not json")
     fresh = make_scratch_dir(".out.tmp-", tmp_path)  # sweeps first
-    assert not stale.exists()
-    assert all(f.is_dir() for f in (alive, unmarked, elsewhere, other_prefix, garbled, fresh))
+    assert not any(f.exists() for f in (stale, rebooted, reused))
+    assert all(f.is_dir() for f in (alive, unmarked, elsewhere, container, other_prefix, garbled, fresh))
     assert sweep_stale(tmp_path, ".out.tmp-") == []  # nothing else is provably stale
     shutil.rmtree(fresh)
 

@@ -10,7 +10,7 @@ from conftest import assert_error, compress_small, run_cli, tiny_model
 from test_portable import without_svdkit
 
 import svdkit
-from svdkit.saved.contents import dense_bytes
+from svdkit.saved.contents import dense_bytes, record_problems
 
 Q0 = "model.layers.0.self_attn.q_proj"
 
@@ -100,3 +100,39 @@ def test_weight_bytes_from_the_headers(tmp_path, tiny_tokenizer):
     (tmp_path / "broken" / "model.safetensors").write_bytes(b"\x05")
     with pytest.raises(svdkit.SvdkitError, match="not a readable safetensors file"):
         dense_bytes(tmp_path / "broken")
+
+
+def test_a_record_naming_a_module_the_model_lacks_is_one_clear_line(capsys, folder):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    for leaf in ("A", "B"):
+        weights[f"model.layers.7.self_attn.q_proj.{leaf}"] = weights.pop(f"{Q0}.{leaf}")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    edit_record(folder, lambda r: r["ranks"].update({"model.layers.7.self_attn.q_proj": r["ranks"].pop(Q0)}))
+    code, _, err = run_cli(capsys, "generate", folder, "--max-new-tokens", "1")
+    assert_error(code, err, "names the module model.layers.7.self_attn.q_proj, which this model does not have")
+
+
+def test_parameters_merely_named_a_and_b_are_not_factors():
+    shapes = {"model.layers.0.self_attn.A": [4], "model.layers.0.self_attn.q_proj.weight": [8, 8]}  # Doge's A
+    assert record_problems({}, shapes) == []
+    shapes |= {"m.A": [2, 8], "m.B": [8, 2]}
+    assert record_problems({}, shapes) == ["m has factors in the weights but no rank in the record"]
+
+
+def test_only_the_model_files_count_not_other_safetensors_beside_them(folder):
+    size = dense_bytes(folder)
+    (folder / "consolidated.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    (folder / "adapter_model.safetensors").write_bytes(b"anything")
+    assert dense_bytes(folder) == size
+    svdkit.load(folder)
+
+
+def test_a_folder_of_a_model_type_this_transformers_lacks_says_to_upgrade(capsys, folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "svdkit_llama9"
+    (folder / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "eval", folder, "--dataset", "demo")
+    assert_error(code, err, "was compressed from a 'llama9' model, which transformers")
+    assert "Do you wish to run the custom code" not in capsys.readouterr().out

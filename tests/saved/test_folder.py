@@ -109,3 +109,39 @@ def test_densify_writes_a_plain_model_with_the_same_outputs(tmp_path, tiny_token
     assert svdkit.count_parameters(plain) == dense
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-4)
+
+
+def test_a_signal_during_the_replacement_waits_until_the_new_folder_is_in_place(tmp_path, tiny_tokenizer, monkeypatch):
+    import os
+    import signal
+
+    from svdkit.cli import main
+
+    model = small_compressed()
+    svdkit.save(model, tiny_tokenizer, tmp_path / "out")
+    replace = os.replace
+
+    def terminated_midway(src, dst):  # SIGTERM arrives just as the old folder is moved aside
+        replace(src, dst)
+        if str(dst).endswith("out") and ".old-" in str(dst):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(os, "replace", terminated_midway)
+    monkeypatch.setattr("svdkit.cli.densify.run", lambda a: svdkit.save(model, tiny_tokenizer, tmp_path / "out", True))
+    assert main(["densify", str(tmp_path / "in"), "--output", str(tmp_path / "x")]) == 143
+    assert (tmp_path / "out" / "config.json").is_file()  # the new folder, complete
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_save_killed_between_the_two_renames_gets_its_old_folder_back(tmp_path, tiny_tokenizer):
+    from conftest import dead_pid, mark_owner
+
+    model = small_compressed()
+    svdkit.save(model, tiny_tokenizer, tmp_path / "out")
+    old = tmp_path / ".out.old-killed"
+    old.mkdir()
+    (tmp_path / "out").rename(old / "out")  # what kill -9 between the renames leaves
+    mark_owner(old, dead_pid())
+    with pytest.raises(svdkit.SvdkitError, match="exists and is not empty"):  # the old folder is back, not lost
+        svdkit.save(model, tiny_tokenizer, tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").is_file() and [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import assert_error, run_cli
+from conftest import assert_error, dead_pid, mark_owner, run_cli
 from transformers import BertConfig, BertForMaskedLM
 
 import svdkit
@@ -56,6 +56,7 @@ def test_compress_refuses_a_masked_lm_in_one_line_and_writes_nothing(capsys, ber
         {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
         {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]},  # AutoModelForCausalLM's own
         {"model_type": "llama"},  # no architectures: AutoModelForCausalLM decides from the model type
+        {"model_type": "llama", "architectures": ["LLaMAForCausalLM"]},  # an old hub name: left to transformers
         {  # ships its own causal-LM class (svdkit's portable folders, remote-code models)
             "model_type": "svdkit_llama",
             "architectures": ["SvdkitLlamaForCausalLM"],
@@ -87,6 +88,7 @@ def _fake_conversion(calls: list, seconds: float):
     def convert(gguf, folder):
         calls.append(folder)
         time.sleep(seconds)
+        folder.mkdir()  # as save_pretrained makes it
         (folder / "config.json").write_text("{}")
         (folder / "model.safetensors").write_bytes(b"weights")
 
@@ -128,6 +130,7 @@ def test_a_killed_conversion_leaves_nothing_the_next_one_keeps(fake_bundle, tmp_
     stale = tmp_path / "cache" / ".tmp-smollm2-dead"
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"half")
+    mark_owner(stale, dead_pid())
     target = models.smollm2_folder(progress=False)
     assert not stale.exists() and (target / "config.json").is_file()
 

@@ -22,6 +22,7 @@ from huggingface_hub.utils import logging as hub_logging
 from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 
+from ..core.disk import io_reason
 from ..errors import SvdkitError
 from . import bench, compress, demo, densify, evaluate, generate, info, methods
 from .common import CURVE_FILE, Parser
@@ -71,12 +72,6 @@ def _signals_as_interrupts() -> Iterator[None]:
             signal.signal(sig, previous)
 
 
-def _io_message(e: OSError | SafetensorError) -> str:
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-    where = getattr(e, "filename", None)
-    return f"{where}: {reason}" if where else f"I/O error: {reason}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     hf_logging.set_verbosity_error()
@@ -96,6 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         except (OSError, SafetensorError) as e:  # what no check foresaw: a disk filled up while writing
-            print(f"svdkit: error: {_io_message(e)}", file=sys.stderr)
+            print(f"svdkit: error: {io_reason(e)}", file=sys.stderr)
             return 2
     return 0

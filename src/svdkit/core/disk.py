@@ -28,6 +28,10 @@ __all__ = [
     "make_scratch_dir",
     "scratch_dir",
     "sweep_stale",
+    "owner",
+    "is_stale",
+    "remove_scratch",
+    "io_reason",
     "nearest_existing",
     "check_writable",
     "check_free_space",
@@ -38,22 +42,71 @@ OWNER_FILE = ".svdkit-owner"
 """inside every temporary folder: JSON {"pid", "host"} of the process that made it"""
 
 
-def _owner_is_gone(folder: Path) -> bool:
-    """True only when `folder`'s owner file names this host and a pid that is not running."""
+def _read(path: str) -> str:
     try:
-        owner = json.loads((folder / OWNER_FILE).read_text())
-        pid, host = int(owner["pid"]), str(owner["host"])
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _started(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22); "" where unknown."""
+    fields = _read(f"/proc/{pid}/stat").rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+def owner() -> dict:
+    """Who makes a temporary folder: pid, its start time, host, boot and pid namespace (the last three
+    tell whether the pid can be looked up here at all)."""
+    return {
+        "pid": os.getpid(),
+        "started": _started(os.getpid()),
+        "host": socket.gethostname(),
+        "boot": _read("/proc/sys/kernel/random/boot_id"),
+        "pidns": _pid_namespace(),
+    }
+
+
+def is_stale(folder: Path) -> bool:
+    """True only when `folder`'s owner provably no longer runs: same host, and either the machine has
+    rebooted since, or (same boot, same pid namespace) the pid is gone or now another process's."""
+    try:
+        was = json.loads((folder / OWNER_FILE).read_text())
+        pid = int(was["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return False  # no owner file, or one half written: not provably ours
-    if host != socket.gethostname() or pid <= 0:
+    now = owner()
+    if was.get("host") != now["host"] or pid <= 0:
         return False
+    if was.get("boot") and now["boot"] and was["boot"] != now["boot"]:
+        return True
+    if was.get("boot") != now["boot"] or was.get("pidns") != now["pidns"]:
+        return False  # another container's process, say: its pid means nothing here
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except OSError:  # PermissionError: alive, another user's
         return False
-    return False
+    return bool(was.get("started")) and _started(pid) not in ("", was["started"])
+
+
+def remove_scratch(path: Path) -> None:
+    """Remove a temporary folder, its owner file last: an interrupted removal leaves a folder still marked."""
+    for entry in path.iterdir() if path.is_dir() else ():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name != OWNER_FILE:
+            entry.unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def sweep_stale(parent: str | os.PathLike, prefix: str) -> list[Path]:
@@ -64,7 +117,7 @@ def sweep_stale(parent: str | os.PathLike, prefix: str) -> list[Path]:
         return []
     removed = []
     for entry in entries:
-        if entry.name.startswith(prefix) and entry.is_dir() and not entry.is_symlink() and _owner_is_gone(entry):
+        if entry.name.startswith(prefix) and entry.is_dir() and not entry.is_symlink() and is_stale(entry):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
@@ -80,7 +133,7 @@ def make_scratch_dir(prefix: str, parent: str | os.PathLike | None = None) -> Pa
     sweep_stale(parent, prefix)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
-        (path / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        (path / OWNER_FILE).write_text(json.dumps(owner()))
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
@@ -94,7 +147,7 @@ def scratch_dir(prefix: str, parent: str | os.PathLike | None = None) -> Iterato
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_scratch(path)
 
 
 def nearest_existing(path: str | os.PathLike) -> Path:
@@ -103,6 +156,13 @@ def nearest_existing(path: str | os.PathLike) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def io_reason(e: Exception) -> str:
+    """'FILE: reason' of an I/O error (an OSError, or safetensors' error: its message)."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    where = getattr(e, "filename", None)
+    return f"{where}: {reason}" if where else f"I/O error: {reason}"
 
 
 def _why(e: OSError) -> str:

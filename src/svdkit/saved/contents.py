@@ -4,6 +4,7 @@ model: its record, its tensors' shapes, whether the two agree (:func:`check_fold
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -12,17 +13,39 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import SvdkitError
 from .format import read_svdkit_config
+from .modeling_svdkit import summary
 
-__all__ = ["tensor_shapes", "dense_bytes", "record_problems", "check_folder", "folder_info", "natural_key"]
+__all__ = [
+    "weight_files",
+    "tensor_shapes",
+    "dense_bytes",
+    "record_problems",
+    "read_folder",
+    "check_folder",
+    "folder_info",
+    "natural_key",
+]
 
-SHOWN = 3
-"""problems named in one error message"""
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files transformers loads from `folder`: those of model.safetensors.index.json, else
+    model.safetensors (other files, such as a consolidated.safetensors or an adapter beside them, are not
+    the model's)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SvdkitError(f"'{index}' is not a valid safetensors index: {e}") from e
+        return [folder / name for name in sorted(names)]
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
 
 
 def tensor_shapes(folder: str | Path) -> dict[str, list[int]]:
-    """Tensor name -> shape over every .safetensors file of `folder`; a truncated or corrupt file is an error."""
+    """Tensor name -> shape over the weight files of `folder`; a missing, truncated or corrupt file is an error."""
     shapes: dict[str, list[int]] = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
+    for f in weight_files(folder):
         try:
             with safe_open(f, "pt") as st:
                 for key in st.keys():
@@ -61,28 +84,41 @@ def record_problems(ranks: dict[str, int], shapes: dict[str, list[int]]) -> list
             problems.append(f"{name} has rank {rank} in the record but factors A {a} and B {b} in the weights")
         if f"{name}.weight" in shapes:
             problems.append(f"{name} has rank {rank} in the record but a dense {name}.weight in the weights")
-    unlisted = {key.rpartition(".")[0] for key in shapes if key.endswith((".A", ".B"))} - set(ranks)
-    problems += [f"{name} has factors in the weights but no rank in the record" for name in sorted(unlisted)]
+    unlisted = {key.removesuffix(".A") for key in shapes if key.endswith(".A") and _factors(shapes, key[:-2])}
+    problems += [
+        f"{name} has factors in the weights but no rank in the record" for name in sorted(unlisted - set(ranks))
+    ]
     return problems
 
 
-def check_folder(folder: str | Path) -> dict | None:
-    """The folder's svdkit record (None for an ordinary model) once its weights are readable and agree
-    with it; otherwise an error naming the modules at fault."""
+def _factors(shapes: dict[str, list[int]], module: str) -> bool:
+    """Whether `module`.A and `module`.B are a pair of factors (matrices that chain), not parameters that
+    happen to be named so (Doge's self_attn.A)."""
+    a, b = shapes.get(f"{module}.A"), shapes.get(f"{module}.B")
+    return a is not None and b is not None and len(a) == 2 and len(b) == 2 and a[0] == b[1]
+
+
+def read_folder(folder: str | Path) -> tuple[dict | None, dict[str, list[int]]]:
+    """(svdkit record or None, tensor shapes) of a model folder whose weight files are readable (any model)
+    and, for an svdkit folder, agree with its record; otherwise an error naming the file or the modules."""
     record = read_svdkit_config(folder)
     shapes = tensor_shapes(folder)
     if record is None:
-        return None
+        return None, shapes
     if not shapes:
         raise SvdkitError(f"'{folder}' has no .safetensors weights")
     problems = record_problems(record["ranks"], shapes)
     if problems:
-        more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
         raise SvdkitError(
             f"'{folder}' is an inconsistent svdkit folder, its weights do not match the ranks in config.json: "
-            f"{'; '.join(problems[:SHOWN])}{more}. The folder is damaged: compress the model again"
+            f"{summary(problems)}. The folder is damaged: compress the model again"
         )
-    return record
+    return record, shapes
+
+
+def check_folder(folder: str | Path) -> dict | None:
+    """:func:`read_folder`'s checks; the svdkit record, None for an ordinary model."""
+    return read_folder(folder)[0]
 
 
 def folder_info(folder: str | Path) -> dict:
@@ -90,10 +126,9 @@ def folder_info(folder: str | Path) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise SvdkitError(f"'{folder}' is not a folder")
-    record = check_folder(folder)
+    record, all_shapes = read_folder(folder)
     if record is None:
         raise SvdkitError(f"'{folder}' is not an svdkit-compressed model folder (no svdkit record in config.json)")
-    all_shapes = tensor_shapes(folder)
     ranks = record["ranks"]
     shapes, dense_kept = {}, []
     kinds = {re.sub(r"^.*\.\d+\.", "", name) for name in ranks}

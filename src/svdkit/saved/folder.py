@@ -11,8 +11,18 @@ import torch
 from safetensors import SafetensorError
 
 from ..core.device import resolve_device
-from ..core.disk import check_free_space, check_writable, scratch_dir, sweep_stale
+from ..core.disk import (
+    check_free_space,
+    check_writable,
+    io_reason,
+    is_stale,
+    make_scratch_dir,
+    remove_scratch,
+    scratch_dir,
+    sweep_stale,
+)
 from ..core.lowrank import densify_
+from ..core.signals import signals_held
 from ..errors import SvdkitError
 from ..sources.models import load_model
 from .format import make_plain
@@ -26,6 +36,8 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool, size: int = 0) 
     unless overwrite, and a location where no file can be created; with `size` (bytes), a file system
     with less room than that."""
     path = Path(path)
+    if path.parent.is_dir():
+        _recover(path)
     if path.exists() and not path.is_dir():
         raise SvdkitError(f"output '{path}' exists and is a file, not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
@@ -42,7 +54,6 @@ def _atomic_write(path: Path, overwrite: bool, write) -> Path:
     happens, and an existing folder is replaced only by a complete one."""
     path = prepare_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(path.parent, f".{path.name}.old-")
     try:
         with scratch_dir(f".{path.name}.tmp-", path.parent) as tmp:
             staged = tmp / path.name  # made by mkdir: an ordinary folder (umask), without the owner file
@@ -51,18 +62,35 @@ def _atomic_write(path: Path, overwrite: bool, write) -> Path:
             if not path.exists():
                 os.replace(staged, path)
                 return path
-            with scratch_dir(f".{path.name}.old-", path.parent) as old:
-                os.replace(path, old / path.name)
-                try:
-                    os.replace(staged, path)
-                except BaseException:
-                    os.replace(old / path.name, path)
-                    raise
+            _swap(path, staged, make_scratch_dir(f".{path.name}.old-", path.parent))
     except (OSError, SafetensorError) as e:
-        where = f"{Path(e.filename).name}: " if isinstance(e, OSError) and e.filename else ""
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise SvdkitError(f"could not write {path} ({where}{reason}); nothing was written") from e
+        raise SvdkitError(f"could not write {path} ({io_reason(e)}); nothing was written") from e
     return path
+
+
+def _swap(path: Path, new: Path, old: Path) -> None:
+    """Replace the folder `path` by `new`, through the scratch folder `old` (removed at the end), with
+    SIGINT, SIGTERM and SIGHUP held back meanwhile (they arrive once it is done): an interruption never
+    leaves `path` missing or a folder behind. A kill -9 between the two renames leaves the old folder in
+    `old`, which the next save to `path` puts back (:func:`_recover`)."""
+    with signals_held():
+        os.replace(path, old / path.name)
+        try:
+            os.replace(new, path)
+        except OSError:
+            os.replace(old / path.name, path)
+            raise
+        finally:
+            remove_scratch(old)
+
+
+def _recover(path: Path) -> None:
+    """Put back a folder that a killed save left in a stale ``.NAME.old-*`` while `path` is missing; then
+    remove the stale ones."""
+    for old in sorted(path.parent.glob(f".{path.name}.old-*")):
+        if not path.exists() and (old / path.name).is_dir() and is_stale(old):
+            os.replace(old / path.name, path)
+    sweep_stale(path.parent, f".{path.name}.old-")
 
 
 def save(model, tokenizer, path: str | os.PathLike, overwrite: bool = False) -> Path:

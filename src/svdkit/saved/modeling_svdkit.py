@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-__all__ = ["PREFIX", "RECORD", "LowRankLinear", "build_classes", "swap_in", "loading_problems"]
+__all__ = ["PREFIX", "RECORD", "LowRankLinear", "build_classes", "swap_in", "summary", "loading_problems"]
 
 PREFIX = "svdkit_"
 """config.json's model_type is PREFIX + the base model's type"""
@@ -67,13 +67,22 @@ class LowRankLinear(nn.Module):
 def swap_in(model: nn.Module, ranks: dict) -> None:
     """Replace each named nn.Linear by an (uninitialised) LowRankLinear of the given rank, in place."""
     for name, rank in ranks.items():
-        old = model.get_submodule(name)
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"the svdkit record names the module {name}, which this model does not have") from e
         if isinstance(old, nn.Linear):
             w = old.weight
             model.set_submodule(
                 name,
                 LowRankLinear(old.in_features, old.out_features, int(rank), old.bias is not None, w.device, w.dtype),
             )
+
+
+def summary(problems: list[str], shown: int = 3) -> str:
+    """The first `shown` problems, and how many more."""
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
 
 
 def loading_problems(info: dict) -> list[str]:
@@ -110,10 +119,7 @@ def build_classes(base_type: str) -> tuple[type, type]:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
             problems = loading_problems(info)
             if problems:
-                more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-                raise ValueError(
-                    f"the weights do not match the svdkit record in config.json: {'; '.join(problems[:3])}{more}"
-                )
+                raise ValueError(f"the weights do not match the svdkit record in config.json: {summary(problems)}")
             return (model, info) if wanted else model
 
     Config.__name__ = Config.__qualname__ = f"Svdkit{base_config.__name__}"

@@ -11,20 +11,23 @@ import fcntl
 import importlib.util
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
+from transformers.models.auto import modeling_auto
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ..core.disk import scratch_dir
 from ..errors import SvdkitError
 from ..saved.contents import check_folder
-from ..saved.format import register_format
-from ..saved.modeling_svdkit import loading_problems
+from ..saved.format import PREFIX, register_format
+from ..saved.modeling_svdkit import loading_problems, summary
 from .gguf import convert_gguf, float_from_gguf
 
 __all__ = [
@@ -111,36 +114,46 @@ def smollm2_folder(progress: bool = True) -> Path:
 
 
 def _convert_into(gguf: Path, target: Path, progress: bool) -> None:
-    """Convert `gguf` into a temporary sibling of `target`, then rename it into place (call under the lock)."""
-    for stale in target.parent.glob(".tmp-smollm2-*"):  # left by a killed conversion: none runs but ours
-        shutil.rmtree(stale, ignore_errors=True)
+    """Convert `gguf` into a temporary sibling of `target` (a scratch folder: a killed conversion's is swept),
+    then rename it into place (call under the lock)."""
     if progress:
         print(f"converting {gguf.name} to a plain Hugging Face folder (once) in {target}", flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=target.parent))
-    try:
-        convert_gguf(gguf, tmp)
+    with scratch_dir(".tmp-smollm2-", target.parent) as tmp:
+        convert_gguf(gguf, tmp / target.name)
         if target.exists():
             shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        os.replace(tmp / target.name, target)
 
 
-def _causal_lm_classes() -> set[str]:
-    """The class names AutoModelForCausalLM builds, over every model type transformers knows."""
+def _class_names(mapping: dict) -> set[str]:
     names: set[str] = set()
-    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+    for value in mapping.values():
         names.update((value,) if isinstance(value, str) else value)
     return names
+
+
+def _other_heads() -> set[str]:
+    """The class names transformers' Auto classes build for anything but a causal LM (masked LM, seq2seq,
+    classification, ... and headless base models)."""
+    mappings = [v for k, v in vars(modeling_auto).items() if k.endswith("_MAPPING_NAMES") and isinstance(v, dict)]
+    return set().union(*map(_class_names, mappings)) - _class_names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
 def require_causal_lm(config: dict, spec: str) -> None:
     """Refuse, from its config.json alone, a model that is not a causal decoder (an encoder, an encoder-decoder).
 
-    A config whose ``auto_map`` names its own AutoModelForCausalLM class declares a causal LM; one without
-    ``architectures`` is left to AutoModelForCausalLM, which refuses a model type it has no class for.
+    A folder svdkit compressed from a model type this transformers does not know is refused with the
+    remedy. A config whose ``auto_map`` names its own AutoModelForCausalLM class declares a causal LM;
+    one whose ``architectures`` are all classes transformers builds for other heads (masked LM,
+    classification, headless) is refused; other names, and no ``architectures``, are left to
+    AutoModelForCausalLM, which refuses a model type it has no class for.
     """
+    base = str(config.get("model_type", "")).removeprefix(PREFIX)
+    if str(config.get("model_type", "")).startswith(PREFIX) and base not in CONFIG_MAPPING:
+        raise SvdkitError(
+            f"'{spec}' was compressed from a '{base}' model, which transformers {transformers.__version__} does not "
+            "know: upgrade transformers"
+        )
     auto_map = config.get("auto_map")
     if isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map:
         return
@@ -148,7 +161,7 @@ def require_causal_lm(config: dict, spec: str) -> None:
     if config.get("is_encoder_decoder"):
         raise SvdkitError(f"'{spec}' holds an encoder-decoder model ({kind}), not a causal decoder: {SUPPORTED}")
     architectures = config.get("architectures") or []
-    if architectures and not set(architectures) & _causal_lm_classes():
+    if architectures and set(architectures) <= _other_heads():
         raise SvdkitError(f"'{spec}' holds a {', '.join(architectures)} ({kind}), not a causal decoder: {SUPPORTED}")
 
 
@@ -177,14 +190,11 @@ def _from_pretrained(where: str, dtype: torch.dtype):
     """AutoModelForCausalLM.from_pretrained, refusing weights that are missing, unexpected or of another
     shape than the config describes (transformers would initialise those randomly, or point at a report)."""
     model, info = AutoModelForCausalLM.from_pretrained(
-        where, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+        where, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, trust_remote_code=False
     )
     problems = loading_problems(info)
     if problems:
-        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise SvdkitError(
-            f"'{where}': the weights do not fit the model its config.json describes: {'; '.join(problems[:3])}{more}"
-        )
+        raise SvdkitError(f"'{where}': the weights do not fit the model its config.json describes: {summary(problems)}")
     return model
 
 
@@ -206,7 +216,7 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, prog
             model, tokenizer = float_from_gguf(os.path.join(where, gguf_file), dtype)
         else:
             model = _from_pretrained(where, dtype)
-            tokenizer = AutoTokenizer.from_pretrained(where)
+            tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError) as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         if where == spec and not os.path.exists(spec):
