@@ -93,11 +93,12 @@ def test_too_little_free_space_is_refused_before_loading(
     assert no_load == [] and not (tmp_path / "out").exists()
 
 
-def test_the_size_estimates_stay_below_what_is_written(capsys, tmp_path, tiny_folder, text_file):
+def test_the_size_estimates_come_close_to_what_is_written(capsys, tmp_path, tiny_folder, text_file):
     out = tmp_path / "out"
     code, _, _ = run_cli(capsys, "compress", tiny_folder, "--ratio", "0.6", *calib(text_file), "--output", out)
     assert code == 0
-    assert 0.4 * dense_bytes(tiny_folder) <= (out / "model.safetensors").stat().st_size
+    written = (out / "model.safetensors").stat().st_size
+    assert 0.9 * written <= dense_bytes(tiny_folder, 0.6) <= 1.1 * written  # the embeddings are kept whole
     code, _, _ = run_cli(capsys, "densify", out, "--output", tmp_path / "dense")
     assert code == 0
     assert dense_bytes(out) <= (tmp_path / "dense" / "model.safetensors").stat().st_size
@@ -238,6 +239,7 @@ def test_the_next_run_sweeps_what_a_killed_run_left(capsys, tmp_path, tiny_folde
     owner, live = dead_pid(), os.getpid()
     for folder, marker in [
         (tmp_path / ".out.tmp-killed", owner),
+        (tmp_path / ".other.tmp-killed", owner),  # a killed save of another folder
         (tmp_path / ".out.old-killed", owner),
         (stats / "svdkit-stats-killed", owner),
         (tmp_path / ".out.tmp-running", live),

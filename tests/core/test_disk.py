@@ -62,7 +62,7 @@ def test_only_folders_of_a_dead_process_on_this_host_are_swept(tmp_path):
     fresh = make_scratch_dir(".out.tmp-", tmp_path)  # sweeps first
     assert not any(f.exists() for f in (stale, rebooted, reused))
     assert all(f.is_dir() for f in (alive, unmarked, elsewhere, container, other_prefix, garbled, fresh))
-    assert sweep_stale(tmp_path, ".out.tmp-") == []  # nothing else is provably stale
+    assert sweep_stale(tmp_path, ".out.tmp-*") == []  # nothing else is provably stale
     shutil.rmtree(fresh)
 
 

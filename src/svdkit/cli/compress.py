@@ -84,14 +84,13 @@ def options_from_args(a: argparse.Namespace) -> CompressionOptions:
 def run(a: argparse.Namespace) -> None:
     start = time.perf_counter()
     options = options_from_args(a)
-    # the output's size, estimated low: float32 weights, less `ratio` of them unless densified
-    keep = 1.0 if a.densify else 1.0 - a.ratio
-    dense = dense_bytes(a.model) if os.path.isdir(a.model) else None
-    out = prepare_output_dir(a.output, a.overwrite, size=int(keep * dense) if dense else 0)
+    ratio = 0.0 if a.densify else a.ratio  # of the decoder layers' matrices removed from the output
+    estimate = dense_bytes(a.model, ratio) if os.path.isdir(a.model) else None
+    out = prepare_output_dir(a.output, a.overwrite, size=estimate or 0)  # a folder's output, from its headers
     model, tok = load_model(a.model)
-    if dense is None:  # a hub id, a .gguf file, the bundled alias: measured once loaded
-        check_free_space(out.parent, int(keep * 4 * count_parameters(model)))
     plan = make_plan(model, options, tokenizer=tok)
+    targets = sum(m * n for m, n in plan.shapes.values())
+    check_free_space(out.parent, 4 * int(count_parameters(model) - ratio * targets))  # any model, measured
     if plan.dense_pass:
         check_spill_space(options.statistics_dir, spill_bytes(plan.shapes, plan.needs))
     result = run_plan(plan, model, tok)

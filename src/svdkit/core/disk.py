@@ -109,15 +109,16 @@ def remove_scratch(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def sweep_stale(parent: str | os.PathLike, prefix: str) -> list[Path]:
-    """Remove the folders in `parent` named `prefix`... whose owner is provably gone; returns them."""
+def sweep_stale(parent: str | os.PathLike, pattern: str) -> list[Path]:
+    """Remove the folders in `parent` whose name matches the glob `pattern` and whose owner is provably
+    gone; returns them."""
     try:
-        entries = sorted(Path(parent).iterdir())
+        entries = sorted(Path(parent).glob(pattern))
     except OSError:
         return []
     removed = []
     for entry in entries:
-        if entry.name.startswith(prefix) and entry.is_dir() and not entry.is_symlink() and is_stale(entry):
+        if entry.is_dir() and not entry.is_symlink() and is_stale(entry):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
@@ -130,7 +131,7 @@ def make_scratch_dir(prefix: str, parent: str | os.PathLike | None = None) -> Pa
     Whatever should outlive the folder is written into a subfolder and renamed out of it, so the owner
     file never travels with it."""
     parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
-    sweep_stale(parent, prefix)
+    sweep_stale(parent, prefix + "*")
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         (path / OWNER_FILE).write_text(json.dumps(owner()))
@@ -160,9 +161,10 @@ def nearest_existing(path: str | os.PathLike) -> Path:
 
 def io_reason(e: Exception) -> str:
     """'FILE: reason' of an I/O error (an OSError, or safetensors' error: its message)."""
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-    where = getattr(e, "filename", None)
-    return f"{where}: {reason}" if where else f"I/O error: {reason}"
+    if not isinstance(e, OSError):
+        return str(e)  # safetensors says "... I/O error: No space left on device" itself
+    where = f"{e.filename}: " if e.filename else "I/O error: "
+    return where + (e.strerror or str(e))
 
 
 def _why(e: OSError) -> str:

@@ -55,21 +55,24 @@ def tensor_shapes(folder: str | Path) -> dict[str, list[int]]:
     return shapes
 
 
-def dense_bytes(folder: str | Path) -> int | None:
+def dense_bytes(folder: str | Path, ratio: float = 0.0) -> int | None:
     """Bytes of the dense model in `folder` once loaded in float32 (as svdkit loads and writes), from the
-    safetensors headers; a low-rank pair (``X.A`` k x n, ``X.B`` m x k) counts as the m x n matrix it stands
+    safetensors headers, less `ratio` of every matrix inside a decoder layer (what compressing at that
+    ratio removes); a low-rank pair (``X.A`` k x n, ``X.B`` m x k) counts as the m x n matrix it stands
     for. None where `folder` is not a folder of safetensors files."""
     shapes = tensor_shapes(folder) if Path(folder).is_dir() else {}
     if not shapes:
         return None
-    elements = 0
+    elements = 0.0
     for key, shape in shapes.items():
         module, _, leaf = key.rpartition(".")
         if leaf == "A" and f"{module}.B" in shapes:
             continue  # counted with its B
         a = shapes.get(f"{module}.A") if leaf == "B" else None
-        elements += shape[0] * a[1] if a is not None else math.prod(shape)
-    return 4 * elements
+        size = shape[0] * a[1] if a is not None else math.prod(shape)
+        in_layer = re.search(r"\.\d+\.", module) is not None and (a is not None or len(shape) == 2)
+        elements += size * (1 - ratio) if in_layer else size
+    return int(4 * elements)
 
 
 def record_problems(ranks: dict[str, int], shapes: dict[str, list[int]]) -> list[str]:

@@ -54,6 +54,7 @@ def _atomic_write(path: Path, overwrite: bool, write) -> Path:
     happens, and an existing folder is replaced only by a complete one."""
     path = prepare_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path.parent, ".*.tmp-*")  # any killed save's, whatever folder it was writing
     try:
         with scratch_dir(f".{path.name}.tmp-", path.parent) as tmp:
             staged = tmp / path.name  # made by mkdir: an ordinary folder (umask), without the owner file
@@ -90,7 +91,7 @@ def _recover(path: Path) -> None:
     for old in sorted(path.parent.glob(f".{path.name}.old-*")):
         if not path.exists() and (old / path.name).is_dir() and is_stale(old):
             os.replace(old / path.name, path)
-    sweep_stale(path.parent, f".{path.name}.old-")
+    sweep_stale(path.parent, f".{path.name}.old-*")
 
 
 def save(model, tokenizer, path: str | os.PathLike, overwrite: bool = False) -> Path:
