@@ -255,3 +255,17 @@ def test_the_next_run_sweeps_what_a_killed_run_left(capsys, tmp_path, tiny_folde
     assert hidden(tmp_path) == [".out.tmp-running"]
     assert [p.name for p in stats.iterdir()] == ["svdkit-stats-someone-elses"]
     assert OWNER_FILE not in [p.name for p in (tmp_path / "out").iterdir()]
+
+
+def test_disk_full_while_the_tokenizer_is_written_is_one_line_too(
+    capsys, tmp_path, tiny_folder, text_file, monkeypatch
+):
+    from transformers import PreTrainedTokenizerBase
+
+    def full(self, folder, *args, **kwargs):  # what the tokenizers library raises: a bare Exception
+        raise Exception("No space left on device (os error 28)")  # noqa: TRY002
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full)
+    code, _, err = run_cli(capsys, "compress", tiny_folder, *calib(text_file), "--output", tmp_path / "out")
+    assert_error(code, err, "No space left on device (os error 28)); nothing was written")
+    assert not (tmp_path / "out").exists() and hidden(tmp_path) == []

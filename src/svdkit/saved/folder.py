@@ -64,9 +64,17 @@ def _atomic_write(path: Path, overwrite: bool, write) -> Path:
                 os.replace(staged, path)
                 return path
             _swap(path, staged, make_scratch_dir(f".{path.name}.old-", path.parent))
-    except (OSError, SafetensorError) as e:
+    except Exception as e:  # noqa: BLE001 - I/O errors only, re-raised otherwise
+        if not _io_error(e):
+            raise
         raise SvdkitError(f"could not write {path} ({io_reason(e)}); nothing was written") from e
     return path
+
+
+def _io_error(e: Exception) -> bool:
+    """An OSError, safetensors' error, or the bare Exception the tokenizers library raises for an I/O
+    error of Rust's ("No space left on device (os error 28)")."""
+    return isinstance(e, OSError | SafetensorError) or (type(e) is Exception and "(os error " in str(e))
 
 
 def _swap(path: Path, new: Path, old: Path) -> None:
