@@ -311,16 +311,21 @@ def signal_saving(case: Case, send: signal.Signals, good: Path) -> list[Row]:
 
 
 def disk_full(case: Case, good: Path) -> list[Row]:
-    mnt = case.root / "mnt"
-    labels = ["compress → 100 MB tmpfs", "densify GOOD → 100 MB tmpfs", "compress v2, --statistics-dir 100 MB tmpfs"]
-    with tmpfs(mnt, "size=100m") as why:
+    return _three_writers(case, good, "mnt", "size=100m", "100 MB tmpfs")
+
+
+def _three_writers(case: Case, good: Path, folder: str, options: str, what: str) -> list[Row]:
+    """compress, densify and a statistics spill aimed at a tmpfs mounted with `options` at `folder`."""
+    mnt = case.root / folder
+    labels = [f"compress → {what}", f"densify GOOD → {what}", f"compress v2, --statistics-dir {what}"]
+    with tmpfs(mnt, options) as why:
         if why:
             return [skipped(case, label, why) for label in labels]
         case.watch(mnt)
         commands = [
-            [*COMPRESS, "--output", "mnt/out"],
-            ["densify", str(good), "--output", "mnt/dense"],
-            [*COMPRESS, "--allocation", "v2", "--statistics-dir", "mnt", "--output", "out"],
+            [*COMPRESS, "--output", f"{folder}/out"],
+            ["densify", str(good), "--output", f"{folder}/dense"],
+            [*COMPRESS, "--allocation", "v2", "--statistics-dir", folder, "--output", "out"],
         ]
         return [run(case, label, cmd) for label, cmd in zip(labels, commands, strict=True)]
 
@@ -362,18 +367,7 @@ def on_tmpfs(case: Case, folder: str, size: int, label: str, args: list[str]) ->
 
 
 def read_only(case: Case, good: Path) -> list[Row]:
-    ro = case.root / "ro"
-    labels = ["compress → read-only tmpfs", "densify GOOD → read-only tmpfs", "compress v2, --statistics-dir read-only"]
-    with tmpfs(ro, "ro,size=1m") as why:
-        if why:
-            return [skipped(case, label, why) for label in labels]
-        case.watch(ro)
-        commands = [
-            [*COMPRESS, "--output", "ro/out"],
-            ["densify", str(good), "--output", "ro/dense"],
-            [*COMPRESS, "--allocation", "v2", "--statistics-dir", "ro", "--output", "out"],
-        ]
-        return [run(case, label, cmd) for label, cmd in zip(labels, commands, strict=True)]
+    return _three_writers(case, good, "ro", "ro,size=1m", "read-only tmpfs")
 
 
 def corrupt(case: Case, good: Path) -> list[Row]:
