@@ -59,7 +59,7 @@ def run_demo(ratio: float = 0.2, output: str = "svdkit-demo-output", device: str
     print(f"svdkit demo: SmolLM2-135M-Instruct, {DEMO_METHOD} at ratio {ratio}, text: Python's documentation")
     folder = smollm2_folder()
     dense_size = _size(folder)
-    check_free_space(out.parent, int((1 - ratio) * (dense_bytes(folder) or 0)))
+    check_free_space(out.parent, dense_bytes(folder, ratio) or 0)  # as compress estimates its output
     model, tok = load_model("smollm2-135m")
     ids = source_tokens(tok, "demo")
     held_out = EVAL_WINDOWS * SEQLEN

@@ -70,9 +70,15 @@ def dense_bytes(folder: str | Path, ratio: float = 0.0) -> int | None:
             continue  # counted with its B
         a = shapes.get(f"{module}.A") if leaf == "B" else None
         size = shape[0] * a[1] if a is not None else math.prod(shape)
-        in_layer = re.search(r"\.\d+\.", module) is not None and (a is not None or len(shape) == 2)
+        in_layer = _in_decoder_layer(module) and (a is not None or len(shape) == 2)
         elements += size * (1 - ratio) if in_layer else size
     return int(4 * elements)
+
+
+def _in_decoder_layer(module: str) -> bool:
+    """Whether a module name lies inside a numbered block (``model.layers.3.mlp.up_proj``), read from the
+    name alone (no model is loaded here)."""
+    return re.search(r"\.\d+\.", module) is not None
 
 
 def record_problems(ranks: dict[str, int], shapes: dict[str, list[int]]) -> list[str]:
@@ -140,7 +146,7 @@ def folder_info(folder: str | Path) -> dict:
         if module in ranks and leaf == "B":
             shapes[module] = [shape[0], all_shapes[f"{module}.A"][1]]
         elif leaf == "weight" and len(shape) == 2 and re.sub(r"^.*\.\d+\.", "", module) in kinds:
-            if re.search(r"\.\d+\.", module):  # a target type inside a decoder layer, kept dense
+            if _in_decoder_layer(module):  # a target type kept dense
                 shapes[module] = shape
                 dense_kept.append(module)
     return {
