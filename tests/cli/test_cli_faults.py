@@ -97,7 +97,7 @@ def test_the_size_estimates_come_close_to_what_is_written(capsys, tmp_path, tiny
     out = tmp_path / "out"
     code, _, _ = run_cli(capsys, "compress", tiny_folder, "--ratio", "0.6", *calib(text_file), "--output", out)
     assert code == 0
-    written = (out / "model.safetensors").stat().st_size
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))  # streamed: one shard per layer
     assert 0.9 * written <= dense_bytes(tiny_folder, 0.6) <= 1.1 * written  # the embeddings are kept whole
     code, _, _ = run_cli(capsys, "densify", out, "--output", tmp_path / "dense")
     assert code == 0
@@ -135,6 +135,16 @@ def disk_full(kind: str):
     return save_pretrained
 
 
+def shard_disk_full(kind: str):
+    """The same fault met by a streamed compression, while it writes a layer's shard."""
+    write = disk_full(kind)
+
+    def save_file(tensors, filename, metadata=None):
+        write(None, __import__("pathlib").Path(filename).parent)
+
+    return save_file
+
+
 @pytest.mark.parametrize(
     "command,kind", [("compress", "oserror"), ("compress --densify", "safetensors"), ("densify", "safetensors")]
 )
@@ -146,6 +156,7 @@ def test_disk_full_while_saving_is_one_line_and_leaves_nothing(
     else:
         argv = ["compress", tiny_folder, *calib(text_file), *command.split()[1:]]
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full(kind))
+    monkeypatch.setattr("svdkit.saved.shards.save_file", shard_disk_full(kind))
     code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "out")
     assert_error(code, err, f"could not write {tmp_path / 'out'} (")
     assert "No space left on device" in err and "Traceback" not in err
@@ -170,7 +181,7 @@ def test_any_other_io_error_is_one_line(capsys, tmp_path, tiny_folder, text_file
     def fails(*args, **kwargs):
         raise OSError(errno.EIO, "Input/output error", "/data/shard-3.bin")
 
-    monkeypatch.setattr("svdkit.cli.compress.run_plan", fails)
+    monkeypatch.setattr("svdkit.cli.compress.compress_folder", fails)
     code, _, err = run_cli(capsys, "compress", tiny_folder, *calib(text_file), "--output", tmp_path / "out")
     assert_error(code, err, "/data/shard-3.bin: Input/output error")
 
@@ -184,8 +195,14 @@ import transformers
 from svdkit.calibration.store import StatisticsStore
 from svdkit.cli import main
 
+from svdkit.pipeline.streaming import Partial
+
 ready, stage = Path(sys.argv[1]), sys.argv[2]
-cls, name = (transformers.PreTrainedModel, "save_pretrained") if stage == "save" else (StatisticsStore, "put_layer")
+cls, name = {
+    "save": (transformers.PreTrainedModel, "save_pretrained"),
+    "spill": (StatisticsStore, "put_layer"),
+    "layer": (Partial, "mark_done"),
+}[stage]
 original = getattr(cls, name)
 
 def then_wait(self, *args, **kwargs):  # the stage runs, then the run waits for the test's signal
@@ -201,10 +218,19 @@ sys.exit(main(sys.argv[3:]))
 @pytest.mark.parametrize("stage", ["save", "spill"])
 def test_sigterm_during_the_work_exits_143_with_one_line_and_leaves_nothing(tmp_path, tiny_folder, text_file, stage):
     """In a process of its own: the signal comes from outside, as from `timeout`, Docker or Slurm."""
-    driver, ready, stats = tmp_path / "driver.py", tmp_path / "ready", tmp_path / "stats"
-    driver.write_text(DRIVER)
+    stats = tmp_path / "stats"
     argv = ["compress", str(tiny_folder), *calib(text_file), "--output", str(tmp_path / "out")]
-    argv += ["--allocation", "v2", "--statistics-dir", str(stats)] if stage == "spill" else []
+    argv += ["--allocation", "v2", "--statistics-dir", str(stats)]  # v2 loads the whole model and saves it at once
+    lines = _terminated(tmp_path, stage, argv)
+    assert lines[-1] == "svdkit: interrupted by SIGTERM"
+    assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
+    assert not stats.exists() or list(stats.iterdir()) == []
+
+
+def _terminated(tmp_path, stage: str, argv: list[str]) -> list[str]:
+    """Run `argv` in a process of its own until `stage` is reached, then SIGTERM it: its stderr lines."""
+    driver, ready = tmp_path / "driver.py", tmp_path / "ready"
+    driver.write_text(DRIVER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(driver), str(ready), stage, *argv], stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 120
@@ -214,11 +240,23 @@ def test_sigterm_during_the_work_exits_143_with_one_line_and_leaves_nothing(tmp_
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     err = err.decode()
-    assert proc.returncode == 143, err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
-    assert lines[-1] == "svdkit: interrupted by SIGTERM" and "Traceback" not in err, err
-    assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
-    assert not stats.exists() or list(stats.iterdir()) == []
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    return [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+
+
+def test_sigterm_during_a_streamed_run_keeps_the_finished_layers_for_resume(capsys, tmp_path, tiny_folder, text_file):
+    argv = ["compress", str(tiny_folder), *calib(text_file), "--output", str(tmp_path / "out")]
+    lines = _terminated(tmp_path, "layer", argv)
+    kept = tmp_path / ".out.svdkit-partial"
+    assert lines[-1] == f"svdkit: interrupted by SIGTERM; the finished layers are kept in {kept}: the same " + (
+        "command with --resume continues"
+    )
+    assert not (tmp_path / "out").exists() and hidden(tmp_path) == [kept.name]
+    code, _, err = run_cli(capsys, *argv)
+    assert_error(code, err, "add --resume to continue it")
+    code, _, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0, err
+    assert (tmp_path / "out" / "config.json").is_file() and hidden(tmp_path) == []
 
 
 def test_ctrl_c_during_the_save_exits_130_and_leaves_nothing(capsys, tmp_path, tiny_folder, text_file, monkeypatch):
@@ -229,7 +267,8 @@ def test_ctrl_c_during_the_save_exits_130_and_leaves_nothing(capsys, tmp_path, t
         raise KeyboardInterrupt
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
-    code, _, err = run_cli(capsys, "compress", tiny_folder, *calib(text_file), "--output", tmp_path / "out")
+    argv = ["compress", tiny_folder, *calib(text_file), "--allocation", "v2"]  # loaded whole, saved at once
+    code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "out")
     assert code == 130 and err.strip().splitlines()[-1] == "svdkit: interrupted by SIGINT"
     assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
 

@@ -87,6 +87,8 @@ class BenchConfig:
     sensitivity_windows: int | None = None
     sensitivity_seqlen: int | None = None
     device: str = "auto"
+    dtype: str = "float32"
+    """the dtype the model is loaded and compressed in (the protocol's is float32)"""
     speed: bool = True
     decode_tokens: int = 64
     repeats: int = 3
@@ -197,6 +199,7 @@ def _settings(config: BenchConfig) -> dict:
         "eval_windows": config.eval_windows,
         "ptb_windows": config.ptb_windows,
         "rank_multiple": config.rank_multiple,
+        "dtype": config.dtype,
         "calibration": {"samples": c.samples, "seqlen": c.seqlen, "offset": c.offset, "seed": c.seed},
     }
 
@@ -220,12 +223,13 @@ def _resume(json_path: Path, report: dict) -> dict:
 def _settings_of(report: dict) -> dict:
     calib = {k: v for k, v in report.get("calibration", {}).items() if k not in ("seconds", "passes")}
     plain = {k: report.get(k) for k in ("model", "seqlen", "eval_windows", "ptb_windows")}
-    return {**plain, "rank_multiple": report.get("rank_multiple", 1), "calibration": calib}
+    kept = {"rank_multiple": report.get("rank_multiple", 1), "dtype": report.get("dtype", "float32")}
+    return {**plain, **kept, "calibration": calib}
 
 
 def _load(config: BenchConfig, log) -> _Setup:
     dev = resolve_device(config.device)
-    model, tok = load_model(config.model)
+    model, tok = load_model(config.model, dtype=config.dtype)
     model.to(dev)
     wiki, ptb = _texts(config, tok)
     log(f"WikiText-2 test: {wiki.numel():,} tokens; PTB validation: {ptb.numel():,} tokens")

@@ -23,7 +23,7 @@ from ..errors import SvdkitError
 from .gradients import GRADIENT_STATISTICS, collect_fisher
 from .statistics import STATISTICS, LinearStats, Statistic
 from .store import StatisticsStore
-from .walk import capture_layer_inputs, layer_output, move_outside_layers, on_device, outside_device
+from .walk import LayerSource, capture_layer_inputs, layer_output, move_outside_layers, on_device, outside_device
 
 CROSS = "cross"
 """dense inputs against compressed inputs, sum x_dense x^T (two-stream sequential calibration only)"""
@@ -160,6 +160,7 @@ def iterate_layers(
     device: torch.device,
     sequential: bool = False,
     progress: bool = True,
+    source: LayerSource | None = None,
 ) -> Iterator[LayerStats]:
     """Yield every decoder layer (on `device`) with its targets' statistics, in order.
 
@@ -175,18 +176,25 @@ def iterate_layers(
     in `needs` a second stream of hidden states runs through a dense copy of each layer alongside, and
     each target also gets C = sum x_dense x^T (the least-squares update's cross statistic); this
     doubles the activations held and adds one dense forward per stage.
+
+    `source` (a :class:`~.walk.LayerSource`) loads each layer before it runs and takes it once final, and
+    may start the walk at a later layer.
     """
     needs = set(needs)
     two_streams = CROSS in needs
     if two_streams and not sequential:
         raise SvdkitError("the cross statistic compares dense and compressed inputs: it needs sequential=True")
+    source = source or LayerSource()
     outside_home = outside_device(model, arch, device)
     inputs = capture_layer_inputs(model, arch, windows, device, progress)
-    hidden = inputs.hidden
-    dense_hidden = list(hidden) if two_streams else None
+    hidden, dense_hidden = source.begin(inputs.hidden, list(inputs.hidden) if two_streams else None)
     bar = tqdm(total=len(arch.layers), desc="calibrating layers", unit="layer", disable=not progress)
+    bar.update(source.start)
     try:
         for index, layer in enumerate(arch.layers):
+            if index < source.start:
+                continue
+            source.load(index, layer)
             kwargs = inputs.kwargs_on(index, device)
             name = f"{arch.layers_path}.{index}."
             with on_device(layer, device):
@@ -201,6 +209,7 @@ def iterate_layers(
                 else:
                     yield from _stages(layer, index, name, arch.targets, needs, hidden, dense_hidden, kwargs, device)
                     hidden = [layer_output(layer, x, kwargs, device) for x in hidden]
+            source.done(index, layer, hidden, dense_hidden)
             bar.update(1)
     finally:
         bar.close()

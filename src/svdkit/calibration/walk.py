@@ -26,6 +26,7 @@ from ..errors import SvdkitError
 
 __all__ = [
     "LayerInputs",
+    "LayerSource",
     "StandIn",
     "capture_layer_inputs",
     "layer_bounds",
@@ -53,6 +54,28 @@ class _Captured(Exception):
     pass
 
 
+class LayerSource:
+    """Where a walk's decoder layers come from and go to; this base keeps them in memory as they are.
+
+    A streamed compression (:mod:`svdkit.pipeline.streaming`) loads each layer's weights from the
+    checkpoint when its turn comes (:meth:`load`), writes and frees it once it is done (:meth:`done`),
+    and may start at a later layer (:attr:`start`) with the hidden states a killed run kept (:meth:`begin`).
+    """
+
+    start: int = 0
+    """the first layer the walk runs; the layers before it are finished"""
+
+    def begin(self, hidden: list[torch.Tensor], dense: list[torch.Tensor] | None):
+        """The hidden states entering layer :attr:`start` (and the dense stream's), given layer 0's."""
+        return hidden, dense
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        """Called before layer `index` runs."""
+
+    def done(self, index: int, layer: nn.Module, hidden: list[torch.Tensor], dense: list[torch.Tensor] | None) -> None:
+        """Called once layer `index` is final, with the hidden states it produced (the next layer's inputs)."""
+
+
 class StandIn(nn.Module):
     """Base of the modules that stand in for a decoder layer: attribute reads that the stand-in does not
     answer (e.g. a model's loop asking a layer for its ``attention_type``) fall through to the real layer."""
@@ -73,13 +96,16 @@ class _Recorder(StandIn):
 
     Models such as Gemma3 or Qwen2 with sliding windows hand each layer its own mask and rotary
     embeddings, so every layer's keyword arguments are recorded (from the first window; they depend
-    only on the window length). Attribute reads fall through to the real layer.
+    only on the window length). The forward stops after the last layer's recorder, so nothing after the
+    decoder layers (final norm, head) runs: their weights need not be loaded. Attribute reads fall
+    through to the real layer.
     """
 
-    def __init__(self, inner: nn.Module, index: int, state: dict) -> None:
+    def __init__(self, inner: nn.Module, index: int, state: dict, last: bool) -> None:
         super().__init__(inner)
         object.__setattr__(self, "_index", index)
         object.__setattr__(self, "_state", state)
+        object.__setattr__(self, "_last", last)
 
     def forward(self, *args, **kwargs):
         x = args[0] if args else kwargs.pop("hidden_states")
@@ -89,7 +115,7 @@ class _Recorder(StandIn):
         if self._index not in state["kwargs"]:
             kept = {k: v for k, v in kwargs.items() if k not in (*CACHE_NAMES, "past_key_value")}
             state["kwargs"][self._index] = {**kept, "use_cache": False}
-        if self._index == 0 and state["done_first"]:
+        if (self._index == 0 and state["done_first"]) or self._last:
             raise _Captured
         return x
 
@@ -101,17 +127,18 @@ def move_outside_layers(model: nn.Module, layers_path: str, device: torch.device
         if name == layers_path or name.startswith(prefix):
             continue
         for p in mod._parameters.values():
-            if p is not None and p.device != device:
+            if p is not None and p.device != device and not p.is_meta:  # meta: not loaded (a streamed model)
                 p.data = p.data.to(device)
         for key, b in list(mod._buffers.items()):
-            if b is not None and b.device != device:
+            if b is not None and b.device != device and not b.is_meta:
                 mod._buffers[key] = b.to(device)
 
 
 def outside_device(model: nn.Module, arch: Architecture, default: torch.device) -> torch.device:
     """Where the parameters outside the decoder layers (embeddings, head) are now; `default` if none."""
     prefix = arch.layers_path + "."
-    return next((p.device for n, p in model.named_parameters() if not n.startswith(prefix)), default)
+    found = (p.device for n, p in model.named_parameters() if not n.startswith(prefix) and not p.is_meta)
+    return next(found, default)
 
 
 @torch.no_grad()
@@ -122,13 +149,14 @@ def capture_layer_inputs(
 
     The decoder layers are replaced by recorders: the first window runs through all of them (identity
     layers, so no real layer runs), later windows stop at layer 0. A 1-D window is one sequence; a 2-D
-    block of windows runs as one batch. The parts outside the layers are left on `device`.
+    block of windows runs as one batch. The parts outside the layers are left on `device`; only those
+    the model runs before its first decoder layer (the embeddings) need real weights.
     """
     move_outside_layers(model, arch.layers_path, device)
     state: dict = {"hidden": [], "kwargs": {}, "done_first": False}
     real = list(arch.layers)
     for i, layer in enumerate(real):
-        arch.layers[i] = _Recorder(layer, i, state)
+        arch.layers[i] = _Recorder(layer, i, state, i == len(real) - 1)
     try:
         for ids in tqdm(windows, desc="capturing inputs", unit="window", disable=not progress, leave=False):
             try:

@@ -85,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt as e:
             signum = getattr(e, "signum", signal.SIGINT)
-            print(f"svdkit: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+            note = f"; {e.note}" if getattr(e, "note", None) else ""
+            print(f"svdkit: interrupted by {signal.Signals(signum).name}{note}", file=sys.stderr)
             return 128 + signum
         except BrokenPipeError:  # output piped into `head` and the like
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -10,7 +10,7 @@ from ..bench.grid import PROTOCOL_CALIBRATION, BenchConfig, parse_spec, run_benc
 from ..bench.report import markdown
 from ..errors import SvdkitError
 from ..pipeline.options import CalibrationSettings, CompressionOptions
-from .common import CALIBRATION_FLAGS, add_fields, fields_from_args, nonnegative, positive, ratio
+from .common import CALIBRATION_FLAGS, add_dtype, add_fields, fields_from_args, nonnegative, positive, ratio
 
 __all__ = ["add_parser", "add_bench_arguments", "bench_config", "run"]
 
@@ -51,6 +51,7 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--sensitivity-windows", type=positive, default=None, help="sensitivity allocation: windows")
     b.add_argument("--sensitivity-seqlen", type=positive, default=None, help="sensitivity allocation: tokens each")
     add_fields(b, CompressionOptions, {"device": {}, "rank_multiple": {"type": positive, "metavar": "N"}})
+    add_dtype(b, default="float32")
     b.add_argument("--no-speed", action="store_true", help="skip the speed and memory measurements")
     b.add_argument("--decode-tokens", type=nonnegative, default=64, help="tokens generated per decode run (64)")
     b.add_argument("--no-plots", action="store_true", help="write no PNG plots")
@@ -71,6 +72,7 @@ def bench_config(a: argparse.Namespace) -> BenchConfig:
         sensitivity_windows=a.sensitivity_windows,
         sensitivity_seqlen=a.sensitivity_seqlen,
         device=a.device,
+        dtype=a.dtype,
         speed=not a.no_speed,
         decode_tokens=a.decode_tokens,
         plots=not a.no_plots,

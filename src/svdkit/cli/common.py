@@ -9,6 +9,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from ..core.device import DTYPES
 from ..core.options import parse_assignment
 from ..core.ranks import check_ratio
 from ..errors import SvdkitError
@@ -17,6 +18,7 @@ __all__ = [
     "CALIBRATION_FLAGS",
     "CURVE_FILE",
     "Parser",
+    "add_dtype",
     "add_fields",
     "emit",
     "fields_from_args",
@@ -133,3 +135,13 @@ CALIBRATION_FLAGS = {
     "seed": {"flag": "--seed", "type": int},
 }
 """the calibration flags, by :class:`~svdkit.pipeline.options.CalibrationSettings` field (help and default there)"""
+
+
+def add_dtype(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    """The ``--dtype`` flag: the dtype the model is loaded and run in (auto: the checkpoint's own)."""
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=default,
+        help=f"load and run the model in this dtype; auto keeps the checkpoint's own (default {default})",
+    )

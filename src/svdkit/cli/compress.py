@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
+from pathlib import Path
 
 from ..allocators import allocator_names
 from ..calibration.store import check_spill_space, spill_bytes
@@ -16,13 +16,16 @@ from ..methods import method_names
 from ..pipeline.compress import run_plan
 from ..pipeline.options import CalibrationSettings, CompressionOptions
 from ..pipeline.plan import make_plan
+from ..pipeline.streaming import NotStreamable, compress_folder
 from ..pipeline.update import UPDATES
 from ..saved.contents import dense_bytes
 from ..saved.folder import densify, prepare_output_dir, save
-from ..sources.models import load_model
+from ..sources.checkpoint import Checkpoint, check_fits_memory
+from ..sources.models import load_model, local_folder
 from .common import (
     CALIBRATION_FLAGS,
     CURVE_FILE,
+    add_dtype,
     add_fields,
     emit,
     fields_from_args,
@@ -67,6 +70,12 @@ def add_parser(sub) -> None:
         action="store_true",
         help="write a plain dense model (W' = B A) that any tool loads, instead of the low-rank one",
     )
+    add_dtype(c)
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished run that a kill or an interruption left beside --output (same command)",
+    )
     c.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     c.set_defaults(run=run)
 
@@ -85,20 +94,13 @@ def run(a: argparse.Namespace) -> None:
     start = time.perf_counter()
     options = options_from_args(a)
     ratio = 0.0 if a.densify else a.ratio  # of the decoder layers' matrices removed from the output
-    estimate = dense_bytes(a.model, ratio) if os.path.isdir(a.model) else None
+    folder = local_folder(a.model)
+    size = _element_bytes(folder, a.dtype) if folder is not None else 4
+    estimate = dense_bytes(folder, ratio, size) if folder is not None else None
     out = prepare_output_dir(a.output, a.overwrite, size=estimate or 0)  # a folder's output, from its headers
-    model, tok = load_model(a.model)
-    plan = make_plan(model, options, tokenizer=tok)
-    targets = sum(m * n for m, n in plan.shapes.values())
-    check_free_space(out.parent, 4 * int(count_parameters(model) - ratio * targets))  # any model, measured
-    if plan.dense_pass:
-        check_spill_space(options.statistics_dir, spill_bytes(plan.shapes, plan.needs))
-    result = run_plan(plan, model, tok)
-    model.to("cpu")
-    if a.densify:
-        densify(model, tok, out, overwrite=a.overwrite, inplace=True)
-    else:
-        save(model, tok, out, overwrite=a.overwrite)
+    result, model = _streamed(a, folder, out, options) if folder is not None else (None, None)
+    if result is None:
+        result, model = _whole(a, folder, out, options, ratio)
     seconds = time.perf_counter() - start
     _report(a, result, model, out, seconds)
     emit(
@@ -110,6 +112,47 @@ def run(a: argparse.Namespace) -> None:
         },
         a.json,
     )
+
+
+def _element_bytes(folder: Path, dtype: str) -> int:
+    """Bytes per element the output is written in."""
+    if dtype == "auto":
+        return Checkpoint(folder).main_dtype().itemsize
+    return 4 if dtype == "float32" else 2
+
+
+def _streamed(a: argparse.Namespace, folder: Path, out: Path, options: CompressionOptions):
+    """(result, model skeleton) of a compression streamed layer by layer, or (None, None) where it needs the
+    whole model (said in one line)."""
+    try:
+        return compress_folder(folder, out, options, a.dtype, a.resume, a.overwrite, a.densify)
+    except NotStreamable as e:
+        if a.resume:
+            raise SvdkitError(f"--resume continues a compression streamed layer by layer, but {e}") from e
+        print(f"loading the whole model into memory: {e}", flush=True)
+        a.whole_reason = str(e)
+        return None, None
+
+
+def _whole(a: argparse.Namespace, folder: Path | None, out: Path, options: CompressionOptions, ratio: float):
+    """(result, model) of a compression of the model loaded whole (a hub id, a .gguf, or a plan that cannot
+    stream), refused up front where the model does not fit in memory."""
+    if folder is not None:
+        check_fits_memory(folder, _element_bytes(folder, a.dtype), getattr(a, "whole_reason", "it"))
+    model, tok = load_model(a.model, dtype=a.dtype)
+    plan = make_plan(model, options, tokenizer=tok)
+    targets = sum(m * n for m, n in plan.shapes.values())
+    size = next(model.parameters()).element_size()
+    check_free_space(out.parent, size * int(count_parameters(model) - ratio * targets))  # any model, measured
+    if plan.dense_pass:
+        check_spill_space(options.statistics_dir, spill_bytes(plan.shapes, plan.needs))
+    result = run_plan(plan, model, tok)
+    model.to("cpu")
+    if a.densify:
+        densify(model, tok, out, overwrite=a.overwrite, inplace=True)
+    else:
+        save(model, tok, out, overwrite=a.overwrite)
+    return result, model
 
 
 def _report(a: argparse.Namespace, result, model, out, seconds: float) -> None:

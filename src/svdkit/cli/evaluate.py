@@ -13,7 +13,7 @@ from ..measure.zeroshot import format_results, require_lm_eval, zero_shot
 from ..pipeline.options import CompressionOptions
 from ..sources.models import load_model
 from ..sources.text import SOURCES
-from .common import add_fields, emit, nonnegative, positive
+from .common import add_dtype, add_fields, emit, nonnegative, positive
 
 __all__ = ["add_parser", "run"]
 
@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     e.add_argument("--max-windows", type=positive, default=None, help="evaluate at most N windows")
     e.add_argument("--offset", type=nonnegative, default=0, help="skip this many tokens first (0)")
     add_fields(e, CompressionOptions, {"device": {}})
+    add_dtype(e)
     e.add_argument(
         "--tasks",
         metavar="TASK[,TASK...]",
@@ -56,7 +57,7 @@ def run(a: argparse.Namespace) -> None:
     if given:
         raise SvdkitError(f"{', '.join(given)}: only for zero-shot evaluation, which needs --tasks TASK[,TASK...]")
     dev = resolve_device(a.device)
-    model, tok = load_model(a.model)
+    model, tok = load_model(a.model, dtype=a.dtype)
     model.to(dev)
     r = perplexity(model, tok, a.dataset, seqlen=a.seqlen, max_windows=a.max_windows, offset=a.offset)
     print(
@@ -75,7 +76,7 @@ def _zero_shot(a: argparse.Namespace) -> None:
             raise SvdkitError(f"--task-dir '{folder}' is not a folder: give a folder of lm-eval task YAML files")
     require_lm_eval()  # before loading the model
     dev = resolve_device(a.device)
-    model, tok = load_model(a.model)
+    model, tok = load_model(a.model, dtype=a.dtype)
     model.to(dev)
     shots = a.num_fewshot or 0
     results = zero_shot(

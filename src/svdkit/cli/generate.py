@@ -13,7 +13,7 @@ from ..errors import SvdkitError
 from ..pipeline.options import CompressionOptions
 from ..saved.folder import load
 from ..saved.kvcache import KV_MODES, kv_cache_bytes
-from .common import add_fields, emit, positive
+from .common import add_dtype, add_fields, emit, positive
 
 __all__ = ["add_parser", "run"]
 
@@ -30,12 +30,13 @@ def add_parser(sub) -> None:
         help="latent: cache A x of the low-rank k_proj/v_proj instead of keys and values (default ordinary)",
     )
     add_fields(g, CompressionOptions, {"device": {}})
+    add_dtype(g)
     g.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     g.set_defaults(run=run)
 
 
 def run(a: argparse.Namespace) -> None:
-    model, tok = load(a.model, device=a.device, kv_cache=a.kv_cache)
+    model, tok = load(a.model, device=a.device, dtype=a.dtype, kv_cache=a.kv_cache)
     ids = tok(a.prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     if ids.numel() == 0:
         raise SvdkitError("--prompt is empty after tokenization: give some text")

@@ -25,6 +25,7 @@ from ..allocators import AllocationContext
 from ..calibration.collect import CROSS, collect_statistics, iterate_layers
 from ..calibration.statistics import LinearStats
 from ..calibration.store import StatisticsStore
+from ..calibration.walk import LayerSource
 from ..core.lowrank import LowRankLinear, count_parameters
 from ..core.ranks import align_ranks
 from ..errors import SvdkitError
@@ -167,10 +168,13 @@ def factor(
     ranks: Mapping[str, int | None],
     statistics: Statistics | None,
     windows: torch.Tensor | None,
+    source: LayerSource | None = None,
 ) -> dict[str, float]:
     """Replace every target of rank not None by the method's factors; returns the seconds spent in
-    ``calibration`` (while streaming) and ``decomposition``."""
+    ``calibration`` (while streaming) and ``decomposition``. `source` loads each decoder layer before it
+    is factored and takes it once final (a streamed compression; default: the layers stay in memory)."""
     arch = plan.architecture(model)
+    source = source or LayerSource()
     spent = {"calibration": 0.0, "decomposition": 0.0}
 
     def replace(layer: nn.Module, index: int, stats: Mapping | None, names) -> None:
@@ -196,15 +200,23 @@ def factor(
     if plan.streams:
         t = time.perf_counter()
         sequential = plan.options.sequential
-        for item in iterate_layers(model, arch, windows, plan.needs, plan.device, sequential, plan.options.progress):
+        walk = iterate_layers(model, arch, windows, plan.needs, plan.device, sequential, plan.options.progress, source)
+        for item in walk:
             replace(item.layer, item.index, item.stats, list(item.stats))  # sequential: one stage's targets
         spent["calibration"] = time.perf_counter() - t - spent["decomposition"]
     else:
         bar = tqdm(arch.layers, desc="decomposing", unit="layer", disable=not plan.options.progress)
-        for index, layer in enumerate(bar):
+        bar.update(source.start)
+        for index, layer in enumerate(arch.layers):
+            if index < source.start:
+                continue
+            source.load(index, layer)
             prefix = f"{arch.layers_path}.{index}."
             stats = {t: statistics.get(prefix + t) for t in arch.targets} if plan.needs else None
             replace(layer, index, stats, arch.targets)
+            source.done(index, layer, [], None)
+            bar.update(1)
+        bar.close()
     return spent
 
 

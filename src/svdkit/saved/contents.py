@@ -55,11 +55,11 @@ def tensor_shapes(folder: str | Path) -> dict[str, list[int]]:
     return shapes
 
 
-def dense_bytes(folder: str | Path, ratio: float = 0.0) -> int | None:
-    """Bytes of the dense model in `folder` once loaded in float32 (as svdkit loads and writes), from the
-    safetensors headers, less `ratio` of every matrix inside a decoder layer (what compressing at that
-    ratio removes); a low-rank pair (``X.A`` k x n, ``X.B`` m x k) counts as the m x n matrix it stands
-    for. None where `folder` is not a folder of safetensors files."""
+def dense_bytes(folder: str | Path, ratio: float = 0.0, element_bytes: int = 4) -> int | None:
+    """Bytes of the dense model in `folder` once loaded with `element_bytes` per element (4: float32),
+    from the safetensors headers, less `ratio` of every matrix inside a decoder layer (what compressing at
+    that ratio removes); a low-rank pair (``X.A`` k x n, ``X.B`` m x k) counts as the m x n matrix it
+    stands for. None where `folder` is not a folder of safetensors files."""
     shapes = tensor_shapes(folder) if Path(folder).is_dir() else {}
     if not shapes:
         return None
@@ -72,7 +72,7 @@ def dense_bytes(folder: str | Path, ratio: float = 0.0) -> int | None:
         size = shape[0] * a[1] if a is not None else math.prod(shape)
         in_layer = _in_decoder_layer(module) and (a is not None or len(shape) == 2)
         elements += size * (1 - ratio) if in_layer else size
-    return int(4 * elements)
+    return int(element_bytes * elements)
 
 
 def _in_decoder_layer(module: str) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from transformers.dynamic_module_utils import custom_object_save
 
 from ..core.device import resolve_device
 from ..core.disk import (
@@ -28,7 +29,7 @@ from ..sources.models import load_model
 from .format import make_plain
 from .kvcache import KV_MODES, enable_latent_kv_cache
 
-__all__ = ["save", "load", "densify", "prepare_output_dir"]
+__all__ = ["save", "load", "densify", "prepare_output_dir", "install", "is_io_error", "write_metadata"]
 
 
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool, size: int = 0) -> Path:
@@ -60,18 +61,37 @@ def _atomic_write(path: Path, overwrite: bool, write) -> Path:
             staged = tmp / path.name  # made by mkdir: an ordinary folder (umask), without the owner file
             staged.mkdir()
             write(staged)
-            if not path.exists():
-                os.replace(staged, path)
-                return path
-            _swap(path, staged, make_scratch_dir(f".{path.name}.old-", path.parent))
+            install(staged, path)
     except Exception as e:  # noqa: BLE001 - I/O errors only, re-raised otherwise
-        if not _io_error(e):
+        if not is_io_error(e):
             raise
         raise SvdkitError(f"could not write {path} ({io_reason(e)}); nothing was written") from e
     return path
 
 
-def _io_error(e: Exception) -> bool:
+def install(staged: Path, path: Path) -> None:
+    """Put the complete folder `staged` at `path` (on the same file system) by a rename; an existing folder
+    is replaced atomically (:func:`_swap`)."""
+    if not path.exists():
+        os.replace(staged, path)
+        return
+    _swap(path, staged, make_scratch_dir(f".{path.name}.old-", path.parent))
+
+
+def write_metadata(model, tokenizer, folder: Path) -> None:
+    """Everything ``save_pretrained`` writes but the weights: config.json (with the svdkit record), the
+    modeling file and auto_map of an svdkit model, generation_config.json, and the tokenizer's files."""
+    model.config.architectures = [type(model).__name__]
+    if getattr(type(model), "_auto_class", None) is not None:  # svdkit's classes: copy their file
+        custom_object_save(model, folder, config=model.config)
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def is_io_error(e: Exception) -> bool:
     """An OSError, safetensors' error, or the bare Exception the tokenizers library raises for an I/O
     error of Rust's ("No space left on device (os error 28)")."""
     return isinstance(e, OSError | SafetensorError) or (type(e) is Exception and "(os error " in str(e))
@@ -120,13 +140,14 @@ def save(model, tokenizer, path: str | os.PathLike, overwrite: bool = False) -> 
 def load(
     path: str | os.PathLike,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     kv_cache: str = "ordinary",
 ):
     """Load (model, tokenizer) saved by :func:`save` (or any model :func:`svdkit.load_model` takes).
 
     ``kv_cache="latent"`` makes generation cache the latents A x of the low-rank k_proj / v_proj
-    instead of the keys and values (:mod:`svdkit.saved.kvcache`).
+    instead of the keys and values (:mod:`svdkit.saved.kvcache`). `dtype`: a torch dtype or a name in
+    :data:`~svdkit.core.device.DTYPES` (``"auto"``: the folder's own).
     """
     if kv_cache not in KV_MODES:
         raise SvdkitError(f"kv_cache must be one of {', '.join(KV_MODES)}, got {kv_cache!r}")

@@ -23,6 +23,7 @@ from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ..core.device import resolve_dtype
 from ..core.disk import scratch_dir
 from ..errors import SvdkitError
 from ..saved.contents import check_folder
@@ -32,6 +33,8 @@ from .gguf import convert_gguf, float_from_gguf
 
 __all__ = [
     "load_model",
+    "locate",
+    "local_folder",
     "require_causal_lm",
     "smollm2_folder",
     "bundled_gguf",
@@ -169,7 +172,14 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
 
 
-def _locate(spec: str, progress: bool) -> tuple[str, str | None]:
+def local_folder(spec: str | os.PathLike, progress: bool = True) -> Path | None:
+    """The local Hugging Face folder a model spec names (the alias converted once), or None for a hub id
+    or a ``.gguf`` file."""
+    where, gguf_file = locate(os.fspath(spec), progress)
+    return Path(where) if gguf_file is None and os.path.isdir(where) else None
+
+
+def locate(spec: str, progress: bool) -> tuple[str, str | None]:
     """(folder or hub id, GGUF file name in that folder or None) for a model spec; refuses what is no model."""
     if spec == SMOLLM2_ALIAS:
         return str(smollm2_folder(progress)), None
@@ -186,7 +196,7 @@ def _locate(spec: str, progress: bool) -> tuple[str, str | None]:
     return spec, None  # a hub id
 
 
-def _from_pretrained(where: str, dtype: torch.dtype):
+def _from_pretrained(where: str, dtype: torch.dtype | str):
     """AutoModelForCausalLM.from_pretrained, refusing weights that are missing, unexpected or of another
     shape than the config describes (transformers would initialise those randomly, or point at a report)."""
     model, info = AutoModelForCausalLM.from_pretrained(
@@ -198,22 +208,26 @@ def _from_pretrained(where: str, dtype: torch.dtype):
     return model
 
 
-def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True):
+def load_model(spec: str | os.PathLike, dtype: torch.dtype | str = torch.float32, progress: bool = True):
     """Load (model, tokenizer) from a folder, a hub id, a ``.gguf`` file or the alias 'smollm2-135m'.
 
     Folders written by :func:`svdkit.save` load as low-rank models; a model that is not a causal decoder
-    is refused before its weights are read; a ``.gguf`` file loads as a plain float model.
+    is refused before its weights are read; a ``.gguf`` file loads as a plain float model. `dtype` is a
+    torch dtype or one of :data:`~svdkit.core.device.DTYPES`; ``"auto"`` keeps the checkpoint's own
+    (float32 for a ``.gguf``, whose weights are dequantized).
     """
+    dtype = resolve_dtype(dtype)
     register_format()
     spec = os.fspath(spec)
-    where, gguf_file = _locate(spec, progress)
+    where, gguf_file = locate(spec, progress)
     if os.path.isdir(where):
         check_folder(where)  # readable weights that agree with an svdkit record, before any loading
     try:
         config, _ = PreTrainedConfig.get_config_dict(where, gguf_file=gguf_file)
         require_causal_lm(config, spec)
         if gguf_file:
-            model, tokenizer = float_from_gguf(os.path.join(where, gguf_file), dtype)
+            gguf_dtype = torch.float32 if dtype == "auto" else dtype
+            model, tokenizer = float_from_gguf(os.path.join(where, gguf_file), gguf_dtype)
         else:
             model = _from_pretrained(where, dtype)
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False)

@@ -1,0 +1,69 @@
+"""Sharded safetensors written piece by piece: Hugging Face's layout (``model-0000i-of-0000n.safetensors``
+plus ``model.safetensors.index.json``), one shard per decoder layer and one for everything outside them.
+
+A streamed compression writes each decoder layer's shard as soon as the layer is final, so the model
+never sits whole in memory. Each shard appears by an atomic rename, so a killed run leaves only complete
+shards; the index is made last, from the shards' headers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = ["INDEX", "shard_name", "write_shard", "write_index"]
+
+INDEX = "model.safetensors.index.json"
+
+
+def shard_name(index: int, count: int) -> str:
+    """The file name of shard `index` (from 0) of `count`."""
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def write_shard(folder: Path, index: int, count: int, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write one shard (contiguous copies of `tensors`, metadata as transformers writes it) atomically."""
+    path = folder / shard_name(index, count)
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: v.detach().contiguous() for k, v in sorted(tensors.items())}, str(partial), metadata={"format": "pt"})
+    os.chmod(partial, 0o666 & ~_umask())  # as an ordinary file (the writer makes it private)
+    os.replace(partial, path)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_index(folder: Path, count: int) -> dict[str, str]:
+    """Write the index of the `count` shards in `folder` from their headers; returns its weight map."""
+    weight_map: dict[str, str] = {}
+    total = 0
+    for index in range(count):
+        name = shard_name(index, count)
+        with safe_open(folder / name, "pt") as st:
+            for key in st.keys():
+                weight_map[key] = name
+                t = st.get_slice(key)
+                shape, dtype = t.get_shape(), t.get_dtype()
+                total += _numel(shape) * _BYTES[dtype]
+    body = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    return weight_map
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

@@ -1,0 +1,181 @@
+"""Streamed compression (svdkit.pipeline.streaming): a folder compressed layer by layer from its checkpoint
+into a sharded output equals the in-memory compression; an interrupted or killed run resumes to the very
+same bytes; other settings, a second run and a plan that cannot stream are refused or fall back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import TEXT, assert_error, last_json, run_cli, tiny_config
+
+import svdkit
+from svdkit.errors import SvdkitError
+from svdkit.pipeline.options import CalibrationSettings, CompressionOptions
+from svdkit.pipeline.streaming import NotStreamable, Partial, compress_folder, partial_path
+from svdkit.saved.shards import INDEX
+
+
+def _folder(tmp_path, tokenizer, kind="llama", layers=2, dtype=torch.float32, name="dense"):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, num_hidden_layers=layers), dtype=dtype)
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _options(text, **kw) -> CompressionOptions:
+    calibration = CalibrationSettings(str(text), 4, 32)
+    return CompressionOptions(**{"method": "svd-llm", "ratio": 0.4, "progress": False, **kw}, calibration=calibration)
+
+
+def _digest(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize(
+    "kind,kw",
+    [
+        ("llama", {}),
+        ("mistral", {}),  # untied head
+        ("gemma3", {}),  # per-layer masks and rotary embeddings
+        ("qwen3", {"sequential": True}),
+        ("llama", {"method": "svd"}),  # no statistics
+        ("llama", {"update": "lstsq", "sequential": True}),  # two streams of hidden states
+    ],
+)
+def test_streamed_equals_in_memory(tmp_path, tiny_tokenizer, text_file, kind, kw):
+    folder = _folder(tmp_path, tiny_tokenizer, kind)
+    model, tok = svdkit.load_model(folder)
+    options = _options(text_file, **kw)
+    expected = svdkit.compress(model, tok, **_api(options))
+    result, skeleton = compress_folder(folder, tmp_path / "out", options)
+    assert result.ranks == expected.ranks and result.params == expected.params
+    assert all(p.is_meta for p in skeleton.parameters())  # the model never sat in memory
+    streamed, _ = svdkit.load(tmp_path / "out")
+    want, got = model.state_dict(), streamed.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)  # the same computation, to the bit
+    index = json.loads((tmp_path / "out" / INDEX).read_text())
+    assert len(set(index["weight_map"].values())) == 3  # one shard per layer and one outside them
+    assert not partial_path(tmp_path / "out").exists()
+
+
+def _api(options: CompressionOptions) -> dict:
+    c = options.calibration
+    return dict(
+        method=options.method,
+        ratio=options.ratio,
+        sequential=options.sequential,
+        update=options.update,
+        calib=c.source,
+        calib_samples=c.samples,
+        calib_seqlen=c.seqlen,
+        progress=False,
+    )
+
+
+def test_bfloat16_streams_in_its_dtype(tmp_path, tiny_tokenizer, text_file):
+    folder = _folder(tmp_path, tiny_tokenizer, dtype=torch.bfloat16)
+    compress_folder(folder, tmp_path / "out", _options(text_file))  # dtype auto: the checkpoint's bfloat16
+    model, _ = svdkit.load(tmp_path / "out", dtype="auto")
+    low = model.model.layers[0].self_attn.q_proj
+    assert low.A.dtype == torch.bfloat16 and low.B.dtype == torch.bfloat16
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    logits = model(torch.randint(0, 300, (1, 16))).logits
+    assert torch.isfinite(logits).all()
+    compress_folder(folder, tmp_path / "f32", _options(text_file), dtype="float32")
+    model32, _ = svdkit.load(tmp_path / "f32", dtype="auto")
+    assert model32.model.layers[0].self_attn.q_proj.A.dtype == torch.float32
+
+
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, tiny_tokenizer, text_file, monkeypatch):
+    folder = _folder(tmp_path, tiny_tokenizer, layers=4)
+    options = _options(text_file, sequential=True)
+    compress_folder(folder, tmp_path / "whole", options)
+    real = Partial.mark_done
+
+    def interrupt_at_two(self, layers):
+        real(self, layers)
+        if layers == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Partial, "mark_done", interrupt_at_two)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        compress_folder(folder, tmp_path / "out", options)
+    assert "--resume" in caught.value.note
+    kept = partial_path(tmp_path / "out")
+    assert json.loads((kept / "state.json").read_text()) == {"layers_done": 2}
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(Partial, "mark_done", real)
+    with pytest.raises(SvdkitError, match="--resume to continue"):
+        compress_folder(folder, tmp_path / "out", options)
+    with pytest.raises(SvdkitError, match="other settings"):
+        compress_folder(folder, tmp_path / "out", _options(text_file, sequential=True, ratio=0.5), resume=True)
+    compress_folder(folder, tmp_path / "out", options, resume=True)
+    assert _digest(tmp_path / "out") == _digest(tmp_path / "whole")
+    assert not kept.exists()
+
+
+def test_overwrite_starts_an_unfinished_run_over(tmp_path, tiny_tokenizer, text_file):
+    folder = _folder(tmp_path, tiny_tokenizer)
+    kept = partial_path(tmp_path / "out")
+    kept.mkdir()
+    (kept / "state.json").write_text('{"layers_done": 1}')
+    compress_folder(folder, tmp_path / "out", _options(text_file), overwrite=True)
+    assert not kept.exists() and (tmp_path / "out" / INDEX).is_file()
+
+
+def test_a_plan_that_needs_the_whole_model_is_not_streamed(tmp_path, tiny_tokenizer, text_file):
+    folder = _folder(tmp_path, tiny_tokenizer)
+    with pytest.raises(NotStreamable, match="allocation 'v2' needs every matrix's statistics"):
+        compress_folder(folder, tmp_path / "out", _options(text_file, method="svd-llm-v2", allocation="v2"))
+    assert not partial_path(tmp_path / "out").exists()
+
+
+def test_cli_falls_back_to_the_whole_model_and_refuses_resume(tmp_path, tiny_tokenizer, text_file, capsys):
+    folder = _folder(tmp_path, tiny_tokenizer)
+    common = ["compress", folder, "--calib", text_file, "--calib-samples", 2, "--calib-seqlen", 32, "--method"]
+    code, out, err = run_cli(capsys, *common, "svd-llm-v2", "--allocation", "v2", "--output", tmp_path / "o", "--json")
+    assert code == 0, err
+    assert "loading the whole model into memory: allocation 'v2'" in out
+    assert last_json(out)["params"] < last_json(out)["params_dense"]
+    args = [*common, "svd-llm-v2", "--allocation", "v2", "--output", tmp_path / "p", "--resume"]
+    assert_error(*run_cli(capsys, *args)[::2], "--resume continues a compression streamed layer by layer")
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "svdkit", "compress", *map(str, args)]
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, tiny_tokenizer):
+    """kill -9 while layers are being written; the same command with --resume gives the same sha256s."""
+    folder = _folder(tmp_path, tiny_tokenizer, layers=12)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 40)
+    common = [folder, "--ratio", 0.4, "--calib", text, "--calib-samples", 16, "--calib-seqlen", 128, "--sequential"]
+    subprocess.run(_cli(*common, "--output", tmp_path / "whole"), check=True, capture_output=True)
+    out = tmp_path / "out"
+    state = partial_path(out) / "state.json"
+    proc = subprocess.Popen(_cli(*common, "--output", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (state.is_file() and json.loads(state.read_text() or "{}").get("layers_done", 0) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and 3 <= json.loads(state.read_text())["layers_done"] < 12
+    done = subprocess.run(_cli(*common, "--output", out, "--resume"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert _digest(out) == _digest(tmp_path / "whole")
+    assert not partial_path(out).exists()
