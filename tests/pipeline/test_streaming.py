@@ -179,3 +179,35 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, tiny_tokenizer):
     assert done.returncode == 0, done.stderr
     assert _digest(out) == _digest(tmp_path / "whole")
     assert not partial_path(out).exists()
+
+
+def test_torchrun_two_gloo_processes_match_one(tmp_path, tiny_tokenizer):
+    """torchrun --nproc-per-node 2 (gloo, CPU): each process calibrates half the windows, the statistics are
+    all-reduced and the matrices factored in turns; ranks equal, factors equal to one process's up to the
+    order of the float64 sums (1e-5 relative to each factor's largest entry, after the cast to float32),
+    perplexity equal to 4 significant digits."""
+    folder = _folder(tmp_path, tiny_tokenizer, layers=3)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 20)
+    common = [folder, "--ratio", 0.4, "--calib", text, "--calib-samples", 6, "--calib-seqlen", 64, "--device", "cpu"]
+    subprocess.run(_cli(*common, "--output", tmp_path / "one"), check=True, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [*torchrun, "-m", "svdkit", *_cli(*common, "--output", tmp_path / "two", "--json")[3:]],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count('"output"') == 1  # one process reports
+    one, _ = svdkit.load(tmp_path / "one")
+    both, tok = svdkit.load(tmp_path / "two")
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["svdkit"]["ranks"] == json.loads(
+        (tmp_path / "two" / "config.json").read_text()
+    )["svdkit"]["ranks"]
+    a, b = one.state_dict(), both.state_dict()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-5 * float(a[key].abs().max())), key
+    ppl = [svdkit.perplexity(m, tok, str(text), seqlen=64, max_windows=4, progress=False).ppl for m in (one, both)]
+    assert f"{ppl[0]:.4g}" == f"{ppl[1]:.4g}"

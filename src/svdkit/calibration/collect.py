@@ -131,7 +131,11 @@ class _Collector:
         self._seen.clear()
 
     def finish(self, prefix: str = "") -> dict[str, LinearStats]:
-        """Finished statistics per collected target; targets that read the same input share one values dict."""
+        """Finished statistics per collected target (summed over the processes of a distributed run); targets
+        that read the same input share one values dict."""
+        for acc in self.acc.values():
+            for stat in acc.values():
+                stat.reduce()
         values = {owner: {s: a.value() for s, a in acc.items()} for owner, acc in self.acc.items()}
         out = {}
         for t in self.targets:

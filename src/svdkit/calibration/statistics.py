@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.distributed import all_reduce_, size
 from ..errors import SvdkitError
 
 __all__ = ["Statistic", "Gram", "MeanAbs", "STATISTICS", "LinearStats", "gram_matrix"]
@@ -24,6 +25,7 @@ class Statistic:
     def __init__(self, n: int) -> None:
         self.n = n
         self.tokens = 0
+        self.total: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs, shape (..., n)."""
@@ -32,6 +34,15 @@ class Statistic:
     def value(self) -> torch.Tensor:
         """The finished statistic, float64 on the CPU."""
         raise NotImplementedError
+
+    def reduce(self) -> None:
+        """Sum the running total and token count over the processes of a torch.distributed run (no-op in one)."""
+        if size() == 1:
+            return
+        if self.total is None:
+            raise SvdkitError("a process received no calibration tokens for a layer: give more windows")
+        all_reduce_(self.total)
+        self.tokens = int(all_reduce_(torch.tensor([self.tokens], dtype=torch.int64, device=self.total.device)))
 
 
 def gram_matrix(x: torch.Tensor) -> torch.Tensor:

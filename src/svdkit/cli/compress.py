@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 from ..allocators import allocator_names
 from ..calibration.store import check_spill_space, spill_bytes
+from ..core import distributed
 from ..core.disk import check_free_space
 from ..core.lowrank import count_parameters
 from ..errors import SvdkitError
@@ -92,7 +94,10 @@ def options_from_args(a: argparse.Namespace) -> CompressionOptions:
 
 def run(a: argparse.Namespace) -> None:
     start = time.perf_counter()
+    a.device = distributed.setup(a.device)  # under torchrun: join the group, one GPU per process
     options = options_from_args(a)
+    if not distributed.is_main():
+        options = dataclasses.replace(options, progress=False)
     ratio = 0.0 if a.densify else a.ratio  # of the decoder layers' matrices removed from the output
     folder = local_folder(a.model)
     size = _element_bytes(folder, a.dtype) if folder is not None else 4
@@ -102,6 +107,8 @@ def run(a: argparse.Namespace) -> None:
     if result is None:
         result, model = _whole(a, folder, out, options, ratio)
     seconds = time.perf_counter() - start
+    if not distributed.is_main():
+        return
     _report(a, result, model, out, seconds)
     emit(
         {
@@ -137,6 +144,9 @@ def _streamed(a: argparse.Namespace, folder: Path, out: Path, options: Compressi
 def _whole(a: argparse.Namespace, folder: Path | None, out: Path, options: CompressionOptions, ratio: float):
     """(result, model) of a compression of the model loaded whole (a hub id, a .gguf, or a plan that cannot
     stream), refused up front where the model does not fit in memory."""
+    if distributed.size() > 1:
+        why = getattr(a, "whole_reason", "the model is not a local folder of safetensors weights")
+        raise SvdkitError(f"a run of several processes (torchrun) streams the model layer by layer, but {why}")
     if folder is not None:
         check_fits_memory(folder, _element_bytes(folder, a.dtype), getattr(a, "whole_reason", "it"))
     model, tok = load_model(a.model, dtype=a.dtype)

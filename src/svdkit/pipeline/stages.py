@@ -26,6 +26,7 @@ from ..calibration.collect import CROSS, collect_statistics, iterate_layers
 from ..calibration.statistics import LinearStats
 from ..calibration.store import StatisticsStore
 from ..calibration.walk import LayerSource
+from ..core import distributed
 from ..core.lowrank import LowRankLinear, count_parameters
 from ..core.ranks import align_ranks
 from ..errors import SvdkitError
@@ -143,12 +144,43 @@ def allocate(
 
 
 def decompose_linear(
-    linear: nn.Linear, method, config, stats, rank: int, device: torch.device, name: str, update: str = "none"
+    linear: nn.Linear,
+    method,
+    config,
+    stats,
+    rank: int,
+    device: torch.device,
+    name: str,
+    update: str = "none",
+    owner: int | None = None,
 ) -> LowRankLinear:
     """Factor one nn.Linear with `method` in float64 on `device`; returns a LowRankLinear where the linear was.
 
     ``update="lstsq"`` refits B on the calibration inputs afterwards (:func:`~svdkit.pipeline.update.lstsq_update`).
+    In a distributed run, process `owner` computes the factors and broadcasts them to the others.
     """
+    if owner is None or distributed.size() == 1:
+        A, B = _factors(linear, method, config, stats, rank, device, name, update)
+    else:
+        mine = distributed.rank() == owner
+        A, B = _factors(linear, method, config, stats, rank, device, name, update) if mine else (None, None)
+        A, B = _shared(A, B, linear, device, owner)
+    home, dtype = linear.weight.device, linear.weight.dtype
+    bias = linear.bias.detach() if linear.bias is not None else None
+    return LowRankLinear.from_factors(A.to(home, dtype), B.to(home, dtype), bias)
+
+
+def _shared(A, B, linear: nn.Linear, device: torch.device, owner: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The owner's float64 factors on every process (their rank first, since a method may return fewer)."""
+    k = distributed.broadcast_(torch.tensor([0 if A is None else A.shape[0]], device=device), owner)
+    k = int(k)
+    if A is None:
+        A = torch.empty(k, linear.in_features, dtype=torch.float64, device=device)
+        B = torch.empty(linear.out_features, k, dtype=torch.float64, device=device)
+    return distributed.broadcast_(A.contiguous(), owner), distributed.broadcast_(B.contiguous(), owner)
+
+
+def _factors(linear, method, config, stats, rank, device, name, update) -> tuple[torch.Tensor, torch.Tensor]:
     W = linear.weight.detach().to(device=device, dtype=torch.float64)
     A, B = factorize(method, config, W, stats, rank, device, name)
     if update == "lstsq":
@@ -157,9 +189,7 @@ def decompose_linear(
         B = lstsq_update(W, A, B, gram, cross)
         if not torch.isfinite(B).all():
             raise SvdkitError(f"the least-squares update produced non-finite factors for {name}")
-    home, dtype = linear.weight.device, linear.weight.dtype
-    bias = linear.bias.detach() if linear.bias is not None else None
-    return LowRankLinear.from_factors(A.to(home, dtype), B.to(home, dtype), bias)
+    return A, B
 
 
 def factor(
@@ -179,10 +209,9 @@ def factor(
 
     def replace(layer: nn.Module, index: int, stats: Mapping | None, names) -> None:
         t = time.perf_counter()
-        for target in names:
+        todo = [target for target in names if ranks[f"{arch.layers_path}.{index}.{target}"] is not None]
+        for turn, target in enumerate(todo):
             full = f"{arch.layers_path}.{index}.{target}"
-            if ranks[full] is None:
-                continue
             linear = layer.get_submodule(target)
             low = decompose_linear(
                 linear,
@@ -193,12 +222,14 @@ def factor(
                 plan.device,
                 full,
                 plan.options.update,
+                owner=turn % distributed.size(),  # the processes of a distributed run take turns
             )
             layer.set_submodule(target, low)
         spent["decomposition"] += time.perf_counter() - t
 
     if plan.streams:
         t = time.perf_counter()
+        windows = distributed.shard(windows)  # this process's share
         sequential = plan.options.sequential
         walk = iterate_layers(model, arch, windows, plan.needs, plan.device, sequential, plan.options.progress, source)
         for item in walk:

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..calibration.walk import LayerSource
+from ..core import distributed
 from ..core.architecture import Architecture
 from ..core.disk import io_reason
 from ..core.lowrank import densify_
@@ -99,6 +100,10 @@ class Partial:
             self._lock.close()
             raise SvdkitError(f"another svdkit process is compressing into {self.path}: wait for it") from e
         self._check_settings()
+        return self
+
+    def read_state(self) -> Partial:
+        """Read how many layers are finished (every process, after :meth:`open` on rank 0)."""
         state = self.path / "state.json"
         self.done = json.loads(state.read_text())["layers_done"] if state.is_file() else 0
         return self
@@ -124,13 +129,14 @@ class Partial:
         """Keep the hidden states entering layer `index` (and the dense stream's)."""
         tensors = {f"hidden.{i}": h.contiguous() for i, h in enumerate(hidden)}
         tensors.update({f"dense.{i}": h.contiguous() for i, h in enumerate(dense or [])})
-        partial = self.path / f"hidden-{index}.safetensors.partial"
+        path = self.path / f"hidden-{index}-{distributed.rank()}.safetensors"  # each process its own windows
+        partial = path.with_name(path.name + ".partial")
         save_file(tensors, str(partial))
-        os.replace(partial, self.path / f"hidden-{index}.safetensors")
+        os.replace(partial, path)
 
     def load_hidden(self, two_streams: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """The hidden states entering the first unfinished layer."""
-        tensors = load_file(str(self.path / f"hidden-{self.done}.safetensors"))
+        tensors = load_file(str(self.path / f"hidden-{self.done}-{distributed.rank()}.safetensors"))
         hidden = [tensors[f"hidden.{i}"] for i in range(sum(k.startswith("hidden.") for k in tensors))]
         dense = [tensors[f"dense.{i}"] for i in range(sum(k.startswith("dense.") for k in tensors))]
         return hidden, (dense if two_streams else None)
@@ -140,7 +146,7 @@ class Partial:
         _write_atomic(self.path / "state.json", json.dumps({"layers_done": layers}))
         self.done = layers
         for old in self.path.glob("hidden-*.safetensors"):
-            if old.name != f"hidden-{layers}.safetensors":
+            if not old.name.startswith(f"hidden-{layers}-"):
                 old.unlink()
 
     def finish(self) -> None:
@@ -188,10 +194,14 @@ class StreamedLayers(LayerSource):
         if self.densify:
             densify_(layer)
         prefix = f"{self.arch.layers_path}.{index}."
-        write_shard(self.partial.path, index + 1, self.count, {prefix + k: v for k, v in layer.state_dict().items()})
+        if distributed.is_main():  # every process holds the same layer; one writes it
+            tensors = {prefix + k: v for k, v in layer.state_dict().items()}
+            write_shard(self.partial.path, index + 1, self.count, tensors)
         if hidden:
             self.partial.save_hidden(index + 1, hidden, dense)
-        self.partial.mark_done(index + 1)
+        distributed.barrier()  # every process's hidden states are kept before the layer counts as done
+        if distributed.is_main():
+            self.partial.mark_done(index + 1)
         release(layer)
 
 
@@ -210,6 +220,7 @@ def _settings(plan: CompressionPlan, opened: OpenCheckpoint, densify: bool) -> d
         "dtype": str(opened.dtype),
         "densify": densify,
         "device": plan.device.type,
+        "processes": distributed.size(),
         "options": options,
         "calibration": plan.options.calibration.record(),
     }
@@ -239,16 +250,21 @@ def compress_folder(
     reason = stream_refusal(plan)
     if reason is not None:
         raise NotStreamable(reason)
-    partial = Partial(Path(output), _settings(plan, opened, densify), resume, overwrite).open()
+    partial = Partial(Path(output), _settings(plan, opened, densify), resume, overwrite)
+    distributed.agree(partial.open)
+    partial.read_state()
     try:
         result = _run(plan, opened, partial, densify, start)
-        partial.finish()
+        if distributed.is_main():
+            partial.finish()
+        distributed.barrier()
     except KeyboardInterrupt as e:
         partial.close()
         e.note = f"the finished layers are kept in {partial.path}: the same command with --resume continues"
         raise
     except BaseException as e:
-        partial.discard()
+        if distributed.is_main():
+            partial.discard()
         if isinstance(e, Exception) and is_io_error(e):
             raise SvdkitError(f"could not write {output} ({io_reason(e)}); nothing was written") from e
         raise
@@ -281,13 +297,14 @@ def _run(
             )
         finally:
             release(model)
-    keys = opened.outside_keys()
-    write_shard(partial.path, 0, len(arch.layers) + 1, opened.checkpoint.read(keys, opened.dtype))
     result = record(plan, model, allocation, allocation.ranks, {}, timings, time.perf_counter() - start)
     if densify:
         make_plain(model)
-    write_metadata(model, opened.tokenizer, partial.path)
-    write_index(partial.path, len(arch.layers) + 1)
+    if distributed.is_main():
+        keys = opened.outside_keys()
+        write_shard(partial.path, 0, len(arch.layers) + 1, opened.checkpoint.read(keys, opened.dtype))
+        write_metadata(model, opened.tokenizer, partial.path)
+        write_index(partial.path, len(arch.layers) + 1)
     return result
 
 
