@@ -203,9 +203,10 @@ def test_torchrun_two_gloo_processes_match_one(tmp_path, tiny_tokenizer):
     assert two.stdout.count('"output"') == 1  # one process reports
     one, _ = svdkit.load(tmp_path / "one")
     both, tok = svdkit.load(tmp_path / "two")
-    assert json.loads((tmp_path / "one" / "config.json").read_text())["svdkit"]["ranks"] == json.loads(
-        (tmp_path / "two" / "config.json").read_text()
-    )["svdkit"]["ranks"]
+    assert (
+        json.loads((tmp_path / "one" / "config.json").read_text())["svdkit"]["ranks"]
+        == json.loads((tmp_path / "two" / "config.json").read_text())["svdkit"]["ranks"]
+    )
     a, b = one.state_dict(), both.state_dict()
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-5 * float(a[key].abs().max())), key
