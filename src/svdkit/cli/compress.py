@@ -124,7 +124,10 @@ def run(a: argparse.Namespace) -> None:
 def _element_bytes(folder: Path, dtype: str) -> int:
     """Bytes per element the output is written in."""
     if dtype == "auto":
-        return Checkpoint(folder).main_dtype().itemsize
+        try:
+            return Checkpoint(folder).main_dtype().itemsize
+        except NotStreamable:  # no safetensors: loaded whole, in float32 unless its config says otherwise
+            return 4
     return 4 if dtype == "float32" else 2
 
 

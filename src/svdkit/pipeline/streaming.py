@@ -40,7 +40,7 @@ from ..core import distributed
 from ..core.architecture import Architecture
 from ..core.disk import io_reason
 from ..core.lowrank import densify_
-from ..errors import SvdkitError
+from ..errors import NotStreamable, SvdkitError
 from ..saved.folder import install, is_io_error, write_metadata
 from ..saved.format import make_plain
 from ..saved.modeling_svdkit import swap_in
@@ -51,7 +51,15 @@ from .options import CompressionOptions
 from .plan import CompressionPlan, make_plan
 from .stages import CompressionResult, allocate, factor, read_windows, record
 
-__all__ = ["PARTIAL", "Partial", "StreamedLayers", "compress_folder", "stream_refusal", "partial_path"]
+__all__ = [
+    "PARTIAL",
+    "NotStreamable",
+    "Partial",
+    "StreamedLayers",
+    "compress_folder",
+    "stream_refusal",
+    "partial_path",
+]
 
 PARTIAL = ".svdkit-partial"
 """suffix of the folder beside the output where a streamed run keeps its finished layers"""
@@ -269,10 +277,6 @@ def compress_folder(
             raise SvdkitError(f"could not write {output} ({io_reason(e)}); nothing was written") from e
         raise
     return result, model
-
-
-class NotStreamable(SvdkitError):
-    """The compression needs the whole model in memory (the message says why)."""
 
 
 def _run(

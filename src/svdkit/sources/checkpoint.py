@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from ..core.architecture import find_architecture
 from ..core.device import available_memory, resolve_dtype
-from ..errors import SvdkitError
+from ..errors import NotStreamable, SvdkitError
 from ..saved.contents import dense_bytes, weight_files
 from ..saved.format import read_svdkit_config, register_format
 from .models import require_causal_lm
@@ -46,7 +46,7 @@ class Checkpoint:
         self.folder = Path(folder)
         self.files = weight_files(self.folder)
         if not self.files:
-            raise SvdkitError(f"'{folder}' holds no safetensors weights (model.safetensors or an index)")
+            raise NotStreamable(f"'{folder}' holds no safetensors weights (model.safetensors or an index)")
         self.where: dict[str, Path] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         for f in self.files:
@@ -174,7 +174,7 @@ def _check_names(model: nn.Module, checkpoint: Checkpoint, tied: frozenset[str])
     extra = sorted(k for k in set(checkpoint.where) - needed if not k.endswith(_IGNORED))
     if missing or extra:
         example = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise SvdkitError(
+        raise NotStreamable(
             f"the tensor names in '{checkpoint.folder}' are not the model's ({example}; {len(missing)} missing, "
             f"{len(extra)} unexpected): a checkpoint that transformers converts while loading cannot be streamed"
         )
