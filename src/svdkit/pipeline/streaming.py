@@ -161,7 +161,7 @@ class Partial:
         """Drop the resume files and rename the folder into the output's place."""
         for name in ("settings.json", "state.json", "lock"):
             (self.path / name).unlink(missing_ok=True)
-        for old in self.path.glob("hidden-*"):
+        for old in [*self.path.glob("hidden-*"), *self.path.glob("*.partial")]:  # a killed write's leftovers
             old.unlink()
         self.close()
         install(self.path, self.output)
