@@ -46,7 +46,12 @@ def setup(device: str | torch.device | None) -> str | torch.device | None:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= count:
+            raise SvdkitError(
+                f"process {local} of this node has no GPU of its own ({count} visible): run at most {count} "
+                "processes per node, or pass --device cpu"
+            )
         torch.cuda.set_device(local)
         return f"cuda:{local}"
     return "cpu" if str(device) in ("auto", "None") else device
