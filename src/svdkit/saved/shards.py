@@ -9,6 +9,7 @@ shards; the index is made last, from the shards' headers.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -53,17 +54,10 @@ def write_index(folder: Path, count: int) -> dict[str, str]:
                 weight_map[key] = name
                 t = st.get_slice(key)
                 shape, dtype = t.get_shape(), t.get_dtype()
-                total += _numel(shape) * _BYTES[dtype]
+                total += math.prod(shape) * _BYTES[dtype]
     body = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
     return weight_map
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
