@@ -24,7 +24,6 @@ import torch
 
 import svdkit
 from svdkit.allocators import get_allocator
-from svdkit.allocators import v2 as heterogeneous
 from svdkit.bench.grid import parse_options
 from svdkit.calibration.collect import collect_statistics
 from svdkit.core.architecture import find_architecture
@@ -73,15 +72,18 @@ def main() -> None:
     stats = collect_statistics(model, find_architecture(model), windows, needs, dev)
     stats_s = time.perf_counter() - t
 
-    original = heterogeneous.truncation_losses
+    allocator = get_allocator(args.allocation)
+    original = allocator.summarize
     cache: dict[tuple, dict] = {}
 
-    def cached(ctx, floor=1e-10):  # the losses depend on the ratio only: compute them once per ratio
-        if (ctx.ratio, floor) not in cache:
-            cache[(ctx.ratio, floor)] = original(ctx, floor)
-        return cache[(ctx.ratio, floor)]
+    def cached(weights, statistics, config, device):  # the spectra depend on rel_floor only: compute them once
+        key = (tuple(weights), getattr(config, "rel_floor", None))
+        if key not in cache:
+            cache[key] = original(weights, statistics, config, device)
+        return cache[key]
 
-    heterogeneous.truncation_losses = cached
+    if original is not None:
+        object.__setattr__(allocator, "summarize", cached)  # the registered (frozen) allocator, for this run
 
     def ppl(m) -> float:
         return svdkit.perplexity(m, None, val, seqlen=args.seqlen, progress=False).ppl
@@ -133,7 +135,7 @@ def main() -> None:
                 print({k: v for k, v in row.items() if k not in ("ratio_range", "training")}, flush=True)
                 del work
     finally:
-        heterogeneous.truncation_losses = original
+        object.__setattr__(allocator, "summarize", original)
     lines = [
         "# Allocation sweep on a validation slice",
         "",

@@ -1,9 +1,10 @@
 """How `svdkit compress` scales with depth and width: memory, time and disk on synthetic Llama checkpoints.
 
-    python benchmarks/scale.py [--models 1b-d4 1b-d16 8b-d2] [--nproc 2] [--work bench-output/scale]
+    python benchmarks/scale.py [--models 1b-d5 1b-d20 8b-d2] [--nproc 2 [--nproc-models 8b-d2]]
+                               [--work bench-output/scale]
                                [--calib-samples 4] [--calib-seqlen 512] [--extra "--method svd-llm ..."]
 
-Builds random-weight LlamaForCausalLM checkpoints of real shapes (Llama-3.2-1B at 4 and 16 layers,
+Builds random-weight LlamaForCausalLM checkpoints of real shapes (Llama-3.2-1B at 4, 5, 16 and 20 layers,
 Llama-3.1-8B at 2 layers; tiny ones for a smoke test) without ever holding a whole model: every tensor is
 drawn in bfloat16 (normal, std 0.02; norms ones; a fixed seed per tensor name) and written with
 safetensors, one shard per decoder layer, one for the embeddings and one for the final norm and lm_head,
@@ -17,8 +18,9 @@ tensor and give finite logits.
 Each model is then compressed by ``python -m svdkit compress MODEL EXTRA --calib-samples S --calib-seqlen L
 --statistics-dir WORK/runs/RUN/stats --output WORK/runs/RUN/out --overwrite --json`` in a subprocess
 (EXTRA: --extra, by default ``--method svd-llm --ratio 0.4 --dtype bfloat16 --calib demo``), and with
---nproc N > 1 once more through ``torchrun --standalone --nproc-per-node N -m svdkit compress ...`` with
-OMP_NUM_THREADS = cores / N per process (unless OMP_NUM_THREADS is set). Measured per run:
+--nproc N > 1 once more (only the presets of --nproc-models, when given) through ``torchrun --standalone
+--nproc-per-node N -m svdkit compress ...`` with OMP_NUM_THREADS = cores / N per process (unless
+OMP_NUM_THREADS is set). Measured per run:
 
 - wall time of the process, and wall time / decoder layers;
 - peak RSS from the OS: the kernel's high-water mark (VmHWM) of every process of the tree, read every
@@ -120,7 +122,9 @@ PRESETS = {
         Preset("tiny-d2", layers=2, **TINY),
         Preset("tiny-d8", layers=8, **TINY),
         Preset("1b-d4", layers=4, **LLAMA_1B),
+        Preset("1b-d5", layers=5, **LLAMA_1B),
         Preset("1b-d16", layers=16, **LLAMA_1B),
+        Preset("1b-d20", layers=20, **LLAMA_1B),
         Preset("8b-d2", layers=2, **LLAMA_8B),
     )
 }  # fmt: skip
@@ -535,7 +539,7 @@ def build_all(a: argparse.Namespace) -> dict[str, Path]:
 def run_all(a: argparse.Namespace, folders: dict[str, Path]) -> list[Row]:
     rows = []
     for name, folder in folders.items():
-        for nproc in dict.fromkeys([1, a.nproc]):
+        for nproc in dict.fromkeys([1, a.nproc if a.nproc_models is None or name in a.nproc_models else 1]):
             print(f"compressing {name} with {nproc} process(es) ...", flush=True)
             row = measure(a, PRESETS[name], folder, nproc)
             print(f"  exit {row.rc}, {row.wall_s:.1f} s, peak RSS {row.peak_rss_bytes / GB:.2f} GB", flush=True)
@@ -546,10 +550,12 @@ def run_all(a: argparse.Namespace, folders: dict[str, Path]) -> list[Row]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", choices=PRESETS, default=["1b-d4", "1b-d16", "8b-d2"], metavar="PRESET",
-                   help=f"presets, of: {', '.join(PRESETS)} (default 1b-d4 1b-d16 8b-d2)")  # fmt: skip
+    p.add_argument("--models", nargs="+", choices=PRESETS, default=["1b-d5", "1b-d20", "8b-d2"], metavar="PRESET",
+                   help=f"presets, of: {', '.join(PRESETS)} (default 1b-d5 1b-d20 8b-d2)")  # fmt: skip
     p.add_argument("--work", default="bench-output/scale", help="checkpoints, runs and scale.json (bench-output/scale)")
     p.add_argument("--nproc", type=int, default=1, help="also compress through torchrun with N processes (1: not)")
+    p.add_argument("--nproc-models", nargs="+", choices=PRESETS, metavar="PRESET",
+                   help="only these presets run with --nproc processes too (default: every one)")  # fmt: skip
     p.add_argument("--calib-samples", type=int, default=4, help="calibration windows (4)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (512)")
     p.add_argument("--extra", default=EXTRA, help=f"the other flags of svdkit compress (default: {EXTRA!r})")

@@ -13,7 +13,7 @@ from svdkit.calibration.store import StatisticsStore
 from svdkit.core.ranks import cost, saves_parameters
 from svdkit.pipeline.options import CalibrationSettings, CompressionOptions
 from svdkit.pipeline.plan import make_plan
-from svdkit.pipeline.stages import allocate, calibrate, read_windows
+from svdkit.pipeline.stages import allocate, calibrate, read_windows, summarize
 
 KINDS = ["llama", "llama-bias", "qwen2", "mistral", "gemma", "gemma3", "qwen3-sliding"]
 OPTIONS = {"sensitivity": {"windows": 1, "seqlen": 16}, "v2": {}, "uniform": {}}
@@ -41,7 +41,8 @@ def allocation_of(kind: str, name: str, tmp_path):
     )
     windows = read_windows(plan)
     statistics = calibrate(plan, model, windows)
-    return model, plan, statistics, allocate(plan, model, statistics, windows)
+    summaries = summarize(plan, model, statistics, windows)
+    return model, plan, statistics, allocate(plan, model, statistics, windows, summaries)
 
 
 @pytest.mark.parametrize("kind", KINDS)

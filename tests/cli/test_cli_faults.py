@@ -29,6 +29,13 @@ def calib(text_file) -> list[str]:
     return ["--calib", str(text_file), "--calib-samples", "2", "--calib-seqlen", "32", "--device", "cpu"]
 
 
+def whole(tmp_path) -> list[str]:
+    """Flags of a run that loads the model whole, spills every matrix's statistics and saves at once: the
+    sensitivity allocation (a small search, its table in `tmp_path`)."""
+    options = ["windows=1", "seqlen=16", "grid=[0.3,0.6]", f"cache={tmp_path / 'table.json'}"]
+    return ["--allocation", "sensitivity", *[x for o in options for x in ("--allocation-option", o)]]
+
+
 def hidden(folder) -> list[str]:
     """Temporary folders (hidden siblings, statistics spills) in `folder`."""
     return sorted(p.name for p in folder.iterdir() if p.name.startswith((".", "svdkit-stats-")))
@@ -116,7 +123,7 @@ def test_too_little_room_for_the_statistics_spill_is_refused_before_calibration(
 
     monkeypatch.setattr("shutil.disk_usage", usage)
     monkeypatch.setattr("svdkit.calibration.store.StatisticsStore.put_layer", lambda *a: 1 / 0)
-    argv = ["compress", tiny_folder, *calib(text_file), "--allocation", "v2", "--statistics-dir", stats]
+    argv = ["compress", tiny_folder, *calib(text_file), *whole(tmp_path), "--statistics-dir", stats]
     code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "out")
     assert_error(code, err, f"not enough free space in {stats} for the calibration statistics")
     assert list(stats.iterdir()) == [] and not (tmp_path / "out").exists()
@@ -171,7 +178,7 @@ def test_disk_full_while_spilling_statistics_is_one_line_and_leaves_nothing(
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr("svdkit.calibration.store.save_file", full)
-    argv = ["compress", tiny_folder, *calib(text_file), "--allocation", "v2", "--statistics-dir", tmp_path]
+    argv = ["compress", tiny_folder, *calib(text_file), *whole(tmp_path), "--statistics-dir", tmp_path]
     code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "out")
     assert_error(code, err, "cannot write calibration statistics")
     assert "No space left on device" in err and hidden(tmp_path) == []
@@ -220,7 +227,7 @@ def test_sigterm_during_the_work_exits_143_with_one_line_and_leaves_nothing(tmp_
     """In a process of its own: the signal comes from outside, as from `timeout`, Docker or Slurm."""
     stats = tmp_path / "stats"
     argv = ["compress", str(tiny_folder), *calib(text_file), "--output", str(tmp_path / "out")]
-    argv += ["--allocation", "v2", "--statistics-dir", str(stats)]  # v2 loads the whole model and saves it at once
+    argv += [*whole(tmp_path), "--statistics-dir", str(stats)]  # loads the whole model and saves it at once
     lines = _terminated(tmp_path, stage, argv)
     assert lines[-1] == "svdkit: interrupted by SIGTERM"
     assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
@@ -267,7 +274,7 @@ def test_ctrl_c_during_the_save_exits_130_and_leaves_nothing(capsys, tmp_path, t
         raise KeyboardInterrupt
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
-    argv = ["compress", tiny_folder, *calib(text_file), "--allocation", "v2"]  # loaded whole, saved at once
+    argv = ["compress", tiny_folder, *calib(text_file), *whole(tmp_path)]  # loaded whole, saved at once
     code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "out")
     assert code == 130 and err.strip().splitlines()[-1] == "svdkit: interrupted by SIGINT"
     assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
@@ -288,7 +295,7 @@ def test_the_next_run_sweeps_what_a_killed_run_left(capsys, tmp_path, tiny_folde
         (folder / "layer-0.safetensors").write_bytes(b"partial")
         if marker is not None:
             mark_owner(folder, marker)
-    argv = ["compress", tiny_folder, *calib(text_file), "--allocation", "v2", "--statistics-dir", stats]
+    argv = ["compress", tiny_folder, *calib(text_file), *whole(tmp_path), "--statistics-dir", stats]
     code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "out")
     assert code == 0, err
     assert hidden(tmp_path) == [".out.tmp-running"]

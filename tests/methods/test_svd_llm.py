@@ -53,3 +53,17 @@ def test_svd_llm_tracks_the_dense_model_better_than_plain_svd():
         with torch.no_grad():
             err[method] = float((model(input_ids=ids).logits - ref).square().mean())
     assert err["svd-llm"] < err["svd"]
+
+
+@pytest.mark.usefixtures("float64_default")
+def test_robust_cholesky_leaves_the_gram_matrix_exactly_as_it_was():
+    """The jitter shifts G's diagonal in place (no n x n copy); G comes back bit for bit, and L is the
+    Cholesky factor of G + jitter I."""
+    from svdkit.methods.linalg import robust_cholesky
+
+    X = correlated_inputs(12, 5, seed=4)
+    G = X @ X.T / 5  # rank 5 of 12: not positive definite
+    before = G.clone()
+    L, jitter = robust_cholesky(G)
+    assert jitter > 0 and torch.equal(G, before)
+    assert torch.equal(L, torch.linalg.cholesky(G + jitter * torch.eye(12)))

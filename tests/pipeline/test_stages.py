@@ -34,7 +34,8 @@ def options(**kw) -> CompressionOptions:
         ({"method": "svd-llm"}, False, CalibrationMode.STREAM),
         ({"method": "svd-llm"}, True, CalibrationMode.PRECOMPUTED),
         ({"method": "fwsvd"}, False, CalibrationMode.COLLECT),
-        ({"method": "svd-llm", "allocation": "v2"}, False, CalibrationMode.COLLECT),
+        ({"method": "svd-llm", "allocation": "v2"}, False, CalibrationMode.STREAM),  # after a summary pass
+        ({"method": "svd-llm", "allocation": "sensitivity"}, False, CalibrationMode.COLLECT),
         ({"method": "svd-llm", "sequential": True}, False, CalibrationMode.SEQUENTIAL),
         ({"method": "svd", "update": "lstsq", "sequential": True}, False, CalibrationMode.SEQUENTIAL),
     ],

@@ -52,6 +52,8 @@ def _digest(folder) -> dict[str, str]:
         ("qwen3", {"sequential": True}),
         ("llama", {"method": "svd"}),  # no statistics
         ("llama", {"update": "lstsq", "sequential": True}),  # two streams of hidden states
+        ("llama", {"allocation": "v2"}),  # a summary pass, then the factoring pass
+        ("qwen3", {"allocation": "v2", "sequential": True, "method": "svd-llm-v2"}),
     ],
 )
 def test_streamed_equals_in_memory(tmp_path, tiny_tokenizer, text_file, kind, kw):
@@ -78,6 +80,7 @@ def _api(options: CompressionOptions) -> dict:
         ratio=options.ratio,
         sequential=options.sequential,
         update=options.update,
+        allocation=options.allocation,
         calib=c.source,
         calib_samples=c.samples,
         calib_seqlen=c.seqlen,
@@ -99,9 +102,10 @@ def test_bfloat16_streams_in_its_dtype(tmp_path, tiny_tokenizer, text_file):
     assert model32.model.layers[0].self_attn.q_proj.A.dtype == torch.float32
 
 
-def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, tiny_tokenizer, text_file, monkeypatch):
+@pytest.mark.parametrize("kw", [{"sequential": True}, {"allocation": "v2"}])
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, tiny_tokenizer, text_file, monkeypatch, kw):
     folder = _folder(tmp_path, tiny_tokenizer, layers=4)
-    options = _options(text_file, sequential=True)
+    options = _options(text_file, **kw)
     compress_folder(folder, tmp_path / "whole", options)
     real = Partial.mark_done
 
@@ -116,12 +120,13 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, tiny_tokenizer, tex
     assert "--resume" in caught.value.note
     kept = partial_path(tmp_path / "out")
     assert json.loads((kept / "state.json").read_text()) == {"layers_done": 2}
+    assert (kept / "summaries.safetensors").is_file() == (kw.get("allocation") == "v2")  # the first pass is kept
     assert not (tmp_path / "out").exists()
     monkeypatch.setattr(Partial, "mark_done", real)
     with pytest.raises(SvdkitError, match="--resume to continue"):
         compress_folder(folder, tmp_path / "out", options)
     with pytest.raises(SvdkitError, match="other settings"):
-        compress_folder(folder, tmp_path / "out", _options(text_file, sequential=True, ratio=0.5), resume=True)
+        compress_folder(folder, tmp_path / "out", _options(text_file, **kw, ratio=0.5), resume=True)
     compress_folder(folder, tmp_path / "out", options, resume=True)
     assert _digest(tmp_path / "out") == _digest(tmp_path / "whole")
     assert not kept.exists()
@@ -138,19 +143,21 @@ def test_overwrite_starts_an_unfinished_run_over(tmp_path, tiny_tokenizer, text_
 
 def test_a_plan_that_needs_the_whole_model_is_not_streamed(tmp_path, tiny_tokenizer, text_file):
     folder = _folder(tmp_path, tiny_tokenizer)
-    with pytest.raises(NotStreamable, match="allocation 'v2' needs every matrix's statistics"):
-        compress_folder(folder, tmp_path / "out", _options(text_file, method="svd-llm-v2", allocation="v2"))
+    options = _options(text_file, allocation="sensitivity", allocation_options={"windows": 1, "seqlen": 16})
+    with pytest.raises(NotStreamable, match="allocation 'sensitivity' needs every matrix's statistics"):
+        compress_folder(folder, tmp_path / "out", options)
     assert not partial_path(tmp_path / "out").exists()
 
 
 def test_cli_falls_back_to_the_whole_model_and_refuses_resume(tmp_path, tiny_tokenizer, text_file, capsys):
     folder = _folder(tmp_path, tiny_tokenizer)
-    common = ["compress", folder, "--calib", text_file, "--calib-samples", 2, "--calib-seqlen", 32, "--method"]
-    code, out, err = run_cli(capsys, *common, "svd-llm-v2", "--allocation", "v2", "--output", tmp_path / "o", "--json")
+    common = ["compress", folder, "--calib", text_file, "--calib-samples", 2, "--calib-seqlen", 32]
+    whole = ["--method", "soco", "--option", "steps=2"]
+    code, out, err = run_cli(capsys, *common, *whole, "--output", tmp_path / "o", "--json")
     assert code == 0, err
-    assert "loading the whole model into memory: allocation 'v2'" in out
+    assert "loading the whole model into memory: method 'soco' trains all layers together" in out
     assert last_json(out)["params"] < last_json(out)["params_dense"]
-    args = [*common, "svd-llm-v2", "--allocation", "v2", "--output", tmp_path / "p", "--resume"]
+    args = [*common, *whole, "--output", tmp_path / "p", "--resume"]
     assert_error(*run_cli(capsys, *args)[::2], "--resume continues a compression streamed layer by layer")
 
 

@@ -3,8 +3,17 @@
 An *allocator* chooses every target's rank for a global ratio. Allocators are registered by name
 (:data:`ALLOCATORS`) with a small config, like methods; the pipeline calls them with an
 :class:`AllocationContext` and aligns or fixes ranks afterwards itself. ``uniform`` needs nothing but
-the shapes; ``sensitivity`` needs the method, the statistics and calibration windows; ``v2`` needs
-every matrix's input Gram matrix.
+the shapes; ``sensitivity`` needs the method, the statistics and calibration windows; ``v2`` needs a
+summary of every matrix (its whitened singular values).
+
+An allocator that declares ``summarize`` keeps only a small summary of each matrix: the pipeline calls
+``summarize(weights, statistics, config, device)`` for one decoder layer at a time, as soon as that
+layer's statistics exist, and hands every summary (a tensor per target, kept on the CPU and, by a
+streamed run, on disk) to the allocator in ``context.summaries``. The
+statistics are then dropped, and the factors are computed in a second calibration pass, layer by layer
+as with uniform ranks: no matrix's statistics outlive its layer, and a model folder compresses streamed.
+An allocator with ``needs_statistics`` and no ``summarize`` reads ``context.statistics`` whole (spilled
+to disk by the pipeline).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ __all__ = [
     "ALLOCATORS",
     "AllocationContext",
     "Allocator",
+    "Summarize",
     "register_allocator",
     "get_allocator",
     "allocator_names",
@@ -41,7 +51,9 @@ class AllocationContext:
     """the :class:`~svdkit.methods.Method` that will factor the matrices"""
     method_config: Any = None
     statistics: Mapping[str, Any] | None = None
-    """full module name -> LinearStats (None when the method needs none)"""
+    """full module name -> LinearStats (None when the method needs none, or the allocator summarizes)"""
+    summaries: Mapping[str, Any] | None = None
+    """full module name -> what the allocator's ``summarize`` kept of it (None for other allocators)"""
     windows: Any = None
     """calibration token windows (n x seqlen)"""
     calibration: dict | None = None
@@ -55,6 +67,10 @@ class AllocationContext:
     """what the allocator wants recorded next to the ranks (e.g. a threshold it chose)"""
 
 
+Summarize = Callable[[Mapping[str, Any], Mapping[str, Any], Any, Any], dict[str, Any]]
+"""what an allocator keeps of one layer's matrices: (weights, statistics, config, device) -> {name: summary}"""
+
+
 @dataclass(frozen=True)
 class Allocator:
     name: str
@@ -66,6 +82,8 @@ class Allocator:
     summary: str
     requires: frozenset[str] = frozenset()
     """statistics the allocator itself reads (collected even when the method needs none)"""
+    summarize: Summarize | None = None
+    """(weights, statistics, config, device) -> {name: summary} for one layer's targets (full names)"""
 
 
 ALLOCATORS: Registry[Allocator] = Registry("allocation")
@@ -78,13 +96,15 @@ def register_allocator(
     needs_windows: bool = False,
     summary: str = "",
     requires: tuple[str, ...] = (),
+    summarize: Summarize | None = None,
 ):
     """Decorator: register `fn(context, config) -> {name: rank or None}` as allocation strategy `name`."""
 
     def wrap(fn):
-        ALLOCATORS.add(
-            name, Allocator(name, fn, config_cls, needs_statistics, needs_windows, summary, frozenset(requires))
+        allocator = Allocator(
+            name, fn, config_cls, needs_statistics, needs_windows, summary, frozenset(requires), summarize
         )
+        ALLOCATORS.add(name, allocator)
         return fn
 
     return wrap

@@ -30,25 +30,35 @@ whose ratio leaves no saving stays dense. Every group, hence the model, keeps th
 of uniform allocation (up to the same rank flooring).
 
 Cost: one eigendecomposition per distinct Gram matrix and one singular-value computation per matrix
-(less than the decomposition itself); memory holds one layer's statistics (read from the
-:class:`~svdkit.calibration.store.StatisticsStore` the pipeline writes).
+(less than the decomposition itself). They are computed as each layer is calibrated
+(:func:`whitened_spectra`, the allocator's ``summarize``), and only the spectra are kept: min(m, n)
+float64 values per matrix, so the statistics never need to be held or spilled; the factors come from a
+second calibration pass.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..core.options import Options, choice, number, option
 from ..core.ranks import rank_for_ratio, saves_parameters
 from ..methods.linalg import eigen_whitening
 from .base import AllocationContext, register_allocator
 
-__all__ = ["V2AllocationConfig", "group_of", "truncation_losses", "heterogeneous_ratios", "allocate_v2"]
+__all__ = [
+    "V2AllocationConfig",
+    "group_of",
+    "whitened_spectra",
+    "truncation_losses",
+    "heterogeneous_ratios",
+    "allocate_v2",
+]
 
 
 @dataclass
@@ -93,23 +103,32 @@ def group_of(name: str, shape: tuple[int, int]) -> str:
 
 
 @torch.no_grad()
-def truncation_losses(context: AllocationContext, rel_floor: float = 1e-10) -> dict[str, tuple[float, float]]:
-    """Per target (L_i, E_i): L_i = sqrt(sum_{j>k_i} s_j^2) with s the singular values of W_i S_i and k_i
+def whitened_spectra(
+    weights: Mapping[str, torch.Tensor], statistics: Mapping[str, Any], config: V2AllocationConfig, device=None
+) -> dict[str, torch.Tensor]:
+    """V2's summary of one layer's targets: the singular values s(W_i S_i) (float64, on the CPU), with
+    S_i S_i^T = G_i / T the input's mean Gram matrix; q/k/v (and gate/up) share one whitening."""
+    dev = device or torch.device("cpu")
+    spectra: dict[str, torch.Tensor] = {}
+    last: tuple[torch.Tensor, torch.Tensor] | None = None
+    for name, weight in weights.items():
+        stats = statistics[name]
+        if last is None or last[0] is not stats["gram"]:
+            S_w, _ = eigen_whitening(stats.gram_mean.to(dev, torch.float64), config.rel_floor)
+            last = (stats["gram"], S_w)
+        spectra[name] = torch.linalg.svdvals(weight.detach().to(dev, torch.float64) @ last[1]).cpu()
+    return spectra
+
+
+def truncation_losses(
+    spectra: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int]], ratio: float
+) -> dict[str, tuple[float, float]]:
+    """Per target (L_i, E_i): L_i = sqrt(sum_{j>k_i} s_j^2) with s its whitened singular values and k_i
     the rank at the uniform ratio; E_i = sqrt(sum_j s_j^2) = ||W_i X_i||_F / sqrt(T), the output's size."""
     losses: dict[str, tuple[float, float]] = {}
-    last: tuple[torch.Tensor, torch.Tensor] | None = None  # q/k/v share one Gram: whiten it once
-    dev = context.device or torch.device("cpu")
-    names = list(context.shapes)
-    for name in tqdm(names, desc="truncation losses", unit="matrix", disable=not context.progress, leave=False):
-        m, n = context.shapes[name]
-        stats = context.statistics[name]
-        if last is None or last[0] is not stats["gram"]:
-            S_w, _ = eigen_whitening(stats.gram_mean.to(dev, torch.float64), rel_floor)
-            last = (stats["gram"], S_w)
-        W = context.model.get_submodule(name).weight.detach().to(dev, torch.float64)
-        sv = torch.linalg.svdvals(W @ last[1])
-        k = rank_for_ratio(m, n, context.ratio)
-        losses[name] = (float(sv[k:].norm()), float(sv.norm()))
+    for name, (m, n) in shapes.items():
+        sv = spectra[name]
+        losses[name] = (float(sv[rank_for_ratio(m, n, ratio) :].norm()), float(sv.norm()))
     return losses
 
 
@@ -162,10 +181,11 @@ def heterogeneous_ratios(
     V2AllocationConfig,
     needs_statistics=True,
     requires=("gram",),
+    summarize=whitened_spectra,
     summary="SVD-LLM V2: lossier matrices of each type get lower ratios, the type's mean ratio stays the target",
 )
 def allocate_v2(context: AllocationContext, config: V2AllocationConfig) -> dict[str, int | None]:
-    losses = truncation_losses(context, config.rel_floor)
+    losses = truncation_losses(context.summaries, context.shapes, context.ratio)
     groups: dict[str, list[str]] = {}
     for name, shape in context.shapes.items():
         groups.setdefault(group_of(name, shape), []).append(name)

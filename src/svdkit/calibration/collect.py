@@ -26,7 +26,7 @@ from .store import StatisticsStore
 from .walk import LayerSource, capture_layer_inputs, layer_output, move_outside_layers, on_device, outside_device
 
 CROSS = "cross"
-"""dense inputs against compressed inputs, sum x_dense x^T (two-stream sequential calibration only)"""
+"""dense inputs against compressed inputs, mean of x_dense x^T (two-stream sequential calibration only)"""
 
 __all__ = ["CROSS", "LayerStats", "collect_statistics", "iterate_layers"]
 
@@ -42,7 +42,7 @@ class LayerStats:
 
 
 class _Cross(Statistic):
-    """Sum over tokens of x_dense x^T (n x n, float64): the dense layer's inputs against the compressed
+    """Mean over tokens of x_dense x^T (n x n, float64): the dense layer's inputs against the compressed
     model's inputs for the same tokens (sequential calibration; see :mod:`svdkit.pipeline.update`)."""
 
     name = CROSS
@@ -61,7 +61,7 @@ class _Cross(Statistic):
     def value(self) -> torch.Tensor:
         if self.total is None:
             raise RuntimeError("no calibration tokens reached this layer")
-        return self.total.cpu()
+        return (self.total / max(self.tokens, 1)).cpu()
 
 
 _ACCUMULATORS: dict[str, type[Statistic]] = {**STATISTICS, CROSS: _Cross}
@@ -165,6 +165,7 @@ def iterate_layers(
     sequential: bool = False,
     progress: bool = True,
     source: LayerSource | None = None,
+    desc: str = "calibrating layers",
 ) -> Iterator[LayerStats]:
     """Yield every decoder layer (on `device`) with its targets' statistics, in order.
 
@@ -182,7 +183,7 @@ def iterate_layers(
     doubles the activations held and adds one dense forward per stage.
 
     `source` (a :class:`~.walk.LayerSource`) loads each layer before it runs and takes it once final, and
-    may start the walk at a later layer.
+    may start the walk at a later layer. `desc` names the progress bar.
     """
     needs = set(needs)
     two_streams = CROSS in needs
@@ -192,7 +193,7 @@ def iterate_layers(
     outside_home = outside_device(model, arch, device)
     inputs = capture_layer_inputs(model, arch, windows, device, progress)
     hidden, dense_hidden = source.begin(inputs.hidden, list(inputs.hidden) if two_streams else None)
-    bar = tqdm(total=len(arch.layers), desc="calibrating layers", unit="layer", disable=not progress)
+    bar = tqdm(total=len(arch.layers), desc=desc, unit="layer", disable=not progress)
     bar.update(source.start)
     try:
         for index, layer in enumerate(arch.layers):

@@ -1,10 +1,15 @@
 """Calibration statistics of a linear layer's inputs, collected once and shared by every method.
 
-For a layer y = W x with calibration inputs X (n x T, T tokens):
-- ``gram``: G = X X^T (n x n), each batch's product in float32, summed in float64.
+For a layer y = W x with calibration inputs X (n x T, T tokens), every statistic is a mean over tokens:
+- ``gram``: G = X X^T / T (n x n, exactly symmetric), each batch's product in float32 (by row blocks),
+  summed in float64; divided by T and symmetrized in place once finished.
 - ``mean_abs``: a_j = mean over tokens of |x_j| (ASVD's channel statistic).
 A new statistic is one more :class:`Statistic` subclass registered in ``STATISTICS``; methods name the
 ones they need and the calibration engine collects only those.
+
+Memory: a Gram matrix is 8 n^2 bytes and is never copied whole: a batch adds its product one row block
+at a time, and the mean and the symmetrization happen in place (one block pair at a time), so a
+wide input (an MLP's down_proj) costs its Gram matrix plus a block, not three times it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,20 @@ import torch
 from ..core.distributed import all_reduce_, size
 from ..errors import SvdkitError
 
-__all__ = ["Statistic", "Gram", "MeanAbs", "STATISTICS", "LinearStats", "gram_matrix"]
+__all__ = [
+    "Statistic",
+    "Gram",
+    "MeanAbs",
+    "STATISTICS",
+    "LinearStats",
+    "gram_matrix",
+    "add_gram_",
+    "symmetrize_",
+    "all_finite",
+]
+
+BLOCK = 1024
+"""rows per block of the in-place passes over an n x n matrix"""
 
 
 class Statistic:
@@ -45,6 +63,11 @@ class Statistic:
         self.tokens = int(all_reduce_(torch.tensor([self.tokens], dtype=torch.int64, device=self.total.device)))
 
 
+def _edges(n: int) -> list[int]:
+    blocks = max(1, min(8, n // 192))
+    return [i * n // blocks for i in range(blocks + 1)]
+
+
 def gram_matrix(x: torch.Tensor) -> torch.Tensor:
     """x^T x for x (T x n), computing only the upper block triangle and mirroring it.
 
@@ -52,36 +75,64 @@ def gram_matrix(x: torch.Tensor) -> torch.Tensor:
     takes about half the time, which matters since the Gram matrices rival the layer forwards.
     """
     n = x.shape[1]
-    blocks = max(1, min(8, n // 192))
-    if blocks == 1:
-        return x.T @ x
-    edges = [i * n // blocks for i in range(blocks + 1)]
-    g = torch.empty(n, n, dtype=x.dtype, device=x.device)
+    g = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    return add_gram_(g, x)
+
+
+def add_gram_(total: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """total += x^T x, block row by block row as :func:`gram_matrix` computes it (each block's product in
+    x's dtype, added in total's): no n x n temporary."""
+    edges = _edges(x.shape[1])
+    if len(edges) == 2:
+        return total.add_(x.T @ x)
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        row = x[:, lo:hi].T @ x[:, lo:]
-        g[lo:hi, lo:] = row
-        g[hi:, lo:hi] = row[:, hi - lo :].T
+        row = (x[:, lo:hi].T @ x[:, lo:]).to(total.dtype)
+        total[lo:hi, lo:].add_(row)
+        total[hi:, lo:hi].add_(row[:, hi - lo :].T)
+    return total
+
+
+def symmetrize_(g: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """g <- (g + g^T) / 2 in place, one block pair at a time (elementwise the same as the whole expression)."""
+    n = g.shape[0]
+    for i in range(0, n, block):
+        for j in range(i, n, block):
+            a, b = g[i : i + block, j : j + block], g[j : j + block, i : i + block]
+            mean = (a + b.T) / 2
+            a.copy_(mean)
+            b.copy_(mean.T)
     return g
 
 
+def all_finite(t: torch.Tensor, block: int = BLOCK) -> bool:
+    """Whether every entry of `t` is finite, checked a block of rows at a time (no copy of `t`)."""
+    rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+    return all(bool(torch.isfinite(r).all()) for r in rows.split(block))
+
+
 class Gram(Statistic):
-    """Sum over tokens of x x^T (n x n, float64)."""
+    """Mean over tokens of x x^T (n x n, float64, symmetric); the running sum becomes the mean in place."""
 
     name = "gram"
 
     def __init__(self, n: int) -> None:
         super().__init__(n)
         self.total: torch.Tensor | None = None
+        self._mean = False
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.n).float()
-        g = gram_matrix(x).double()
-        self.total = g if self.total is None else self.total.add_(g)
+        if self.total is None:
+            self.total = torch.zeros(self.n, self.n, dtype=torch.float64, device=x.device)
+        add_gram_(self.total, x)
         self.tokens += x.shape[0]
 
     def value(self) -> torch.Tensor:
         if self.total is None:
             raise RuntimeError("no calibration tokens reached this layer")
+        if not self._mean:
+            symmetrize_(self.total.div_(max(self.tokens, 1)))
+            self._mean = True
         return self.total.cpu()
 
 
@@ -117,7 +168,7 @@ class LinearStats:
         self.tokens = tokens
         self.module = module
         for name, v in values.items():
-            if not bool(torch.isfinite(v).all()):
+            if not all_finite(v):
                 where = f" of {module}" if module else ""
                 raise SvdkitError(
                     f"calibration statistic '{name}'{where} holds NaN or Inf: the model's activations "
@@ -134,8 +185,8 @@ class LinearStats:
 
     @property
     def gram_mean(self) -> torch.Tensor:
-        """G / T: the mean of x x^T (scale-free, float64); ``self["gram"]`` is the sum G."""
-        return self["gram"] / max(self.tokens, 1)
+        """G = X X^T / T: the mean of x x^T (float64, symmetric); the very tensor ``self["gram"]``, not a copy."""
+        return self["gram"]
 
     @property
     def mean_abs(self) -> torch.Tensor:

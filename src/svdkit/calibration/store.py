@@ -1,7 +1,8 @@
 """Calibration statistics kept on disk, one file per decoder layer, read back one layer at a time.
 
-Allocations that fix ranks from every matrix's statistics (SVD-LLM V2's, ASVD's sensitivity search)
-and gradient statistics need all statistics before the first matrix is factored. Held in RAM that is
+An allocation that fixes ranks from every matrix's statistics at once (ASVD's sensitivity search) and
+gradient statistics need all statistics before the first matrix is factored (SVD-LLM V2's allocation
+needs only each matrix's whitened spectrum: it keeps those and never spills). Held in RAM that is
 one n x n float64 Gram matrix per distinct input of every layer; computed from the shapes (8 n^2 bytes
 each), 0.8 GB for SmolLM2-135M, about 43 GB for Llama-2-7B and 650 GB for a 70B model.
 :class:`StatisticsStore` writes each layer's statistics to a safetensors file as soon as the layer is

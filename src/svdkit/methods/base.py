@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..calibration.statistics import LinearStats
+from ..calibration.statistics import LinearStats, all_finite
 from ..core.options import build_config
 from ..core.registry import Registry
 from ..errors import SvdkitError
@@ -114,6 +114,6 @@ def factorize(
         raise SvdkitError(f"method {method.name} failed on {name}: {e}") from e
     if A.shape != (rank, W.shape[1]) or B.shape != (W.shape[0], rank):
         raise RuntimeError(f"method {method.name} returned factors {tuple(A.shape)}, {tuple(B.shape)} for {name}")
-    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+    if not (all_finite(A) and all_finite(B)):
         raise SvdkitError(f"method {method.name} produced non-finite factors for {name}")
     return A, B

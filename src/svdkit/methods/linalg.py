@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ..calibration.statistics import all_finite
+
 __all__ = [
     "split_factors",
     "robust_cholesky",
@@ -58,20 +60,27 @@ def robust_cholesky(G: torch.Tensor, rel_eps: float = 1e-6, tries: int = 8) -> t
 
     SVD-LLM's reference adds (|lambda_min| + eps) I when G is not positive definite; here eps is
     relative to the largest eigenvalue (so the floor is scale-free), and it grows tenfold per retry.
+    G must be symmetric (the calibration's Gram matrices are): only its lower triangle is read, and it
+    is not copied (the jitter shifts its diagonal in place; G is restored exactly before returning).
     """
-    G = (G + G.T) / 2
     L, info = torch.linalg.cholesky_ex(G)
-    if int(info) == 0 and bool(torch.isfinite(L).all()):
+    if int(info) == 0 and all_finite(L):
         return L, 0.0
+    del L
     evals = torch.linalg.eigvalsh(G)
     scale = float(evals[-1].abs().clamp_min(torch.finfo(G.dtype).tiny))
     jitter = float(max(-evals[0], 0.0)) + rel_eps * scale
-    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    for _ in range(tries):
-        L, info = torch.linalg.cholesky_ex(G + jitter * eye)
-        if int(info) == 0 and bool(torch.isfinite(L).all()):
-            return L, jitter
-        jitter *= 10
+    diagonal = G.diagonal().clone()  # G + jitter I is G with its diagonal shifted, restored exactly after
+    try:
+        for _ in range(tries):
+            G.diagonal().copy_(diagonal + jitter)
+            L, info = torch.linalg.cholesky_ex(G)
+            if int(info) == 0 and all_finite(L):
+                return L, jitter
+            del L
+            jitter *= 10
+    finally:
+        G.diagonal().copy_(diagonal)
     raise RuntimeError(f"Cholesky failed even with jitter {jitter:.3g}")
 
 
@@ -83,9 +92,8 @@ def eigen_whitening(G: torch.Tensor, rel_floor: float = 1e-10) -> tuple[torch.Te
     are dropped from S and from its pseudo-inverse S_pinv = sqrt(Lambda)^+ U_s^T, so the weight is left
     unconstrained there rather than amplified by 1 / sqrt(tiny). S_pinv S is the r x r identity and
     S S_pinv = U_r U_r^T projects onto the reached subspace, so W S S_pinv X = W X for every X in it.
-    Returns S (n x r) and S_pinv (r x n).
+    Returns S (n x r) and S_pinv (r x n). G must be symmetric: only its lower triangle is read.
     """
-    G = (G + G.T) / 2
     evals, vecs = torch.linalg.eigh(G)
     top = float(evals[-1]) if evals.numel() else 0.0
     keep = evals > rel_floor * max(top, 0.0)

@@ -14,7 +14,17 @@ from ..calibration.statistics import LinearStats
 from ..calibration.store import StatisticsStore
 from .options import CalibrationSettings, CompressionOptions
 from .plan import CompressionPlan, make_plan
-from .stages import CompressionResult, allocate, calibrate, decompose_linear, factor, model_stage, read_windows, record
+from .stages import (
+    CompressionResult,
+    allocate,
+    calibrate,
+    decompose_linear,
+    factor,
+    model_stage,
+    read_windows,
+    record,
+    summarize,
+)
 
 __all__ = ["CompressionResult", "compress", "decompose_linear", "run_plan"]
 
@@ -54,13 +64,14 @@ def compress(
     model. `statistics` (from :func:`svdkit.calibration.collect.collect_statistics`, by full module
     name) skips the calibration pass, so one pass can serve several methods and ratios.
 
-    How calibration runs (:class:`~svdkit.pipeline.plan.CalibrationMode`): with uniform allocation and
-    input statistics only it streams, each layer factored as soon as its statistics are ready, so only
-    one layer's statistics are ever held; ``sequential=True`` always streams, from the already
-    compressed layers (after a dense pass when the allocation needs every matrix's statistics). Other
-    allocations (``v2``, ``sensitivity``) and gradient statistics (FWSVD's Fisher information) need
-    every matrix's statistics before any rank is fixed: they are spilled layer by layer to a temporary
-    folder in `statistics_dir` (:mod:`svdkit.calibration.store`) and read back one layer at a time.
+    How calibration runs (:class:`~svdkit.pipeline.plan.CalibrationMode`): with input statistics only
+    it streams, each layer factored as soon as its statistics are ready, so only one layer's statistics
+    are ever held; ``sequential=True`` streams from the already compressed layers. An allocation that
+    summarizes every matrix first (``v2``: each matrix's whitened spectrum) gets a calibration pass of
+    its own before that, which keeps only the summaries. The ``sensitivity`` allocation and gradient
+    statistics (FWSVD's Fisher information) need every matrix's statistics before any rank is fixed:
+    they are spilled layer by layer to a temporary folder in `statistics_dir`
+    (:mod:`svdkit.calibration.store`) and read back one layer at a time.
     ``update="lstsq"`` refits each B on the calibration inputs after the method
     (:mod:`svdkit.pipeline.update`). A method with a whole-model stage (``soco``) factors every target
     at the stage's start ranks, then trains and fixes the final ranks within the parameter budget the
@@ -119,7 +130,8 @@ def run_plan(
             store = statistics if isinstance(statistics, StatisticsStore) else None
             timings["calibration"] = time.perf_counter() - t
         t = time.perf_counter()
-        allocation = allocate(plan, model, statistics, windows)
+        summaries = summarize(plan, model, statistics, windows)  # a summary pass counts as the allocation's
+        allocation = allocate(plan, model, statistics, windows, summaries)
         timings["allocation"] = time.perf_counter() - t
         if store is not None and plan.streams:
             store.close()  # the dense pass served the allocation only

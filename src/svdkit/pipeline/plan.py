@@ -42,11 +42,13 @@ class CalibrationMode(enum.Enum):
     PRECOMPUTED = "precomputed"
     """the caller passed them"""
     STREAM = "stream"
-    """layer by layer from the dense model, each layer factored as soon as its statistics are ready"""
+    """layer by layer from the dense model, each layer factored as soon as its statistics are ready
+    (after a summary pass when the allocation summarizes every matrix first)"""
     COLLECT = "collect"
     """every matrix's statistics first (spilled to disk), since ranks or gradients need them all"""
     SEQUENTIAL = "sequential"
-    """layer by layer from the already-compressed layers (after a dense pass when the allocation needs one)"""
+    """layer by layer from the already-compressed layers (after a dense or summary pass when the
+    allocation needs every matrix first)"""
 
 
 def statistics_needed(method: Method, allocator: Allocator, update: str, sequential: bool) -> frozenset[str]:
@@ -66,7 +68,7 @@ def _mode(needs: frozenset[str], allocator: Allocator, precomputed: bool, sequen
         return CalibrationMode.PRECOMPUTED
     if sequential:
         return CalibrationMode.SEQUENTIAL
-    if allocator.needs_statistics or needs & GRADIENT_STATISTICS:
+    if (allocator.needs_statistics and allocator.summarize is None) or needs & GRADIENT_STATISTICS:
         return CalibrationMode.COLLECT
     return CalibrationMode.STREAM
 
@@ -132,8 +134,16 @@ class CompressionPlan:
     def dense_pass(self) -> bool:
         """True when every matrix's statistics are collected from the dense model before allocation."""
         return self.mode is CalibrationMode.COLLECT or (
-            self.mode is CalibrationMode.SEQUENTIAL and self.allocator.needs_statistics
+            self.mode is CalibrationMode.SEQUENTIAL
+            and self.allocator.needs_statistics
+            and self.allocator.summarize is None
         )
+
+    @property
+    def summary_pass(self) -> bool:
+        """True when a calibration pass over the dense model summarizes every matrix for the allocator
+        (keeping no statistics) before the factoring pass."""
+        return self.allocator.summarize is not None and self.streams
 
     def architecture(self, model: nn.Module) -> Architecture:
         """The targets of this plan in `model` (the model it was made for, or a copy of it)."""

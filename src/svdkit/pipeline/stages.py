@@ -3,11 +3,13 @@
 1. :func:`read_windows`: the calibration windows, when anything needs them;
 2. :func:`calibrate`: the statistics that must exist before any rank is fixed (precomputed ones, or a
    dense pass spilled to disk); streaming modes calibrate inside :func:`factor` instead;
-3. :func:`allocate`: the allocator's ranks, aligned to the rank multiple, with the fixed k/v ranks;
-4. :func:`factor`: every target replaced by the method's factors (calibrating layer by layer while
+3. :func:`summarize`: what an allocator that summarizes keeps of every matrix (from those statistics,
+   or from a calibration pass of its own that keeps nothing else);
+4. :func:`allocate`: the allocator's ranks, aligned to the rank multiple, with the fixed k/v ranks;
+5. :func:`factor`: every target replaced by the method's factors (calibrating layer by layer while
    streaming);
-5. :func:`model_stage`: a method's whole-model stage (SoCo's training), which fixes the final ranks;
-6. :func:`record`: the saved record on the model's config, and the result.
+6. :func:`model_stage`: a method's whole-model stage (SoCo's training), which fixes the final ranks;
+7. :func:`record`: the saved record on the model's config, and the result.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = [
     "model_stage",
     "read_windows",
     "record",
+    "summarize",
 ]
 
 Statistics = Mapping[str, LinearStats]
@@ -109,10 +112,49 @@ def calibrate(plan: CompressionPlan, model: nn.Module, windows: torch.Tensor | N
         raise
 
 
+def summarize(
+    plan: CompressionPlan,
+    model: nn.Module,
+    statistics: Statistics | None,
+    windows: torch.Tensor | None,
+    source: LayerSource | None = None,
+) -> dict[str, Any] | None:
+    """Every target's summary by the allocator's ``summarize``, one decoder layer at a time: from
+    `statistics` when the plan has them, else from a dense calibration pass that keeps nothing but the
+    summaries (`source` loads and frees its layers). None when the allocator keeps no summaries."""
+    summarize_layer = plan.allocator.summarize
+    if summarize_layer is None or plan.options.resolved.kv_only:
+        return None
+    arch, config = plan.architecture(model), plan.options.resolved.allocation_config
+    summaries: dict[str, Any] = {}
+
+    def add(layer: nn.Module, index: int, stats: Mapping[str, LinearStats]) -> None:
+        prefix = f"{arch.layers_path}.{index}."
+        weights = {prefix + t: layer.get_submodule(t).weight for t in arch.targets if t in stats}
+        summaries.update(summarize_layer(weights, {prefix + t: stats[t] for t in stats}, config, plan.device))
+
+    if statistics is not None:
+        for index, layer in enumerate(arch.layers):
+            prefix = f"{arch.layers_path}.{index}."
+            add(layer, index, {t: statistics[prefix + t] for t in arch.targets})
+        return summaries
+    windows = distributed.shard(windows)  # this process's share; the statistics are summed over all
+    needs, progress = plan.allocator.requires, plan.options.progress
+    walk = iterate_layers(model, arch, windows, needs, plan.device, False, progress, source, "summarizing")
+    for item in walk:
+        add(item.layer, item.index, item.stats)
+    return summaries
+
+
 def allocate(
-    plan: CompressionPlan, model: nn.Module, statistics: Statistics | None, windows: torch.Tensor | None
+    plan: CompressionPlan,
+    model: nn.Module,
+    statistics: Statistics | None,
+    windows: torch.Tensor | None,
+    summaries: Mapping[str, Any] | None = None,
 ) -> Allocation:
-    """Ranks by the plan's allocator, rounded to the rank multiple within their budget, k/v ranks fixed."""
+    """Ranks by the plan's allocator (from `statistics`, or the `summaries` of :func:`summarize`), rounded
+    to the rank multiple within their budget, k/v ranks fixed."""
     options = plan.options
     context = AllocationContext(
         shapes=plan.shapes,
@@ -122,6 +164,7 @@ def allocate(
         method=plan.method,
         method_config=plan.method_config,
         statistics=statistics if plan.needs else None,
+        summaries=summaries,
         windows=windows,
         calibration=plan.calibration_record(),
         device=plan.device,
@@ -185,7 +228,7 @@ def _factors(linear, method, config, stats, rank, device, name, update) -> tuple
     A, B = factorize(method, config, W, stats, rank, device, name)
     if update == "lstsq":
         gram = stats.gram_mean.to(W)
-        cross = stats["cross"].to(W) / max(stats.tokens, 1) if "cross" in stats else None
+        cross = stats["cross"].to(W) if "cross" in stats else None
         B = lstsq_update(W, A, B, gram, cross)
         if not torch.isfinite(B).all():
             raise SvdkitError(f"the least-squares update produced non-finite factors for {name}")

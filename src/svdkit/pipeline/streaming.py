@@ -15,9 +15,13 @@ included) and started again with the same command and ``resume=True`` continues 
 layer and writes the very same bytes as an uninterrupted run; different settings are refused.
 
 Streaming serves every compression whose statistics come layer by layer: uniform (or fixed) ranks with
-input statistics or none, sequential calibration included. A whole-model stage (SoCo's training), an
-allocation that needs every matrix's statistics before any rank (``v2``, ``sensitivity``) and gradient
-statistics need the whole model: :func:`stream_refusal` says why, and the caller loads the model whole.
+input statistics or none, sequential calibration included, and an allocation that summarizes every
+matrix first (``v2``). That one gets a first pass over the checkpoint, layer by layer, that keeps only
+the summaries (:class:`ReadLayers`; kept in the partial folder once complete, so a resume skips it; a
+kill during it repeats it); the ranks are then fixed and the second pass factors and writes. A
+whole-model stage (SoCo's training), an allocation that needs every matrix's statistics at once
+(``sensitivity``) and gradient statistics need the whole model: :func:`stream_refusal` says why, and
+the caller loads the model whole.
 """
 
 from __future__ import annotations
@@ -49,12 +53,13 @@ from ..sources.checkpoint import OpenCheckpoint, materialize, open_checkpoint, r
 from ..version import __version__
 from .options import CompressionOptions
 from .plan import CompressionPlan, make_plan
-from .stages import CompressionResult, allocate, factor, read_windows, record
+from .stages import CompressionResult, allocate, factor, read_windows, record, summarize
 
 __all__ = [
     "PARTIAL",
     "NotStreamable",
     "Partial",
+    "ReadLayers",
     "StreamedLayers",
     "compress_folder",
     "stream_refusal",
@@ -63,6 +68,8 @@ __all__ = [
 
 PARTIAL = ".svdkit-partial"
 """suffix of the folder beside the output where a streamed run keeps its finished layers"""
+SUMMARIES = "summaries.safetensors"
+"""the allocator's summaries of every matrix, in the partial folder"""
 
 
 def partial_path(output: Path) -> Path:
@@ -149,6 +156,18 @@ class Partial:
         dense = [tensors[f"dense.{i}"] for i in range(sum(k.startswith("dense.") for k in tensors))]
         return hidden, (dense if two_streams else None)
 
+    def save_summaries(self, summaries: dict[str, torch.Tensor]) -> None:
+        """Keep the allocator's finished summaries (tensors by target name)."""
+        path = self.path / SUMMARIES
+        partial = path.with_name(path.name + ".partial")
+        save_file({k: v.contiguous() for k, v in summaries.items()}, str(partial))
+        os.replace(partial, path)
+
+    def load_summaries(self) -> dict[str, torch.Tensor] | None:
+        """The summaries a killed run finished, or None."""
+        path = self.path / SUMMARIES
+        return load_file(str(path)) if path.is_file() else None
+
     def mark_done(self, layers: int) -> None:
         """Record that the first `layers` layers are written; drop the hidden states no longer needed."""
         _write_atomic(self.path / "state.json", json.dumps({"layers_done": layers}))
@@ -159,7 +178,7 @@ class Partial:
 
     def finish(self) -> None:
         """Drop the resume files and rename the folder into the output's place."""
-        for name in ("settings.json", "state.json", "lock"):
+        for name in ("settings.json", "state.json", SUMMARIES, "lock"):
             (self.path / name).unlink(missing_ok=True)
         for old in [*self.path.glob("hidden-*"), *self.path.glob("*.partial")]:  # a killed write's leftovers
             old.unlink()
@@ -182,21 +201,33 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-class StreamedLayers(LayerSource):
+class ReadLayers(LayerSource):
+    """Each decoder layer read from the checkpoint before it runs and freed once done (a pass that
+    writes nothing)."""
+
+    def __init__(self, opened: OpenCheckpoint, arch: Architecture) -> None:
+        self.opened, self.arch = opened, arch
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        o = self.opened
+        materialize(layer, f"{self.arch.layers_path}.{index}.", o.checkpoint, o.dtype)
+
+    def done(self, index: int, layer: nn.Module, hidden, dense) -> None:
+        release(layer)
+
+
+class StreamedLayers(ReadLayers):
     """Each decoder layer read from the checkpoint before it runs; once final, written as shard index + 1,
     the hidden states it produced kept for a resume, and its weights freed."""
 
     def __init__(self, opened: OpenCheckpoint, arch: Architecture, partial: Partial, densify: bool) -> None:
-        self.opened, self.arch, self.partial, self.densify = opened, arch, partial, densify
+        super().__init__(opened, arch)
+        self.partial, self.densify = partial, densify
         self.start = partial.done
         self.count = len(arch.layers) + 1
 
     def begin(self, hidden, dense):
         return (hidden, dense) if self.start == 0 else self.partial.load_hidden(dense is not None)
-
-    def load(self, index: int, layer: nn.Module) -> None:
-        o = self.opened
-        materialize(layer, f"{self.arch.layers_path}.{index}.", o.checkpoint, o.dtype)
 
     def done(self, index: int, layer: nn.Module, hidden, dense) -> None:
         if self.densify:
@@ -286,7 +317,7 @@ def _run(
     arch = plan.architecture(model)
     windows = read_windows(plan, opened.tokenizer)
     t = time.perf_counter()
-    allocation = allocate(plan, model, None, windows)
+    allocation = allocate(plan, model, None, windows, _summaries(plan, opened, partial, windows))
     timings = {"allocation": time.perf_counter() - t}
     if not densify:  # the layers a killed run finished: low-rank, as the rest will be
         finished = {f"{arch.layers_path}.{i}." for i in range(partial.done)}
@@ -310,6 +341,27 @@ def _run(
         write_metadata(model, opened.tokenizer, partial.path)
         write_index(partial.path, len(arch.layers) + 1)
     return result
+
+
+def _summaries(
+    plan: CompressionPlan, opened: OpenCheckpoint, partial: Partial, windows: torch.Tensor | None
+) -> dict[str, torch.Tensor] | None:
+    """The allocator's summaries: kept by a killed run, or from a pass over the checkpoint (then kept)."""
+    if not plan.summary_pass:
+        return None
+    kept = partial.load_summaries()
+    if kept is not None:
+        return kept
+    model = opened.model
+    materialize(model, "", opened.checkpoint, opened.dtype, _input_side(opened))
+    try:
+        summaries = summarize(plan, model, None, windows, ReadLayers(opened, plan.architecture(model)))
+    finally:
+        release(model)
+    if distributed.is_main():
+        partial.save_summaries(summaries)
+    distributed.barrier()
+    return summaries
 
 
 def _layer_of(name: str, arch: Architecture) -> str:
