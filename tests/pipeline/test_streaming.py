@@ -219,3 +219,16 @@ def test_torchrun_two_gloo_processes_match_one(tmp_path, tiny_tokenizer):
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-5 * float(a[key].abs().max())), key
     ppl = [svdkit.perplexity(m, tok, str(text), seqlen=64, max_windows=4, progress=False).ppl for m in (one, both)]
     assert f"{ppl[0]:.4g}" == f"{ppl[1]:.4g}"
+
+
+def test_decompositions_are_shared_by_cost(monkeypatch):
+    """Longest first, each to the least loaded process: 1B's three MLP matrices and four attention ones."""
+    from svdkit.core import distributed
+
+    monkeypatch.setattr(distributed, "size", lambda: 2)
+    costs = [8.6, 0.5, 0.5, 8.6, 34.0, 34.0, 34.0]  # q k v o gate up down
+    owners = distributed.assign(costs)
+    loads = [sum(c for c, o in zip(costs, owners, strict=True) if o == p) for p in (0, 1)]
+    assert max(loads) == 68.0 and owners[4] != owners[5]  # round-robin would give one process 77.1
+    monkeypatch.setattr(distributed, "size", lambda: 1)
+    assert distributed.assign(costs) == [0] * 7

@@ -2,7 +2,8 @@
 
 Each process calibrates on its share of the windows (every size-th one); the statistics are summed over
 processes (all-reduce) before any matrix is factored; the matrices of a layer are factored round-robin
-by the processes and their factors broadcast, so every process holds the same compressed layer; one
+by the processes (the costliest first, each to the least loaded process: :func:`assign`) and their
+factors broadcast, so every process holds the same compressed layer; one
 process (rank 0) writes. Backend nccl on GPUs (one per process, ``cuda:LOCAL_RANK``), gloo on CPUs.
 In a single process every helper here is a no-op.
 """
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 from ..errors import SvdkitError
 
-__all__ = ["setup", "rank", "size", "is_main", "all_reduce_", "broadcast_", "barrier", "agree", "shard"]
+__all__ = ["setup", "rank", "size", "is_main", "all_reduce_", "broadcast_", "barrier", "agree", "shard", "assign"]
 
 T = TypeVar("T")
 
@@ -100,3 +101,14 @@ def shard(windows: torch.Tensor | None) -> torch.Tensor | None:
     if windows.shape[0] < size():
         raise SvdkitError(f"{windows.shape[0]} calibration windows cannot be shared by {size()} processes: give more")
     return windows[rank() :: size()]
+
+
+def assign(costs: list[float]) -> list[int]:
+    """The process that does each job: the costliest first, each to the least loaded process so far (the
+    longest-processing-time rule: at most 4/3 of the best makespan); all 0 in one process."""
+    load = [0.0] * size()
+    owners = [0] * len(costs)
+    for job in sorted(range(len(costs)), key=lambda j: -costs[j]):
+        owners[job] = min(range(len(load)), key=lambda p: load[p])
+        load[owners[job]] += costs[job]
+    return owners

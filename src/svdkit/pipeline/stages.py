@@ -253,7 +253,8 @@ def factor(
     def replace(layer: nn.Module, index: int, stats: Mapping | None, names) -> None:
         t = time.perf_counter()
         todo = [target for target in names if ranks[f"{arch.layers_path}.{index}.{target}"] is not None]
-        for turn, target in enumerate(todo):
+        owners = distributed.assign([_svd_cost(layer.get_submodule(t)) for t in todo])  # processes share a layer
+        for target, owner in zip(todo, owners, strict=True):
             full = f"{arch.layers_path}.{index}.{target}"
             linear = layer.get_submodule(target)
             low = decompose_linear(
@@ -265,7 +266,7 @@ def factor(
                 plan.device,
                 full,
                 plan.options.update,
-                owner=turn % distributed.size(),  # the processes of a distributed run take turns
+                owner=owner,
             )
             layer.set_submodule(target, low)
         spent["decomposition"] += time.perf_counter() - t
@@ -292,6 +293,12 @@ def factor(
             bar.update(1)
         bar.close()
     return spent
+
+
+def _svd_cost(linear: nn.Module) -> float:
+    """How long a matrix's decomposition takes, roughly: an SVD of m x n costs m n min(m, n)."""
+    m, n = linear.out_features, linear.in_features
+    return float(m * n * min(m, n))
 
 
 def model_stage(plan: CompressionPlan, model: nn.Module, allocation: Allocation) -> tuple[dict[str, int | None], dict]:
