@@ -1,39 +1,54 @@
 """The fault cases of issue 18, end to end on the real SmolLM2-135M through the command line.
 
-    python benchmarks/faults.py [--cases 1 2 ... 10] [--work DIR] [--keep] [--good DIR] [--timeout 900]
+    python benchmarks/faults.py [--cases 1 2 ... 11] [--work DIR] [--keep] [--good DIR] [--timeout 900]
 
 Every case runs ``python -m svdkit.cli ...`` (this interpreter's svdkit) in subprocesses, in a fresh folder
 of its own that is also the subprocesses' working directory and holds their TMPDIR (so what a run leaves
-in "the system's temporary folder" shows too). Cases:
+in "the system's temporary folder" shows too). A plain ``compress smollm2-135m`` streams layer by layer:
+it keeps its work in a hidden ``.out.svdkit-partial`` folder beside the output, one shard per finished
+layer, and writes no ``.out.tmp-*`` folder. The runs that must load the whole model, spill every layer's
+statistics (to --statistics-dir, else TMPDIR) and save at once through a hidden ``.out.tmp-*`` folder use
+the sensitivity allocation, made cheap (one window of 16 tokens, a grid of two fractions, its table kept
+in the case folder): "sensitivity" in the labels. Cases:
 
- 1. SIGINT and 2. SIGTERM during calibration (once a layer is calibrated);
- 3. kill -9 during a v2 calibration with --statistics-dir (once a layer is spilled), then a complete run
+ 1. SIGINT and 2. SIGTERM during the calibration of a streamed run (once a layer is calibrated): the
+    partial folder is kept for a resume; then the same command with ``--resume``, which must finish it
+    and leave nothing hidden behind;
+ 3. kill -9 during a sensitivity run with --statistics-dir (once a layer is spilled), then a complete run
     with the same statistics folder: it must sweep the dead run's spill (its output serves cases 5-10);
- 4. SIGTERM and 5. kill -9 during saving (once the weights file in the hidden ``.out.tmp-*`` folder is non-empty),
-    then a run into another folder of the same parent and one into the same output (``densify``): the
-    latter must sweep the dead run's folder;
- 6. a 100 MB tmpfs: compress into it, densify into it, spill statistics onto it (all refused up front);
+ 4. SIGTERM and 5. kill -9 during the save of a sensitivity run (once the weights file in the hidden
+    ``.out.tmp-*`` folder is non-empty), then a run into another folder of the same parent and one into
+    the same output (``densify``): the latter must sweep the dead run's folder;
+ 6. a 100 MB tmpfs: compress into it, densify into it, spill a sensitivity run's statistics onto it (all
+    refused up front);
  7. a tmpfs between the size the up-front check estimates (read from case 6's message) and the real
-    output's size, so that the save itself runs out of space; and a statistics folder on a tmpfs 5% larger
-    than the spill the check asks for (the check's figure is a lower bound);
- 8. a read-only tmpfs as output and as statistics folder;
- 9. a copy of a good folder with its weights truncated, and one whose record lost a rank: eval, info,
-    densify;
+    output's size, so that writing the output itself runs out of space (a streamed run: while writing a
+    layer's shard); and a sensitivity run's statistics folder on a tmpfs 5% larger than the spill the
+    check asks for (the check's figure is a lower bound);
+ 8. a read-only tmpfs as output and as a sensitivity run's statistics folder;
+ 9. a copy of a good folder with its (largest) weights file truncated, and one whose record lost a rank:
+    eval, info, densify;
 10. the good folder loaded without svdkit (``sys.modules["svdkit"] = None``): plain ``from_pretrained``,
-    then ``trust_remote_code=True``, compared with ``svdkit.load``.
+    then ``trust_remote_code=True``, compared with ``svdkit.load``;
+11. kill -9 during a streamed run once its partial folder records a finished layer (``state.json``), then
+    the same command with ``--resume``, and the same command uninterrupted into another folder: the sha256
+    of every file of the two outputs compared (a row of its own).
 
 Prints one markdown row per run: the exit code (a negative one: killed by that signal), the last line
 on standard error that is not a progress bar (the message; where there is none, the first standard output
 line, a successful command's summary) and what is on disk afterwards that was not there before the case:
 every new entry of the case folder, of its TMPDIR, of the statistics folder and of the mounted tmpfs
-("nothing" when none; torch's own ``torchinductor_*`` cache folder in TMPDIR is not counted).
-Mounting a tmpfs needs root; where mounting fails the row says "skipped" and why. Nothing in the
-table is expected in advance: every cell is observed.
+("nothing" when none; torch's own ``torchinductor_*`` cache folder in TMPDIR and the sensitivity table
+the runs are told to keep are not counted). A case's later runs count from the same baseline as its first
+(case 7's from each mount), so a resumed run's row shows what the whole case left. Mounting a tmpfs needs
+root; where mounting fails the row says "skipped" and why. Nothing in the table is expected in advance:
+every cell is observed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -56,6 +71,12 @@ SPILL_MARGIN = 0.05
 """case 7's statistics tmpfs: this much above the spill size the up-front check asks for"""
 TORCH_CACHE = "torchinductor_"
 """torch's compile cache, an empty folder that importing torch may make in TMPDIR: not counted"""
+SENSITIVITY_TABLE = "sensitivity.json"
+"""the sensitivity runs' table (``cache=``), in the case folder: asked for, so not counted"""
+PARTIAL = ".svdkit-partial"
+"""suffix of the hidden folder beside the output where a streamed run keeps its finished layers"""
+USES_GOOD = range(5, 11)
+"""the cases that start from a good compressed folder"""
 TEXT = "The Python tutorial introduces the reader informally to the basic concepts and features of the language."
 
 
@@ -151,7 +172,7 @@ def describe(path: Path, root: Path) -> str:
 
 def left_on_disk(case: Case) -> str:
     new = entries(case.watched) - case.baseline - set(case.watched)
-    new = {p for p in new if not p.name.startswith(TORCH_CACHE)}
+    new = {p for p in new if not p.name.startswith(TORCH_CACHE) and p != case.root / SENSITIVITY_TABLE}
     return "; ".join(describe(p, case.root) for p in sorted(new)) or "nothing"
 
 
@@ -240,6 +261,20 @@ def spilled(stats: Path) -> Callable[[str], str | None]:
     return ready
 
 
+def layer_finished(partial: Path) -> Callable[[str], str | None]:
+    """Ready once a streamed run's partial folder records a finished layer (``layers_done`` >= 1 in its
+    ``state.json``)."""
+
+    def ready(err: str) -> str | None:
+        try:
+            done = json.loads((partial / "state.json").read_text())["layers_done"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return f"{progress_at(err)}, {partial.name}/state.json layers_done {done}" if done >= 1 else None
+
+    return ready
+
+
 def saving(parent: Path, name: str) -> Callable[[str], str | None]:
     """Ready once the weights are being written: a non-empty ``*.safetensors`` in the staged output inside a
     hidden ``.NAME.tmp-*`` folder."""
@@ -279,25 +314,39 @@ def skipped(case: Case, label: str, reason: str) -> Row:
 # ---- the cases -----------------------------------------------------------------------------------------------
 
 
+def whole(case: Case) -> list[str]:
+    """Flags of a run that loads the model whole, spills every layer's statistics (to --statistics-dir, else
+    TMPDIR) and saves at once through a hidden ``.NAME.tmp-*`` folder: the sensitivity allocation, made cheap
+    (one window of 16 tokens, two grid fractions), its table in the case folder."""
+    options = ["windows=1", "seqlen=16", "grid=[0.3,0.6]", f"cache={case.root / SENSITIVITY_TABLE}"]
+    return ["--allocation", "sensitivity", *[x for o in options for x in ("--allocation-option", o)]]
+
+
 def signals_calibrating(case: Case, send: signal.Signals) -> list[Row]:
+    """A streamed run interrupted while it calibrates (its partial folder kept), then resumed."""
     case.watch()
-    return [run(case, "compress → out", [*COMPRESS, "--output", "out"], send, calibrating)]
+    args = [*COMPRESS, "--output", "out"]
+    return [
+        run(case, "compress → out (streamed)", args, send, calibrating),
+        run(case, "the same with --resume → out", [*args, "--resume"]),
+    ]
 
 
 def killed_spill(case: Case) -> list[Row]:
     stats = case.root / "stats"
     case.watch(stats)
-    v2 = [*COMPRESS, "--allocation", "v2", "--statistics-dir", "stats"]
+    spill = [*COMPRESS, *whole(case), "--statistics-dir", "stats"]
     return [
-        run(case, "compress --allocation v2 --statistics-dir stats → out", [*v2, "--output", "out"],
+        run(case, "compress sensitivity --statistics-dir stats → out", [*spill, "--output", "out"],
             signal.SIGKILL, spilled(stats)),
-        run(case, "the same again → good (the next run, same statistics folder)", [*v2, "--output", "good"]),
+        run(case, "the same again → good (the next run, same statistics folder)", [*spill, "--output", "good"]),
     ]  # fmt: skip
 
 
 def signal_saving(case: Case, send: signal.Signals, good: Path) -> list[Row]:
     case.watch()
-    rows = [run(case, "compress → out", [*COMPRESS, "--output", "out"], send, saving(case.root, "out"))]
+    args = [*COMPRESS, *whole(case), "--output", "out"]
+    rows = [run(case, "compress sensitivity → out", args, send, saving(case.root, "out"))]
     if send == signal.SIGKILL:
         rows += [
             run(
@@ -317,7 +366,7 @@ def disk_full(case: Case, good: Path) -> list[Row]:
 def _three_writers(case: Case, good: Path, folder: str, options: str, what: str) -> list[Row]:
     """compress, densify and a statistics spill aimed at a tmpfs mounted with `options` at `folder`."""
     mnt = case.root / folder
-    labels = [f"compress → {what}", f"densify GOOD → {what}", f"compress v2, --statistics-dir {what}"]
+    labels = [f"compress → {what}", f"densify GOOD → {what}", f"compress sensitivity, --statistics-dir {what}"]
     with tmpfs(mnt, options) as why:
         if why:
             return [skipped(case, label, why) for label in labels]
@@ -325,7 +374,7 @@ def _three_writers(case: Case, good: Path, folder: str, options: str, what: str)
         commands = [
             [*COMPRESS, "--output", f"{folder}/out"],
             ["densify", str(good), "--output", f"{folder}/dense"],
-            [*COMPRESS, "--allocation", "v2", "--statistics-dir", folder, "--output", "out"],
+            [*COMPRESS, *whole(case), "--statistics-dir", folder, "--output", "out"],
         ]
         return [run(case, label, cmd) for label, cmd in zip(labels, commands, strict=True)]
 
@@ -347,13 +396,13 @@ def unforeseen_full(case: Case, good: Path, estimates: dict[str, int]) -> list[R
         label = f"compress → {human(size)} tmpfs (output estimate {human(estimate)}, real {human(real)})"
         rows.append(on_tmpfs(case, "mnt", size, label, [*COMPRESS, "--output", "mnt/out"]))
     estimate = estimates.get("statistics")
-    label = "compress v2, --statistics-dir tmpfs just above the spill estimate"
+    label = "compress sensitivity, --statistics-dir tmpfs just above the spill estimate"
     if estimate is None:
         return [*rows, skipped(case, label, "no spill estimate: case 6's --statistics-dir run did not report one")]
     size = int(estimate * (1 + SPILL_MARGIN))
-    label = f"compress v2, --statistics-dir {human(size)} tmpfs (spill estimate {human(estimate)})"
-    v2 = [*COMPRESS, "--allocation", "v2", "--statistics-dir", "spill", "--output", "out"]
-    return [*rows, on_tmpfs(case, "spill", size, label, v2)]
+    label = f"compress sensitivity, --statistics-dir {human(size)} tmpfs (spill estimate {human(estimate)})"
+    spill = [*COMPRESS, *whole(case), "--statistics-dir", "spill", "--output", "out"]
+    return [*rows, on_tmpfs(case, "spill", size, label, spill)]
 
 
 def on_tmpfs(case: Case, folder: str, size: int, label: str, args: list[str]) -> Row:
@@ -371,10 +420,11 @@ def read_only(case: Case, good: Path) -> list[Row]:
 
 
 def corrupt(case: Case, good: Path) -> list[Row]:
-    """A copy with its weights cut to half their bytes, and a copy whose record lost one rank."""
+    """A copy with its largest weights file (one file, or a shard of a streamed run) cut to half its bytes,
+    and a copy whose record lost one rank."""
     truncated, lost = case.root / "truncated", case.root / "lost-rank"
     shutil.copytree(good, truncated)
-    weights = truncated / "model.safetensors"
+    weights = max(truncated.glob("*.safetensors"), key=lambda f: f.stat().st_size)
     os.truncate(weights, weights.stat().st_size // 2)
     shutil.copytree(good, lost)
     config = json.loads((lost / "config.json").read_text())
@@ -383,7 +433,7 @@ def corrupt(case: Case, good: Path) -> list[Row]:
     (lost / "config.json").write_text(json.dumps(config, indent=2))
     case.watch()
     rows = []
-    for folder, what in ((truncated, "weights truncated to half"), (lost, f"record lost the rank of {gone}")):
+    for folder, what in ((truncated, f"{weights.name} truncated to half"), (lost, f"record lost the rank of {gone}")):
         name = folder.name
         rows += [
             run(case, f"eval {name} ({what})", ["eval", name, "--dataset", "demo", "--max-windows", "1"]),
@@ -437,6 +487,43 @@ def portable(case: Case, good: Path) -> list[Row]:
     ]
 
 
+def killed_streamed(case: Case) -> list[Row]:
+    """kill -9 once a streamed run has finished a layer, --resume, and the same command uninterrupted into
+    another folder; the two outputs compared file by file."""
+    case.watch()
+    args = [*COMPRESS, "--output", "out"]
+    rows = [
+        run(case, "compress → out (streamed)", args, signal.SIGKILL, layer_finished(case.root / f".out{PARTIAL}")),
+        run(case, "the same with --resume → out", [*args, "--resume"]),
+        run(case, "the same, uninterrupted → ref", [*COMPRESS, "--output", "ref"]),
+    ]
+    return [*rows, compare(case, case.root / "out", case.root / "ref")]
+
+
+def compare(case: Case, a: Path, b: Path) -> Row:
+    """A row saying whether every file of folders `a` and `b` has the same sha256 (and which differ)."""
+    label = f"sha256 of every file: {a.name} (resumed) vs {b.name} (uninterrupted)"
+    missing = [f.name for f in (a, b) if not f.is_dir()]
+    if missing:
+        return Row(f"{case.number}", label, "", "—", "", f"not compared: no folder {', '.join(missing)}", "")
+    ours, theirs = digests(a), digests(b)
+    if ours == theirs:
+        return Row(f"{case.number}", label, "", "—", "", f"equal: all {len(ours)} files the same", "")
+    differ = [n for n in sorted(ours.keys() | theirs.keys()) if ours.get(n) != theirs.get(n)]
+    where = [n if n in ours and n in theirs else f"{n} (only in {a.name if n in ours else b.name})" for n in differ]
+    message = f"differ: {len(differ)} of {len(ours.keys() | theirs.keys())} files: {', '.join(where)}"
+    return Row(f"{case.number}", label, "", "—", "", message, "")
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by its path relative to it."""
+    found = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(f, "rb") as r:
+            found[str(f.relative_to(folder))] = hashlib.file_digest(r, "sha256").hexdigest()
+    return found
+
+
 # ---- the driver ----------------------------------------------------------------------------------------------
 
 
@@ -457,7 +544,7 @@ def cases(a: argparse.Namespace, work: Path) -> Iterator[Row]:
     for n in sorted(set(a.cases)):
         case = Case(n, work / f"case-{n:02d}", a.python, a.timeout)
         case.root.mkdir()
-        if n >= 5 and good is None:  # case 3 did not run: make the good folder
+        if n in USES_GOOD and good is None:  # case 3 did not run: make the good folder
             setup = Case(0, work / "case-00", a.python, a.timeout)
             setup.root.mkdir()
             setup.watch()
@@ -484,13 +571,14 @@ def one_case(n: int, case: Case, good: Path | None, estimates: dict[str, int]) -
         8: lambda: read_only(case, good),
         9: lambda: corrupt(case, good),
         10: lambda: portable(case, good),
+        11: lambda: killed_streamed(case),
     }
     return table[n]()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", type=int, nargs="+", default=list(range(1, 11)), choices=range(1, 11), metavar="N")
+    p.add_argument("--cases", type=int, nargs="+", default=list(range(1, 12)), choices=range(1, 12), metavar="N")
     p.add_argument("--work", help="folder for the cases (default: a new temporary folder, removed afterwards)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs in WORK/logs)")
     p.add_argument("--good", help="a compressed folder of SmolLM2 at 0.4 for cases 5-10 (default: made by case 3)")

@@ -17,9 +17,22 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["INDEX", "shard_name", "write_shard", "write_index"]
+__all__ = ["INDEX", "SAFETENSORS_DTYPES", "shard_name", "write_shard", "write_index"]
 
 INDEX = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+"""safetensors' dtype names (in a file's header) and the torch dtypes they stand for"""
 
 
 def shard_name(index: int, count: int) -> str:
@@ -54,10 +67,7 @@ def write_index(folder: Path, count: int) -> dict[str, str]:
                 weight_map[key] = name
                 t = st.get_slice(key)
                 shape, dtype = t.get_shape(), t.get_dtype()
-                total += math.prod(shape) * _BYTES[dtype]
+                total += math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
     body = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
     return weight_map
-
-
-_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

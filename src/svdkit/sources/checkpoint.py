@@ -24,6 +24,7 @@ from ..core.device import available_memory, resolve_dtype
 from ..errors import NotStreamable, SvdkitError
 from ..saved.contents import dense_bytes, weight_files
 from ..saved.format import read_svdkit_config, register_format
+from ..saved.shards import SAFETENSORS_DTYPES
 from .models import require_causal_lm
 
 __all__ = [
@@ -54,7 +55,7 @@ class Checkpoint:
                 with safe_open(f, "pt") as st:
                     for key in st.keys():
                         self.where[key] = f
-                        self.dtypes[key] = _DTYPES.get(st.get_slice(key).get_dtype(), torch.float32)
+                        self.dtypes[key] = SAFETENSORS_DTYPES.get(st.get_slice(key).get_dtype(), torch.float32)
             except (SafetensorError, OSError) as e:
                 raise SvdkitError(f"'{f}' is not a readable safetensors file (truncated or corrupt?): {e}") from e
 
@@ -85,20 +86,6 @@ class Checkpoint:
         """The dtype most floating-point elements are stored in."""
         kinds = [d for d in self.dtypes.values() if d.is_floating_point]
         return max(set(kinds), key=kinds.count) if kinds else torch.float32
-
-
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 @dataclass
