@@ -5,6 +5,7 @@ left behind. Each ends with one line and leaves no temporary folder."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -152,23 +153,50 @@ def shard_disk_full(kind: str):
     return save_file
 
 
-@pytest.mark.parametrize(
-    "command,kind", [("compress", "oserror"), ("compress --densify", "safetensors"), ("densify", "safetensors")]
-)
+@pytest.mark.parametrize("command,kind", [("densify", "safetensors"), ("compress --allocation sensitivity", "oserror")])
 def test_disk_full_while_saving_is_one_line_and_leaves_nothing(
     capsys, tmp_path, tiny_folder, tiny_tokenizer, text_file, monkeypatch, command, kind
 ):
     if command == "densify":
         argv = ["densify", compressed_folder(tmp_path, tiny_tokenizer)]
     else:
-        argv = ["compress", tiny_folder, *calib(text_file), *command.split()[1:]]
+        argv = ["compress", tiny_folder, *calib(text_file), *whole(tmp_path)]  # loaded whole, saved at once
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full(kind))
-    monkeypatch.setattr("svdkit.saved.shards.save_file", shard_disk_full(kind))
     code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "out")
     assert_error(code, err, f"could not write {tmp_path / 'out'} (")
-    assert "No space left on device" in err and "Traceback" not in err
+    assert "No space left on device" in err and "nothing was written" in err
     assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "low") == ["text.txt", "tiny-llama"]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("low", "table.json"))
+    assert left == ["text.txt", "tiny-llama"]
+
+
+@pytest.mark.parametrize("extra,kind", [([], "oserror"), (["--densify"], "safetensors")])
+def test_disk_full_in_a_streamed_run_keeps_the_finished_layers_for_a_resume(
+    capsys, tmp_path, tiny_folder, text_file, monkeypatch, extra, kind
+):
+    from svdkit.saved import shards
+
+    real, calls = shards.save_file, []
+
+    def full_at_the_second(tensors, filename, metadata=None):  # layer 0's shard fits, layer 1's does not
+        calls.append(filename)
+        if len(calls) == 2:
+            shard_disk_full(kind)(tensors, filename, metadata)
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(shards, "save_file", full_at_the_second)
+    argv = ["compress", tiny_folder, *calib(text_file), *extra, "--output", tmp_path / "out"]
+    code, _, err = run_cli(capsys, *argv)
+    kept = tmp_path / ".out.svdkit-partial"
+    assert_error(code, err, f"could not write {tmp_path / 'out'} (")
+    assert "No space left on device" in err and f"the finished layers are kept in {kept}" in err and "--resume" in err
+    assert not (tmp_path / "out").exists() and hidden(tmp_path) == [kept.name]
+    assert json.loads((kept / "state.json").read_text()) == {"layers_done": 1}
+    monkeypatch.setattr(shards, "save_file", real)  # room again
+    (kept / "model.safetensors").unlink()  # the fake fault's half-written file (real writes go to NAME.partial)
+    code, _, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0, err
+    assert (tmp_path / "out" / "config.json").is_file() and hidden(tmp_path) == []
 
 
 def test_disk_full_while_spilling_statistics_is_one_line_and_leaves_nothing(
@@ -313,5 +341,9 @@ def test_disk_full_while_the_tokenizer_is_written_is_one_line_too(
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full)
     code, _, err = run_cli(capsys, "compress", tiny_folder, *calib(text_file), "--output", tmp_path / "out")
-    assert_error(code, err, "No space left on device (os error 28)); nothing was written")
-    assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
+    assert_error(code, err, "No space left on device (os error 28)); the finished layers are kept in")
+    assert not (tmp_path / "out").exists() and hidden(tmp_path) == [".out.svdkit-partial"]
+    argv = ["compress", tiny_folder, *calib(text_file), *whole(tmp_path), "--output", tmp_path / "o"]
+    code, _, err = run_cli(capsys, *argv)
+    assert_error(code, err, "No space left on device (os error 28)); nothing was written")  # loaded whole
+    assert not (tmp_path / "o").exists() and hidden(tmp_path) == [".out.svdkit-partial"]

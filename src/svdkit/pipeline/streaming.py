@@ -11,8 +11,9 @@ folder is renamed into place.
 
 Everything lives meanwhile in a folder beside the output (:class:`Partial`): the settings, the finished
 shards, and after each layer the hidden states entering the next one. A run killed at any point (kill -9
-included) and started again with the same command and ``resume=True`` continues after the last finished
-layer and writes the very same bytes as an uninterrupted run; different settings are refused.
+included), interrupted, or stopped by a full disk, and started again with the same command and
+``resume=True`` continues after the last finished layer and writes the very same bytes as an
+uninterrupted run; different settings are refused. Any other error removes the folder.
 
 Streaming serves every compression whose statistics come layer by layer: uniform (or fixed) ranks with
 input statistics or none, sequential calibration included, and an allocation that summarizes every
@@ -301,13 +302,24 @@ def compress_folder(
         partial.close()
         e.note = f"the finished layers are kept in {partial.path}: the same command with --resume continues"
         raise
-    except BaseException as e:
-        if distributed.is_main():
-            partial.discard()
-        if isinstance(e, Exception) and is_io_error(e):
-            raise SvdkitError(f"could not write {output} ({io_reason(e)}); nothing was written") from e
+    except Exception as e:
+        if not is_io_error(e):
+            _discard(partial)
+            raise
+        partial.close()  # a full disk: what is finished stays for a resume once there is room
+        raise SvdkitError(
+            f"could not write {output} ({io_reason(e)}); the finished layers are kept in {partial.path}: make room "
+            "(or fix the cause), then the same command with --resume continues"
+        ) from e
+    except BaseException:
+        _discard(partial)
         raise
     return result, model
+
+
+def _discard(partial: Partial) -> None:
+    if distributed.is_main():
+        partial.discard()
 
 
 def _run(
