@@ -132,7 +132,7 @@ class CompressionOptions(UserOptions):
     )
     statistics_dir: str | os.PathLike | None = option(
         None,
-        "where non-uniform allocations and gradient statistics spill every layer's statistics (a temporary "
+        "where the sensitivity allocation and gradient statistics spill every layer's statistics (a temporary "
         "folder inside it, removed afterwards; default: the system's temporary folder)",
         path(),
     )
