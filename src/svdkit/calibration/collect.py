@@ -179,7 +179,7 @@ def iterate_layers(
     "true sequential"): o_proj's statistics see the compressed q/k/v. Each stage reruns the layer up to
     the input it needs; the next layer's inputs are the fully modified layer's outputs. With ``"cross"``
     in `needs` a second stream of hidden states runs through a dense copy of each layer alongside, and
-    each target also gets C = sum x_dense x^T (the least-squares update's cross statistic); this
+    each target also gets C = mean x_dense x^T (the least-squares update's cross statistic); this
     doubles the activations held and adds one dense forward per stage.
 
     `source` (a :class:`~.walk.LayerSource`) loads each layer before it runs and takes it once final, and
@@ -210,7 +210,7 @@ def iterate_layers(
                     finally:
                         collector.remove()
                     yield LayerStats(index, layer, collector.finish(name))
-                    hidden = outputs
+                    hidden, collector = outputs, None  # this layer's statistics go before the next layer loads
                 else:
                     yield from _stages(layer, index, name, arch.targets, needs, hidden, dense_hidden, kwargs, device)
                     hidden = [layer_output(layer, x, kwargs, device) for x in hidden]
@@ -239,8 +239,9 @@ def _stages(layer, index, name, targets, needs, hidden, dense_hidden, kwargs, de
             if recorder is not None:
                 recorder.remove()
         stats = collector.finish(name)
+        pending = [t for t in pending if t not in stats]  # before the caller takes (and may drop) them
         yield LayerStats(index, layer, stats)
-        pending = [t for t in pending if t not in stats]
+        stats = None
     if dense_layer is not None:
         dense_hidden[:] = [layer_output(dense_layer, x, kwargs, device) for x in dense_hidden]
 

@@ -143,6 +143,7 @@ def summarize(
     walk = iterate_layers(model, arch, windows, needs, plan.device, False, progress, source, "summarizing")
     for item in walk:
         add(item.layer, item.index, item.stats)
+        del item  # its statistics must not outlive the layer while the next one calibrates
     return summaries
 
 
@@ -261,7 +262,7 @@ def factor(
                 linear,
                 plan.method,
                 plan.method_config,
-                stats[target] if stats else None,
+                stats.pop(target) if stats else None,  # dropped once used: a layer's Grams go as it is factored
                 ranks[full],
                 plan.device,
                 full,
@@ -278,6 +279,7 @@ def factor(
         walk = iterate_layers(model, arch, windows, plan.needs, plan.device, sequential, plan.options.progress, source)
         for item in walk:
             replace(item.layer, item.index, item.stats, list(item.stats))  # sequential: one stage's targets
+            del item  # its statistics must not outlive the layer while the next one calibrates
         spent["calibration"] = time.perf_counter() - t - spent["decomposition"]
     else:
         bar = tqdm(arch.layers, desc="decomposing", unit="layer", disable=not plan.options.progress)
