@@ -140,6 +140,8 @@ PIPELINE = {
     "update": [5, None, "ridge"],
     "sequential": ["yes", 1, None],
     "kv_ratio": ["abc", True, 0, 1],
+    "heal": [5, "nope", "kd,kd"],
+    "heal_options": [5, {"kd.lr": 1e-4}, {"lr": 1}],
     "rank_multiple": ["8", 8.0, True, None, 0],
     "targets": ["q_proj", [], [1], ["q_proj", ""]],
     "statistics_dir": [5, ""],

@@ -4,9 +4,10 @@
 
 The protocol: calibration on 32 windows of 2048 WikiText-2 test tokens at seeded offsets from 150000;
 evaluation on the first 16 windows of 2048 of WikiText-2 test and the first 8 of PTB validation. A
-cell spec is METHOD[@ALLOCATION[:KEY=VALUE,...]][+lstsq][+seq]: an allocation strategy after '@'
-(default uniform) with its options after ':', '+lstsq' for the least-squares update of B, '+seq' for
-sequential calibration (such cells run their own calibration pass). Otherwise one calibration pass over
+cell spec is METHOD[@ALLOCATION[:KEY=VALUE,...]][+lstsq][+seq][+heal:NAME[,NAME]]: an allocation strategy
+after '@' (default uniform) with its options after ':', '+lstsq' for the least-squares update of B, '+seq'
+for sequential calibration (such cells run their own calibration pass), '+heal:block,kd' for healing after
+the method (:mod:`svdkit.heal`, its time a column of its own). Otherwise one calibration pass over
 the dense model collects every input statistic the cells need (the Gram matrices do not depend on the
 method), and one gradient pass the Fisher information if a method needs it; they serve every cell.
 Each cell compresses a fresh copy of the dense model through the pipeline's plan and stages.
@@ -43,6 +44,7 @@ from ..core.device import resolve_device
 from ..core.options import parse_assignment
 from ..core.ranks import check_ratio
 from ..errors import SvdkitError
+from ..heal import parse_heal
 from ..measure.perplexity import perplexity
 from ..measure.speed import measure, peak_rss_mb, reset_peak_rss
 from ..methods import get_method, method_names
@@ -70,6 +72,7 @@ class CellSpec:
     update: str = "none"
     sequential: bool = False
     options: str = "{}"  # allocation options as sorted JSON (hashable)
+    heal: str = "none"
 
 
 @dataclass
@@ -124,11 +127,18 @@ def parse_options(text: str) -> dict:
 
 
 def parse_spec(spec: str) -> CellSpec:
-    """'svd-llm@v2:strength=0.5+lstsq+seq' -> CellSpec, checking the method and allocation names."""
+    """'svd-llm@v2:strength=0.5+lstsq+seq+heal:block,kd' -> CellSpec, checking the method, allocation and
+    healing names."""
     head, *flags = spec.split("+")
+    heals = [f.partition(":")[2] for f in flags if f.startswith("heal:")]
+    flags = [f for f in flags if not f.startswith("heal:")]
     unknown = set(flags) - {"lstsq", "seq"}
-    if unknown:
-        raise SvdkitError(f"unknown flag(s) {sorted(unknown)} in cell '{spec}': use +lstsq and/or +seq")
+    if unknown or len(heals) > 1:
+        raise SvdkitError(
+            f"unknown flag(s) {sorted(unknown)} in cell '{spec}': use +lstsq, +seq and one +heal:NAME[,NAME]"
+        )
+    heal = heals[0] if heals else "none"
+    parse_heal(heal, None)
     head, _, opts = head.partition(":")
     method, _, allocation = head.partition("@")
     allocation = allocation or "uniform"
@@ -142,6 +152,7 @@ def parse_spec(spec: str) -> CellSpec:
         "lstsq" if "lstsq" in flags else "none",
         "seq" in flags,
         json.dumps(parse_options(opts), sort_keys=True),
+        heal,
     )
 
 
@@ -153,6 +164,7 @@ def _key(cell: dict) -> tuple:
         cell.get("update", "none"),
         bool(cell.get("sequential", False)),
         json.dumps(cell.get("allocation_options") or {}, sort_keys=True),
+        cell.get("heal", "none"),
     )
 
 
@@ -256,6 +268,7 @@ def _cell_options(spec: CellSpec, ratio: float, config: BenchConfig, setup: _Set
         sens = {"windows": config.sensitivity_windows, "seqlen": config.sensitivity_seqlen}
         options = {**{k: v for k, v in sens.items() if v is not None}, **options}
     loud = spec.allocation != "uniform" or spec.sequential or get_method(spec.method).stage is not None
+    loud = loud or spec.heal != "none"
     return CompressionOptions(
         method=spec.method,
         ratio=ratio,
@@ -263,6 +276,7 @@ def _cell_options(spec: CellSpec, ratio: float, config: BenchConfig, setup: _Set
         allocation_options=options,
         update=spec.update,
         sequential=spec.sequential,
+        heal=spec.heal,
         rank_multiple=config.rank_multiple,
         device=setup.device,
         progress=loud,
@@ -306,9 +320,12 @@ def _run_cell(spec: CellSpec, options: CompressionOptions, setup: _Setup, config
         "allocation_s": r.timings["allocation"],
         "decomposition_s": r.timings["decomposition"],
         "training_s": r.timings.get("training", 0.0),
+        "heal": spec.heal,
+        "healing_s": r.timings.get("healing", 0.0),
         "compress_peak_rss_mb": compress_rss,
         "allocation_report": r.allocation,
         **({"training": r.training} if r.training else {}),
+        **({"healing": r.healing} if r.healing else {}),
         "ranks": r.ranks,
         **_evaluate(work, setup, config, reference=setup.model),
     }

@@ -6,9 +6,10 @@ __all__ = ["markdown", "cell_label", "alloc_label"]
 
 
 def cell_label(cell: dict) -> str:
-    """method[+lstsq][+seq] of a result cell."""
+    """method[+lstsq][+seq][+heal:NAMES] of a result cell."""
     extra = ("+lstsq" if cell.get("update", "none") == "lstsq" else "") + ("+seq" if cell.get("sequential") else "")
-    return cell["method"] + extra
+    heal = cell.get("heal", "none")
+    return cell["method"] + extra + (f"+heal:{heal}" if heal != "none" else "")
 
 
 def alloc_label(cell: dict) -> str:
@@ -48,18 +49,18 @@ def markdown(report: dict) -> str:
         "## Quality and compression time",
         "",
         "| method | allocation | ratio | WikiText-2 ppl | PTB ppl | parameters | statistics s | allocation s "
-        "| decomposition s | training s | total s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| dense | | 0 | {_fmt(dense['wikitext2'])} | {_fmt(dense['ptb'])} | {dense['params']:,} | | | | | | |",
+        "| decomposition s | training s | healing s | total s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| dense | | 0 | {_fmt(dense['wikitext2'])} | {_fmt(dense['ptb'])} | {dense['params']:,} | | | | | | | |",
     ]
     for c in report["cells"]:
-        training = c.get("training_s", 0.0)
-        total = c["statistics_s"] + c["allocation_s"] + c["decomposition_s"] + training
+        training, healing = c.get("training_s", 0.0), c.get("healing_s", 0.0)
+        total = c["statistics_s"] + c["allocation_s"] + c["decomposition_s"] + training + healing
         rss = c.get("compress_peak_rss_mb")
         lines.append(
             f"| {cell_label(c)} | {alloc_label(c)} | {c['ratio']} | {_fmt(c['wikitext2'])} | {_fmt(c['ptb'])} | "
             f"{c['params']:,} | {c['statistics_s']:.0f} | {c['allocation_s']:.0f} | {c['decomposition_s']:.1f} | "
-            f"{training:.0f} | {total:.0f} | {_fmt(rss, 0)} |"
+            f"{training:.0f} | {healing:.0f} | {total:.0f} | {_fmt(rss, 0)} |"
         )
     lines += ["", "## Speed and memory (dense measured in the same run)", ""]
     lines += [

@@ -184,10 +184,14 @@ def on_device(layer: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         layer.to(home)
 
 
-def layer_output(layer: nn.Module, x: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
-    """The layer's output hidden state for input `x`, computed on `device`, returned on the CPU."""
+def layer_output(
+    layer: nn.Module, x: torch.Tensor, kwargs: dict, device: torch.device, keep: bool = False
+) -> torch.Tensor:
+    """The layer's output hidden state for input `x`, computed on `device`, returned on the CPU (`keep`: left
+    on `device`, in the autograd graph when gradients are on)."""
     out = layer(x.to(device), **kwargs)
-    return (out[0] if isinstance(out, tuple | list) else out).cpu()
+    out = out[0] if isinstance(out, tuple | list) else out
+    return out if keep else out.cpu()
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from ..errors import SvdkitError
 __all__ = [
     "CALIBRATION_FLAGS",
     "CURVE_FILE",
+    "HEALING_FILE",
     "Parser",
     "add_dtype",
     "add_fields",
@@ -31,6 +32,8 @@ __all__ = [
 
 CURVE_FILE = "training_curve.json"
 """written next to a compressed model whose method trains (soco): one record per step"""
+HEALING_FILE = "healing.json"
+"""each healer's report with its loss curves, written beside a healed model"""
 
 
 class Parser(argparse.ArgumentParser):

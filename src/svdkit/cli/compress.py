@@ -14,6 +14,7 @@ from ..core import distributed
 from ..core.disk import check_free_space
 from ..core.lowrank import count_parameters
 from ..errors import SvdkitError
+from ..heal import healer_names
 from ..methods import method_names
 from ..pipeline.compress import run_plan
 from ..pipeline.options import CalibrationSettings, CompressionOptions
@@ -27,6 +28,7 @@ from ..sources.models import load_model, local_folder
 from .common import (
     CALIBRATION_FLAGS,
     CURVE_FILE,
+    HEALING_FILE,
     add_dtype,
     add_fields,
     emit,
@@ -52,6 +54,12 @@ FLAGS = {
         "metavar": "KEY=VALUE",
     },
     "update": {"choices": UPDATES},
+    "heal": {
+        "metavar": "NAMES",
+        "help": f"after the method, heal the factors: {', '.join(healer_names())} or "
+        "several in order (block,kd); none by default",
+    },
+    "heal_options": {"flag": "--heal-option", "type": option_pair, "action": "append", "metavar": "NAME.KEY=VALUE"},
     "statistics_dir": {"metavar": "DIR"},
     "rank_multiple": {"type": positive, "metavar": "N"},
     "sequential": {"action": "store_true"},
@@ -192,11 +200,32 @@ def _report(a: argparse.Namespace, result, model, out, seconds: float) -> None:
             (out / CURVE_FILE).write_text(json.dumps(tr["curve"]) + "\n")
         except OSError as e:
             raise SvdkitError(f"the model was written to {out}, but not its training curve: {e}") from e
+    _report_healing(result.healing, out)
     if a.allocation != "uniform" or result.training:
         print(rank_summary(result.ranks, result.dense_kept, _shapes(model, result)))
         for key, value in result.allocation.items():
             if key not in ("name", "config"):
                 print(f"  {key}: {value}")
+
+
+def _report_healing(healing: dict, out: Path) -> None:
+    """One line per healer; every report, curves included, to HEALING_FILE in the output folder."""
+    for name, report in healing.items():
+        print(
+            f"healing {name}: {report['seconds']:.0f}s, held-out loss {_held_out(report, 'held_out_start'):.4g} -> "
+            f"{_held_out(report, 'held_out_best'):.4g}"
+        )
+    if healing:
+        try:  # the model folder is complete already; the curves are an extra
+            (out / HEALING_FILE).write_text(json.dumps(healing) + "\n")
+        except OSError as e:
+            raise SvdkitError(f"the model was written to {out}, but not its healing curves: {e}") from e
+
+
+def _held_out(report: dict, key: str) -> float:
+    """A healer's held-out loss (block healing: the mean over its layers)."""
+    rows = report.get("layers")
+    return sum(r[key] for r in rows) / len(rows) if rows else report[key]
 
 
 def _shapes(model, result) -> dict[str, tuple[int, int]]:

@@ -14,7 +14,18 @@ from .common import CURVE_FILE, emit
 
 __all__ = ["add_parser", "run"]
 
-JSON_KEYS = ("method", "ratio", "allocation", "update", "kv_ratio", "params", "params_dense", "ranks", "dense_kept")
+JSON_KEYS = (
+    "method",
+    "ratio",
+    "allocation",
+    "update",
+    "kv_ratio",
+    "heal",
+    "params",
+    "params_dense",
+    "ranks",
+    "dense_kept",
+)
 
 
 def add_parser(sub) -> None:
@@ -60,6 +71,11 @@ def _summary(info: dict) -> None:
         print(
             f"training: {tr.get('steps')} steps in {tr.get('seconds')}s, final loss {tr.get('final_loss')}; "
             f"{tr.get('kept', '?')} target parameters kept for a budget of {tr.get('budget', '?')}"
+        )
+    for h in info["heal"]:
+        print(
+            f"healing {h['name']}: {h.get('seconds')}s, held-out loss {h.get('held_out_start', 0):.4g} -> "
+            f"{h.get('held_out_best', 0):.4g}"
         )
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..calibration.statistics import LinearStats
 from ..calibration.store import StatisticsStore
+from ..heal import DenseReference
 from .options import CalibrationSettings, CompressionOptions
 from .plan import CompressionPlan, make_plan
 from .stages import (
@@ -25,6 +26,7 @@ from .stages import (
     record,
     summarize,
 )
+from .stages import heal as heal_stage
 
 __all__ = ["CompressionResult", "compress", "decompose_linear", "run_plan"]
 
@@ -51,6 +53,8 @@ def compress(
     statistics_dir: str | os.PathLike | None = None,
     kv_ratio: float | None = None,
     rank_multiple: int = 8,
+    heal: str = "none",
+    heal_options: Mapping[str, Any] | None = None,
 ) -> CompressionResult:
     """Compress `model` in place: every target linear becomes a LowRankLinear of its allocated rank.
 
@@ -85,6 +89,10 @@ def compress(
     ranks to multiples of it within the same parameter budget (:func:`~svdkit.core.ranks.align_ranks`;
     SoCo rounds its final ranks); 1 keeps the exact ranks (the papers' convention); the k/v ranks
     that `kv_ratio` fixes stay exact.
+
+    `heal` (``"block"``, ``"kd"`` or ``"block,kd"``) then trains the factors toward the dense model at the
+    same ranks (:mod:`svdkit.heal`; `heal_options` keyed ``NAME.KEY``, e.g. ``{"kd.max_steps": 100}``); the
+    factor stage keeps the dense modules it replaces until then, so the model is held twice meanwhile.
     """
     start = time.perf_counter()
     options = CompressionOptions(
@@ -97,6 +105,8 @@ def compress(
         sequential=sequential,
         kv_ratio=kv_ratio,
         rank_multiple=rank_multiple,
+        heal=heal,
+        heal_options=heal_options,
         targets=targets,
         statistics_dir=statistics_dir,
         device=device,
@@ -119,6 +129,8 @@ def run_plan(
     timings = {"allocation": 0.0, "calibration": 0.0, "decomposition": 0.0}
     if plan.method.stage is not None:
         timings["training"] = 0.0
+    dense = DenseReference() if plan.heals else None
+    healing: dict = {}
     windows = read_windows(plan, tokenizer)
     was_training = model.training
     model.eval()
@@ -135,7 +147,7 @@ def run_plan(
         timings["allocation"] = time.perf_counter() - t
         if store is not None and plan.streams:
             store.close()  # the dense pass served the allocation only
-        spent = factor(plan, model, allocation.ranks, statistics, windows)
+        spent = factor(plan, model, allocation.ranks, statistics, windows, keep=dense)
         timings["calibration"] += spent["calibration"]
         timings["decomposition"] += spent["decomposition"]
         if store is not None:
@@ -144,8 +156,13 @@ def run_plan(
         ranks, training = model_stage(plan, model, allocation)
         if plan.method.stage is not None:
             timings["training"] = time.perf_counter() - t
+        if plan.heals:
+            t = time.perf_counter()
+            healing = heal_stage(plan, model, dense, windows)
+            timings["healing"] = time.perf_counter() - t
     finally:
         model.train(was_training)
         if store is not None:
             store.close()
-    return record(plan, model, allocation, ranks, training, timings, time.perf_counter() - start)
+    dense = None  # the dense modules go before the record is made
+    return record(plan, model, allocation, ranks, training, timings, time.perf_counter() - start, healing)

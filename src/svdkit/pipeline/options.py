@@ -23,6 +23,7 @@ from ..core.device import resolve_device
 from ..core.options import UserOptions, boolean, integer, mapping, option, path, string, strings
 from ..core.ranks import check_rank_multiple, check_ratio
 from ..errors import SvdkitError
+from ..heal import parse_heal
 from ..methods import Method, get_method, make_config
 from ..saved.kvcache import check_kv_ratio
 from ..sources.text import SOURCES
@@ -82,6 +83,8 @@ class Resolved:
     device: torch.device
     ratio: float
     kv_ratio: float | None
+    heal: tuple = ()
+    """the healers to run after the method, in order, each with its config: ((Healer, config), ...)"""
 
     @property
     def kv_only(self) -> bool:
@@ -130,6 +133,15 @@ class CompressionOptions(UserOptions):
     targets: Sequence[str] | None = option(
         None, "compress only projections whose names end with one of these", strings()
     )
+    heal: str = option(
+        "none",
+        "after the method, train the factors back toward the dense model: block (each layer's output), kd "
+        "(distillation), or both in order (block,kd)",
+        string(),
+    )
+    heal_options: Mapping[str, Any] | None = option(
+        None, "healing options as NAME.KEY, e.g. kd.max_steps=100 or block.lr=1e-4", mapping()
+    )
     statistics_dir: str | os.PathLike | None = option(
         None,
         "where the sensitivity allocation and gradient statistics spill every layer's statistics (a temporary "
@@ -166,6 +178,7 @@ class CompressionOptions(UserOptions):
         ratio = self.ratio if kv_only else check_ratio(self.ratio)
         if self.update not in UPDATES:
             raise SvdkitError(f"unknown update '{self.update}'; known: {', '.join(UPDATES)}")
+        heal = tuple(parse_heal(self.heal, self.heal_options))
         device = resolve_device(self.device)
-        resolved = Resolved(method, method_config, allocator, allocation_config, device, ratio, kv_ratio)
+        resolved = Resolved(method, method_config, allocator, allocation_config, device, ratio, kv_ratio, heal)
         object.__setattr__(self, "resolved", resolved)

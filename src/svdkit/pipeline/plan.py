@@ -126,6 +126,11 @@ class CompressionPlan:
         return self.facts.shapes
 
     @property
+    def heals(self) -> bool:
+        """True when a healing stage trains the factors toward the dense model after the method."""
+        return bool(self.options.resolved.heal)
+
+    @property
     def streams(self) -> bool:
         """True when the factor stage calibrates as it goes (statistics per layer, never all at once)."""
         return self.mode in (CalibrationMode.STREAM, CalibrationMode.SEQUENTIAL)
@@ -214,7 +219,7 @@ def _plan(
             f"update '{options.update}')"
         )
     windows = mode not in (CalibrationMode.NONE, CalibrationMode.PRECOMPUTED)
-    windows = windows or resolved.allocator.needs_windows or resolved.method.stage is not None
+    windows = windows or resolved.allocator.needs_windows or resolved.method.stage is not None or bool(resolved.heal)
     if windows and not has_tokenizer and not isinstance(options.calibration.source, torch.Tensor):
         raise SvdkitError(
             f"method '{options.method}' with allocation '{options.allocation}' needs calibration text: "
@@ -232,6 +237,11 @@ def _check_windows(options: CompressionOptions, facts: ModelFacts) -> None:
     stage = options.resolved.method.stage
     if stage is not None and stage.check is not None:
         stage.check(options.resolved.method_config, calibration.samples, calibration.seqlen)
+    if options.resolved.heal and calibration.samples < 2:
+        raise SvdkitError(
+            "healing holds out part of the calibration windows to guard against overfitting: give at least 2 "
+            "(--calib-samples)"
+        )
 
 
 def _check_statistics(options, facts: ModelFacts, statistics: Mapping[str, LinearStats], needs) -> None:

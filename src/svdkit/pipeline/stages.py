@@ -9,7 +9,8 @@
 5. :func:`factor`: every target replaced by the method's factors (calibrating layer by layer while
    streaming);
 6. :func:`model_stage`: a method's whole-model stage (SoCo's training), which fixes the final ranks;
-7. :func:`record`: the saved record on the model's config, and the result.
+7. :func:`heal`: the healers (:mod:`svdkit.heal`) train the factors toward the dense model, ranks kept;
+8. :func:`record`: the saved record on the model's config, and the result.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..core import distributed
 from ..core.lowrank import LowRankLinear, count_parameters
 from ..core.ranks import align_ranks
 from ..errors import SvdkitError
+from ..heal import DenseReference, HealContext
 from ..methods import factorize
 from ..saved.format import make_portable
 from ..sources.text import calibration_windows, source_tokens
@@ -46,6 +48,7 @@ __all__ = [
     "calibrate",
     "decompose_linear",
     "factor",
+    "heal",
     "model_stage",
     "read_windows",
     "record",
@@ -70,6 +73,8 @@ class CompressionResult:
     """the allocation strategy, its config and what it reported (e.g. a chosen threshold)"""
     training: dict[str, Any] = field(default_factory=dict)
     """a method's whole-model stage report (SoCo: budget, kept count, time, loss curve per step)"""
+    healing: dict[str, Any] = field(default_factory=dict)
+    """each healer's report, by name (held-out loss before and after, steps, time)"""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -243,10 +248,12 @@ def factor(
     statistics: Statistics | None,
     windows: torch.Tensor | None,
     source: LayerSource | None = None,
+    keep: DenseReference | None = None,
 ) -> dict[str, float]:
     """Replace every target of rank not None by the method's factors; returns the seconds spent in
     ``calibration`` (while streaming) and ``decomposition``. `source` loads each decoder layer before it
-    is factored and takes it once final (a streamed compression; default: the layers stay in memory)."""
+    is factored and takes it once final (a streamed compression; default: the layers stay in memory).
+    `keep` receives every replaced dense module (the healers' reference)."""
     arch = plan.architecture(model)
     source = source or LayerSource()
     spent = {"calibration": 0.0, "decomposition": 0.0}
@@ -269,6 +276,8 @@ def factor(
                 plan.options.update,
                 owner=owner,
             )
+            if keep is not None:
+                keep.keep(full, linear)
             layer.set_submodule(target, low)
         spent["decomposition"] += time.perf_counter() - t
 
@@ -310,6 +319,18 @@ def model_stage(plan: CompressionPlan, model: nn.Module, allocation: Allocation)
     return plan.method.stage.run(model, allocation.context, allocation.budget, plan.method_config)
 
 
+def heal(
+    plan: CompressionPlan, model: nn.Module, dense: DenseReference | None, windows: torch.Tensor | None
+) -> dict[str, dict]:
+    """Run the healers the plan asks for, in order, on the compressed `model` (ranks kept); their reports by name."""
+    if not plan.heals:
+        return {}
+    if dense is None or windows is None:
+        raise SvdkitError("healing needs the dense modules the factor stage replaced and the calibration windows")
+    context = HealContext(model, plan.architecture(model), dense, windows, plan.device, plan.options.progress)
+    return {healer.name: healer.run(context, config) for healer, config in plan.options.resolved.heal}
+
+
 def record(
     plan: CompressionPlan,
     model: nn.Module,
@@ -318,6 +339,7 @@ def record(
     training: dict,
     timings: dict[str, float],
     seconds: float,
+    healing: dict[str, dict] | None = None,
 ) -> CompressionResult:
     """Give the model its svdkit record and classes (:func:`~svdkit.saved.format.make_portable`); the result."""
     options = plan.options
@@ -342,6 +364,7 @@ def record(
             "update": options.update,
             "kv_ratio": options.resolved.kv_ratio,
             **({"training": {k: v for k, v in training.items() if k != "curve"}} if training else {}),
+            **({"heal": _heal_record(plan, healing)} if healing else {}),
         },
     )
     return CompressionResult(
@@ -355,7 +378,22 @@ def record(
         timings=timings,
         allocation=alloc_record,
         training=training,
+        healing=healing or {},
     )
+
+
+def _heal_record(plan: CompressionPlan, healing: dict[str, dict]) -> list[dict[str, Any]]:
+    """What the saved record keeps of each healer: its name, config and report summary (no curves)."""
+    out = []
+    for healer, config in plan.options.resolved.heal:
+        report = healing[healer.name]
+        summary = {k: v for k, v in report.items() if not isinstance(v, list)}
+        if "layers" in report:  # block healing: the whole model's mean held-out error before and after
+            rows = report["layers"]
+            summary["held_out_start"] = sum(r["held_out_start"] for r in rows) / len(rows)
+            summary["held_out_best"] = sum(r["held_out_best"] for r in rows) / len(rows)
+        out.append({"name": healer.name, "config": _plain(config), **summary})
+    return out
 
 
 def _plain(config) -> dict[str, Any]:

@@ -82,6 +82,8 @@ def stream_refusal(plan: CompressionPlan) -> str | None:
     """Why `plan` cannot stream layer by layer from the checkpoint (None: it can)."""
     if plan.method.stage is not None:
         return f"method '{plan.options.method}' trains all layers together after factoring them"
+    if plan.heals:
+        return "healing trains the factors against the dense model, which it keeps in memory beside them"
     if plan.dense_pass:
         what = f"allocation '{plan.options.allocation}'" if plan.allocator.needs_statistics else "gradient statistics"
         return f"{what} needs every matrix's statistics before the first one is factored"

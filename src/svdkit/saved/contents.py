@@ -160,6 +160,7 @@ def folder_info(folder: str | Path) -> dict:
         "update": record.get("update", "none"),
         "kv_ratio": record.get("kv_ratio"),
         "training": record.get("training"),
+        "heal": record.get("heal") or [],
         "shapes": dict(sorted(shapes.items(), key=lambda kv: natural_key(kv[0]))),
         "dense_kept": sorted(dense_kept, key=natural_key),
     }

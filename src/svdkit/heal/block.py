@@ -1,0 +1,178 @@
+"""Block-wise output matching (``--heal block``): each decoder layer's factors are trained so that the
+compressed layer, fed the hidden states the already-healed layers before it produce, reproduces the dense
+layer's outputs on the dense model's own hidden states (AA-SVD's anchored objective, arXiv 2604.02119):
+
+    min over the factors of layer i   sum_w || L_i^c(X_w^c) - L_i(X_w) ||^2 / || L_i(X_w) ||^2
+
+where X_w is the dense model's input to layer i for window w and X_w^c the compressed model's. Anchoring on
+the dense stream (not on L_i(X^c)) lets a layer correct the error the layers before it left. The walk
+streams like sequential calibration: one layer's dense and compressed hidden states at a time, on the CPU;
+the layer trains on the compute device in float32 with Adam, one window a step, under the held-out guard
+(:mod:`.guard`, held-out windows: the relative error above), and its closed-form factors stay when
+training does not beat them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration.walk import capture_layer_inputs, layer_output, move_outside_layers, on_device, outside_device
+from ..core.options import Options, integer, number, option
+from ..errors import SvdkitError
+from .base import HealContext, register
+from .guard import Guard, split_windows, steps_for
+from .logfile import open_log
+
+__all__ = ["BlockConfig", "heal_blocks"]
+
+
+@dataclass
+class BlockConfig(Options):
+    epochs: float = option(
+        2.0, "passes over the training windows per layer (one window a step)", number(0, lo_open=True)
+    )
+    max_steps: int = option(64, "at most this many steps per layer", integer(1))
+    lr: float = option(1e-4, "Adam learning rate of the factors", number(0, lo_open=True))
+    held_out: float = option(
+        0.125, "share of the calibration windows held out (at least one)", number(0, 1, lo_open=True, hi_open=True)
+    )
+    every: int = option(4, "steps between held-out measurements", integer(1))
+    patience: int = option(4, "stop a layer after this many held-out measurements without improvement", integer(1))
+    seed: int = option(0, "order of the training windows", integer())
+    log: str | None = option(None, "a file that receives one JSON line per step and per held-out measurement")
+
+
+def _factors(layer: nn.Module) -> list[nn.Parameter]:
+    return [p for m in layer.modules() if hasattr(m, "rank") and hasattr(m, "A") for p in (m.A, m.B)]
+
+
+def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out - target).pow(2).mean() / target.pow(2).mean()
+
+
+@register("block", BlockConfig, "match each compressed decoder layer's output to the dense layer's", "AA-SVD (2026)")
+def heal_blocks(context: HealContext, config: BlockConfig) -> dict[str, Any]:
+    """Heal every decoder layer in turn; the report: per layer, the held-out relative error before and after."""
+    model, arch, device = context.model, context.arch, context.device
+    train, held = split_windows(context.windows, config.held_out, "block healing")
+    outside_home = outside_device(model, arch, device)
+    inputs = capture_layer_inputs(model, arch, torch.cat([train, held]), device, context.progress)
+    compressed = dense = inputs.hidden
+    log = open_log(config.log, "block healing")
+    layers, t0 = [], time.perf_counter()
+    bar = tqdm(total=len(arch.layers), desc="healing layers", unit="layer", disable=not context.progress)
+    try:
+        for index, layer in enumerate(arch.layers):
+            kwargs = inputs.kwargs_on(index, device)
+            with on_device(layer, device), torch.no_grad():
+                with context.dense.swapped(model, f"{arch.layers_path}.{index}"):
+                    targets = [layer_output(layer, x, kwargs, device) for x in dense]
+                with torch.enable_grad(), _float32(layer, kwargs) as kwargs32:
+                    row = _fit(layer, compressed, targets, len(train), kwargs32, config, device, log, index)
+                compressed = [layer_output(layer, x, kwargs, device) for x in compressed]
+            dense = targets
+            layers.append(row)
+            bar.update(1)
+            bar.set_postfix(error=f"{row['held_out_best']:.4f}", start=f"{row['held_out_start']:.4f}")
+    finally:
+        bar.close()
+        move_outside_layers(model, arch.layers_path, outside_home)
+        if log is not None:
+            log.close()
+    return {
+        "seconds": round(time.perf_counter() - t0, 2),
+        "train_windows": len(train),
+        "held_out_windows": len(held),
+        "layers": layers,
+    }
+
+
+def _fit(layer, xs, ys, n_train, kwargs, config: BlockConfig, device, log, index) -> dict[str, Any]:
+    """Train one layer's factors on windows [0, n_train) of (xs -> ys), guarded on the rest."""
+    params = _factors(layer)
+    steps = steps_for(config.epochs, n_train, 1, config.max_steps)
+    if not params:
+        return {"layer": index, "steps": 0, "held_out_start": 0.0, "held_out_best": 0.0}
+
+    def loss_on(w: int) -> torch.Tensor:
+        out = layer_output(layer, xs[w].float(), kwargs, device, keep=True)
+        return _relative_error(out, ys[w].to(device, torch.float32))
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return sum(float(loss_on(w)) for w in range(n_train, len(xs))) / (len(xs) - n_train)
+
+    frozen = {p: p.requires_grad for p in layer.parameters()}
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        guard = Guard(params, held_out, config.every, config.patience)
+        opt = torch.optim.Adam(params, lr=config.lr)
+        order = _order(n_train, steps, config.seed + index)
+        step = 0
+        for step, w in enumerate(order, start=1):
+            loss = loss_on(int(w))
+            if not torch.isfinite(loss):
+                raise SvdkitError(
+                    f"block healing diverged in layer {index} at step {step}: the loss is {float(loss)}; lower "
+                    f"the learning rate (now {config.lr}, heal option block.lr)"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            _write(log, {"layer": index, "step": step, "loss": float(loss.detach())})
+            if guard.check(step, last=step == steps):
+                break
+        report = guard.finish(step)
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    _write(log, {"layer": index, "held_out_curve": report["held_out_curve"]})
+    return {"layer": index, "steps": steps, **{k: v for k, v in report.items() if k != "held_out_curve"}}
+
+
+@contextmanager
+def _float32(layer: nn.Module, kwargs: dict) -> Iterator[dict]:
+    """Within the block the layer (and the floating tensors of its keyword arguments) are float32: Adam's
+    small steps vanish in bfloat16. The layer returns to its dtype afterwards, the trained factors rounded."""
+    dtype = next(layer.parameters()).dtype
+    if dtype == torch.float32:
+        yield kwargs
+        return
+    layer.float()
+    try:
+        yield {k: _cast(v) for k, v in kwargs.items()}
+    finally:
+        layer.to(dtype)
+
+
+def _cast(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.float() if v.is_floating_point() else v
+    if isinstance(v, tuple | list):
+        return type(v)(_cast(x) for x in v)
+    return v
+
+
+def _order(n: int, steps: int, seed: int) -> torch.Tensor:
+    """`steps` window indices: shuffled passes over range(n)."""
+    g = torch.Generator().manual_seed(seed)
+    passes = -(-steps // n)
+    return torch.cat([torch.randperm(n, generator=g) for _ in range(passes)])[:steps]
+
+
+def _write(log, row: dict) -> None:
+    if log is not None:
+        log.write(json.dumps(row) + "\n")
+        log.flush()

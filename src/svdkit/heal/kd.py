@@ -1,0 +1,170 @@
+"""Distillation (``--heal kd``): every factor of the compressed model trains together against the dense
+model's next-token distribution on the calibration windows,
+
+    min over all factors   E_tokens KL( p_dense(. | context) || p_compressed(. | context) ),
+
+the teacher's logits computed on the fly (the dense linears swapped back in for a no-grad forward; caching
+them would take windows x tokens x vocabulary floats, 6.4 GB for the protocol's calibration set on
+SmolLM2). SVD-LLM's published version fine-tunes its factors after truncation the same way in spirit (LoRA
+on U, then V; arXiv 2403.07378); here the factors themselves train. Adam, the learning rate falling
+linearly to 0, gradients clipped; the held-out guard (:mod:`.guard`) measures the same KL on held-out
+windows and keeps the best step, so the result is never further from the dense model there than the model
+it started from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from ..core.options import Options, integer, number, option
+from ..errors import SvdkitError
+from .base import HealContext, register
+from .guard import Guard, split_windows, steps_for
+from .logfile import open_log
+
+__all__ = ["KDConfig", "cut_windows", "distill"]
+
+
+@dataclass
+class KDConfig(Options):
+    epochs: float = option(1.0, "passes over the training windows", number(0, lo_open=True))
+    max_steps: int = option(200, "at most this many steps", integer(1))
+    lr: float = option(2e-5, "Adam learning rate of the factors (falls linearly to 0)", number(0, lo_open=True))
+    batch: int = option(1, "windows per step", integer(1))
+    seqlen: int = option(512, "tokens per training window (calibration windows are cut to this length)", integer(2))
+    held_out: float = option(
+        0.125, "share of the calibration windows held out (at least one)", number(0, 1, lo_open=True, hi_open=True)
+    )
+    eval_windows: int = option(8, "held-out windows of `seqlen` measured each time (at most)", integer(1))
+    every: int = option(16, "steps between held-out measurements", integer(1))
+    patience: int = option(3, "stop after this many held-out measurements without improvement", integer(1))
+    clip: float = option(1.0, "gradient norm clip", number(0, lo_open=True))
+    seed: int = option(0, "order of the training windows", integer())
+    log: str | None = option(None, "a file that receives one JSON line per step and per held-out measurement")
+
+
+def cut_windows(windows: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """Windows (n x L) cut into rows of min(seqlen, L) tokens (a window's tail shorter than that is dropped)."""
+    seqlen = min(seqlen, windows.shape[-1])
+    return windows[:, : windows.shape[-1] // seqlen * seqlen].reshape(-1, seqlen)
+
+
+def _factors(model) -> list[torch.nn.Parameter]:
+    return [p for m in model.modules() if hasattr(m, "rank") and hasattr(m, "A") for p in (m.A, m.B)]
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    vocab = student.shape[-1]
+    s = F.log_softmax(student.float(), dim=-1).reshape(-1, vocab)
+    t = F.log_softmax(teacher.float(), dim=-1).reshape(-1, vocab)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+@register("kd", KDConfig, "distil the dense model's next-token distribution into all factors", "SVD-LLM (2024)")
+def distill(context: HealContext, config: KDConfig) -> dict[str, Any]:
+    """Train every factor on KL(dense || compressed); the report: steps, held-out cross-entropy, time."""
+    model, device = context.model, context.device
+    train_w, held_w = split_windows(context.windows, config.held_out, "distillation")
+    train, held = cut_windows(train_w, config.seqlen), cut_windows(held_w, config.seqlen)[: config.eval_windows]
+    if len(train) < config.batch:
+        raise SvdkitError(f"distillation needs at least batch={config.batch} training windows, got {len(train)}")
+    params = _factors(model)
+    steps = steps_for(config.epochs, len(train), config.batch, config.max_steps)
+    home = next(model.parameters()).device
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    log = open_log(config.log, "distillation")
+    t0 = time.perf_counter()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        model.to(device)
+        context.dense.to(device)
+        report = _Loop(context, config, params, train, held, steps, log).run(t0)
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        model.to(home)
+        context.dense.to(home)
+        if log is not None:
+            log.close()
+    return {"seconds": round(time.perf_counter() - t0, 2), "train_windows": len(train), **report}
+
+
+class _Loop:
+    def __init__(self, context: HealContext, config: KDConfig, params, train, held, steps: int, log) -> None:
+        self.context, self.config, self.params, self.train, self.held = context, config, params, train, held
+        self.steps, self.log = steps, log
+        self.opt = torch.optim.Adam(params, lr=config.lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1 - s / steps)
+        g = torch.Generator().manual_seed(config.seed)
+        passes = -(-steps * config.batch // len(train))
+        self.order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(passes)])
+
+    def held_out(self) -> float:
+        """Mean KL divergence of the compressed model's next-token distributions from the dense model's on the
+        held-out windows (the objective, measured where it does not train)."""
+        with torch.no_grad():
+            losses = [float(self.kl(ids[None].to(self.context.device))) for ids in self.held]
+        return sum(losses) / len(losses)
+
+    def kl(self, ids: torch.Tensor) -> torch.Tensor:
+        """KL(dense || compressed) on `ids`, in the autograd graph of the factors when gradients are on."""
+        model = self.context.model
+        with torch.no_grad(), self.context.dense.swapped(model):
+            teacher = model(input_ids=ids, use_cache=False).logits
+        return _kl(model(input_ids=ids, use_cache=False).logits, teacher)
+
+    def run(self, t0: float) -> dict[str, Any]:
+        model, config, device = self.context.model, self.config, self.context.device
+        model.eval()  # no dropout; the factors still get gradients
+        with torch.enable_grad():
+            guard = Guard(self.params, self.held_out, config.every, config.patience)
+            bar = tqdm(range(1, self.steps + 1), desc="distilling", unit="step", disable=not self.context.progress)
+            step = 0
+            for step in bar:
+                ids = self.train[self.order[(step - 1) * config.batch : step * config.batch]].to(device)
+                loss = self.step(ids, step)
+                self._write(
+                    {
+                        "step": step,
+                        "loss": loss,
+                        "lr": self.sched.get_last_lr()[0],
+                        "seconds": round(time.perf_counter() - t0, 3),
+                    }
+                )
+                bar.set_postfix(kl=f"{loss:.4f}", held_out=f"{guard.best:.4f}")
+                if guard.check(step, last=step == self.steps):
+                    break
+            bar.close()
+            report = guard.finish(step)
+        self._write({"held_out_curve": report["held_out_curve"]})
+        return {"steps": self.steps, "objective": "kl", **report}
+
+    def step(self, ids: torch.Tensor, step: int) -> float:
+        loss = self.kl(ids)
+        if not math.isfinite(float(loss.detach())):
+            raise SvdkitError(
+                f"distillation diverged at step {step}: the loss is {float(loss.detach())}; lower the learning rate "
+                f"(now {self.config.lr}, heal option kd.lr)"
+            )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.clip)
+        self.opt.step()
+        self.sched.step()
+        return float(loss.detach())
+
+    def _write(self, row: dict) -> None:
+        if self.log is not None:
+            self.log.write(json.dumps(row) + "\n")
+            self.log.flush()
