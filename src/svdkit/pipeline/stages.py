@@ -363,7 +363,7 @@ def record(
             "allocation": alloc_record,
             "update": options.update,
             "kv_ratio": options.resolved.kv_ratio,
-            **({"training": {k: v for k, v in training.items() if k != "curve"}} if training else {}),
+            **({"training": {k: v for k, v in training.items() if not isinstance(v, list)}} if training else {}),
             **({"heal": _heal_record(plan, healing)} if healing else {}),
         },
     )

@@ -30,7 +30,9 @@ def test_start_ranks_save_parameters():
         ({"lr": 0}, "lr must be positive"),
         ({"lr": "fast"}, "lr must be a positive number, got 'fast'"),
         ({"seed": 1.5}, "seed must be an integer"),
-        ({"steps": 0}, "steps must be a positive integer"),
+        ({"steps": -1}, "steps must be"),
+        ({"epochs": 0}, "epochs must be"),
+        ({"held_out": 1}, "held_out must be"),
         ({"penalty_lr": 0}, "penalty_lr must be positive"),
         ({"anneal": "yes"}, "anneal must be true or false"),
         ({"loss": "mse"}, "loss must be 'ce' or 'kd'"),
@@ -49,7 +51,7 @@ def test_a_batch_the_calibration_windows_cannot_fill_is_refused_when_planning():
         )
         return make_plan(tiny_model(), options)
 
-    plan(8)  # 4 windows of 64 cut into 8 of 32
-    message = "method 'soco': batch=9 needs 9 training windows, but 4 calibration windows of 64 tokens give 8 of 32"
+    plan(6)  # 4 windows of 64, one held out, the other 3 cut into 6 of 32
+    message = "method 'soco': batch=7 needs 7 training windows, but 4 calibration windows of 64 tokens give 6 of 32"
     with pytest.raises(svdkit.SvdkitError, match=message):
-        plan(9)
+        plan(7)

@@ -72,10 +72,16 @@ def test_soco_final_stage_lowers_the_loss_on_its_windows():
 
     pruned, trained = tiny_model("llama"), tiny_model("llama")
     a = _compress(
-        pruned, method="soco", ratio=0.4, method_options={"steps": 4, "coarse": 0.5, "refine": 0.5, "lr": 0.05}
+        pruned,
+        method="soco",
+        ratio=0.4,
+        method_options={"steps": 4, "coarse": 0.5, "refine": 0.5, "lr": 0.05, "guard": False},
     )
     b = _compress(
-        trained, method="soco", ratio=0.4, method_options={"steps": 44, "coarse": 1 / 22, "refine": 1 / 22, "lr": 0.05}
+        trained,
+        method="soco",
+        ratio=0.4,
+        method_options={"steps": 44, "coarse": 1 / 22, "refine": 1 / 22, "lr": 0.05, "guard": False},
     )
     assert [row["stage"] for row in b.training["curve"][:5]] == ["coarse"] * 2 + ["refine"] * 2 + ["final"]
     assert a.ranks == b.ranks  # the same pruning
@@ -85,7 +91,7 @@ def test_soco_final_stage_lowers_the_loss_on_its_windows():
 def test_untrained_scores_prune_every_matrix_alike():
     """With no projected step all scores are 1: ties go by position inside each matrix, so the ranks
     stay spread over all matrices instead of whole matrices kept in model order."""
-    options = {"steps": 2, "coarse": 0, "refine": 0}
+    options = {"steps": 2, "coarse": 0, "refine": 0, "guard": False}
     r = _compress(tiny_model("llama"), method="soco", ratio=0.4, method_options=options, rank_multiple=1)
     assert min(r.ranks.values()) > 1
     assert max(r.ranks.values()) - min(r.ranks.values()) <= 2
@@ -163,3 +169,25 @@ def test_soco_final_ranks_are_aligned_within_the_budget():
     budget = cost_of(allocate_uniform(shapes, 0.4), shapes)
     assert r.training["budget"] == budget and r.training["kept"] == cost_of(r.ranks, shapes) <= budget
     assert budget - r.training["kept"] < 4 * max(m + n for m, n in shapes.values())
+
+
+def test_the_guard_keeps_an_overfitted_soco_no_worse_than_svd_llm_on_held_out_windows():
+    """8 windows of 64 tokens, a learning rate far too high and many epochs: SoCo overfits its training windows,
+    and the guard (held-out window: the last calibration window) returns a model no worse than svd-llm there."""
+    from svdkit.sources.text import calibration_windows
+
+    held = calibration_windows(random_tokens(8 * 64, seed=1), 8, 64, 0, 0)[-1:]
+
+    def loss(m):
+        with torch.no_grad():
+            return float(m(input_ids=held, labels=held).loss)
+
+    plain, soco = tiny_model("llama"), tiny_model("llama")
+    _compress(plain, method="svd-llm", ratio=0.4)
+    options = {"epochs": 30, "lr": 0.5, "seqlen": 64}
+    r = _compress(soco, method="soco", ratio=0.4, method_options=options)
+    report = r.training
+    assert report["train_windows"] == 7 and report["epochs"] == 30 and report["steps"] == 210
+    assert report["held_out_closed_form"] == pytest.approx(loss(plain), rel=1e-3)  # v2's closed form ~ svd-llm's
+    assert loss(soco) == pytest.approx(min(report["held_out_trained"], report["held_out_closed_form"]), rel=1e-5)
+    assert loss(soco) <= loss(plain) * 1.001

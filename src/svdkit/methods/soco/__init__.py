@@ -10,6 +10,7 @@ ordinary low-rank model with the kept scores folded into the factors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,27 @@ class SoCoConfig(Options):
         "ratio of the start decomposition; 0 = the largest rank that still saves parameters",
         number(0, 1, hi_open=True),
     )
-    steps: int = option(240, "training steps in all (one step = `batch` windows of `seqlen` tokens)", integer(1))
+    steps: int = option(
+        0,
+        "training steps in all (one step = `batch` windows of `seqlen` tokens); 0: `epochs` passes over the "
+        "training windows, at most `max_steps`",
+        integer(0),
+    )
+    epochs: float = option(2.0, "passes over the training windows when steps=0", number(0, lo_open=True))
+    max_steps: int = option(240, "at most this many steps when steps=0", integer(1))
+    held_out: float = option(
+        0.125,
+        "share of the calibration windows held out (at least one): the final stage keeps its best step on them, "
+        "and the result falls back to the closed form at the budget's ranks where that is better there",
+        number(0, 1, lo_open=True, hi_open=True),
+    )
+    guard: bool = option(
+        True,
+        "hold windows out as `held_out` says; false: train on all of them and keep the last step (the paper)",
+        boolean(),
+    )
+    eval_windows: int = option(8, "held-out windows of `seqlen` measured each time (at most)", integer(1))
+    every: int = option(8, "final-stage steps between held-out measurements", integer(1))
     coarse: float = option(0.5, "share of the steps that move the budget from the start count to the target", number())
     refine: float = option(
         0.3, "share of the steps trained at the target budget before the final pruning (the rest: after it)", number()
@@ -105,13 +126,21 @@ def _run(model, context, budget, config):
 
 
 def _check_windows(config: SoCoConfig, samples: int, seqlen: int) -> None:
-    """Enough training windows for one batch (as :func:`~.training.training_windows` cuts them)."""
+    """Enough training windows for one batch (as :func:`~.training.training_windows` cuts them) once the
+    held-out windows are set aside."""
+    held = max(1, math.ceil(config.held_out * samples)) if config.guard else 0
+    if samples - held < 1:
+        raise SvdkitError(
+            f"method 'soco' holds out {held} of its {samples} calibration window(s) to guard against overfitting and "
+            "needs at least one more to train on: pass more calibration samples"
+        )
     length = min(config.seqlen, seqlen)
-    count = samples * (seqlen // length)
+    count = (samples - held) * (seqlen // length)
     if count < config.batch:
         raise SvdkitError(
             f"method 'soco': batch={config.batch} needs {config.batch} training windows, but {samples} calibration "
-            f"windows of {seqlen} tokens give {count} of {length}: lower batch or pass more calibration samples"
+            f"windows of {seqlen} tokens give {count} of {length} once {held} is held out: lower batch or pass more "
+            "calibration samples"
         )
 
 

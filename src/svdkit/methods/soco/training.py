@@ -40,6 +40,7 @@ The schedule is :mod:`.schedule`, the wrapped model :mod:`.scored`; this module 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -52,6 +53,7 @@ from tqdm.auto import tqdm
 
 from ...core.ranks import cost
 from ...errors import SvdkitError
+from ...heal.guard import Guard, split_windows, steps_for
 from .schedule import Schedule
 from .scored import ScoredModel, dual_step, penalty_grad, soft_count
 
@@ -99,12 +101,21 @@ def learn_spectrum(
     """Train the scores of every low-rank target of `model` (SoCo's three stages), prune, fold.
 
     `context` gives the targets' shapes, the device, the calibration windows, the progress flag and the
-    rank multiple; `budget_ranks` (the allocation at the target ratio) sets the budget. Returns (final
-    ranks by name, a report with the budget, the kept count, the time and the loss curve per step).
+    rank multiple; `budget_ranks` (the allocation at the target ratio) sets the budget. The last windows
+    are held out (:func:`~svdkit.heal.guard.split_windows`): the final stage keeps its best step on them,
+    and where the start decomposition cut to the budget's ranks (for a nested base such as svd-llm-v2, the
+    closed form at those ranks) is better there, that is the result. Returns (final ranks by name, a report
+    with the budget, the kept count, the time, the held-out losses and the loss curve per step).
     """
     shapes = context.shapes
     budget = float(sum(cost(shapes[n], budget_ranks[n]) for n in shapes))
-    chunks = training_windows(context.windows, config.seqlen, config.batch)
+    train, held = split_windows(context.windows, config.held_out, "soco") if config.guard else (context.windows, None)
+    chunks = training_windows(train, config.seqlen, config.batch)
+    held = training_windows(held, config.seqlen, 1)[: config.eval_windows] if held is not None else None
+    if config.steps == 0:
+        config = dataclasses.replace(
+            config, steps=steps_for(config.epochs, len(chunks), config.batch, config.max_steps)
+        )
     scored = ScoredModel(model, list(shapes))
     _check_budget(scored, budget, config)
     if torch.is_inference_mode_enabled():
@@ -124,9 +135,11 @@ def learn_spectrum(
             dense_total = float(sum(m * n for m, n in shapes.values()))
             multiple = getattr(context, "rank_multiple", 1)
             trainer = _Trainer(model, scored, chunks, config, budget, dense_total, multiple, context.device)
+            trainer.held = held
             curve = trainer.train(log, context.progress, t0)
         if trainer.schedule.final_start >= config.steps:  # no final steps: prune at the end
             scored.prune(budget, multiple=trainer.multiple)
+        guard = _settle(trainer, budget_ranks) if held is not None else {}
         final = scored.folded()
     except BaseException:
         scored.uninstall(model)  # back to the start decomposition's layers
@@ -151,9 +164,44 @@ def learn_spectrum(
         "objective": config.loss,
         "seconds": round(time.perf_counter() - t0, 2),
         "final_loss": curve[-1]["loss"] if curve else None,
+        "train_windows": len(chunks),
+        "epochs": round(config.steps * config.batch / len(chunks), 2),
+        **guard,
         "curve": curve,
     }
     return ranks, report
+
+
+def held_out_loss(model: nn.Module, held: torch.Tensor, device) -> float:
+    """Mean next-token cross-entropy of `model` on the held-out windows."""
+    with torch.no_grad():
+        return sum(
+            float(model(input_ids=ids[None].to(device), labels=ids[None].to(device)).loss) for ids in held
+        ) / len(held)
+
+
+@torch.no_grad()
+def _settle(trainer: _Trainer, budget_ranks: dict) -> dict[str, Any]:
+    """The final stage's best step is in place (its guard); keep it, or the start decomposition cut to the
+    budget's ranks where that has the lower held-out loss. Returns the held-out part of the report."""
+    scored, held = trainer.scored, trainer.held
+    trained = held_out_loss(trainer.model, held, trainer.device)
+    kept = {name: (s.score.detach().clone(), s.mask.clone()) for name, s in scored.scored.items()}
+    for name, s in scored.scored.items():
+        rank = min(s.low.rank, budget_ranks.get(name) or s.low.rank)
+        s.mask.copy_(torch.arange(s.low.rank, device=s.mask.device) < rank)
+        s.score.copy_(s.mask.to(s.score.dtype))
+    closed = held_out_loss(trainer.model, held, trainer.device)
+    fallback = closed < trained
+    if not fallback:
+        for name, s in scored.scored.items():
+            s.score.copy_(kept[name][0])
+            s.mask.copy_(kept[name][1])
+    report = {"held_out_closed_form": closed, "held_out_trained": trained, "fell_back": fallback}
+    if trainer.guard_report:
+        report["final_stage"] = {k: v for k, v in trainer.guard_report.items() if k != "held_out_curve"}
+        report["held_out_curve"] = trainer.guard_report["held_out_curve"]
+    return report
 
 
 class _Trainer:
@@ -167,6 +215,10 @@ class _Trainer:
         self.opt = torch.optim.Adam(scored.scores(), lr=config.lr)
         self.cursor, self.lam, self.square = 0, 0.0, 0.0
         self.hard_from, self.hard = scored.start, scored.start
+        self.held: torch.Tensor | None = None
+        """held-out windows: the final stage keeps its best step on them"""
+        self.guard: Guard | None = None
+        self.guard_report: dict = {}
 
     def train(self, log, progress: bool, t0: float) -> list[dict]:
         curve: list[dict] = []
@@ -179,7 +231,26 @@ class _Trainer:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             bar.set_postfix(loss=f"{row['loss']:.3f}", kept=f"{row['kept']:.3f}", stage=row["stage"])
+            if self._guarded(step):
+                break
+        if self.guard is not None:
+            self.guard_report = self.guard.finish(len(curve) - self.schedule.final_start)
         return curve
+
+    def _guarded(self, step: int) -> bool:
+        """Final stage: measure the held-out loss at its start and every `every` steps; True: stop early."""
+        final = self.schedule.final_start  # the refine stage's last step cuts the mask (without one: the first)
+        mask_final = step + 1 == final if self.schedule.n_refine > 0 else step == final
+        if self.held is None or (self.guard is None and not mask_final):
+            return False
+        if self.guard is None:  # from here only the kept scores move
+            self.guard = Guard(self.scored.scores(), self._held_out, self.config.every, patience=3)
+            if step + 1 == final:
+                return False
+        return self.guard.check(step + 1 - final, last=step + 1 == self.config.steps)
+
+    def _held_out(self) -> float:
+        return held_out_loss(self.model, self.held, self.device)
 
     def step(self, step: int) -> dict:
         """One training step: targets, the loss and its gradient, the penalty, Adam, pruning; the curve's row."""

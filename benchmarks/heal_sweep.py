@@ -1,0 +1,102 @@
+"""Try healing settings on the validation slice, from one cached compressed SmolLM2-135M.
+
+    python benchmarks/heal_sweep.py --method svd-llm --ratio 0.4 --variant block --variant "block:block.lr=3e-4"
+
+The first run for a (method, ratio) compresses SmolLM2-135M with the protocol's calibration (32 x 2048
+WikiText-2 test tokens at seeded offsets from 150000; ranks in multiples of 8) through the pipeline's stages
+up to the model stage, keeping the dense modules it replaces (the healers' reference); the model, the
+reference, the plan and the windows are cached in --cache. Each variant (HEAL[:NAME.KEY=VALUE,...]) then
+heals a copy of it and is scored on the protocol's validation slice, WikiText-2 test tokens [40960, 57344)
+(8 windows of 2048, which neither the evaluation nor the calibration uses), and on the first 8 windows of
+PTB validation. Prints and appends one JSON line per variant to --out (the start's scores as variant "none").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import svdkit
+from svdkit.bench.grid import PROTOCOL_CALIBRATION, parse_options
+from svdkit.heal import DenseReference
+from svdkit.pipeline.options import CompressionOptions
+from svdkit.pipeline.plan import make_plan, replan
+from svdkit.pipeline.stages import allocate, calibrate, factor, heal, model_stage, read_windows
+from svdkit.sources.text import load_text, tokenize
+
+VALIDATION = (40960, 57344)
+
+
+def start(cache: Path, data_dir: Path, method: str, ratio: float) -> dict:
+    """The compressed model before healing, its dense reference, plan, windows and scoring texts (cached)."""
+    if cache.exists():
+        return torch.load(cache, weights_only=False)
+    model, tok = svdkit.load_model("smollm2-135m")
+    wiki = tokenize(tok, load_text(data_dir / "wikitext-2-raw" / "wiki.test.raw"))
+    ptb = tokenize(tok, load_text(data_dir / "ptb" / "ptb.valid.txt"))
+    calibration = dataclasses.replace(PROTOCOL_CALIBRATION, source=wiki)
+    options = CompressionOptions(method=method, ratio=ratio, device="cpu", calibration=calibration, heal="kd")
+    plan = make_plan(model, options, tokenizer=tok)
+    windows = read_windows(plan, tok)
+    statistics = calibrate(plan, model, windows)
+    allocation = allocate(plan, model, statistics, windows)
+    dense = DenseReference()
+    factor(plan, model, allocation.ranks, statistics, windows, keep=dense)
+    model_stage(plan, model, allocation)
+    saved = {"model": model, "dense": dense, "plan": plan, "windows": windows, "wiki": wiki, "ptb": ptb}
+    torch.save(saved, cache)
+    return saved
+
+
+def score(model, saved: dict) -> dict:
+    val = saved["wiki"][VALIDATION[0] : VALIDATION[1]]
+    v = svdkit.perplexity(model, None, val, seqlen=2048, progress=False).ppl
+    p = svdkit.perplexity(model, None, saved["ptb"], seqlen=2048, max_windows=8, progress=False).ppl
+    return {"validation_ppl": round(v, 3), "ptb_ppl": round(p, 3)}
+
+
+def variant(spec: str, saved: dict) -> dict:
+    name, _, opts = spec.partition(":")
+    row: dict = {"variant": spec}
+    model = copy.deepcopy(saved["model"])
+    if name != "none":
+        plan = replan(saved["plan"], heal=name, heal_options=parse_options(opts))
+        t = time.perf_counter()
+        reports = heal(plan, model, saved["dense"], saved["windows"])
+        row["healing_s"] = round(time.perf_counter() - t, 1)
+        row["held_out"] = {k: _held_out(r) for k, r in reports.items()}
+    return {**row, **score(model, saved)}
+
+
+def _held_out(report: dict) -> list[float]:
+    rows = report.get("layers") or [report]
+    return [round(sum(r[k] for r in rows) / len(rows), 6) for k in ("held_out_start", "held_out_best")]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", default="svd-llm")
+    p.add_argument("--ratio", type=float, default=0.4)
+    p.add_argument("--variant", action="append", default=[], help="HEAL[:NAME.KEY=VALUE,...]; 'none' = no healing")
+    p.add_argument("--cache", type=Path, default=None)
+    p.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    p.add_argument("--out", type=Path, default=Path("heal_sweep.jsonl"))
+    a = p.parse_args()
+    torch.manual_seed(0)
+    cache = a.cache or Path(f"/tmp/heal-start-{a.method}-{a.ratio}.pt")
+    saved = start(cache, a.data_dir, a.method, a.ratio)
+    for spec in a.variant or ["none"]:
+        row = {"method": a.method, "ratio": a.ratio, **variant(spec, saved)}
+        print(json.dumps(row), flush=True)
+        with a.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
