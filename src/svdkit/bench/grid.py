@@ -45,6 +45,7 @@ from ..core.options import parse_assignment
 from ..core.ranks import check_ratio
 from ..errors import SvdkitError
 from ..heal import parse_heal
+from ..measure.generation import generation_quality
 from ..measure.perplexity import perplexity
 from ..measure.speed import measure, peak_rss_mb, reset_peak_rss
 from ..methods import get_method, method_names
@@ -58,6 +59,9 @@ from .plots import write_plots
 from .report import markdown
 
 __all__ = ["CellSpec", "BenchConfig", "PROTOCOL_CALIBRATION", "parse_spec", "parse_options", "run_bench"]
+
+VALIDATION = (40960, 57344)
+"""the protocol's validation slice of WikiText-2 test tokens (8 windows of 2048 between evaluation and calibration)"""
 
 PROTOCOL_CALIBRATION = CalibrationSettings(source="wikitext2", samples=32, seqlen=2048, offset=150000, seed=0)
 """the protocol's calibration: 32 windows of 2048 WikiText-2 test tokens at seeded offsets from 150000"""
@@ -87,6 +91,10 @@ class BenchConfig:
     """its seqlen is also the evaluation window; its source is always the WikiText-2 test text"""
     eval_windows: int = 16
     ptb_windows: int = 8
+    pydoc_windows: int = 8
+    """the third domain: the last windows of Python's documentation text"""
+    generation: bool = True
+    """greedy continuations of 16 prompts from the validation slice: repeated 3-grams, distinct-2"""
     sensitivity_windows: int | None = None
     sensitivity_seqlen: int | None = None
     device: str = "auto"
@@ -112,6 +120,8 @@ class _Setup:
     wiki: torch.Tensor
     ptb: torch.Tensor
     device: torch.device
+    pydoc: torch.Tensor | None = None
+    """the third domain: Python's documentation text (never calibrated on)"""
 
 
 def parse_options(text: str) -> dict:
@@ -197,10 +207,24 @@ def _evaluate(model, setup: _Setup, config: BenchConfig, reference=None) -> dict
     w = perplexity(model, None, setup.wiki, seqlen=seqlen, max_windows=config.eval_windows, progress=False)
     p = perplexity(model, None, setup.ptb, seqlen=seqlen, max_windows=config.ptb_windows, progress=False)
     out: dict[str, Any] = {"wikitext2": w.ppl, "ptb": p.ppl, "params": w.params}
+    if setup.pydoc is not None:  # its last windows (the demo calibrates on its start)
+        tail = setup.pydoc[-config.pydoc_windows * seqlen :]
+        out["pydoc"] = perplexity(model, None, tail, seqlen=seqlen, progress=False).ppl
+    ids = _generation_tokens(setup.wiki, config)
+    if config.generation and len(ids) >= 64:
+        g = generation_quality(model, ids, prompts=min(16, len(ids) // 64), device=setup.device)
+        out.update({"repeated_3grams": g.repeated_3grams, "distinct_2": g.distinct_2})
     if config.speed:
         window = setup.wiki[:seqlen]
         out.update(measure(model, window, config.decode_tokens, repeats=config.repeats, reference=reference))
     return out
+
+
+def _generation_tokens(wiki: torch.Tensor, config: BenchConfig) -> torch.Tensor:
+    """The generation prompts' text: the validation slice, or (a shorter text) what follows the evaluation windows."""
+    if len(wiki) >= VALIDATION[1]:
+        return wiki[VALIDATION[0] : VALIDATION[1]]
+    return wiki[config.eval_windows * config.seqlen :] if len(wiki) > config.eval_windows * config.seqlen else wiki
 
 
 def _settings(config: BenchConfig) -> dict:
@@ -244,8 +268,9 @@ def _load(config: BenchConfig, log) -> _Setup:
     model, tok = load_model(config.model, dtype=config.dtype)
     model.to(dev)
     wiki, ptb = _texts(config, tok)
-    log(f"WikiText-2 test: {wiki.numel():,} tokens; PTB validation: {ptb.numel():,} tokens")
-    return _Setup(model, tok, wiki, ptb, dev)
+    pydoc = tokenize(tok, load_text("demo"))
+    log(f"WikiText-2 test: {wiki.numel():,} tokens; PTB validation: {ptb.numel():,}; Python docs: {pydoc.numel():,}")
+    return _Setup(model, tok, wiki, ptb, dev, pydoc)
 
 
 def _new_report(config: BenchConfig, device: torch.device, command: str) -> dict[str, Any]:

@@ -24,6 +24,11 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return f"{x:.{digits}f}" if x < 1e4 else f"{x:.3g}"
 
 
+def _domains(c: dict) -> str:
+    """The third domain's perplexity and the generation scores (blank where a cell predates them)."""
+    return f"{_fmt(c.get('pydoc'))} | {_fmt(c.get('repeated_3grams'), 3)} | {_fmt(c.get('distinct_2'), 3)}"
+
+
 def _ranks_line(multiple: int) -> str:
     if multiple == 1:
         return "the allocation's exact ranks"
@@ -43,15 +48,19 @@ def markdown(report: dict) -> str:
         f"- calibration: {calib['samples']} x {calib['seqlen']} WikiText-2 test tokens at seeded offsets from "
         f"{calib['offset']} (seed {calib['seed']}); one pass shared by every cell: {calib.get('seconds', 0):.1f} s",
         f"- evaluation: WikiText-2 test, first {report['eval_windows']} windows of {report['seqlen']}; "
-        f"PTB validation, first {report['ptb_windows']} windows",
+        f"PTB validation, first {report['ptb_windows']} windows; Python docs (`pydoc_data.topics`), last 8 windows; "
+        "generation: greedy continuations of 64 tokens from 16 prompts of 64 in the validation slice (WikiText-2 "
+        "test tokens [40960, 57344)), the share of repeated 3-grams per continuation and pooled distinct-2",
         f"- ranks: {_ranks_line(report.get('rank_multiple', 1))}",
         "",
         "## Quality and compression time",
         "",
-        "| method | allocation | ratio | WikiText-2 ppl | PTB ppl | parameters | statistics s | allocation s "
+        "| method | allocation | ratio | WikiText-2 ppl | PTB ppl | Python docs ppl | rep. 3-grams | distinct-2 "
+        "| parameters | statistics s | allocation s "
         "| decomposition s | training s | healing s | total s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| dense | | 0 | {_fmt(dense['wikitext2'])} | {_fmt(dense['ptb'])} | {dense['params']:,} | | | | | | | |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| dense | | 0 | {_fmt(dense['wikitext2'])} | {_fmt(dense['ptb'])} | {_domains(dense)} | {dense['params']:,} "
+        "| | | | | | | |",
     ]
     for c in report["cells"]:
         training, healing = c.get("training_s", 0.0), c.get("healing_s", 0.0)
@@ -59,7 +68,8 @@ def markdown(report: dict) -> str:
         rss = c.get("compress_peak_rss_mb")
         lines.append(
             f"| {cell_label(c)} | {alloc_label(c)} | {c['ratio']} | {_fmt(c['wikitext2'])} | {_fmt(c['ptb'])} | "
-            f"{c['params']:,} | {c['statistics_s']:.0f} | {c['allocation_s']:.0f} | {c['decomposition_s']:.1f} | "
+            f"{_domains(c)} | {c['params']:,} | {c['statistics_s']:.0f} | {c['allocation_s']:.0f} | "
+            f"{c['decomposition_s']:.1f} | "
             f"{training:.0f} | {healing:.0f} | {total:.0f} | {_fmt(rss, 0)} |"
         )
     lines += ["", "## Speed and memory (dense measured in the same run)", ""]

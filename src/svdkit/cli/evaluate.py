@@ -8,14 +8,18 @@ from pathlib import Path
 from ..core.device import resolve_device
 from ..core.lowrank import count_parameters
 from ..errors import SvdkitError
+from ..measure.generation import generation_quality
 from ..measure.perplexity import perplexity
 from ..measure.zeroshot import format_results, require_lm_eval, zero_shot
 from ..pipeline.options import CompressionOptions
 from ..sources.models import load_model
-from ..sources.text import SOURCES
+from ..sources.text import SOURCES, source_tokens
 from .common import add_dtype, add_fields, emit, nonnegative, positive
 
 __all__ = ["add_parser", "run"]
+
+GENERATION_SPAN = 16384
+"""tokens after --offset the generation prompts are spread over (the protocol's validation slice's length)"""
 
 
 def add_parser(sub) -> None:
@@ -44,6 +48,12 @@ def add_parser(sub) -> None:
         help="with --tasks: a folder of lm-eval task YAML files whose tasks can be named (repeatable)",
     )
     e.add_argument("--num-fewshot", type=nonnegative, default=None, help="with --tasks: examples per prompt (0)")
+    e.add_argument(
+        "--generation",
+        action="store_true",
+        help="also greedy continuations of 64 tokens from 16 prompts of 64 evenly spaced in the text after --offset "
+        "(the next 16,384 tokens): the share of repeated 3-grams and distinct-2",
+    )
     e.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     e.set_defaults(run=run)
 
@@ -64,7 +74,16 @@ def run(a: argparse.Namespace) -> None:
         f"perplexity {r.ppl:.4f} on {a.dataset}: {r.windows} windows of {a.seqlen}, {r.tokens} predicted "
         f"tokens, {r.params:,} parameters"
     )
-    emit({"ppl": r.ppl, "windows": r.windows, "tokens": r.tokens, "params": r.params}, a.json)
+    summary = {"ppl": r.ppl, "windows": r.windows, "tokens": r.tokens, "params": r.params}
+    if a.generation:
+        ids = source_tokens(tok, a.dataset)[a.offset : a.offset + GENERATION_SPAN]
+        g = generation_quality(model, ids, device=dev)
+        print(
+            f"generation: {g.repeated_3grams:.3f} of 3-grams repeated, distinct-2 {g.distinct_2:.3f} "
+            f"({g.prompts} greedy continuations of {g.new_tokens} tokens)"
+        )
+        summary["generation"] = g.to_dict()
+    emit(summary, a.json)
 
 
 def _zero_shot(a: argparse.Namespace) -> None:
