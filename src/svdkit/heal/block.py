@@ -38,14 +38,14 @@ __all__ = ["BlockConfig", "heal_blocks"]
 @dataclass
 class BlockConfig(Options):
     epochs: float = option(
-        2.0, "passes over the training windows per layer (one window a step)", number(0, lo_open=True)
+        1.0, "passes over the training windows per layer (one window a step)", number(0, lo_open=True)
     )
     max_steps: int = option(64, "at most this many steps per layer", integer(1))
     lr: float = option(1e-4, "Adam learning rate of the factors", number(0, lo_open=True))
     held_out: float = option(
         0.125, "share of the calibration windows held out (at least one)", number(0, 1, lo_open=True, hi_open=True)
     )
-    every: int = option(4, "steps between held-out measurements", integer(1))
+    every: int = option(7, "steps between held-out measurements", integer(1))
     patience: int = option(4, "stop a layer after this many held-out measurements without improvement", integer(1))
     seed: int = option(0, "order of the training windows", integer())
     log: str | None = option(None, "a file that receives one JSON line per step and per held-out measurement")
