@@ -11,7 +11,7 @@ from torch.nn import functional as F
 import svdkit
 from svdkit.errors import SvdkitError
 from svdkit.heal import parse_heal, split_windows, steps_for
-from svdkit.heal.kd import cut_windows
+from svdkit.heal.guard import cut_windows
 
 SAMPLES, SEQLEN = 8, 64
 

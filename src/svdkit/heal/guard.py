@@ -18,7 +18,7 @@ import torch
 
 from ..errors import SvdkitError
 
-__all__ = ["Guard", "split_windows", "steps_for"]
+__all__ = ["Guard", "cut_windows", "split_windows", "steps_for"]
 
 
 def split_windows(windows: torch.Tensor, held_out: float, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +31,12 @@ def split_windows(windows: torch.Tensor, held_out: float, what: str) -> tuple[to
             "one more to train on: give more calibration windows (--calib-samples)"
         )
     return windows[: n - k], windows[n - k :]
+
+
+def cut_windows(windows: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """Windows (n x L) cut into rows of min(seqlen, L) tokens (a window's tail shorter than that is dropped)."""
+    seqlen = min(seqlen, windows.shape[-1])
+    return windows[:, : windows.shape[-1] // seqlen * seqlen].reshape(-1, seqlen)
 
 
 def steps_for(epochs: float, windows: int, batch: int, cap: int) -> int:

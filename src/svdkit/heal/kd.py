@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 from ..core.options import Options, integer, number, option
 from ..errors import SvdkitError
 from .base import HealContext, register
-from .guard import Guard, split_windows, steps_for
+from .guard import Guard, cut_windows, split_windows, steps_for
 from .logfile import open_log
 
-__all__ = ["KDConfig", "cut_windows", "distill"]
+__all__ = ["KDConfig", "distill"]
 
 
 @dataclass
@@ -49,12 +49,6 @@ class KDConfig(Options):
     clip: float = option(1.0, "gradient norm clip", number(0, lo_open=True))
     seed: int = option(0, "order of the training windows", integer())
     log: str | None = option(None, "a file that receives one JSON line per step and per held-out measurement")
-
-
-def cut_windows(windows: torch.Tensor, seqlen: int) -> torch.Tensor:
-    """Windows (n x L) cut into rows of min(seqlen, L) tokens (a window's tail shorter than that is dropped)."""
-    seqlen = min(seqlen, windows.shape[-1])
-    return windows[:, : windows.shape[-1] // seqlen * seqlen].reshape(-1, seqlen)
 
 
 def _factors(model) -> list[torch.nn.Parameter]:

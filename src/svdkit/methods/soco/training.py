@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from ...core.ranks import cost
 from ...errors import SvdkitError
-from ...heal.guard import Guard, split_windows, steps_for
+from ...heal.guard import Guard, cut_windows, split_windows, steps_for
 from .schedule import Schedule
 from .scored import ScoredModel, dual_step, penalty_grad, soft_count
 
@@ -67,8 +67,8 @@ def training_windows(windows: torch.Tensor | None, seqlen: int, batch: int) -> t
     """The calibration windows cut into training windows of `seqlen` tokens (at least `batch` of them)."""
     if windows is None:
         raise SvdkitError("soco trains on calibration windows: none were given")
-    seqlen = min(seqlen, windows.shape[-1])
-    chunks = windows[:, : windows.shape[-1] // seqlen * seqlen].reshape(-1, seqlen)
+    chunks = cut_windows(windows, seqlen)
+    seqlen = chunks.shape[-1]
     if len(chunks) < batch:
         raise SvdkitError(f"soco needs at least batch={batch} training windows of {seqlen}; got {len(chunks)}")
     return chunks
