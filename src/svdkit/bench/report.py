@@ -35,11 +35,9 @@ def _ranks_line(multiple: int) -> str:
     return f"rounded to multiples of {multiple} within the allocation's parameter budget"
 
 
-def markdown(report: dict) -> str:
-    """The results as markdown: settings, a quality-and-time table, a speed-and-memory table."""
-    dense = report["dense"]
+def _settings(report: dict) -> list[str]:
     calib = report["calibration"]
-    lines = [
+    return [
         f"# Protocol results: {report['model']}",
         "",
         f"- command: `{report['command']}`",
@@ -52,7 +50,12 @@ def markdown(report: dict) -> str:
         "generation: greedy continuations of 64 tokens from 16 prompts of 64 in the validation slice (WikiText-2 "
         "test tokens [40960, 57344)), the share of repeated 3-grams per continuation and pooled distinct-2",
         f"- ranks: {_ranks_line(report.get('rank_multiple', 1))}",
-        "",
+    ]
+
+
+def _quality_table(report: dict) -> list[str]:
+    dense = report["dense"]
+    lines = [
         "## Quality and compression time",
         "",
         "| method | allocation | ratio | WikiText-2 ppl | PTB ppl | Python docs ppl | rep. 3-grams | distinct-2 "
@@ -72,6 +75,14 @@ def markdown(report: dict) -> str:
             f"{c['decomposition_s']:.1f} | "
             f"{training:.0f} | {healing:.0f} | {total:.0f} | {_fmt(rss, 0)} |"
         )
+    return lines
+
+
+def markdown(report: dict) -> str:
+    """The results as markdown: settings, a quality-and-time table, a speed-and-memory table."""
+    dense = report["dense"]
+    calib = report["calibration"]
+    lines = [*_settings(report), "", *_quality_table(report)]
     lines += ["", "## Speed and memory (dense measured in the same run)", ""]
     lines += [
         "| method | allocation | ratio | prefill tok/s | vs dense | forward tok/s | vs dense | decode tok/s | vs dense "

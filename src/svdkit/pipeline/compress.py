@@ -68,14 +68,10 @@ def compress(
     model. `statistics` (from :func:`svdkit.calibration.collect.collect_statistics`, by full module
     name) skips the calibration pass, so one pass can serve several methods and ratios.
 
-    How calibration runs (:class:`~svdkit.pipeline.plan.CalibrationMode`): with input statistics only
-    it streams, each layer factored as soon as its statistics are ready, so only one layer's statistics
-    are ever held; ``sequential=True`` streams from the already compressed layers. An allocation that
-    summarizes every matrix first (``v2``: each matrix's whitened spectrum) gets a calibration pass of
-    its own before that, which keeps only the summaries. The ``sensitivity`` allocation and gradient
-    statistics (FWSVD's Fisher information) need every matrix's statistics before any rank is fixed:
-    they are spilled layer by layer to a temporary folder in `statistics_dir`
-    (:mod:`svdkit.calibration.store`) and read back one layer at a time.
+    How calibration runs (:class:`~svdkit.pipeline.plan.CalibrationMode`): input statistics stream, each
+    layer factored once its statistics are ready (``sequential=True``: from the compressed layers); ``v2``
+    gets a first pass that keeps each matrix's whitened spectrum only; the ``sensitivity`` allocation and
+    FWSVD's gradients spill statistics layer by layer to `statistics_dir` (:mod:`svdkit.calibration.store`).
     ``update="lstsq"`` refits each B on the calibration inputs after the method
     (:mod:`svdkit.pipeline.update`). A method with a whole-model stage (``soco``) factors every target
     at the stage's start ranks, then trains and fixes the final ranks within the parameter budget the
