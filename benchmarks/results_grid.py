@@ -24,6 +24,7 @@ DEFAULT = [
     "docs/results/seq_update/results.json",
     "docs/results/soco.json",
     "docs/results/speed/results.json",
+    "docs/results/heal/results.json",
 ]
 RATIOS = (0.2, 0.4, 0.6)
 SKIP = {("v2.json", ("svd-llm", "uniform", "", "lstsq", True, 1))}
@@ -34,8 +35,9 @@ def label(c: dict, multiple: int = 1) -> tuple:
     """A cell's row: method, allocation, its options, update, sequential, rank multiple (1 before it existed)."""
     opts = c.get("allocation_options") or {}
     alloc = c.get("allocation") or "uniform"
+    heal = c.get("heal") or ""
     return (
-        c["method"],
+        c["method"] + (f"+heal:{heal}" if heal else ""),
         alloc,
         ",".join(f"{k}={v}" for k, v in opts.items()),
         c.get("update") or "none",
