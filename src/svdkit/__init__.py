@@ -16,6 +16,7 @@ from .allocators.uniform import allocate_uniform
 from .core.architecture import find_architecture
 from .core.lowrank import LowRankLinear, count_parameters
 from .core.ranks import rank_for_ratio
+from .deploy.onnx import export_onnx
 from .errors import SvdkitError
 from .measure.perplexity import PerplexityResult, perplexity
 from .methods import get_method, method_names, register
@@ -38,6 +39,7 @@ __all__ = [
     "compress",
     "count_parameters",
     "densify",
+    "export_onnx",
     "find_architecture",
     "get_method",
     "load",

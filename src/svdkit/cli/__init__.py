@@ -1,4 +1,4 @@
-"""The svdkit command line: compress, eval, generate, info, densify, demo, methods, bench.
+"""The svdkit command line: compress, eval, generate, info, densify, export, demo, methods, bench.
 
 One module per subcommand, each with ``add_parser(subparsers)`` and ``run(args)``. Bad input, and an I/O
 error (a full disk), ends with one line ``svdkit: error: ...`` on standard error and exit code 2;
@@ -24,12 +24,12 @@ from transformers.utils import logging as hf_logging
 
 from ..core.disk import io_reason
 from ..errors import SvdkitError
-from . import bench, compress, demo, densify, evaluate, generate, info, methods
+from . import bench, compress, demo, densify, evaluate, export, generate, info, methods
 from .common import CURVE_FILE, Parser
 
 __all__ = ["main", "build_parser", "CURVE_FILE", "Terminated"]
 
-COMMANDS = (compress, evaluate, info, densify, generate, methods, bench, demo)
+COMMANDS = (compress, evaluate, info, densify, export, generate, methods, bench, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

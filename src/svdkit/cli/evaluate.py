@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..core.device import resolve_device
 from ..core.lowrank import count_parameters
+from ..deploy.runtime import place
 from ..errors import SvdkitError
 from ..measure.generation import generation_quality
 from ..measure.perplexity import perplexity
@@ -66,9 +67,8 @@ def run(a: argparse.Namespace) -> None:
     given += ["--task-dir"] if a.task_dir else []
     if given:
         raise SvdkitError(f"{', '.join(given)}: only for zero-shot evaluation, which needs --tasks TASK[,TASK...]")
-    dev = resolve_device(a.device)
     model, tok = load_model(a.model, dtype=a.dtype)
-    model.to(dev)
+    dev = place(model, a.device)
     r = perplexity(model, tok, a.dataset, seqlen=a.seqlen, max_windows=a.max_windows, offset=a.offset)
     print(
         f"perplexity {r.ppl:.4f} on {a.dataset}: {r.windows} windows of {a.seqlen}, {r.tokens} predicted "

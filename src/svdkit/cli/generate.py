@@ -6,9 +6,11 @@ import argparse
 import time
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from ..core.compat import cache_kwargs
+from ..core.device import model_device
+from ..deploy.runtime import OnnxCausalLM
 from ..errors import SvdkitError
 from ..pipeline.options import CompressionOptions
 from ..saved.folder import load
@@ -35,20 +37,32 @@ def add_parser(sub) -> None:
     g.set_defaults(run=run)
 
 
-def run(a: argparse.Namespace) -> None:
-    model, tok = load(a.model, device=a.device, dtype=a.dtype, kv_cache=a.kv_cache)
-    ids = tok(a.prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
-    if ids.numel() == 0:
-        raise SvdkitError("--prompt is empty after tokenization: give some text")
+class _FirstToken(LogitsProcessor):
+    """Records when generate() first scores: the end of the prompt's forward (the prefill)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, input_ids, scores):
+        self.at = self.at or time.perf_counter()
+        return scores
+
+
+def _torch_generate(model, ids, a, pad) -> tuple[torch.Tensor, dict, dict]:
+    """Greedy generation with transformers; (tokens, timing, cache facts). Checks the cache was used."""
     cache = DynamicCache(config=model.config)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    first = _FirstToken()
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
-            ids, max_new_tokens=a.max_new_tokens, do_sample=False, pad_token_id=pad, **cache_kwargs(model, cache)
+            ids,
+            max_new_tokens=a.max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            logits_processor=LogitsProcessorList([first]),
+            **cache_kwargs(model, cache),
         )
-    seconds = time.perf_counter() - start
-    new = out[0, ids.shape[1] :]
+    end = time.perf_counter()
     cached = cache.get_seq_length()
     if cached != out.shape[1] - 1:  # the last token is never fed back; anything else means the cache went unused
         raise SvdkitError(
@@ -56,21 +70,39 @@ def run(a: argparse.Namespace) -> None:
             f"{out.shape[1] - 1}): this transformers release does not use svdkit's cache as expected, so the text is "
             "not trusted; use the transformers release in svdkit's lock"
         )
+    decoded = out.shape[1] - ids.shape[1] - 1
+    timing = {"prompt_s": first.at - start, "decode_s": end - first.at, "decoded_tokens": decoded}
+    facts = {"kv_cache": a.kv_cache, "kv_bytes_per_token": kv_cache_bytes(cache) / max(cached, 1)}
+    return out, timing, {**facts, "kv_tokens_cached": cached}
+
+
+def run(a: argparse.Namespace) -> None:
+    model, tok = load(a.model, device=a.device, dtype=a.dtype, kv_cache=a.kv_cache)
+    ids = tok(a.prompt, return_tensors="pt").input_ids.to(model_device(model))
+    if ids.numel() == 0:
+        raise SvdkitError("--prompt is empty after tokenization: give some text")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if isinstance(model, OnnxCausalLM):
+        out = model.generate(ids, max_new_tokens=a.max_new_tokens, pad_token_id=pad)
+        timing, facts = model.last_timing, {"runtime": "onnxruntime"}
+    else:
+        out, timing, facts = _torch_generate(model, ids, a, pad)
+        facts["runtime"] = "torch"
+    new = out[0, ids.shape[1] :]
     text = tok.decode(new, skip_special_tokens=True)
-    per_token = kv_cache_bytes(cache) / max(cached, 1)
+    rate = timing["decoded_tokens"] / timing["decode_s"] if timing["decode_s"] > 0 else float("nan")
     print(a.prompt + text)
+    cache_note = (
+        f"; {a.kv_cache} KV cache: {facts['kv_bytes_per_token']:,.0f} bytes per token ({facts['kv_tokens_cached']} "
+        "tokens cached)"
+        if "kv_cache" in facts
+        else ""
+    )
     print(
-        f"{new.numel()} tokens in {seconds:.2f}s ({new.numel() / seconds:.1f} tokens/s, prompt included); "
-        f"{a.kv_cache} KV cache: {per_token:,.0f} bytes per token ({cached} tokens cached)"
+        f"{new.numel()} tokens ({facts['runtime']}): prompt of {ids.shape[1]} tokens and first token "
+        f"{timing['prompt_s']:.3f}s, then {timing['decoded_tokens']} tokens in {timing['decode_s']:.2f}s "
+        f"({rate:.1f} tokens/s decode){cache_note}"
     )
-    emit(
-        {
-            "text": text,
-            "tokens": new.tolist(),
-            "seconds": round(seconds, 3),
-            "kv_cache": a.kv_cache,
-            "kv_bytes_per_token": per_token,
-            "kv_tokens_cached": cached,
-        },
-        a.json,
-    )
+    summary = {"text": text, "tokens": new.tolist(), "decode_tokens_per_s": rate, **timing, **facts}
+    summary["seconds"] = round(timing["prompt_s"] + timing["decode_s"], 3)
+    emit(summary, a.json)

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import SvdkitError
 
-__all__ = ["DTYPES", "available_memory", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "available_memory", "model_device", "resolve_device", "resolve_dtype"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -22,6 +22,12 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SvdkitError(f"device '{device}' asked for, but CUDA is not available here: use --device cpu")
     return dev
+
+
+def model_device(model) -> torch.device:
+    """Where `model` runs: its ``device`` (a transformers model, an ONNX export), else its first parameter's."""
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")

@@ -34,5 +34,7 @@ def densify_(model: nn.Module) -> int:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied embeddings count once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Unique parameters (tied embeddings count once); a model run outside torch (an ONNX export) states
+    its own ``parameter_count``."""
+    stated = getattr(model, "parameter_count", None)
+    return stated if stated is not None else sum(p.numel() for p in model.parameters())

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..core.device import model_device
 from ..errors import SvdkitError
 
 __all__ = ["GenerationResult", "distinct_n", "generation_quality", "repeated_ngrams"]
@@ -70,7 +71,7 @@ def generation_quality(
         )
     step = (len(ids) - prompt_len) // max(1, prompts - 1)
     batch = torch.stack([ids[i * step : i * step + prompt_len] for i in range(prompts)])
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     out = model.generate(
         input_ids=batch.to(device),
         attention_mask=torch.ones_like(batch, device=device),

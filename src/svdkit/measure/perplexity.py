@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..core.device import resolve_device
+from ..core.device import model_device, resolve_device
 from ..core.lowrank import count_parameters
 from ..core.options import check_context, context_length, integer
 from ..errors import SvdkitError
@@ -68,7 +68,7 @@ def perplexity(
     windows = eval_windows(source_tokens(tokenizer, source), seqlen, max_windows, offset)
     if device is not None:
         model.to(resolve_device(device))
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     was_training = model.training
     model.eval()
     total, bad = 0.0, []

@@ -22,14 +22,27 @@ from ..core.disk import (
     scratch_dir,
     sweep_stale,
 )
-from ..core.lowrank import densify_
+from ..core.lowrank import count_parameters, densify_
 from ..core.signals import signals_held
+from ..deploy.card import model_card
+from ..deploy.runtime import OnnxCausalLM, place
 from ..errors import SvdkitError
 from ..sources.models import load_model
+from ..version import __version__
 from .format import make_plain
 from .kvcache import KV_MODES, enable_latent_kv_cache
 
-__all__ = ["save", "load", "densify", "prepare_output_dir", "install", "is_io_error", "write_metadata"]
+__all__ = [
+    "atomic_write",
+    "save",
+    "load",
+    "densify",
+    "prepare_output_dir",
+    "install",
+    "is_io_error",
+    "write_card",
+    "write_metadata",
+]
 
 
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool, size: int = 0) -> Path:
@@ -48,7 +61,7 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool, size: int = 0) 
     return path
 
 
-def _atomic_write(path: Path, overwrite: bool, write) -> Path:
+def atomic_write(path: Path, overwrite: bool, write) -> Path:
     """Write a folder through `write(folder)` inside a temporary sibling (marked as this process's, see
     :func:`~svdkit.core.disk.make_scratch_dir`), then rename it into place. An I/O error (a full disk) is
     an :class:`SvdkitError` naming the file and the reason; the temporary folder is removed whatever
@@ -89,6 +102,17 @@ def write_metadata(model, tokenizer, folder: Path) -> None:
         model.generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def write_card(model, folder: Path) -> None:
+    """README.md: the model card (:func:`svdkit.deploy.card.model_card`) of a model written to `folder`."""
+    facts = {
+        "compression": getattr(model.config, "svdkit", None),
+        "source": getattr(model, "name_or_path", ""),
+        "svdkit": __version__,
+        "parameters": count_parameters(model),
+    }
+    (folder / "README.md").write_text(model_card(facts))
 
 
 def is_io_error(e: Exception) -> bool:
@@ -133,8 +157,9 @@ def save(model, tokenizer, path: str | os.PathLike, overwrite: bool = False) -> 
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_card(model, tmp)
 
-    return _atomic_write(Path(path), overwrite, write)
+    return atomic_write(Path(path), overwrite, write)
 
 
 def load(
@@ -151,8 +176,13 @@ def load(
     """
     if kv_cache not in KV_MODES:
         raise SvdkitError(f"kv_cache must be one of {', '.join(KV_MODES)}, got {kv_cache!r}")
-    dev = resolve_device(device) if device is not None else None
     model, tokenizer = load_model(path, dtype=dtype)
+    if isinstance(model, OnnxCausalLM):
+        if kv_cache != "ordinary":
+            raise SvdkitError("the latent KV cache is for torch models: an ONNX export keeps its cache in the graph")
+        place(model, device)
+        return model, tokenizer
+    dev = resolve_device(device) if device is not None else None
     if kv_cache == "latent":
         enable_latent_kv_cache(model)
     if dev is not None:

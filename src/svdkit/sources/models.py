@@ -25,6 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from ..core.device import resolve_dtype
 from ..core.disk import scratch_dir
+from ..deploy.runtime import OnnxCausalLM, is_onnx_folder
 from ..errors import SvdkitError
 from ..saved.contents import check_folder
 from ..saved.format import PREFIX, register_format
@@ -208,17 +209,28 @@ def _from_pretrained(where: str, dtype: torch.dtype | str):
     return model
 
 
+def _onnx_tokenizer(folder: str):
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise SvdkitError(f"the ONNX export '{folder}' has no usable tokenizer ({reason}): export it again") from None
+
+
 def load_model(spec: str | os.PathLike, dtype: torch.dtype | str = torch.float32, progress: bool = True):
     """Load (model, tokenizer) from a folder, a hub id, a ``.gguf`` file or the alias 'smollm2-135m'.
 
     Folders written by :func:`svdkit.save` load as low-rank models; a model that is not a causal decoder
-    is refused before its weights are read; a ``.gguf`` file loads as a plain float model. `dtype` is a
+    is refused before its weights are read; a ``.gguf`` file loads as a plain float model; a folder written
+    by :func:`svdkit.export_onnx` loads as an :class:`~svdkit.deploy.runtime.OnnxCausalLM` (ONNX Runtime). `dtype` is a
     torch dtype or one of :data:`~svdkit.core.device.DTYPES`; ``"auto"`` keeps the checkpoint's own
     (float32 for a ``.gguf``, whose weights are dequantized).
     """
     dtype = resolve_dtype(dtype)
     register_format()
     spec = os.fspath(spec)
+    if is_onnx_folder(spec):
+        return OnnxCausalLM(spec), _onnx_tokenizer(spec)
     where, gguf_file = locate(spec, progress)
     if os.path.isdir(where):
         check_folder(where)  # readable weights that agree with an svdkit record, before any loading

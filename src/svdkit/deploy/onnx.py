@@ -1,0 +1,168 @@
+"""Export a causal LM, compressed or dense, as one ONNX graph with a KV cache that ONNX Runtime runs.
+
+The graph is traced by transformers' own exporter (``transformers.exporters``: ``torch.export`` then
+``torch.onnx``, with its patches for the model families): its multi-token decode component, which serves a
+prompt on an empty cache and each decode step on the grown one, so the weights are stored once. A low-rank
+layer y = B (A x) + b becomes two MatMuls. ``weights="int8"|"int4"`` then quantizes every MatMul's constant
+weight, dense matrices and factors alike, with ONNX Runtime's weight-only block quantizer (MatMulNBits,
+blocks of 32 along the input dimension, symmetric). Before anything is written, the export is run once
+against the torch model: a float32 graph whose logits differ by more than 1e-3 relative is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..core.lowrank import count_parameters
+from ..errors import SvdkitError
+from ..saved.folder import atomic_write, write_metadata
+from ..version import __version__
+from .card import model_card
+from .runtime import MANIFEST, OnnxCausalLM
+
+__all__ = ["WEIGHTS", "export_onnx", "onnx_bytes"]
+
+WEIGHTS = ("float32", "int8", "int4")
+GRAPH = "model.onnx"
+TOLERANCE = 1e-3
+"""largest relative difference of the float32 graph's logits from torch's accepted at export"""
+
+
+def _exporter():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+        from transformers.exporters import OnnxConfig, OnnxExporter
+        from transformers.exporters.utils import decompose_for_generation, onnx_inputs
+    except ImportError as e:
+        raise SvdkitError(
+            f"the ONNX export needs onnx, onnxruntime, onnxscript and transformers>=5.24 ({e}): "
+            "pip install 'svdkit[onnx]'"
+        ) from None
+    return OnnxExporter, OnnxConfig, decompose_for_generation, onnx_inputs
+
+
+def _trace(model, sample: torch.Tensor):
+    """(onnx_ir program, {cache input name: manifest entry}) of the model's multi-token decode graph."""
+    OnnxExporter, OnnxConfig, decompose, onnx_inputs = _exporter()
+    inputs = {"input_ids": sample, "attention_mask": torch.ones_like(sample)}
+    submodel, forward_inputs = decompose(model, inputs, multi_token_decode=True)["decode"]
+    exporter = OnnxExporter()
+    program, _ = exporter.export_program(submodel, forward_inputs, OnnxConfig(dynamic=True))
+    names = [v.name for v in program.graph.inputs if v.name.startswith("input.cache.")]
+    cache = {}
+    for name, leaf in onnx_inputs(names, forward_inputs).items():
+        dtype = str(leaf.dtype).removeprefix("torch.")
+        if leaf.dim() == 4:  # keys / values: (batch, heads, tokens, head dim), empty along tokens
+            cache[name] = {"shape": [1, leaf.shape[1], 0, leaf.shape[3]], "dtype": dtype}
+        else:  # a scalar of the cache's state (a sliding window's size): kept as traced
+            cache[name] = {"value": leaf.tolist(), "dtype": dtype}
+    missing = [v.name for v in program.graph.inputs if v.name not in {"input_ids", "position_ids", *cache}]
+    if missing:
+        raise SvdkitError(f"the traced graph takes inputs svdkit does not feed ({missing}): this model can't export")
+    return exporter, program, cache
+
+
+def _fold_transposes(graph) -> None:
+    """Replace each Transpose of a weight (a tied lm_head: the embedding, transposed at run time) by the
+    transposed weight, so the quantizer sees a constant MatMul weight; the original stays for its Gather."""
+    from onnx import numpy_helper
+
+    weights = {t.name: t for t in graph.initializer}
+    for node in [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights]:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        value = numpy_helper.to_array(weights[node.input[0]]).transpose(perm)
+        graph.initializer.append(numpy_helper.from_array(value.copy(), node.output[0]))
+        graph.node.remove(node)
+
+
+def _quantize(folder: Path, bits: int) -> None:
+    """Quantize every MatMul with a constant weight of ``folder/model.onnx`` in place (MatMulNBits)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    path = folder / GRAPH
+    model = onnx.load(path)
+    _fold_transposes(model.graph)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True)
+    quantizer.process()
+    for file in (path, folder / f"{GRAPH}.data"):
+        file.unlink(missing_ok=True)
+    onnx.save_model(quantizer.model.model, path, save_as_external_data=True, location=f"{GRAPH}.data")
+    mode = 0o666 & ~_umask()
+    for file in (path, folder / f"{GRAPH}.data"):
+        file.chmod(mode)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check(folder: Path, model, sample: torch.Tensor, weights: str) -> float:
+    """Largest |logit difference| / largest |logit| between ONNX Runtime and torch on `sample`; refused above
+    the tolerance for a float32 graph."""
+    with torch.no_grad():
+        want = model(input_ids=sample).logits.float()
+    got = OnnxCausalLM(folder)(sample).logits
+    diff = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    if weights == "float32" and not diff <= TOLERANCE:
+        raise SvdkitError(
+            f"the exported graph's logits differ from the torch model's by {diff:.2e} (relative; at most "
+            f"{TOLERANCE:g} expected): the export is wrong for this model, so nothing was written"
+        )
+    return diff
+
+
+def onnx_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the graph and its weights on disk."""
+    return sum(f.stat().st_size for f in Path(folder).glob(f"{GRAPH}*"))
+
+
+def export_onnx(
+    model, tokenizer, path: str | os.PathLike, weights: str = "float32", source: str = "", overwrite: bool = False
+) -> dict:
+    """Write `model` (a torch causal LM, compressed or dense) to the folder `path` as an ONNX export:
+    ``model.onnx`` (+ ``.data``), the manifest, config, tokenizer and a model card. Returns the manifest."""
+    if weights not in WEIGHTS:
+        raise SvdkitError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    _exporter()
+    model = model.to("cpu", torch.float32).eval()
+    vocab = model.config.get_text_config().vocab_size
+    sample = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+    check = torch.randint(0, vocab, (1, 24), generator=torch.Generator().manual_seed(1))
+    exporter, program, cache = _trace(model, sample)
+    text = model.config.get_text_config()
+    manifest = {
+        "format": "svdkit-onnx",
+        "version": 1,
+        "graph": GRAPH,
+        "weights": weights,
+        "source": source,
+        "svdkit": __version__,
+        "parameters": count_parameters(model),
+        "config": {"max_position_embeddings": getattr(text, "max_position_embeddings", None), "vocab_size": vocab},
+        "cache": cache,
+        "compression": getattr(model.config, "svdkit", None),
+    }
+
+    def write(tmp: Path) -> None:
+        exporter.save_program(program, tmp / GRAPH)
+        if weights != "float32":
+            _quantize(tmp, 8 if weights == "int8" else 4)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        diff = manifest["max_relative_logit_difference"] = _check(tmp, model, check, weights)
+        manifest["bytes"] = onnx_bytes(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        write_metadata(model, tokenizer, tmp)
+        measured = {"logits against the torch model": f"largest difference {diff:.1e} of the largest logit"}
+        (tmp / "README.md").write_text(model_card({**manifest, "measured": measured}))
+
+    atomic_write(Path(path), overwrite, write)
+    return manifest
