@@ -23,7 +23,7 @@ def ranks_summary(ranks: dict[str, int]) -> str:
 def _header(record: dict | None, base: str) -> list[str]:
     tags = ["svdkit", "low-rank", "compressed"] if record else ["svdkit"]
     lines = ["---", "library_name: transformers", "tags:"] + [f"- {t}" for t in tags]
-    if base:
+    if base and not base.startswith(("/", ".", "~")) and base.count("/") == 1:  # a hub id, not a local path
         lines.append(f"base_model: {base}")
     return lines + ["---", ""]
 
@@ -41,7 +41,7 @@ def _compression(record: dict | None) -> list[str]:
         lines.append(f"- ranks: {ranks_summary(record['ranks'])}")
     if record.get("params_dense"):
         lines.append(f"- parameters of the dense model: {record['params_dense']:,}")
-    return lines + [""]
+    return lines
 
 
 def _usage(onnx: bool) -> list[str]:

@@ -31,6 +31,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..core.compat import cache_kwargs
+from ..core.device import model_device
+from ..deploy.runtime import OnnxCausalLM
 from ..saved.folder import save
 
 __all__ = [
@@ -51,7 +53,7 @@ _MB = 1024 * 1024
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return model_device(model)
 
 
 def _sync(device: torch.device) -> None:
@@ -74,7 +76,16 @@ def _timed(run, dev: torch.device) -> float:
 
 
 def _runs(model: nn.Module, ids: torch.Tensor, new_tokens: int, prompt: int) -> dict[str, tuple]:
-    """What is timed, as (work, tokens it counts): prefill, forward and (if new_tokens) decode."""
+    """What is timed, as (work, tokens it counts): prefill, forward and (if new_tokens) decode. An ONNX export's
+    graph computes every position's logits, so its prefill is also its forward."""
+    if isinstance(model, OnnxCausalLM):
+        x, p = ids[None].numpy(), ids[None, :prompt]
+        step = (lambda: model.step(x, model.empty_cache(), 0), ids.numel())
+        runs = {"prefill_tok_s": step, "forward_tok_s": step}
+        if new_tokens:
+            gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None)
+            runs["decode_tok_s"] = (lambda: model.generate(p, **gen), new_tokens)
+        return runs
     dev = _device(model)
     x = ids[None].to(dev)
     p = x[:, :prompt]

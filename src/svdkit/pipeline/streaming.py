@@ -46,7 +46,7 @@ from ..core.architecture import Architecture
 from ..core.disk import io_reason
 from ..core.lowrank import densify_
 from ..errors import NotStreamable, SvdkitError
-from ..saved.folder import install, is_io_error, write_metadata
+from ..saved.folder import install, is_io_error, write_card, write_metadata
 from ..saved.format import make_plain
 from ..saved.modeling_svdkit import swap_in
 from ..saved.shards import write_index, write_shard
@@ -353,6 +353,7 @@ def _run(
         keys = opened.outside_keys()
         write_shard(partial.path, 0, len(arch.layers) + 1, opened.checkpoint.read(keys, opened.dtype))
         write_metadata(model, opened.tokenizer, partial.path)
+        write_card(model, partial.path, result.params)
         write_index(partial.path, len(arch.layers) + 1)
     return result
 

@@ -104,13 +104,13 @@ def write_metadata(model, tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
-def write_card(model, folder: Path) -> None:
+def write_card(model, folder: Path, parameters: int | None = None) -> None:
     """README.md: the model card (:func:`svdkit.deploy.card.model_card`) of a model written to `folder`."""
     facts = {
         "compression": getattr(model.config, "svdkit", None),
         "source": getattr(model, "name_or_path", ""),
         "svdkit": __version__,
-        "parameters": count_parameters(model),
+        "parameters": parameters or count_parameters(model),
     }
     (folder / "README.md").write_text(model_card(facts))
 
