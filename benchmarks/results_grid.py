@@ -25,6 +25,7 @@ DEFAULT = [
     "docs/results/soco.json",
     "docs/results/speed/results.json",
     "docs/results/heal/results.json",
+    "docs/results/heal_soco/results.json",
 ]
 RATIOS = (0.2, 0.4, 0.6)
 SKIP = {("v2.json", ("svd-llm", "uniform", "", "lstsq", True, 1))}
