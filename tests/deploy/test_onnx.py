@@ -59,21 +59,8 @@ def test_cli_export_eval_generate(capsys, tmp_path, tiny_folder, text_file):
     """The command line: compress, export the compressed and the dense folder, eval and generate both runtimes
     with the same numbers; generate --json reports the decode rate apart from the prompt."""
     comp = tmp_path / "comp"
-    code, _, err = run_cli(
-        capsys,
-        "compress",
-        tiny_folder,
-        "--ratio",
-        "0.4",
-        "--calib",
-        text_file,
-        "--calib-samples",
-        "2",
-        "--calib-seqlen",
-        "32",
-        "--output",
-        comp,
-    )
+    calib = ["--calib", text_file, "--calib-samples", "2", "--calib-seqlen", "32"]
+    code, _, err = run_cli(capsys, "compress", tiny_folder, "--ratio", "0.4", *calib, "--output", comp)
     assert code == 0, err
     for source, target in ((comp, tmp_path / "comp-onnx"), (tiny_folder, tmp_path / "dense-onnx")):
         code, out, err = run_cli(capsys, "export", source, "--format", "onnx", "--output", target, "--json")
