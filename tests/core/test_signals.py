@@ -10,7 +10,16 @@ import pytest
 from svdkit.core.signals import signals_held
 
 
-def test_an_interruption_inside_the_block_arrives_after_it():
+@pytest.fixture()
+def sigint_raises():
+    """Python's own SIGINT handler, also where the suite was started in the background (a shell then ignores
+    SIGINT for the job, and Python leaves it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interruption_inside_the_block_arrives_after_it(sigint_raises):
     steps = []
     with pytest.raises(KeyboardInterrupt):
         with signals_held():
