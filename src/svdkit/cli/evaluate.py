@@ -67,6 +67,7 @@ def run(a: argparse.Namespace) -> None:
     given += ["--task-dir"] if a.task_dir else []
     if given:
         raise SvdkitError(f"{', '.join(given)}: only for zero-shot evaluation, which needs --tasks TASK[,TASK...]")
+    resolve_device(a.device)  # a bad device fails before the model loads
     model, tok = load_model(a.model, dtype=a.dtype)
     dev = place(model, a.device)
     r = perplexity(model, tok, a.dataset, seqlen=a.seqlen, max_windows=a.max_windows, offset=a.offset)

@@ -36,6 +36,7 @@ __all__ = [
     "check_writable",
     "check_free_space",
     "human_bytes",
+    "make_ordinary",
 ]
 
 OWNER_FILE = ".svdkit-owner"
@@ -149,6 +150,14 @@ def scratch_dir(prefix: str, parent: str | os.PathLike | None = None) -> Iterato
         yield path
     finally:
         remove_scratch(path)
+
+
+def make_ordinary(path: str | os.PathLike) -> None:
+    """Give a file the mode of an ordinary new file (0666 less the umask): writers that go through a
+    private temporary file leave it 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def nearest_existing(path: str | os.PathLike) -> Path:

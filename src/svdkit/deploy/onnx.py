@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.disk import make_ordinary
 from ..core.lowrank import count_parameters
 from ..errors import SvdkitError
 from ..saved.folder import atomic_write, write_metadata
@@ -94,15 +95,8 @@ def _quantize(folder: Path, bits: int) -> None:
     for file in (path, folder / f"{GRAPH}.data"):
         file.unlink(missing_ok=True)
     onnx.save_model(quantizer.model.model, path, save_as_external_data=True, location=f"{GRAPH}.data")
-    mode = 0o666 & ~_umask()
     for file in (path, folder / f"{GRAPH}.data"):
-        file.chmod(mode)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        make_ordinary(file)
 
 
 def _check(folder: Path, model, sample: torch.Tensor, weights: str) -> float:
@@ -156,7 +150,7 @@ def export_onnx(
         exporter.save_program(program, tmp / GRAPH)
         if weights != "float32":
             _quantize(tmp, 8 if weights == "int8" else 4)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # the runner of _check reads it
         diff = manifest["max_relative_logit_difference"] = _check(tmp, model, check, weights)
         manifest["bytes"] = onnx_bytes(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

@@ -75,6 +75,7 @@ class OnnxCausalLM:
             self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for a bad or missing file
             raise SvdkitError(f"ONNX Runtime could not open '{graph}': {str(e).splitlines()[0]}") from None
+        self.outputs = [o.name for o in self.session.get_outputs()]
         self.config = SimpleNamespace(**self.manifest["config"])
         self.device = torch.device("cpu")
         self.training = False
@@ -109,9 +110,7 @@ class OnnxCausalLM:
         """Logits (1, n, vocab) of `ids` (1, n) after `start` cached tokens, and the grown cache."""
         feeds = {"input_ids": ids, "position_ids": np.arange(start, start + ids.shape[1], dtype=np.int64)[None]}
         feeds.update(cache)
-        names = [o.name for o in self.session.get_outputs()]
-        values = self.session.run(None, feeds)
-        out = dict(zip(names, values, strict=True))
+        out = dict(zip(self.outputs, self.session.run(self.outputs, feeds), strict=True))
         grown = {n.replace("output.", "input.", 1): v for n, v in out.items() if n.startswith("output.")}
         return out["logits"], grown
 

@@ -176,13 +176,13 @@ def load(
     """
     if kv_cache not in KV_MODES:
         raise SvdkitError(f"kv_cache must be one of {', '.join(KV_MODES)}, got {kv_cache!r}")
+    dev = resolve_device(device) if device is not None else None  # a bad device fails before any loading
     model, tokenizer = load_model(path, dtype=dtype)
     if isinstance(model, OnnxCausalLM):
         if kv_cache != "ordinary":
             raise SvdkitError("the latent KV cache is for torch models: an ONNX export keeps its cache in the graph")
         place(model, device)
         return model, tokenizer
-    dev = resolve_device(device) if device is not None else None
     if kv_cache == "latent":
         enable_latent_kv_cache(model)
     if dev is not None:

@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..core.disk import make_ordinary
+
 __all__ = ["INDEX", "SAFETENSORS_DTYPES", "shard_name", "write_shard", "write_index"]
 
 INDEX = "model.safetensors.index.json"
@@ -45,15 +47,9 @@ def write_shard(folder: Path, index: int, count: int, tensors: dict[str, torch.T
     path = folder / shard_name(index, count)
     partial = path.with_name(path.name + ".partial")
     save_file({k: v.detach().contiguous() for k, v in sorted(tensors.items())}, str(partial), metadata={"format": "pt"})
-    os.chmod(partial, 0o666 & ~_umask())  # as an ordinary file (the writer makes it private)
+    make_ordinary(partial)  # the writer makes it private
     os.replace(partial, path)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_index(folder: Path, count: int) -> dict[str, str]:
