@@ -5,8 +5,8 @@
 
 Every folder (and the dense model) is exported once to WORK/<name>-onnx (reused when there). Speed: one
 :func:`svdkit.measure.speed.paired_speed` per compressed folder over four models (dense and compressed, torch
-and ONNX Runtime) timed in alternation: a prefill of 2048 tokens (torch: as ``generate`` runs it, last
-position's logits; ONNX Runtime: its graph computes every position's logits) and batch-1 greedy decode of 128
+and ONNX Runtime) timed in alternation: a prefill of 2048 tokens as ``generate`` runs it (the cache filled, the last
+position's logits only, in both runtimes) and batch-1 greedy decode of 128
 tokens after a 32-token prompt, medians of 3. The bytes track (--weights): the dense model and each folder
 exported with int8 / int4 weights, bytes on disk and WikiText-2 perplexity (first --windows windows of 2048)
 in ONNX Runtime. Prints markdown tables; --out writes PREFIX.json and PREFIX.md.

@@ -6,7 +6,9 @@ Every file is a results JSON written by `svdkit bench` / `benchmarks/protocol.py
 (same calibration windows, same evaluation windows). Cells that appear in several files must agree
 (the runs are deterministic); the table keeps the first and says where it came from. Prints markdown:
 one row per cell (method, allocation, update, sequential, rank multiple: files written before
---rank-multiple existed hold exact ranks, i.e. 1), WikiText-2 and PTB perplexity per ratio.
+--rank-multiple existed hold exact ranks, i.e. 1), WikiText-2 and PTB perplexity per ratio; then a
+second table of the generation scores (repeated 3-grams, distinct-2) of the cells that have them (a run
+with `svdkit bench --no-perplexity` adds them to cells whose perplexity another file holds).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ DEFAULT = [
     "docs/results/speed/results.json",
     "docs/results/heal/results.json",
     "docs/results/heal_soco/results.json",
+    "docs/results/soco_guard/results.json",
+    "docs/results/generation/results.json",
 ]
 RATIOS = (0.2, 0.4, 0.6)
 SKIP = {("v2.json", ("svd-llm", "uniform", "", "lstsq", True, 1))}
@@ -53,38 +57,73 @@ def fmt(x: float | None) -> str:
     return f"{x:.2f}" if x < 1e4 else f"{x:.2g}"
 
 
+PPL = ("wikitext2", "ptb")
+GEN = ("repeated_3grams", "distinct_2")
+
+
+def _source(f: str) -> str:
+    return Path(f).name if Path(f).name != "results.json" else f"{Path(f).parent.name}/results.json"
+
+
+def _merge(row: dict, c: dict, f: str) -> None:
+    """Add cell `c` of file `f` to `row`: metrics a ratio already has must agree; new ones are added."""
+    old = row["cells"].setdefault(c["ratio"], {})
+    for key in (*PPL, *GEN):
+        if c.get(key) is None:
+            continue
+        if key in old and abs(old[key] - c[key]) > 1e-6 * max(abs(old[key]), 1e-12):
+            raise SystemExit(f"{f}: {row['key']} at {c['ratio']}: {key} disagrees with {row['sources']}")
+        if key not in old:
+            old[key] = c[key]
+            kind = "ppl" if key in PPL else "gen"
+            row["sources"].setdefault(kind, _source(f))
+
+
+def _dense(files: list[str]) -> dict:
+    """The dense row: perplexity from the first file that has it (all must agree), generation likewise."""
+    dense: dict = {}
+    for f in files:
+        d = json.loads(Path(f).read_text())["dense"]
+        if "wikitext2" in d and "wikitext2" in dense and abs(d["wikitext2"] - dense["wikitext2"]) > 1e-6:
+            raise SystemExit(f"{f}: a different dense perplexity, so not the same protocol")
+        dense.update({k: d[k] for k in (*PPL, *GEN) if k in d and k not in dense})
+    return dense
+
+
+def _row(method, alloc, opts, update, seq, multiple) -> tuple[str, str, str]:
+    how = alloc + (f" ({opts})" if opts else "") + (f", ranks in multiples of {multiple}" if multiple > 1 else "")
+    upd = " + ".join(x for x in (update if update != "none" else "", "sequential" if seq else "") if x)
+    return method, how, upd
+
+
+def _table(rows: dict, dense: dict, keys: tuple[str, str], titles: tuple[str, str], kind: str, f) -> list[str]:
+    lines = [
+        f"| method | allocation | update | {titles[0]} 0.2 | 0.4 | 0.6 | {titles[1]} 0.2 | 0.4 | 0.6 | from |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| dense | | | {f(dense.get(keys[0]))} | | | {f(dense.get(keys[1]))} | | | |",
+    ]
+    for key, row in rows.items():
+        if kind not in row["sources"]:
+            continue
+        cells = row["cells"]
+        values = [f(cells[r].get(k)) if r in cells else "" for k in keys for r in RATIOS]
+        lines.append(f"| {' | '.join(_row(*key))} | {' | '.join(values)} | {row['sources'][kind]} |")
+    return lines
+
+
 def main(files: list[str]) -> str:
+    """The perplexity table, then the generation table, of every cell in `files`."""
     rows: dict[tuple, dict] = {}
-    dense = None
     for f in files:
         report = json.loads(Path(f).read_text())
-        if dense is None:
-            dense = report["dense"]
-        elif abs(report["dense"]["wikitext2"] - dense["wikitext2"]) > 1e-6:
-            raise SystemExit(f"{f}: a different dense perplexity, so not the same protocol")
         for c in report["cells"]:
             key = label(c, report.get("rank_multiple", 1))
-            if (Path(f).name, key) in SKIP:
-                continue
-            source = Path(f).name if Path(f).name != "results.json" else f"{Path(f).parent.name}/results.json"
-            row = rows.setdefault(key, {"source": source, "cells": {}})
-            old = row["cells"].get(c["ratio"])
-            if old is not None and abs(old["wikitext2"] - c["wikitext2"]) > 1e-6 * old["wikitext2"]:
-                raise SystemExit(f"{f}: {key} at {c['ratio']} disagrees with {row['source']}")
-            row["cells"].setdefault(c["ratio"], c)
-    lines = [
-        "| method | allocation | update | WikiText-2 0.2 | 0.4 | 0.6 | PTB 0.2 | 0.4 | 0.6 | from |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| dense | | | {fmt(dense['wikitext2'])} | | | {fmt(dense['ptb'])} | | | |",
-    ]
-    for (method, alloc, opts, update, seq, multiple), row in rows.items():
-        cells = row["cells"]
-        wiki = [fmt(cells[r]["wikitext2"]) if r in cells else "" for r in RATIOS]
-        ptb = [fmt(cells[r]["ptb"]) if r in cells else "" for r in RATIOS]
-        how = alloc + (f" ({opts})" if opts else "") + (f", ranks in multiples of {multiple}" if multiple > 1 else "")
-        upd = " + ".join(x for x in (update if update != "none" else "", "sequential" if seq else "") if x)
-        lines.append(f"| {method} | {how} | {upd} | {' | '.join(wiki)} | {' | '.join(ptb)} | {row['source']} |")
-    return "\n".join(lines)
+            if (Path(f).name, key) not in SKIP:
+                _merge(rows.setdefault(key, {"key": key, "sources": {}, "cells": {}}), c, f)
+    dense = _dense(files)
+    ppl = _table(rows, dense, PPL, ("WikiText-2", "PTB"), "ppl", fmt)
+    gen = _table(rows, dense, GEN, ("rep. 3-grams", "distinct-2"), "gen", lambda x: "" if x is None else f"{x:.3f}")
+    return "\n".join([*ppl, "", *gen])
 
 
 if __name__ == "__main__":

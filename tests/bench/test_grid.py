@@ -117,3 +117,18 @@ def test_bench_passes_records_and_resumes_on_the_rank_multiple(capsys, tmp_path,
     (out / "results.json").write_text(json.dumps(report))
     code, printed, err = run_cli(capsys, *argv, "--rank-multiple", 1)
     assert code == 0 and "resuming: 1 finished cells" in printed, err
+
+
+def test_bench_without_perplexity_measures_generation_only(capsys, tmp_path, tiny_folder, data_dir):
+    out = tmp_path / "bench"
+    argv = _grid(tiny_folder, data_dir, out, "--methods", "svd-llm", "--ratios", 0.4, "--no-speed")
+    assert run_cli(capsys, *argv, "--no-perplexity")[0] == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["perplexity"] is False
+    for c in (report["dense"], *report["cells"]):
+        assert not {"wikitext2", "ptb", "pydoc"} & set(c)
+        assert 0 <= c["repeated_3grams"] <= 1 and 0 < c["distinct_2"] <= 1 and c["params"] > 0
+    assert report["cells"][0]["params"] < report["dense"]["params"]
+    assert not (out / "plots" / "ppl_vs_ratio.png").exists()
+    code, _, err = run_cli(capsys, *argv)  # a run with perplexity is another setting: it never resumes here
+    assert code == 2 and "holds results of other settings" in err

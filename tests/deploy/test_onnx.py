@@ -44,6 +44,10 @@ def test_export_runs_like_torch(tmp_path, kind):
     want = perplexity(model, source=ids, seqlen=48, progress=False)
     got = perplexity(onnx_model, source=ids, seqlen=48, progress=False)
     assert got.ppl == pytest.approx(want.ppl, rel=1e-5) and got.params == want.params == result.params
+    row = ids[None, :20].numpy()  # a generation prefill computes the last position's logits only
+    full, _ = onnx_model.step(row, onnx_model.empty_cache(), 0)
+    last, _ = onnx_model.step(row, onnx_model.empty_cache(), 0, last=True)
+    assert full.shape[1] == 20 and last.shape[1] == 1 and abs(last[0, 0] - full[0, -1]).max() < 1e-5
     prompts = random_tokens(2 * 20, seed=4).view(2, 20)
     assert torch.equal(
         onnx_model.generate(prompts, max_new_tokens=12, min_new_tokens=12), _greedy_torch(model, prompts, 12)

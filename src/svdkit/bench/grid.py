@@ -41,6 +41,7 @@ from ..calibration.gradients import GRADIENT_STATISTICS
 from ..calibration.statistics import LinearStats
 from ..core.architecture import find_architecture
 from ..core.device import resolve_device
+from ..core.lowrank import count_parameters
 from ..core.options import parse_assignment
 from ..core.ranks import check_ratio
 from ..errors import SvdkitError
@@ -95,6 +96,8 @@ class BenchConfig:
     """the third domain: the last windows of Python's documentation text"""
     generation: bool = True
     """greedy continuations of 16 prompts from the validation slice: repeated 3-grams, distinct-2"""
+    perplexity: bool = True
+    """False measures no perplexity (e.g. generation scores for cells whose perplexity another run holds)"""
     sensitivity_windows: int | None = None
     sensitivity_seqlen: int | None = None
     device: str = "auto"
@@ -203,20 +206,28 @@ def _texts(config: BenchConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _evaluate(model, setup: _Setup, config: BenchConfig, reference=None) -> dict[str, Any]:
-    seqlen = config.seqlen
-    w = perplexity(model, None, setup.wiki, seqlen=seqlen, max_windows=config.eval_windows, progress=False)
-    p = perplexity(model, None, setup.ptb, seqlen=seqlen, max_windows=config.ptb_windows, progress=False)
-    out: dict[str, Any] = {"wikitext2": w.ppl, "ptb": p.ppl, "params": w.params}
-    if setup.pydoc is not None:  # its last windows (the demo calibrates on its start)
-        tail = setup.pydoc[-config.pydoc_windows * seqlen :]
-        out["pydoc"] = perplexity(model, None, tail, seqlen=seqlen, progress=False).ppl
+    out: dict[str, Any] = {"params": count_parameters(model)}
+    if config.perplexity:
+        out.update(_perplexities(model, setup, config))
     ids = _generation_tokens(setup.wiki, config)
     if config.generation and len(ids) >= 64:
         g = generation_quality(model, ids, prompts=min(16, len(ids) // 64), device=setup.device)
         out.update({"repeated_3grams": g.repeated_3grams, "distinct_2": g.distinct_2})
     if config.speed:
-        window = setup.wiki[:seqlen]
+        window = setup.wiki[: config.seqlen]
         out.update(measure(model, window, config.decode_tokens, repeats=config.repeats, reference=reference))
+    return out
+
+
+def _perplexities(model, setup: _Setup, config: BenchConfig) -> dict[str, float]:
+    """WikiText-2 test, PTB validation and (when loaded) the last windows of the Python docs."""
+    seqlen = config.seqlen
+    w = perplexity(model, None, setup.wiki, seqlen=seqlen, max_windows=config.eval_windows, progress=False)
+    p = perplexity(model, None, setup.ptb, seqlen=seqlen, max_windows=config.ptb_windows, progress=False)
+    out = {"wikitext2": w.ppl, "ptb": p.ppl}
+    if setup.pydoc is not None:  # its last windows (the demo calibrates on its start)
+        tail = setup.pydoc[-config.pydoc_windows * seqlen :]
+        out["pydoc"] = perplexity(model, None, tail, seqlen=seqlen, progress=False).ppl
     return out
 
 
@@ -236,6 +247,7 @@ def _settings(config: BenchConfig) -> dict:
         "ptb_windows": config.ptb_windows,
         "rank_multiple": config.rank_multiple,
         "dtype": config.dtype,
+        "perplexity": config.perplexity,
         "calibration": {"samples": c.samples, "seqlen": c.seqlen, "offset": c.offset, "seed": c.seed},
     }
 
@@ -259,7 +271,11 @@ def _resume(json_path: Path, report: dict) -> dict:
 def _settings_of(report: dict) -> dict:
     calib = {k: v for k, v in report.get("calibration", {}).items() if k not in ("seconds", "passes")}
     plain = {k: report.get(k) for k in ("model", "seqlen", "eval_windows", "ptb_windows")}
-    kept = {"rank_multiple": report.get("rank_multiple", 1), "dtype": report.get("dtype", "float32")}
+    kept = {
+        "rank_multiple": report.get("rank_multiple", 1),
+        "dtype": report.get("dtype", "float32"),
+        "perplexity": report.get("perplexity", True),
+    }
     return {**plain, **kept, "calibration": calib}
 
 

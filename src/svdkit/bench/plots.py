@@ -234,7 +234,7 @@ def write_plots(report: dict, folder: Path, model: nn.Module, stats=None) -> lis
     """Every plot of `report` into `folder` (created); `model` is the dense model, `stats` its statistics."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    if report["cells"]:
+    if report["cells"] and report.get("perplexity", True):
         written.append(plot_ppl_vs_ratio(report, folder / "ppl_vs_ratio.png"))
     shapes = find_architecture(model).shapes()
     for c in report["cells"]:

@@ -62,17 +62,17 @@ def _quality_table(report: dict) -> list[str]:
         "| parameters | statistics s | allocation s "
         "| decomposition s | training s | healing s | total s | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| dense | | 0 | {_fmt(dense['wikitext2'])} | {_fmt(dense['ptb'])} | {_domains(dense)} | {dense['params']:,} "
-        "| | | | | | | |",
+        f"| dense | | 0 | {_fmt(dense.get('wikitext2'))} | {_fmt(dense.get('ptb'))} | {_domains(dense)} "
+        f"| {dense['params']:,} | | | | | | | |",
     ]
     for c in report["cells"]:
         training, healing = c.get("training_s", 0.0), c.get("healing_s", 0.0)
         total = c["statistics_s"] + c["allocation_s"] + c["decomposition_s"] + training + healing
         rss = c.get("compress_peak_rss_mb")
         lines.append(
-            f"| {cell_label(c)} | {alloc_label(c)} | {c['ratio']} | {_fmt(c['wikitext2'])} | {_fmt(c['ptb'])} | "
-            f"{_domains(c)} | {c['params']:,} | {c['statistics_s']:.0f} | {c['allocation_s']:.0f} | "
-            f"{c['decomposition_s']:.1f} | "
+            f"| {cell_label(c)} | {alloc_label(c)} | {c['ratio']} | {_fmt(c.get('wikitext2'))} | "
+            f"{_fmt(c.get('ptb'))} | {_domains(c)} | {c['params']:,} | {c['statistics_s']:.0f} | "
+            f"{c['allocation_s']:.0f} | {c['decomposition_s']:.1f} | "
             f"{training:.0f} | {healing:.0f} | {total:.0f} | {_fmt(rss, 0)} |"
         )
     return lines

@@ -55,6 +55,12 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--no-speed", action="store_true", help="skip the speed and memory measurements")
     b.add_argument("--decode-tokens", type=nonnegative, default=64, help="tokens generated per decode run (64)")
     b.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    b.add_argument(
+        "--no-perplexity",
+        action="store_true",
+        help="measure no perplexity: the generation scores (and speed) only, for cells whose perplexity another "
+        "run holds",
+    )
 
 
 def bench_config(a: argparse.Namespace) -> BenchConfig:
@@ -76,6 +82,7 @@ def bench_config(a: argparse.Namespace) -> BenchConfig:
         speed=not a.no_speed,
         decode_tokens=a.decode_tokens,
         plots=not a.no_plots,
+        perplexity=not a.no_perplexity,
         rank_multiple=a.rank_multiple,
     )
 

@@ -3,9 +3,12 @@
 The graph is traced by transformers' own exporter (``transformers.exporters``: ``torch.export`` then
 ``torch.onnx``, with its patches for the model families): its multi-token decode component, which serves a
 prompt on an empty cache and each decode step on the grown one, so the weights are stored once. A low-rank
-layer y = B (A x) + b becomes two MatMuls. ``weights="int8"|"int4"`` then quantizes every MatMul's constant
-weight, dense matrices and factors alike, with ONNX Runtime's weight-only block quantizer (MatMulNBits,
-blocks of 32 along the input dimension, symmetric). Before anything is written, the export is run once
+layer y = B (A x) + b becomes two MatMuls. The graph takes the positions whose logits it computes
+(transformers' ``logits_to_keep`` as an index tensor): every position for perplexity, only the last for a
+generation prefill, which so skips the vocabulary projection of the rest of the prompt.
+``weights="int8"|"int4"`` then quantizes every MatMul's constant weight, dense matrices and factors alike,
+with ONNX Runtime's weight-only block quantizer (MatMulNBits, blocks of 32 along the input dimension,
+symmetric). Before anything is written, the export is run once
 against the torch model: a float32 graph whose logits differ by more than 1e-3 relative is refused.
 """
 
@@ -23,7 +26,7 @@ from ..errors import SvdkitError
 from ..saved.folder import atomic_write, write_metadata
 from ..version import __version__
 from .card import model_card
-from .runtime import MANIFEST, OnnxCausalLM
+from .runtime import KEEP, MANIFEST, OnnxCausalLM
 
 __all__ = ["WEIGHTS", "export_onnx", "onnx_bytes"]
 
@@ -53,6 +56,9 @@ def _trace(model, sample: torch.Tensor):
     OnnxExporter, OnnxConfig, decompose, onnx_inputs = _exporter()
     inputs = {"input_ids": sample, "attention_mask": torch.ones_like(sample)}
     submodel, forward_inputs = decompose(model, inputs, multi_token_decode=True)["decode"]
+    # which positions get logits: every one for perplexity, the last for a generation prefill (a 1-D index
+    # tensor, so the graph takes it as an input of its own dynamic length)
+    forward_inputs = {**forward_inputs, KEEP: torch.arange(forward_inputs["input_ids"].shape[1])}
     exporter = OnnxExporter()
     program, _ = exporter.export_program(submodel, forward_inputs, OnnxConfig(dynamic=True))
     names = [v.name for v in program.graph.inputs if v.name.startswith("input.cache.")]
@@ -63,7 +69,7 @@ def _trace(model, sample: torch.Tensor):
             cache[name] = {"shape": [1, leaf.shape[1], 0, leaf.shape[3]], "dtype": dtype}
         else:  # a scalar of the cache's state (a sliding window's size): kept as traced
             cache[name] = {"value": leaf.tolist(), "dtype": dtype}
-    missing = [v.name for v in program.graph.inputs if v.name not in {"input_ids", "position_ids", *cache}]
+    missing = [v.name for v in program.graph.inputs if v.name not in {"input_ids", "position_ids", KEEP, *cache}]
     if missing:
         raise SvdkitError(f"the traced graph takes inputs svdkit does not feed ({missing}): this model can't export")
     return exporter, program, cache

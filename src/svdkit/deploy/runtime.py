@@ -1,10 +1,12 @@
 """Run a model exported by :func:`svdkit.deploy.export_onnx` with ONNX Runtime, the way svdkit runs a torch model.
 
-The folder holds one graph for prefill and decode: inputs ``input_ids`` and ``position_ids`` (batch 1) and
-the KV cache of every layer (``input.cache.*``); outputs the logits and the grown cache (``output.cache.*``,
-fed back by name). A prefill is the same graph on an empty cache. :class:`OnnxCausalLM` gives what svdkit's
-perplexity and generation checks call on a model: ``model(input_ids=...).logits``, ``generate``, ``config``,
-``device``; the timing of the last ``generate`` (prompt and decode apart) is in ``last_timing``.
+The folder holds one graph for prefill and decode: inputs ``input_ids`` and ``position_ids`` (batch 1), the
+positions whose logits are wanted (``logits_to_keep``; an export made before it existed computes every
+position's) and the KV cache of every layer (``input.cache.*``); outputs the logits and the grown cache
+(``output.cache.*``, fed back by name). A prefill is the same graph on an empty cache. :class:`OnnxCausalLM`
+gives what svdkit's perplexity and generation checks call on a model: ``model(input_ids=...).logits``,
+``generate``, ``config``, ``device``; the timing of the last ``generate`` (prompt and decode apart) is in
+``last_timing``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from transformers import GenerationConfig
 from ..core.device import resolve_device
 from ..errors import SvdkitError
 
-__all__ = ["MANIFEST", "OnnxCausalLM", "is_onnx_folder", "place", "read_manifest", "require_onnxruntime"]
+__all__ = ["KEEP", "MANIFEST", "OnnxCausalLM", "is_onnx_folder", "place", "read_manifest", "require_onnxruntime"]
 
+KEEP = "logits_to_keep"
+"""the graph input of the positions (1-D, int64) whose logits it computes"""
 MANIFEST = "svdkit_onnx.json"
 """the file that marks an svdkit ONNX export: graph file, cache inputs and their empty values, what was exported"""
 
@@ -76,6 +80,7 @@ class OnnxCausalLM:
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for a bad or missing file
             raise SvdkitError(f"ONNX Runtime could not open '{graph}': {str(e).splitlines()[0]}") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.selects = KEEP in {i.name for i in self.session.get_inputs()}
         self.config = SimpleNamespace(**self.manifest["config"])
         self.device = torch.device("cpu")
         self.training = False
@@ -106,9 +111,15 @@ class OnnxCausalLM:
                 out[name] = np.zeros(spec["shape"], dtype=spec["dtype"])
         return out
 
-    def step(self, ids: np.ndarray, cache: dict[str, np.ndarray], start: int) -> tuple[np.ndarray, dict]:
-        """Logits (1, n, vocab) of `ids` (1, n) after `start` cached tokens, and the grown cache."""
-        feeds = {"input_ids": ids, "position_ids": np.arange(start, start + ids.shape[1], dtype=np.int64)[None]}
+    def step(
+        self, ids: np.ndarray, cache: dict[str, np.ndarray], start: int, last: bool = False
+    ) -> tuple[np.ndarray, dict]:
+        """Logits (1, n, vocab) of `ids` (1, n) after `start` cached tokens (with `last`, those of the last
+        position only, (1, 1, vocab)), and the grown cache."""
+        n = ids.shape[1]
+        feeds = {"input_ids": ids, "position_ids": np.arange(start, start + n, dtype=np.int64)[None]}
+        if self.selects:
+            feeds[KEEP] = np.arange(n - 1 if last else 0, n, dtype=np.int64)
         feeds.update(cache)
         out = dict(zip(self.outputs, self.session.run(self.outputs, feeds), strict=True))
         grown = {n.replace("output.", "input.", 1): v for n, v in out.items() if n.startswith("output.")}
@@ -138,7 +149,7 @@ class OnnxCausalLM:
         rows, prefill_s, decode_s, decoded = [], 0.0, 0.0, 0
         for row in input_ids.cpu().numpy():
             start = time.perf_counter()
-            logits, cache = self.step(row[None], self.empty_cache(), 0)
+            logits, cache = self.step(row[None], self.empty_cache(), 0, last=True)
             prefill_s += time.perf_counter() - start
             new, start = [int(logits[0, -1].argmax())], time.perf_counter()
             while len(new) < max_new_tokens and not (new[-1] in ends and len(new) >= min_new_tokens):
