@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 import svdkit
-from svdkit.deploy.runtime import OnnxCausalLM, is_onnx_folder
+from svdkit.deploy.onnx import VERSION
+from svdkit.deploy.runtime import OnnxCausalLM, is_onnx_folder, read_manifest
 from svdkit.measure.speed import paired_speed
 from svdkit.sources.text import source_tokens
 
@@ -32,7 +33,7 @@ from svdkit.sources.text import source_tokens
 def exported(spec: str, work: Path, weights: str = "float32") -> Path:
     name = Path(spec).name + ("" if weights == "float32" else f"-{weights}")
     out = work / f"{name}-onnx"
-    if not is_onnx_folder(out):
+    if not is_onnx_folder(out) or read_manifest(out).get("version", 1) < VERSION:  # older: every logit
         model, tok = svdkit.load_model(spec, dtype="float32")
         svdkit.export_onnx(model, tok, out, weights=weights, source=spec, overwrite=True)
     return out

@@ -42,7 +42,8 @@ def main() -> None:
             plot_rank_map(cell_rank_info(cell, shapes), out / f"{stem}-ranks.png")
             if "training" in cell:
                 plot_curve(cell["training"]["curve"], out / f"{stem}-curve.png", title=f"{stem}: training")
-            print(f"{stem}: WikiText-2 {cell['wikitext2']:.2f}, PTB {cell['ptb']:.2f}")
+            if "wikitext2" in cell:  # a `bench --no-perplexity` file has none
+                print(f"{stem}: WikiText-2 {cell['wikitext2']:.2f}, PTB {cell['ptb']:.2f}")
             print("  kept share by type (layers first third / middle / last third)")
             thirds = [
                 range(0, n_layers // 3),

@@ -8,7 +8,8 @@ Every file is a results JSON written by `svdkit bench` / `benchmarks/protocol.py
 one row per cell (method, allocation, update, sequential, rank multiple: files written before
 --rank-multiple existed hold exact ranks, i.e. 1), WikiText-2 and PTB perplexity per ratio; then a
 second table of the generation scores (repeated 3-grams, distinct-2) of the cells that have them (a run
-with `svdkit bench --no-perplexity` adds them to cells whose perplexity another file holds).
+with `svdkit bench --no-perplexity` adds them to cells whose perplexity another file holds; rows are keyed
+on the rank multiple too, so for the exact-rank rows of the older files that run needs --rank-multiple 1).
 """
 
 from __future__ import annotations
@@ -75,18 +76,22 @@ def _merge(row: dict, c: dict, f: str) -> None:
             raise SystemExit(f"{f}: {row['key']} at {c['ratio']}: {key} disagrees with {row['sources']}")
         if key not in old:
             old[key] = c[key]
-            kind = "ppl" if key in PPL else "gen"
-            row["sources"].setdefault(kind, _source(f))
+            sources = row["sources"].setdefault("ppl" if key in PPL else "gen", [])
+            sources += [_source(f)] if _source(f) not in sources else []
 
 
 def _dense(files: list[str]) -> dict:
-    """The dense row: perplexity from the first file that has it (all must agree), generation likewise."""
+    """The dense row: every file's dense model must give the same perplexity and the same generation scores
+    (where both files measured them: the same model on the same text), and the same model and window."""
     dense: dict = {}
     for f in files:
-        d = json.loads(Path(f).read_text())["dense"]
-        if "wikitext2" in d and "wikitext2" in dense and abs(d["wikitext2"] - dense["wikitext2"]) > 1e-6:
-            raise SystemExit(f"{f}: a different dense perplexity, so not the same protocol")
-        dense.update({k: d[k] for k in (*PPL, *GEN) if k in d and k not in dense})
+        report = json.loads(Path(f).read_text())
+        d = {**report["dense"], "model": report.get("model"), "seqlen": report.get("seqlen")}
+        for key in ("model", "seqlen", *PPL, *GEN):
+            if key in dense and d.get(key) is not None and d[key] != dense[key]:
+                if not isinstance(d[key], float) or abs(d[key] - dense[key]) > 1e-6 * abs(dense[key]):
+                    raise SystemExit(f"{f}: another dense {key} ({d[key]} vs {dense[key]}), so not the same protocol")
+        dense.update({k: d[k] for k in ("model", "seqlen", *PPL, *GEN) if d.get(k) is not None and k not in dense})
     return dense
 
 
@@ -107,7 +112,7 @@ def _table(rows: dict, dense: dict, keys: tuple[str, str], titles: tuple[str, st
             continue
         cells = row["cells"]
         values = [f(cells[r].get(k)) if r in cells else "" for k in keys for r in RATIOS]
-        lines.append(f"| {' | '.join(_row(*key))} | {' | '.join(values)} | {row['sources'][kind]} |")
+        lines.append(f"| {' | '.join(_row(*key))} | {' | '.join(values)} | {', '.join(row['sources'][kind])} |")
     return lines
 
 

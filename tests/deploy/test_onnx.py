@@ -56,6 +56,7 @@ def test_export_runs_like_torch(tmp_path, kind):
     matmuls = sum(node.op_type == "MatMul" for node in graph.graph.node)
     lowrank = sum(isinstance(m, svdkit.LowRankLinear) for m in model.modules())
     assert lowrank > 0 and matmuls >= 2 * lowrank
+    assert "logits_to_keep" in {i.name for i in graph.graph.input} and manifest["version"] == 2
     assert (out / "README.md").read_text().count("svd-llm") >= 1
 
 

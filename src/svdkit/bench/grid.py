@@ -12,9 +12,11 @@ the dense model collects every input statistic the cells need (the Gram matrices
 method), and one gradient pass the Fisher information if a method needs it; they serve every cell.
 Each cell compresses a fresh copy of the dense model through the pipeline's plan and stages.
 
-Measured per cell, dense alongside: perplexities, parameters, compression time split into statistics,
-allocation, decomposition and training, peak resident memory while compressing, prefill and decode
-throughput, weight bytes, the memory a prefill adds, and the saved file size (:mod:`svdkit.measure.speed`).
+Measured per cell, dense alongside: perplexities (none with ``perplexity=False``, ``--no-perplexity``: for
+generation scores of cells whose perplexity another run holds), generation scores, parameters,
+compression time split into statistics, allocation, decomposition and training, peak resident memory
+while compressing, prefill and decode throughput, weight bytes, the memory a prefill adds, and the saved
+file size (:mod:`svdkit.measure.speed`).
 Writes ``results.json`` (rewritten after every cell: an interrupted run resumes from the finished
 cells), ``results.md`` and PNG plots (perplexity vs ratio, rank maps of non-uniform allocations, SoCo
 training curves, singular spectra of a few matrices before and after whitening).

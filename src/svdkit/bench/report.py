@@ -45,9 +45,14 @@ def _settings(report: dict) -> list[str]:
         f"- date: {report['date']}; svdkit {report['svdkit']}, torch {report['torch']}",
         f"- calibration: {calib['samples']} x {calib['seqlen']} WikiText-2 test tokens at seeded offsets from "
         f"{calib['offset']} (seed {calib['seed']}); one pass shared by every cell: {calib.get('seconds', 0):.1f} s",
-        f"- evaluation: WikiText-2 test, first {report['eval_windows']} windows of {report['seqlen']}; "
-        f"PTB validation, first {report['ptb_windows']} windows; Python docs (`pydoc_data.topics`), last 8 windows; "
-        "generation: greedy continuations of 64 tokens from 16 prompts of 64 in the validation slice (WikiText-2 "
+        (
+            f"- evaluation: WikiText-2 test, first {report['eval_windows']} windows of {report['seqlen']}; "
+            f"PTB validation, first {report['ptb_windows']} windows; Python docs (`pydoc_data.topics`), "
+            "last 8 windows; "
+            if report.get("perplexity", True)
+            else "- evaluation: no perplexity (`--no-perplexity`); "
+        )
+        + "generation: greedy continuations of 64 tokens from 16 prompts of 64 in the validation slice (WikiText-2 "
         "test tokens [40960, 57344)), the share of repeated 3-grams per continuation and pooled distinct-2",
         f"- ranks: {_ranks_line(report.get('rank_multiple', 1))}",
     ]

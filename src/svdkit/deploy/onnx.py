@@ -28,7 +28,10 @@ from ..version import __version__
 from .card import model_card
 from .runtime import KEEP, MANIFEST, OnnxCausalLM
 
-__all__ = ["WEIGHTS", "export_onnx", "onnx_bytes"]
+__all__ = ["VERSION", "WEIGHTS", "export_onnx", "onnx_bytes"]
+
+VERSION = 2
+"""of the manifest: 2 since the graph takes ``logits_to_keep`` (a version-1 graph computes every position's)"""
 
 WEIGHTS = ("float32", "int8", "int4")
 GRAPH = "model.onnx"
@@ -141,7 +144,7 @@ def export_onnx(
     text = model.config.get_text_config()
     manifest = {
         "format": "svdkit-onnx",
-        "version": 1,
+        "version": VERSION,
         "graph": GRAPH,
         "weights": weights,
         "source": source,

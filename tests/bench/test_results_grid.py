@@ -1,0 +1,48 @@
+"""benchmarks/results_grid.py: one table from several runs; generation scores joined to cells measured elsewhere."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "results_grid.py"
+
+
+@pytest.fixture(scope="module")
+def grid():
+    spec = importlib.util.spec_from_file_location("results_grid", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _file(folder: Path, dense: dict, cells: list[dict], **settings) -> str:
+    folder.mkdir(parents=True)
+    report = {"model": "m", "seqlen": 2048, "dense": dense, "cells": cells, **settings}
+    (folder / "results.json").write_text(json.dumps(report))
+    return str(folder / "results.json")
+
+
+def test_generation_scores_join_the_cells_of_another_file_and_must_agree(tmp_path, grid):
+    cell = {"method": "svd-llm", "allocation": "uniform", "ratio": 0.2}
+    ppl = _file(tmp_path / "ppl", {"wikitext2": 20.0, "ptb": 40.0}, [{**cell, "wikitext2": 60.0, "ptb": 200.0}])
+    gen = _file(
+        tmp_path / "gen",
+        {"repeated_3grams": 0.4, "distinct_2": 0.5},
+        [{**cell, "repeated_3grams": 0.7, "distinct_2": 0.2}, {**cell, "ratio": 0.4, "repeated_3grams": 0.9}],
+        perplexity=False,
+    )
+    table = grid.main([ppl, gen])
+    first, second = table.split("\n\n")
+    assert "| svd-llm | uniform |  | 60.00 |  |  | 200.00 |  |  | ppl/results.json |" in first
+    assert "| dense | | | 0.400 | | | 0.500 | | | |" in second
+    assert "| svd-llm | uniform |  | 0.700 | 0.900 |  | 0.200 |  |  | gen/results.json |" in second
+    other = _file(tmp_path / "other", {"repeated_3grams": 0.4}, [{**cell, "repeated_3grams": 0.6}])
+    with pytest.raises(SystemExit, match="repeated_3grams disagrees"):
+        grid.main([ppl, gen, other])
+    protocol = _file(tmp_path / "protocol", {"wikitext2": 21.0}, [])
+    with pytest.raises(SystemExit, match="another dense wikitext2"):
+        grid.main([ppl, protocol])
