@@ -41,7 +41,7 @@ def label(c: dict, multiple: int = 1) -> tuple:
     """A cell's row: method, allocation, its options, update, sequential, rank multiple (1 before it existed)."""
     opts = c.get("allocation_options") or {}
     alloc = c.get("allocation") or "uniform"
-    heal = c.get("heal") or ""
+    heal = c.get("heal") if c.get("heal") not in (None, "none") else ""
     return (
         c["method"] + (f"+heal:{heal}" if heal else ""),
         alloc,
