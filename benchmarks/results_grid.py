@@ -66,18 +66,26 @@ def _source(f: str) -> str:
     return Path(f).name if Path(f).name != "results.json" else f"{Path(f).parent.name}/results.json"
 
 
+def _differs(new, first) -> bool:
+    """Two records of one measurement disagree: numbers by more than 1e-6 relative, anything else at all."""
+    if isinstance(new, int | float) and isinstance(first, int | float):
+        return abs(new - first) > 1e-6 * max(abs(first), 1e-12)
+    return new != first
+
+
 def _merge(row: dict, c: dict, f: str) -> None:
     """Add cell `c` of file `f` to `row`: metrics a ratio already has must agree; new ones are added."""
     old = row["cells"].setdefault(c["ratio"], {})
     for key in (*PPL, *GEN):
         if c.get(key) is None:
             continue
-        if key in old and abs(old[key] - c[key]) > 1e-6 * max(abs(old[key]), 1e-12):
+        if key in old and _differs(c[key], old[key]):
             raise SystemExit(f"{f}: {row['key']} at {c['ratio']}: {key} disagrees with {row['sources']}")
         if key not in old:
             old[key] = c[key]
             sources = row["sources"].setdefault("ppl" if key in PPL else "gen", [])
-            sources += [_source(f)] if _source(f) not in sources else []
+            if _source(f) not in sources:
+                sources.append(_source(f))
 
 
 def _dense(files: list[str]) -> dict:
@@ -88,10 +96,11 @@ def _dense(files: list[str]) -> dict:
         report = json.loads(Path(f).read_text())
         d = {**report["dense"], "model": report.get("model"), "seqlen": report.get("seqlen")}
         for key in ("model", "seqlen", *PPL, *GEN):
-            if key in dense and d.get(key) is not None and d[key] != dense[key]:
-                if not isinstance(d[key], float) or abs(d[key] - dense[key]) > 1e-6 * abs(dense[key]):
-                    raise SystemExit(f"{f}: another dense {key} ({d[key]} vs {dense[key]}), so not the same protocol")
-        dense.update({k: d[k] for k in ("model", "seqlen", *PPL, *GEN) if d.get(k) is not None and k not in dense})
+            if d.get(key) is None:
+                continue
+            if key in dense and _differs(d[key], dense[key]):
+                raise SystemExit(f"{f}: another dense {key} ({d[key]} vs {dense[key]}), so not the same protocol")
+            dense.setdefault(key, d[key])
     return dense
 
 

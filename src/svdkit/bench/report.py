@@ -35,6 +35,15 @@ def _ranks_line(multiple: int) -> str:
     return f"rounded to multiples of {multiple} within the allocation's parameter budget"
 
 
+def _perplexity_texts(report: dict) -> str:
+    if not report.get("perplexity", True):
+        return "no perplexity (`--no-perplexity`)"
+    return (
+        f"WikiText-2 test, first {report['eval_windows']} windows of {report['seqlen']}; PTB validation, first "
+        f"{report['ptb_windows']} windows; Python docs (`pydoc_data.topics`), last 8 windows"
+    )
+
+
 def _settings(report: dict) -> list[str]:
     calib = report["calibration"]
     return [
@@ -45,15 +54,9 @@ def _settings(report: dict) -> list[str]:
         f"- date: {report['date']}; svdkit {report['svdkit']}, torch {report['torch']}",
         f"- calibration: {calib['samples']} x {calib['seqlen']} WikiText-2 test tokens at seeded offsets from "
         f"{calib['offset']} (seed {calib['seed']}); one pass shared by every cell: {calib.get('seconds', 0):.1f} s",
-        (
-            f"- evaluation: WikiText-2 test, first {report['eval_windows']} windows of {report['seqlen']}; "
-            f"PTB validation, first {report['ptb_windows']} windows; Python docs (`pydoc_data.topics`), "
-            "last 8 windows; "
-            if report.get("perplexity", True)
-            else "- evaluation: no perplexity (`--no-perplexity`); "
-        )
-        + "generation: greedy continuations of 64 tokens from 16 prompts of 64 in the validation slice (WikiText-2 "
-        "test tokens [40960, 57344)), the share of repeated 3-grams per continuation and pooled distinct-2",
+        f"- evaluation: {_perplexity_texts(report)}; generation: greedy continuations of 64 tokens from 16 "
+        "prompts of 64 in the validation slice (WikiText-2 test tokens [40960, 57344)), the share of repeated "
+        "3-grams per continuation and pooled distinct-2",
         f"- ranks: {_ranks_line(report.get('rank_multiple', 1))}",
     ]
 
