@@ -9,6 +9,8 @@ reference, the plan and the windows are cached in --cache. Each variant (HEAL[:N
 heals a copy of it and is scored on the protocol's validation slice, WikiText-2 test tokens [40960, 57344)
 (8 windows of 2048, which neither the evaluation nor the calibration uses), and on the first 8 windows of
 PTB validation. Prints and appends one JSON line per variant to --out (the start's scores as variant "none").
+With --base HEAL[:OPTIONS] the start is first healed that way once (cached too), and every variant heals
+on from there: `--base block --variant kd:kd.lr=1e-4` is `block,kd` without healing the blocks again.
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ def start(cache: Path, data_dir: Path, method: str, ratio: float) -> dict:
     return saved
 
 
+def healed_start(saved: dict, spec: str, cache: Path) -> dict:
+    """`saved` with its model healed by `spec` (cached in `cache`)."""
+    if cache.exists():
+        return torch.load(cache, weights_only=False)
+    row = variant(spec, saved, scored=False)
+    healed = {**saved, "model": row.pop("model"), "base": row}
+    torch.save(healed, cache)
+    return healed
+
+
 def score(model, saved: dict) -> dict:
     val = saved["wiki"][VALIDATION[0] : VALIDATION[1]]
     v = svdkit.perplexity(model, None, val, seqlen=2048, progress=False).ppl
@@ -61,7 +73,7 @@ def score(model, saved: dict) -> dict:
     return {"validation_ppl": round(v, 3), "ptb_ppl": round(p, 3)}
 
 
-def variant(spec: str, saved: dict) -> dict:
+def variant(spec: str, saved: dict, scored: bool = True) -> dict:
     name, _, opts = spec.partition(":")
     row: dict = {"variant": spec}
     model = copy.deepcopy(saved["model"])
@@ -71,6 +83,8 @@ def variant(spec: str, saved: dict) -> dict:
         reports = heal(plan, model, saved["dense"], saved["windows"])
         row["healing_s"] = round(time.perf_counter() - t, 1)
         row["held_out"] = {k: _held_out(r) for k, r in reports.items()}
+    if not scored:
+        return {**row, "model": model}
     return {**row, **score(model, saved)}
 
 
@@ -79,11 +93,16 @@ def _held_out(report: dict) -> list[float]:
     return [round(sum(r[k] for r in rows) / len(rows), 6) for k in ("held_out_start", "held_out_best")]
 
 
+def _slug(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in spec)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", default="svd-llm")
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--variant", action="append", default=[], help="HEAL[:NAME.KEY=VALUE,...]; 'none' = no healing")
+    p.add_argument("--base", default=None, help="HEAL[:OPTIONS] applied once (cached) before every variant")
     p.add_argument("--cache", type=Path, default=None)
     p.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     p.add_argument("--out", type=Path, default=Path("heal_sweep.jsonl"))
@@ -91,8 +110,12 @@ def main() -> None:
     torch.manual_seed(0)
     cache = a.cache or Path(f"/tmp/heal-start-{a.method}-{a.ratio}.pt")
     saved = start(cache, a.data_dir, a.method, a.ratio)
+    base = {}
+    if a.base:
+        saved = healed_start(saved, a.base, cache.with_name(f"{cache.stem}-{_slug(a.base)}.pt"))
+        base = {"base": a.base, "base_healing_s": saved["base"].get("healing_s")}
     for spec in a.variant or ["none"]:
-        row = {"method": a.method, "ratio": a.ratio, **variant(spec, saved)}
+        row = {"method": a.method, "ratio": a.ratio, **base, **variant(spec, saved)}
         print(json.dumps(row), flush=True)
         with a.out.open("a") as f:
             f.write(json.dumps(row) + "\n")

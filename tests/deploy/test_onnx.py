@@ -58,6 +58,8 @@ def test_export_runs_like_torch(tmp_path, kind):
     assert lowrank > 0 and matmuls >= 2 * lowrank
     assert "logits_to_keep" in {i.name for i in graph.graph.input} and manifest["version"] == 2
     assert (out / "README.md").read_text().count("svd-llm") >= 1
+    with pytest.raises(svdkit.SvdkitError, match="prompt is empty"):
+        onnx_model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
 
 
 def test_cli_export_eval_generate(capsys, tmp_path, tiny_folder, text_file):

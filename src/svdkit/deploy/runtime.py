@@ -142,6 +142,8 @@ class OnnxCausalLM:
         """Greedy continuations (the KV cache on), row by row; a row stops at an end token after
         `min_new_tokens` and is padded with `pad_token_id` to the longest row; the end tokens default to the
         generation config's. Sampling is not supported."""
+        if input_ids.shape[-1] == 0:
+            raise SvdkitError("generation needs a prompt of at least one token; the prompt is empty")
         if eos_token_id == -1:
             eos_token_id = self.generation_config.eos_token_id
         ends = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
