@@ -12,6 +12,7 @@ import svdkit
 from svdkit.errors import SvdkitError
 from svdkit.heal import parse_heal, split_windows, steps_for
 from svdkit.heal.guard import cut_windows
+from svdkit.heal.kd import _schedule
 
 SAMPLES, SEQLEN = 8, 64
 
@@ -153,3 +154,9 @@ def test_windows_split_and_steps():
         split_windows(w[:1], 0.125, "x")
     assert steps_for(2.0, 7, 1, 64) == 14 and steps_for(2.0, 70, 1, 64) == 64 and steps_for(0.01, 3, 2, 9) == 1
     assert cut_windows(w, 2).shape == (16, 2)
+
+
+def test_the_distillation_schedule_warms_up_then_falls_to_zero():
+    plain, warm = _schedule(10, 0), _schedule(10, 3)
+    assert [plain(s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+    assert [warm(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0] and warm(10) == 0.0

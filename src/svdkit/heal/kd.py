@@ -7,9 +7,9 @@ the teacher's logits computed on the fly (the dense linears swapped back in for 
 them would take windows x tokens x vocabulary floats, 6.4 GB for the protocol's calibration set on
 SmolLM2). SVD-LLM's published version fine-tunes its factors after truncation the same way in spirit (LoRA
 on U, then V; arXiv 2403.07378); here the factors themselves train. Adam, the learning rate falling
-linearly to 0, gradients clipped; the held-out guard (:mod:`.guard`) measures the same KL on held-out
-windows and keeps the best step, so the result is never further from the dense model there than the model
-it started from.
+linearly to 0 (after an optional linear warm-up), gradients clipped; the held-out guard (:mod:`.guard`)
+measures the same KL on held-out windows and keeps the best step, so the result is never further from the
+dense model there than the model it started from.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ __all__ = ["KDConfig", "distill"]
 class KDConfig(Options):
     epochs: float = option(1.0, "passes over the training windows", number(0, lo_open=True))
     max_steps: int = option(200, "at most this many steps", integer(1))
-    lr: float = option(2e-5, "Adam learning rate of the factors (falls linearly to 0)", number(0, lo_open=True))
+    lr: float = option(1e-4, "Adam learning rate of the factors (falls linearly to 0)", number(0, lo_open=True))
+    warmup: float = option(
+        0.0, "share of the steps over which the learning rate rises linearly to `lr`", number(0, 1, hi_open=True)
+    )
     batch: int = option(1, "windows per step", integer(1))
     seqlen: int = option(512, "tokens per training window (calibration windows are cut to this length)", integer(2))
     held_out: float = option(
@@ -94,12 +97,18 @@ def distill(context: HealContext, config: KDConfig) -> dict[str, Any]:
     return {"seconds": round(time.perf_counter() - t0, 2), "train_windows": len(train), **report}
 
 
+def _schedule(steps: int, warmup: int):
+    """The learning rate's factor at step s (0-based): rising linearly over `warmup` steps, then falling linearly
+    to 0 at `steps`."""
+    return lambda s: (s + 1) / (warmup + 1) if s < warmup else (steps - s) / (steps - warmup)
+
+
 class _Loop:
     def __init__(self, context: HealContext, config: KDConfig, params, train, held, steps: int, log) -> None:
         self.context, self.config, self.params, self.train, self.held = context, config, params, train, held
         self.steps, self.log = steps, log
         self.opt = torch.optim.Adam(params, lr=config.lr)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1 - s / steps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule(steps, round(config.warmup * steps)))
         g = torch.Generator().manual_seed(config.seed)
         passes = -(-steps * config.batch // len(train))
         self.order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(passes)])
