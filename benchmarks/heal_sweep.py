@@ -7,8 +7,9 @@ WikiText-2 test tokens at seeded offsets from 150000; ranks in multiples of 8) t
 up to the model stage, keeping the dense modules it replaces (the healers' reference); the model, the
 reference, the plan and the windows are cached in --cache. Each variant (HEAL[:NAME.KEY=VALUE,...]) then
 heals a copy of it and is scored on the protocol's validation slice, WikiText-2 test tokens [40960, 57344)
-(8 windows of 2048, which neither the evaluation nor the calibration uses), and on the first 8 windows of
-PTB validation. Prints and appends one JSON line per variant to --out (the start's scores as variant "none").
+(8 windows of 2048, which neither the evaluation nor the calibration uses), and on PTB validation's windows
+8 to 15 of 2048 (the protocol's cross-domain check reads windows 0 to 7). Prints and appends one JSON line
+per variant to --out (the start's scores as variant "none").
 With --base HEAL[:OPTIONS] the start is first healed that way once (cached too), and every variant heals
 on from there: `--base block --variant kd:kd.lr=1e-4` is `block,kd` without healing the blocks again.
 """
@@ -33,6 +34,7 @@ from svdkit.pipeline.stages import allocate, calibrate, factor, heal, model_stag
 from svdkit.sources.text import load_text, tokenize
 
 VALIDATION = (40960, 57344)
+PTB_VALIDATION = (16384, 32768)
 
 
 def start(cache: Path, data_dir: Path, method: str, ratio: float) -> dict:
@@ -69,8 +71,9 @@ def healed_start(saved: dict, spec: str, cache: Path) -> dict:
 def score(model, saved: dict) -> dict:
     val = saved["wiki"][VALIDATION[0] : VALIDATION[1]]
     v = svdkit.perplexity(model, None, val, seqlen=2048, progress=False).ppl
-    p = svdkit.perplexity(model, None, saved["ptb"], seqlen=2048, max_windows=8, progress=False).ppl
-    return {"validation_ppl": round(v, 3), "ptb_ppl": round(p, 3)}
+    ptb = saved["ptb"][PTB_VALIDATION[0] : PTB_VALIDATION[1]]
+    p = svdkit.perplexity(model, None, ptb, seqlen=2048, progress=False).ppl
+    return {"validation_ppl": round(v, 3), "ptb_validation_ppl": round(p, 3)}
 
 
 def variant(spec: str, saved: dict, scored: bool = True) -> dict:
