@@ -12,7 +12,7 @@ import svdkit
 from svdkit.errors import SvdkitError
 from svdkit.heal import parse_heal, split_windows, steps_for
 from svdkit.heal.guard import cut_windows
-from svdkit.heal.kd import _schedule
+from svdkit.heal.kd import lr_schedule
 
 SAMPLES, SEQLEN = 8, 64
 
@@ -157,6 +157,6 @@ def test_windows_split_and_steps():
 
 
 def test_the_distillation_schedule_warms_up_then_falls_to_zero():
-    plain, warm = _schedule(10, 0), _schedule(10, 3)
+    plain, warm = lr_schedule(10, 0), lr_schedule(10, 3)
     assert [plain(s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
     assert [warm(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0] and warm(10) == 0.0

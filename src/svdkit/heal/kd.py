@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from .base import HealContext, register
 from .guard import Guard, cut_windows, split_windows, steps_for
 from .logfile import open_log
 
-__all__ = ["KDConfig", "distill"]
+__all__ = ["KDConfig", "distill", "lr_schedule"]
 
 
 @dataclass
@@ -97,7 +98,7 @@ def distill(context: HealContext, config: KDConfig) -> dict[str, Any]:
     return {"seconds": round(time.perf_counter() - t0, 2), "train_windows": len(train), **report}
 
 
-def _schedule(steps: int, warmup: int):
+def lr_schedule(steps: int, warmup: int) -> Callable[[int], float]:
     """The learning rate's factor at step s (0-based): rising linearly over `warmup` steps, then falling linearly
     to 0 at `steps`."""
     return lambda s: (s + 1) / (warmup + 1) if s < warmup else (steps - s) / (steps - warmup)
@@ -108,7 +109,7 @@ class _Loop:
         self.context, self.config, self.params, self.train, self.held = context, config, params, train, held
         self.steps, self.log = steps, log
         self.opt = torch.optim.Adam(params, lr=config.lr)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule(steps, round(config.warmup * steps)))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_schedule(steps, round(config.warmup * steps)))
         g = torch.Generator().manual_seed(config.seed)
         passes = -(-steps * config.batch // len(train))
         self.order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(passes)])
