@@ -132,3 +132,12 @@ def test_bench_without_perplexity_measures_generation_only(capsys, tmp_path, tin
     assert not (out / "plots" / "ppl_vs_ratio.png").exists()
     code, _, err = run_cli(capsys, *argv)  # a run with perplexity is another setting: it never resumes here
     assert code == 2 and "holds results of other settings" in err
+
+
+def test_a_healed_cell_records_its_healers_options(capsys, tmp_path, tiny_folder, data_dir):
+    out = tmp_path / "bench"
+    argv = _grid(tiny_folder, data_dir, out, "--methods", "svd-llm+heal:kd", "--ratios", 0.4, "--no-speed")
+    assert run_cli(capsys, *argv, "--no-plots", "--no-perplexity")[0] == 0
+    cell = json.loads((out / "results.json").read_text())["cells"][0]
+    assert cell["heal"] == "kd" and cell["healing_s"] > 0 and cell["healing"]["kd"]["steps"] >= 1
+    assert cell["heal_config"]["kd"]["lr"] == 1e-4 and cell["heal_config"]["kd"]["seqlen"] == 512
