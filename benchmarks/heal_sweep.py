@@ -62,10 +62,10 @@ def healed_start(saved: dict, spec: str, cache: Path) -> dict:
     """`saved` with its model healed by `spec` (cached in `cache`)."""
     if cache.exists():
         return torch.load(cache, weights_only=False)
-    row = variant(spec, saved, scored=False)
-    healed = {**saved, "model": row.pop("model"), "base": row}
-    torch.save(healed, cache)
-    return healed
+    model, row = healed(spec, saved)
+    out = {**saved, "model": model, "base": row}
+    torch.save(out, cache)
+    return out
 
 
 def score(model, saved: dict) -> dict:
@@ -76,7 +76,8 @@ def score(model, saved: dict) -> dict:
     return {"validation_ppl": round(v, 3), "ptb_validation_ppl": round(p, 3)}
 
 
-def variant(spec: str, saved: dict, scored: bool = True) -> dict:
+def healed(spec: str, saved: dict) -> tuple[torch.nn.Module, dict]:
+    """A copy of the start healed by `spec` ('none': not healed) and its row: healing time, held-out losses."""
     name, _, opts = spec.partition(":")
     row: dict = {"variant": spec}
     model = copy.deepcopy(saved["model"])
@@ -86,8 +87,11 @@ def variant(spec: str, saved: dict, scored: bool = True) -> dict:
         reports = heal(plan, model, saved["dense"], saved["windows"])
         row["healing_s"] = round(time.perf_counter() - t, 1)
         row["held_out"] = {k: _held_out(r) for k, r in reports.items()}
-    if not scored:
-        return {**row, "model": model}
+    return model, row
+
+
+def variant(spec: str, saved: dict) -> dict:
+    model, row = healed(spec, saved)
     return {**row, **score(model, saved)}
 
 

@@ -160,3 +160,4 @@ def test_the_distillation_schedule_warms_up_then_falls_to_zero():
     plain, warm = lr_schedule(10, 0), lr_schedule(10, 3)
     assert [plain(s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
     assert [warm(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0] and warm(10) == 0.0
+    assert lr_schedule(10, 10)(10) == 0.0  # KDConfig(warmup=0.99) on 10 steps rounds to 10 warm-up steps

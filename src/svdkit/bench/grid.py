@@ -369,7 +369,7 @@ def _run_cell(spec: CellSpec, options: CompressionOptions, setup: _Setup, config
         "allocation_report": r.allocation,
         **({"training": r.training} if r.training else {}),
         **({"healing": r.healing} if r.healing else {}),
-        **({"heal_config": {h.name: dataclasses.asdict(c) for h, c in options.resolved.heal}} if r.healing else {}),
+        **({"heal_config": {h["name"]: h["config"] for h in work.config.svdkit["heal"]}} if r.healing else {}),
         "ranks": r.ranks,
         **_evaluate(work, setup, config, reference=setup.model),
     }

@@ -100,7 +100,8 @@ def distill(context: HealContext, config: KDConfig) -> dict[str, Any]:
 
 def lr_schedule(steps: int, warmup: int) -> Callable[[int], float]:
     """The learning rate's factor at step s (0-based): rising linearly over `warmup` steps, then falling linearly
-    to 0 at `steps`."""
+    to 0 at `steps` (a warm-up of every step is cut to steps - 1, so the fall is never 0 / 0)."""
+    warmup = min(warmup, steps - 1)
     return lambda s: (s + 1) / (warmup + 1) if s < warmup else (steps - s) / (steps - warmup)
 
 
