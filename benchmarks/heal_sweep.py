@@ -54,7 +54,7 @@ def start(cache: Path, data_dir: Path, method: str, ratio: float) -> dict:
     factor(plan, model, allocation.ranks, statistics, windows, keep=dense)
     model_stage(plan, model, allocation)
     saved = {"model": model, "dense": dense, "plan": plan, "windows": windows, "wiki": wiki, "ptb": ptb}
-    torch.save(saved, cache)
+    _save(saved, cache)
     return saved
 
 
@@ -64,8 +64,15 @@ def healed_start(saved: dict, spec: str, cache: Path) -> dict:
         return torch.load(cache, weights_only=False)
     model, row = healed(spec, saved)
     out = {**saved, "model": model, "base": row}
-    torch.save(out, cache)
+    _save(out, cache)
     return out
+
+
+def _save(obj: dict, cache: Path) -> None:
+    """Write `cache` whole or not at all (an interrupted run leaves no half-written cache to load)."""
+    part = cache.with_suffix(".part")
+    torch.save(obj, part)
+    part.replace(cache)
 
 
 def score(model, saved: dict) -> dict:
