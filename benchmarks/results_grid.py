@@ -9,14 +9,21 @@ one row per cell (method, allocation, update, sequential, rank multiple: files w
 --rank-multiple existed hold exact ranks, i.e. 1), WikiText-2 and PTB perplexity per ratio; then a
 second table of the generation scores (repeated 3-grams, distinct-2) of the cells that have them (a run
 with `svdkit bench --no-perplexity` adds them to cells whose perplexity another file holds; rows are keyed
-on the rank multiple too, so for the exact-rank rows of the older files that run needs --rank-multiple 1).
+on the rank multiple too, so for the exact-rank rows of the older files that run needs --rank-multiple 1);
+a third table of the Python-docs perplexity and the healing seconds of the cells that have them (seconds are
+not compared between files: the first file's are shown).
+A healed cell's row also names the healers' options that differ from today's defaults (`kd.lr=2e-05`), read
+from its `heal_config`, or from HEALED for files written before cells recorded it.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
+
+from svdkit.heal import HEALERS
 
 DEFAULT = [
     "docs/results/core.json",
@@ -28,6 +35,7 @@ DEFAULT = [
     "docs/results/soco.json",
     "docs/results/speed/results.json",
     "docs/results/heal/results.json",
+    "docs/results/heal_kd_lr/results.json",
     "docs/results/heal_soco/results.json",
     "docs/results/soco_guard/results.json",
     "docs/results/generation/results.json",
@@ -35,15 +43,38 @@ DEFAULT = [
 RATIOS = (0.2, 0.4, 0.6)
 SKIP = {("v2.json", ("svd-llm", "uniform", "", "lstsq", True, 1))}
 """the two-stream update before the staged pass (a since-fixed defect, kept in v2.json as a record)"""
+HEALED = {
+    "heal/results.json": {"kd": {"lr": 2e-5}},
+    "heal_soco/results.json": {"kd": {"lr": 2e-5}},
+    "heal_kd_lr/results.json": {"kd": {"lr": 1e-4}},
+}
+"""what the healed cells of files written before `heal_config` ran with, where today's defaults differ or might
+(kd's learning rate was 2e-5 until 2026-12-04; the other options had today's defaults)"""
+NOT_SETTINGS = {"log"}
+"""healer options that name where a run writes, not how it heals"""
 
 
-def label(c: dict, multiple: int = 1) -> tuple:
-    """A cell's row: method, allocation, its options, update, sequential, rank multiple (1 before it existed)."""
+def heal_options(c: dict, source: str) -> str:
+    """The healers' options of cell `c` that differ from today's defaults, as ``kd.lr=2e-05`` ('' if none)."""
+    config = c.get("heal_config", HEALED.get(source))
+    if config is None:
+        raise SystemExit(f"{source}: a healed cell without heal_config; say in HEALED what it ran with")
+    changed = []
+    for name, options in config.items():
+        default = asdict(HEALERS.get(name).config_cls())
+        changed += [f"{name}.{k}={v}" for k, v in options.items() if k not in NOT_SETTINGS and v != default[k]]
+    return ",".join(changed)
+
+
+def label(c: dict, multiple: int = 1, source: str = "") -> tuple:
+    """A cell's row: method (with its healing and the healers' non-default options), allocation, its options,
+    update, sequential, rank multiple (1 before it existed)."""
     opts = c.get("allocation_options") or {}
     alloc = c.get("allocation") or "uniform"
     heal = c.get("heal") if c.get("heal") not in (None, "none") else ""
+    changed = heal_options(c, source) if heal else ""
     return (
-        c["method"] + (f"+heal:{heal}" if heal else ""),
+        c["method"] + (f"+heal:{heal}" if heal else "") + (f" ({changed})" if changed else ""),
         alloc,
         ",".join(f"{k}={v}" for k, v in opts.items()),
         c.get("update") or "none",
@@ -60,6 +91,10 @@ def fmt(x: float | None) -> str:
 
 PPL = ("wikitext2", "ptb")
 GEN = ("repeated_3grams", "distinct_2")
+MORE = ("pydoc", "healing_s")
+KINDS = {"ppl": PPL, "gen": GEN, "more": MORE}
+TIMES = {"healing_s"}
+"""seconds differ from run to run: a cell's first file gives them"""
 
 
 def _source(f: str) -> str:
@@ -76,16 +111,17 @@ def _differs(new, first) -> bool:
 def _merge(row: dict, c: dict, f: str) -> None:
     """Add cell `c` of file `f` to `row`: metrics a ratio already has must agree; new ones are added."""
     old = row["cells"].setdefault(c["ratio"], {})
-    for key in (*PPL, *GEN):
-        if c.get(key) is None:
-            continue
-        if key in old and _differs(c[key], old[key]):
-            raise SystemExit(f"{f}: {row['key']} at {c['ratio']}: {key} disagrees with {row['sources']}")
-        if key not in old:
-            old[key] = c[key]
-            sources = row["sources"].setdefault("ppl" if key in PPL else "gen", [])
-            if _source(f) not in sources:
-                sources.append(_source(f))
+    for kind, keys in KINDS.items():
+        for key in keys:
+            if c.get(key) is None or (key in TIMES and not c[key]):  # 0 s: a cell that does not heal
+                continue
+            if key in old and key not in TIMES and _differs(c[key], old[key]):
+                raise SystemExit(f"{f}: {row['key']} at {c['ratio']}: {key} disagrees with {row['sources']}")
+            if key not in old:
+                old[key] = c[key]
+                sources = row["sources"].setdefault(kind, [])
+                if _source(f) not in sources:
+                    sources.append(_source(f))
 
 
 def _dense(files: list[str]) -> dict:
@@ -95,7 +131,7 @@ def _dense(files: list[str]) -> dict:
     for f in files:
         report = json.loads(Path(f).read_text())
         d = {**report["dense"], "model": report.get("model"), "seqlen": report.get("seqlen")}
-        for key in ("model", "seqlen", *PPL, *GEN):
+        for key in ("model", "seqlen", *PPL, *GEN, "pydoc"):
             if d.get(key) is None:
                 continue
             if key in dense and _differs(d[key], dense[key]):
@@ -131,13 +167,14 @@ def main(files: list[str]) -> str:
     for f in files:
         report = json.loads(Path(f).read_text())
         for c in report["cells"]:
-            key = label(c, report.get("rank_multiple", 1))
+            key = label(c, report.get("rank_multiple", 1), _source(f))
             if (Path(f).name, key) not in SKIP:
                 _merge(rows.setdefault(key, {"key": key, "sources": {}, "cells": {}}), c, f)
     dense = _dense(files)
     ppl = _table(rows, dense, PPL, ("WikiText-2", "PTB"), "ppl", fmt)
     gen = _table(rows, dense, GEN, ("rep. 3-grams", "distinct-2"), "gen", lambda x: "" if x is None else f"{x:.3f}")
-    return "\n".join([*ppl, "", *gen])
+    more = _table(rows, dense, MORE, ("Python docs", "healing s"), "more", fmt)
+    return "\n".join([*ppl, "", *gen, "", *more])
 
 
 if __name__ == "__main__":
