@@ -12,6 +12,10 @@ heals a copy of it and is scored on the protocol's validation slice, WikiText-2 
 per variant to --out (the start's scores as variant "none").
 With --base HEAL[:OPTIONS] the start is first healed that way once (cached too), and every variant heals
 on from there: `--base block --variant kd:kd.lr=1e-4` is `block,kd` without healing the blocks again.
+With --mix K the variants (not the base) train on mixed text: the last K of the 28 training windows (the last
+4 of the 32 stay held out) are replaced by the first K windows of 2048 of the Python docs
+(`pydoc_data.topics`, whose last 8 windows the protocol evaluates). Every row also scores the 8 Python-docs
+windows before those.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ from svdkit.sources.text import load_text, tokenize
 
 VALIDATION = (40960, 57344)
 PTB_VALIDATION = (16384, 32768)
+PYDOC_VALIDATION = 16
+"""the Python-docs validation slice: windows 16 to 9 from the end (the protocol reads the last 8)"""
+HELD_OUT = 4
+"""the calibration windows the healers hold out (their default share, 0.125 of 32)"""
 
 
 def start(cache: Path, data_dir: Path, method: str, ratio: float) -> dict:
@@ -75,12 +83,35 @@ def _save(obj: dict, cache: Path) -> None:
     part.replace(cache)
 
 
+def with_pydoc(saved: dict) -> dict:
+    """`saved` with the Python-docs tokens (caches written before --mix lack them)."""
+    if "pydoc" not in saved:
+        _, tok = svdkit.load_model("smollm2-135m", progress=False)
+        saved = {**saved, "pydoc": tokenize(tok, load_text("demo"))}
+    return saved
+
+
+def mixed(saved: dict, k: int) -> dict:
+    """`saved` whose last `k` training windows are the first `k` Python-docs windows (held-out ones kept)."""
+    windows = saved["windows"]
+    n, seqlen = windows.shape
+    if not 0 < k <= n - HELD_OUT or k * seqlen > len(saved["pydoc"]) - PYDOC_VALIDATION * seqlen:
+        raise SystemExit(f"--mix {k}: between 1 and {n - HELD_OUT} windows, before the Python-docs validation slice")
+    docs = saved["pydoc"][: k * seqlen].reshape(k, seqlen)
+    train = n - HELD_OUT
+    return {**saved, "windows": torch.cat([windows[: train - k], docs, windows[train:]])}
+
+
 def score(model, saved: dict) -> dict:
-    val = saved["wiki"][VALIDATION[0] : VALIDATION[1]]
-    v = svdkit.perplexity(model, None, val, seqlen=2048, progress=False).ppl
-    ptb = saved["ptb"][PTB_VALIDATION[0] : PTB_VALIDATION[1]]
-    p = svdkit.perplexity(model, None, ptb, seqlen=2048, progress=False).ppl
-    return {"validation_ppl": round(v, 3), "ptb_validation_ppl": round(p, 3)}
+    def ppl(tokens: torch.Tensor) -> float:
+        return round(svdkit.perplexity(model, None, tokens, seqlen=2048, progress=False).ppl, 3)
+
+    pydoc = saved["pydoc"][-PYDOC_VALIDATION * 2048 : -8 * 2048]
+    return {
+        "validation_ppl": ppl(saved["wiki"][VALIDATION[0] : VALIDATION[1]]),
+        "ptb_validation_ppl": ppl(saved["ptb"][PTB_VALIDATION[0] : PTB_VALIDATION[1]]),
+        "pydoc_validation_ppl": ppl(pydoc),
+    }
 
 
 def healed(spec: str, saved: dict) -> tuple[torch.nn.Module, dict]:
@@ -117,17 +148,21 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--variant", action="append", default=[], help="HEAL[:NAME.KEY=VALUE,...]; 'none' = no healing")
     p.add_argument("--base", default=None, help="HEAL[:OPTIONS] applied once (cached) before every variant")
+    p.add_argument("--mix", type=int, default=0, help="train on K Python-docs windows in place of K WikiText-2 ones")
     p.add_argument("--cache", type=Path, default=None)
     p.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     p.add_argument("--out", type=Path, default=Path("heal_sweep.jsonl"))
     a = p.parse_args()
     torch.manual_seed(0)
     cache = a.cache or Path(f"/tmp/heal-start-{a.method}-{a.ratio}.pt")
-    saved = start(cache, a.data_dir, a.method, a.ratio)
+    saved = with_pydoc(start(cache, a.data_dir, a.method, a.ratio))
     base = {}
     if a.base:
-        saved = healed_start(saved, a.base, cache.with_name(f"{cache.stem}-{_slug(a.base)}.pt"))
+        healed_base = healed_start(saved, a.base, cache.with_name(f"{cache.stem}-{_slug(a.base)}.pt"))
+        saved = {**saved, "model": healed_base["model"], "base": healed_base["base"]}
         base = {"base": a.base, "base_healing_s": saved["base"].get("healing_s")}
+    if a.mix:
+        saved, base = mixed(saved, a.mix), {**base, "mix": a.mix}
     for spec in a.variant or ["none"]:
         row = {"method": a.method, "ratio": a.ratio, **base, **variant(spec, saved)}
         print(json.dumps(row), flush=True)
