@@ -141,3 +141,16 @@ def test_a_healed_cell_records_its_healers_options(capsys, tmp_path, tiny_folder
     cell = json.loads((out / "results.json").read_text())["cells"][0]
     assert cell["heal"] == "kd" and cell["healing_s"] > 0 and cell["healing"]["kd"]["steps"] >= 1
     assert cell["heal_config"]["kd"]["lr"] == 1e-4 and cell["heal_config"]["kd"]["seqlen"] == 512
+    assert "heal_options" not in cell
+    # options in the cell: another cell (the first is kept, not re-run), the options recorded and applied
+    argv[argv.index("svd-llm+heal:kd")] = "svd-llm+heal:kd:kd.max_steps=1,kd.lr=3e-4"
+    assert run_cli(capsys, *argv, "--no-plots", "--no-perplexity")[0] == 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert len(cells) == 2 and cell in cells
+    second = next(c for c in cells if c != cell)
+    assert second["heal_options"] == {"kd.max_steps": 1, "kd.lr": 3e-4}
+    assert second["heal_config"]["kd"]["lr"] == 3e-4 and second["healing"]["kd"]["steps"] == 1
+    assert "svd-llm+heal:kd:kd.lr=0.0003,kd.max_steps=1" in (out / "results.md").read_text()
+    argv[argv.index("svd-llm+heal:kd:kd.max_steps=1,kd.lr=3e-4")] = "svd-llm+heal:kd:block.lr=1"
+    code, _, err = run_cli(capsys, *argv, "--no-plots", "--no-perplexity")
+    assert code == 2 and "healing 'block', which this run does not do" in err

@@ -4,10 +4,11 @@
 
 The protocol: calibration on 32 windows of 2048 WikiText-2 test tokens at seeded offsets from 150000;
 evaluation on the first 16 windows of 2048 of WikiText-2 test and the first 8 of PTB validation. A
-cell spec is METHOD[@ALLOCATION[:KEY=VALUE,...]][+lstsq][+seq][+heal:NAME[,NAME]]: an allocation strategy
-after '@' (default uniform) with its options after ':', '+lstsq' for the least-squares update of B, '+seq'
-for sequential calibration (such cells run their own calibration pass), '+heal:block,kd' for healing after
-the method (:mod:`svdkit.heal`, its time a column of its own). Otherwise one calibration pass over
+cell spec is METHOD[@ALLOCATION[:KEY=VALUE,...]][+lstsq][+seq][+heal:NAME[,NAME][:NAME.KEY=VALUE,...]]: an
+allocation strategy after '@' (default uniform) with its options after ':', '+lstsq' for the least-squares
+update of B, '+seq' for sequential calibration (such cells run their own calibration pass), '+heal:block,kd'
+for healing after the method (:mod:`svdkit.heal`, its time a column of its own; '+heal:kd:kd.epochs=2' with
+options). Otherwise one calibration pass over
 the dense model collects every input statistic the cells need (the Gram matrices do not depend on the
 method), and one gradient pass the Fisher information if a method needs it; they serve every cell.
 Each cell compresses a fresh copy of the dense model through the pipeline's plan and stages.
@@ -80,6 +81,7 @@ class CellSpec:
     sequential: bool = False
     options: str = "{}"  # allocation options as sorted JSON (hashable)
     heal: str = "none"
+    heal_options: str = "{}"  # NAME.KEY -> value, sorted JSON
 
 
 @dataclass
@@ -136,14 +138,14 @@ def parse_options(text: str) -> dict:
         try:
             key, value = parse_assignment(part)
         except ValueError:
-            raise SvdkitError(f"allocation options are KEY=VALUE separated by commas, got {part!r}") from None
+            raise SvdkitError(f"cell options are KEY=VALUE separated by commas, got {part!r}") from None
         options[key] = value
     return options
 
 
 def parse_spec(spec: str) -> CellSpec:
-    """'svd-llm@v2:strength=0.5+lstsq+seq+heal:block,kd' -> CellSpec, checking the method, allocation and
-    healing names."""
+    """'svd-llm@v2:strength=0.5+lstsq+seq+heal:block,kd:kd.lr=1e-4' -> CellSpec, checking the method,
+    allocation and healing names and the healers' options."""
     head, *flags = spec.split("+")
     heals = [f.partition(":")[2] for f in flags if f.startswith("heal:")]
     flags = [f for f in flags if not f.startswith("heal:")]
@@ -152,8 +154,9 @@ def parse_spec(spec: str) -> CellSpec:
         raise SvdkitError(
             f"unknown flag(s) {sorted(unknown)} in cell '{spec}': use +lstsq, +seq and one +heal:NAME[,NAME]"
         )
-    heal = heals[0] if heals else "none"
-    parse_heal(heal, None)
+    heal, _, heal_opts = (heals[0] if heals else "none").partition(":")
+    heal_options = parse_options(heal_opts)
+    parse_heal(heal, heal_options)
     head, _, opts = head.partition(":")
     method, _, allocation = head.partition("@")
     allocation = allocation or "uniform"
@@ -168,6 +171,7 @@ def parse_spec(spec: str) -> CellSpec:
         "seq" in flags,
         json.dumps(parse_options(opts), sort_keys=True),
         heal,
+        json.dumps(heal_options, sort_keys=True),
     )
 
 
@@ -180,7 +184,14 @@ def _key(cell: dict) -> tuple:
         bool(cell.get("sequential", False)),
         json.dumps(cell.get("allocation_options") or {}, sort_keys=True),
         cell.get("heal", "none"),
+        json.dumps(cell.get("heal_options") or {}, sort_keys=True),
     )
+
+
+def _as_cell(spec: CellSpec, ratio: float) -> dict:
+    """The fields of a result cell that `spec` at `ratio` fixes (for :func:`_key`)."""
+    options = {"allocation_options": json.loads(spec.options), "heal_options": json.loads(spec.heal_options)}
+    return {**asdict(spec), "ratio": ratio, **options}
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -320,6 +331,7 @@ def _cell_options(spec: CellSpec, ratio: float, config: BenchConfig, setup: _Set
         update=spec.update,
         sequential=spec.sequential,
         heal=spec.heal,
+        heal_options=json.loads(spec.heal_options),
         rank_multiple=config.rank_multiple,
         device=setup.device,
         progress=loud,
@@ -364,6 +376,7 @@ def _run_cell(spec: CellSpec, options: CompressionOptions, setup: _Setup, config
         "decomposition_s": r.timings["decomposition"],
         "training_s": r.timings.get("training", 0.0),
         "heal": spec.heal,
+        **({"heal_options": json.loads(spec.heal_options)} if spec.heal_options != "{}" else {}),
         "healing_s": r.timings.get("healing", 0.0),
         "compress_peak_rss_mb": compress_rss,
         "allocation_report": r.allocation,
@@ -411,7 +424,7 @@ def run_bench(
         report["dense"] = _evaluate(setup.model, setup, config)
     log(f"dense: {report['dense']}")
     grid = [(s, r) for s in specs for r in ratios]
-    keys = [_key({**asdict(s), "ratio": r, "allocation_options": json.loads(s.options)}) for s, r in grid]
+    keys = [_key(_as_cell(s, r)) for s, r in grid]
     todo = [(s, _cell_options(s, r, config, setup)) for (s, r), k in zip(grid, keys, strict=True) if k not in done]
     needs = _needs([o for s, o in todo if not s.sequential], config.plots and plot_dir is not None, log)
     passes = report["calibration"].setdefault("passes", {})

@@ -25,9 +25,11 @@ def add_parser(sub) -> None:
     b = sub.add_parser(
         "bench",
         help="the protocol's grid: methods x ratios x allocations, quality, time, speed and memory",
-        description="Run the fixed protocol over a grid of cells; write results.json, results.md and PNG plots "
-        "into --out. A cell is METHOD[@ALLOCATION[:KEY=VALUE,...]][+lstsq][+seq]. A rerun with the same --out "
-        "resumes from the finished cells.",
+        description=(
+            "Run the fixed protocol over a grid of cells; write results.json, results.md and PNG plots into --out. "
+            "A cell is METHOD[@ALLOCATION[:KEY=VALUE,...]][+lstsq][+seq][+heal:NAME[,NAME][:NAME.KEY=VALUE,...]] "
+            "(e.g. svd-llm+heal:block,kd:kd.epochs=2). A rerun with the same --out resumes from the finished cells."
+        ),
     )
     add_bench_arguments(b)
     b.add_argument("--out", required=True, help="folder for results.json, results.md and plots/")
