@@ -36,6 +36,7 @@ DEFAULT = [
     "docs/results/speed/results.json",
     "docs/results/heal/results.json",
     "docs/results/heal_kd_lr/results.json",
+    "docs/results/heal_kd_lr_46/results.json",
     "docs/results/heal_soco/results.json",
     "docs/results/soco_guard/results.json",
     "docs/results/generation/results.json",
