@@ -40,6 +40,7 @@ DEFAULT = [
     "docs/results/heal_soco/results.json",
     "docs/results/soco_guard/results.json",
     "docs/results/generation/results.json",
+    "docs/results/generation_fwsvd/results.json",
 ]
 RATIOS = (0.2, 0.4, 0.6)
 SKIP = {("v2.json", ("svd-llm", "uniform", "", "lstsq", True, 1))}
