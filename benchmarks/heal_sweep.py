@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 import svdkit
-from svdkit.bench.grid import PROTOCOL_CALIBRATION, parse_options
-from svdkit.heal import DenseReference
+from svdkit.bench.grid import PROTOCOL_CALIBRATION, BenchConfig, parse_options
+from svdkit.heal import DenseReference, split_windows
+from svdkit.heal.kd import KDConfig
 from svdkit.pipeline.options import CompressionOptions
 from svdkit.pipeline.plan import make_plan, replan
 from svdkit.pipeline.stages import allocate, calibrate, factor, heal, model_stage, read_windows
@@ -39,10 +40,8 @@ from svdkit.sources.text import load_text, tokenize
 
 VALIDATION = (40960, 57344)
 PTB_VALIDATION = (16384, 32768)
-PYDOC_VALIDATION = 16
-"""the Python-docs validation slice: windows 16 to 9 from the end (the protocol reads the last 8)"""
-HELD_OUT = 4
-"""the calibration windows the healers hold out (their default share, 0.125 of 32)"""
+PYDOC_WINDOWS = BenchConfig.pydoc_windows
+"""the protocol scores the Python docs' last 8 windows; the sweep's validation slice is the 8 before them"""
 
 
 def start(cache: Path, data_dir: Path, method: str, ratio: float) -> dict:
@@ -93,20 +92,19 @@ def with_pydoc(saved: dict) -> dict:
 
 def mixed(saved: dict, k: int) -> dict:
     """`saved` whose last `k` training windows are the first `k` Python-docs windows (held-out ones kept)."""
-    windows = saved["windows"]
-    n, seqlen = windows.shape
-    if not 0 < k <= n - HELD_OUT or k * seqlen > len(saved["pydoc"]) - PYDOC_VALIDATION * seqlen:
-        raise SystemExit(f"--mix {k}: between 1 and {n - HELD_OUT} windows, before the Python-docs validation slice")
+    train, held = split_windows(saved["windows"], KDConfig.held_out, "--mix")  # block's share is the same
+    seqlen = train.shape[1]
+    if not 0 < k <= len(train) or k * seqlen > len(saved["pydoc"]) - 2 * PYDOC_WINDOWS * seqlen:
+        raise SystemExit(f"--mix {k}: between 1 and {len(train)} windows, before the Python-docs validation slice")
     docs = saved["pydoc"][: k * seqlen].reshape(k, seqlen)
-    train = n - HELD_OUT
-    return {**saved, "windows": torch.cat([windows[: train - k], docs, windows[train:]])}
+    return {**saved, "windows": torch.cat([train[: len(train) - k], docs, held])}
 
 
 def score(model, saved: dict) -> dict:
     def ppl(tokens: torch.Tensor) -> float:
         return round(svdkit.perplexity(model, None, tokens, seqlen=2048, progress=False).ppl, 3)
 
-    pydoc = saved["pydoc"][-PYDOC_VALIDATION * 2048 : -8 * 2048]
+    pydoc = saved["pydoc"][-2 * PYDOC_WINDOWS * 2048 : -PYDOC_WINDOWS * 2048]
     return {
         "validation_ppl": ppl(saved["wiki"][VALIDATION[0] : VALIDATION[1]]),
         "ptb_validation_ppl": ppl(saved["ptb"][PTB_VALIDATION[0] : PTB_VALIDATION[1]]),

@@ -57,14 +57,16 @@ NOT_SETTINGS = {"log"}
 
 
 def heal_options(c: dict, source: str) -> str:
-    """The healers' options of cell `c` that differ from today's defaults, as ``kd.lr=2e-05`` ('' if none)."""
+    """The healers' options of cell `c` that differ from today's defaults (or no longer exist), as ``kd.lr=2e-05``
+    ('' if none)."""
     config = c.get("heal_config", HEALED.get(source))
     if config is None:
         raise SystemExit(f"{source}: a healed cell without heal_config; say in HEALED what it ran with")
     changed = []
     for name, options in config.items():
         default = asdict(HEALERS.get(name).config_cls())
-        changed += [f"{name}.{k}={v}" for k, v in options.items() if k not in NOT_SETTINGS and v != default[k]]
+        kept = {k: v for k, v in options.items() if k not in NOT_SETTINGS}
+        changed += [f"{name}.{k}={v}" for k, v in kept.items() if k not in default or v != default[k]]
     return ",".join(changed)
 
 
