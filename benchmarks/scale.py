@@ -126,6 +126,8 @@ PRESETS = {
         Preset("1b-d16", layers=16, **LLAMA_1B),
         Preset("1b-d20", layers=20, **LLAMA_1B),
         Preset("8b-d2", layers=2, **LLAMA_8B),
+        Preset("8b-d8", layers=8, **LLAMA_8B),
+        Preset("8b-d32", layers=32, **LLAMA_8B),  # Llama-3.1-8B at full depth
     )
 }  # fmt: skip
 
@@ -150,15 +152,16 @@ def shard_of(name: str, layers: int) -> int:
     return 0 if name.startswith("model.embed_tokens.") else layers + 1
 
 
-def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Ones for a norm's weight, else normal(0, STD); bfloat16, the same for the same (name, seed)."""
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, device: str = "cpu") -> torch.Tensor:
+    """Ones for a norm's weight, else normal(0, STD); bfloat16 on the CPU, the same for the same (name, seed,
+    device): the draw is made on `device` (CUDA's generator differs from the CPU's)."""
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=torch.bfloat16)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, STD, generator=g)
+    g = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape, dtype=torch.bfloat16, device=device).normal_(0.0, STD, generator=g).cpu()
 
 
-def write_shards(folder: Path, shapes: dict[str, tuple[int, ...]], layers: int, seed: int) -> None:
+def write_shards(folder: Path, shapes: dict[str, tuple[int, ...]], layers: int, seed: int, device: str) -> None:
     """One safetensors file per shard, each made and freed in turn, and the index that maps them."""
     groups: dict[int, list[str]] = {}
     for name in shapes:
@@ -166,7 +169,7 @@ def write_shards(folder: Path, shapes: dict[str, tuple[int, ...]], layers: int, 
     weight_map, total = {}, 0
     for i, shard in enumerate(sorted(groups)):
         file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {name: random_tensor(name, shapes[name], seed) for name in groups[shard]}
+        tensors = {name: random_tensor(name, shapes[name], seed, device) for name in groups[shard]}
         save_file(tensors, folder / file, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, file))
@@ -175,22 +178,24 @@ def write_shards(folder: Path, shapes: dict[str, tuple[int, ...]], layers: int, 
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_tokenizer(folder: Path) -> None:
-    """The tokenizer files of the bundled SmolLM2 (tokenizer*, special_tokens_map.json, chat_template.jinja)."""
-    from svdkit.sources.models import smollm2_folder
+def copy_tokenizer(folder: Path, source: Path | None) -> None:
+    """The tokenizer files (tokenizer*, special_tokens_map.json, chat_template.jinja) of `source`, by default
+    of the bundled SmolLM2."""
+    if source is None:
+        from svdkit.sources.models import smollm2_folder
 
-    source = smollm2_folder(progress=False)
+        source = smollm2_folder(progress=False)
     for f in source.iterdir():
         if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
             shutil.copy2(f, folder / f.name)
 
 
-def build(preset: Preset, models: Path, seed: int) -> tuple[Path, str, bool]:
-    """The checkpoint of `preset` in `models` (built unless a finished one of the same preset and seed is
-    there), a line saying what was done, and whether it was built now. A build goes into a hidden folder
-    renamed into place."""
+def build(a: argparse.Namespace, preset: Preset, models: Path) -> tuple[Path, str, bool]:
+    """The checkpoint of `preset` in `models` (built unless a finished one of the same preset, seed and
+    drawing device is there), a line saying what was done, and whether it was built now. A build goes into
+    a hidden folder renamed into place."""
     folder, record = models / preset.name, models / f"{preset.name}.build.json"
-    wanted = {"preset": asdict(preset), "seed": seed, "std": STD}
+    wanted = {"preset": asdict(preset), "seed": a.seed, "std": STD, "device": a.build_device}
     if folder.is_dir() and record.is_file():
         done = json.loads(record.read_text())
         if {k: done.get(k) for k in wanted} == wanted:
@@ -202,9 +207,9 @@ def build(preset: Preset, models: Path, seed: int) -> tuple[Path, str, bool]:
     tmp.mkdir(parents=True)
     config = preset.config()
     shapes = tensor_shapes(config)
-    write_shards(tmp, shapes, preset.layers, seed)
+    write_shards(tmp, shapes, preset.layers, a.seed, a.build_device)
     config.to_json_file(tmp / "config.json")
-    copy_tokenizer(tmp)
+    copy_tokenizer(tmp, a.tokenizer)
     tmp.rename(folder)
     seconds = time.perf_counter() - start
     record.write_text(json.dumps({**wanted, "seconds": seconds}, indent=2) + "\n")
@@ -379,6 +384,10 @@ class Row:
     output_params: int | None = None
     loads: bool = False
     speedup: float | None = None
+    device: str = ""
+    """where the command ran (its JSON summary: the GPU's name on CUDA)"""
+    peak_gpu_bytes: int | None = None
+    """on CUDA: the command's torch.cuda.max_memory_allocated"""
 
     @property
     def ok(self) -> bool:
@@ -428,6 +437,7 @@ def measure(a: argparse.Namespace, preset: Preset, folder: Path, nproc: int) -> 
         return row
     summary = json_summary(run)
     row.compress_s, row.output_params = summary.get("seconds"), summary.get("params")
+    row.device, row.peak_gpu_bytes = summary.get("device", ""), summary.get("peak_gpu_bytes")
     row.output_bytes = dir_bytes(run / "out")
     info = subprocess.run([a.python, "-m", "svdkit", "info", str(run / "out"), "--json"], capture_output=True, env=env)
     row.loads = info.returncode == 0
@@ -453,9 +463,11 @@ def cells(r: Row) -> list[str]:
     given = [r.model, str(r.layers), f"{r.params:,}", f"{r.checkpoint_bytes / GB:.3g}", f"{r.float32_bytes / GB:.3g}"]
     if not r.ok:
         why = f"timed out after {r.wall_s:.0f} s" if r.rc is None else f"exit {r.rc}: {r.message}"
-        return [*given, str(r.nproc), *([""] * 7), why]
+        return [*given, str(r.nproc), *([""] * 9), why]
+    gpu = "—" if r.peak_gpu_bytes is None else f"{r.peak_gpu_bytes / GB:.2f}"
     return [
-        *given, str(r.nproc), f"{r.wall_s:.1f}", f"{r.wall_s / r.layers:.2f}", f"{r.peak_rss_bytes / GB:.2f}",
+        *given, str(r.nproc), r.device, f"{r.wall_s:.1f}", f"{r.wall_s / r.layers:.2f}", gpu,
+        f"{r.peak_rss_bytes / GB:.2f}",
         f"{r.peak_rss_bytes / r.float32_bytes:.2f}", f"{r.statistics_peak_bytes / 1e6:.1f}",
         f"{r.output_bytes / GB:.3g}", f"{r.speedup:.2f}x" if r.speedup else "—",
         "yes" if r.loads else f"NO: {r.message}",
@@ -464,7 +476,8 @@ def cells(r: Row) -> list[str]:
 
 def table(rows: list[Row]) -> str:
     head = (
-        "| model | layers | params | checkpoint bf16 GB | float32 GB | procs | wall s | s/layer | peak RSS GB "
+        "| model | layers | params | checkpoint bf16 GB | float32 GB | procs | device | wall s | s/layer "
+        "| peak GPU GB | peak RSS GB "
         "| peak RSS / float32 | statistics disk MB | output GB | speed-up | loads back |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -529,7 +542,7 @@ def build_all(a: argparse.Namespace) -> dict[str, Path]:
     models.mkdir(parents=True, exist_ok=True)
     folders = {}
     for name in a.models:
-        folders[name], line, built = build(PRESETS[name], models, a.seed)
+        folders[name], line, built = build(a, PRESETS[name], models)
         print(line, flush=True)
         if built and 4 * parameters(folders[name]) < VERIFY_BELOW:
             print("  " + verify(folders[name]), flush=True)
@@ -543,6 +556,7 @@ def run_all(a: argparse.Namespace, folders: dict[str, Path]) -> list[Row]:
             print(f"compressing {name} with {nproc} process(es) ...", flush=True)
             row = measure(a, PRESETS[name], folder, nproc)
             print(f"  exit {row.rc}, {row.wall_s:.1f} s, peak RSS {row.peak_rss_bytes / GB:.2f} GB", flush=True)
+            print("  " + table([row]).splitlines()[-1], flush=True)
             rows.append(row)
     add_speedups(rows)
     return rows
@@ -560,6 +574,15 @@ def main() -> None:
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (512)")
     p.add_argument("--extra", default=EXTRA, help=f"the other flags of svdkit compress (default: {EXTRA!r})")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (0)")
+    p.add_argument("--build-device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the random weights are drawn (auto: CUDA where present; its draws differ from the "
+                   "CPU's, so a checkpoint records it)")  # fmt: skip
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        metavar="FOLDER",
+        help="copy the tokenizer files of FOLDER (default: the bundled SmolLM2's)",
+    )
     p.add_argument("--timeout", type=float, default=7200.0, help="seconds one compression may take (7200)")
     p.add_argument("--build-only", action="store_true", help="build (and check) the checkpoints, compress nothing")
     p.add_argument("--keep", action="store_true", help="keep the compressed folders (WORK/runs/RUN/out)")
@@ -568,6 +591,8 @@ def main() -> None:
     if a.nproc < 1:
         p.error("--nproc must be at least 1")
     a.work = str(Path(a.work).absolute())
+    if a.build_device == "auto":
+        a.build_device = "cuda" if torch.cuda.is_available() else "cpu"
     folders = build_all(a)
     if a.build_only:
         return

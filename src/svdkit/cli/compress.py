@@ -8,9 +8,12 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from ..allocators import allocator_names
 from ..calibration.store import check_spill_space, spill_bytes
 from ..core import distributed
+from ..core.device import resolve_device
 from ..core.disk import check_free_space
 from ..core.lowrank import count_parameters
 from ..errors import SvdkitError
@@ -124,9 +127,18 @@ def run(a: argparse.Namespace) -> None:
             "params": result.params_dense if a.densify else result.params,  # what the folder holds
             "params_dense": result.params_dense,
             "seconds": round(seconds, 3),
+            **_device_summary(a.device),
         },
         a.json,
     )
+
+
+def _device_summary(device) -> dict:
+    """Where the work ran, and on CUDA the peak memory PyTorch allocated there (bytes)."""
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        return {"device": str(dev)}
+    return {"device": torch.cuda.get_device_name(dev), "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev)}
 
 
 def _element_bytes(folder: Path, dtype: str) -> int:
