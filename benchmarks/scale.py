@@ -5,12 +5,13 @@
                                [--calib-samples 4] [--calib-seqlen 512] [--extra "--method svd-llm ..."]
 
 Builds random-weight LlamaForCausalLM checkpoints of real shapes (Llama-3.2-1B at 4, 5, 16 and 20 layers,
-Llama-3.1-8B at 2 layers; tiny ones for a smoke test) without ever holding a whole model: every tensor is
-drawn in bfloat16 (normal, std 0.02; norms ones; a fixed seed per tensor name) and written with
-safetensors, one shard per decoder layer, one for the embeddings and one for the final norm and lm_head,
-beside model.safetensors.index.json, config.json and the bundled SmolLM2's tokenizer (its ids stay below
-every preset's vocabulary). The tensor names and shapes are those of LlamaForCausalLM's state_dict (taken
-from the model built on the meta device; lm_head.weight left out where tied). Checkpoints are cached in
+Llama-3.1-8B at 2, 8 and 32 layers; tiny ones for a smoke test) without ever holding a whole model: every
+tensor is drawn in bfloat16 (normal, std 0.02; norms ones; a fixed seed per tensor name; on CUDA where
+present, --build-device) and written with safetensors, one shard per decoder layer, one for the embeddings
+and one for the final norm and lm_head, beside model.safetensors.index.json, config.json and the bundled
+SmolLM2's tokenizer (or --tokenizer's; its ids stay below every preset's vocabulary). The tensor names
+and shapes are those of LlamaForCausalLM's state_dict (taken from the model built on the meta device;
+lm_head.weight left out where tied). Checkpoints are cached in
 WORK/models and rebuilt only when missing or built from another preset; presets of under 1 GB in float32
 are loaded once with AutoModelForCausalLM.from_pretrained, which must report no missing or unexpected
 tensor and give finite logits.
@@ -29,7 +30,8 @@ OMP_NUM_THREADS is set). Measured per run:
   largest sampled sum over the tree and the largest sampled anonymous (non-file) RSS;
 - the disk under --statistics-dir (largest size seen while polling) and under the partial folder that a
   streamed run keeps beside its output (scale.json);
-- the output folder's size, and whether ``svdkit info OUT --json`` exits 0.
+- the output folder's size, and whether ``svdkit info OUT --json`` exits 0;
+- where it ran and, on CUDA, the peak GPU memory PyTorch allocated (the command's JSON summary).
 
 Prints one markdown row per run and the goal checks (the deeper of two same-width models within 15% of
 the shallower one's peak RSS; its peak RSS at most half its float32 size; seconds per layer within 25%
