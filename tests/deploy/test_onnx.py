@@ -29,25 +29,10 @@ def _greedy_torch(model, ids, n):
         )
 
 
-def _weight_products(graph, op: str) -> list:
-    """The `op` nodes of `graph` whose second input is a weight (an initializer)."""
-    weights = {t.name for t in graph.initializer}
-    return [n for n in graph.node if n.op_type == op and len(n.input) > 1 and n.input[1] in weights]
-
-
-def _expected_products(model) -> int:
-    """Weight products of an export: two per low-rank layer, one per nn.Linear (the lm_head included), less
-    the ones packing saves: per decoder layer q/k/v's first products become one, gate/up's too."""
-    lowrank = sum(isinstance(m, svdkit.LowRankLinear) for m in model.modules())
-    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-    return 2 * lowrank + linears - 3 * model.config.get_text_config().num_hidden_layers
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gemma", "gemma3", "qwen3", "qwen3-sliding"])
 def test_export_runs_like_torch(tmp_path, kind):
     """Every tiny architecture, compressed: perplexity equal to 1e-5 relative, greedy tokens identical (prompts
-    longer than a sliding window included), the low-rank layers exported as two MatMuls, those that read one
-    input packed into one."""
+    longer than a sliding window included), the low-rank layers exported as two MatMuls."""
     import onnx
 
     model, result, _ = compressed(kind, "svd-llm", 0.4)
@@ -68,11 +53,9 @@ def test_export_runs_like_torch(tmp_path, kind):
         onnx_model.generate(prompts, max_new_tokens=12, min_new_tokens=12), _greedy_torch(model, prompts, 12)
     )
     graph = onnx.load(out / "model.onnx", load_external_data=False)
-    products = _weight_products(graph.graph, "MatMul")
+    matmuls = sum(node.op_type == "MatMul" for node in graph.graph.node)
     lowrank = sum(isinstance(m, svdkit.LowRankLinear) for m in model.modules())
-    tied = model.config.get_text_config().tie_word_embeddings  # its lm_head multiplies a Transpose of a weight
-    assert lowrank > 0 and len(products) == _expected_products(model) - tied
-    assert len({n.input[0] for n in products}) == len(products)  # q/k/v and gate/up packed: one product an input
+    assert lowrank > 0 and matmuls >= 2 * lowrank
     assert "logits_to_keep" in {i.name for i in graph.graph.input} and manifest["version"] == 2
     assert (out / "README.md").read_text().count("svd-llm") >= 1
     with pytest.raises(svdkit.SvdkitError, match="prompt is empty"):
@@ -127,8 +110,10 @@ def test_quantized_weights_are_smaller_and_close(tmp_path, weights):
     (_, full_bytes), (graph, small_bytes) = weight_bytes(tmp_path / "f32"), weight_bytes(tmp_path / weights)
     embedding = 320 * 64 * 4  # the float embedding the Gather reads stays
     assert small_bytes - embedding < (full_bytes - embedding) * (0.5 if weights == "int8" else 0.35)
-    assert len(_weight_products(graph, "MatMulNBits")) == _expected_products(model)  # the tied lm_head too
-    assert not _weight_products(graph, "MatMul")
+    ops = [node.op_type for node in graph.node]
+    lowrank = sum(isinstance(m, svdkit.LowRankLinear) for m in model.modules())
+    matrices = 2 * lowrank + sum(isinstance(m, torch.nn.Linear) for m in model.modules())  # lm_head included
+    assert ops.count("MatMulNBits") == matrices
     assert small["max_relative_logit_difference"] < (0.05 if weights == "int8" else 0.3)
     assert json.loads((tmp_path / weights / "svdkit_onnx.json").read_text())["weights"] == weights
 

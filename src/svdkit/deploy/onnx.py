@@ -91,68 +91,19 @@ def _fold_transposes(graph) -> None:
         graph.node.remove(node)
 
 
-def _pack_shared_inputs(graph) -> int:
-    """Merge the MatMuls that multiply one input by constant weights of one width (q/k/v, gate/up; in a
-    low-rank model their first factors A) into one MatMul by the weights concatenated along the output
-    axis, then a Split: [x W_1, ..., x W_k] = x [W_1 ... W_k]. The same products in fewer, wider calls (a
-    batch-1 decode step pays a fixed cost per call). Returns the MatMuls removed."""
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    weights = {t.name: t for t in graph.initializer}
-    groups: dict[str, list] = {}
-    for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in weights and len(weights[node.input[1]].dims) == 2:
-            groups.setdefault(node.input[0], []).append(node)
-    removed = 0
-    for x, nodes in groups.items():
-        arrays = [numpy_helper.to_array(weights[n.input[1]]) for n in nodes]
-        if len(nodes) < 2 or len({(a.shape[0], a.dtype) for a in arrays}) > 1:
-            continue
-        first = nodes[0]
-        packed, sizes = f"{first.input[1]}.packed", f"{first.input[1]}.packed.sizes"
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(np.concatenate(arrays, axis=1), packed),
-                numpy_helper.from_array(np.array([a.shape[1] for a in arrays], dtype=np.int64), sizes),
-            ]
-        )
-        at = list(graph.node).index(first)  # x exists here, and every output is made before any use
-        for i, node in enumerate(
-            [
-                helper.make_node("MatMul", [x, packed], [f"{packed}.out"], name=f"{first.name}.packed"),
-                helper.make_node("Split", [f"{packed}.out", sizes], [n.output[0] for n in nodes], axis=-1,
-                                 name=f"{first.name}.split"),
-            ]
-        ):  # fmt: skip
-            graph.node.insert(at + i, node)
-        for n in nodes:
-            graph.node.remove(n)
-        removed += len(nodes) - 1
-    used = {i for n in graph.node for i in n.input}
-    for t in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(t)
-    return removed
-
-
-def _finish(folder: Path, bits: int | None) -> None:
-    """Pack the MatMuls that share an input (:func:`_pack_shared_inputs`) of ``folder/model.onnx`` in place,
-    and with `bits` quantize every MatMul with a constant weight (MatMulNBits)."""
+def _quantize(folder: Path, bits: int) -> None:
+    """Quantize every MatMul with a constant weight of ``folder/model.onnx`` in place (MatMulNBits)."""
     import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     path = folder / GRAPH
     model = onnx.load(path)
-    _pack_shared_inputs(model.graph)
-    if bits:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        _fold_transposes(model.graph)
-        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True)
-        quantizer.process()
-        model = quantizer.model.model
+    _fold_transposes(model.graph)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True)
+    quantizer.process()
     for file in (path, folder / f"{GRAPH}.data"):
         file.unlink(missing_ok=True)
-    onnx.save_model(model, path, save_as_external_data=True, location=f"{GRAPH}.data")
+    onnx.save_model(quantizer.model.model, path, save_as_external_data=True, location=f"{GRAPH}.data")
     for file in (path, folder / f"{GRAPH}.data"):
         make_ordinary(file)
 
@@ -206,7 +157,8 @@ def export_onnx(
 
     def write(tmp: Path) -> None:
         exporter.save_program(program, tmp / GRAPH)
-        _finish(tmp, {"float32": None, "int8": 8, "int4": 4}[weights])
+        if weights != "float32":
+            _quantize(tmp, 8 if weights == "int8" else 4)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # the runner of _check reads it
         diff = manifest["max_relative_logit_difference"] = _check(tmp, model, check, weights)
         manifest["bytes"] = onnx_bytes(tmp)
