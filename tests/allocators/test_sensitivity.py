@@ -236,3 +236,12 @@ def test_an_unreachable_ratio_fails_before_measuring(tmp_path, monkeypatch):
     assert not calls and not (tmp_path / "t.json").exists()
     with pytest.raises(SvdkitError, match="cache must be a file path"):
         make_allocation_config(get_allocator("sensitivity"), {"cache": 123})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares a GPU-resident model's key with the CPU's")
+def test_model_digest_does_not_depend_on_the_device():
+    """A cache measured for a model on the CPU is reused for the same model on a GPU (benchmarks/gpu_check.sh)."""
+    model = tiny_model("llama")
+    arch = svdkit.find_architecture(model)
+    on_cpu = sens._model_digest(model, arch)
+    assert sens._model_digest(model.cuda(), arch) == on_cpu

@@ -99,10 +99,10 @@ def _model_digest(model, arch) -> str:
     parts = []
     targets = set(arch.shapes())
     for name, p in model.named_parameters():
-        w = p.detach()
-        parts.append(f"{name}:{tuple(w.shape)}:{w.dtype}:{float(w.double().sum().cpu())!r}".encode())
+        w = p.detach().to("cpu", torch.float64)  # summed on the CPU: a GPU's float64 sum differs in the last bits
+        parts.append(f"{name}:{tuple(w.shape)}:{p.dtype}:{float(w.sum())!r}".encode())
         if name.removesuffix(".weight") in targets:
-            parts.append(torch.cat([w[0], w[-1]]).to("cpu", torch.float64).numpy().tobytes())
+            parts.append(torch.cat([w[0], w[-1]]).numpy().tobytes())
     return _digest(*parts)
 
 
@@ -115,7 +115,7 @@ def _stats_digest(statistics: Mapping[str, Any] | None, used: frozenset[str]) ->
         st = statistics[name]
         parts.append(f"{name}:{st.tokens}".encode())
         for key in sorted(used & set(st.values)):
-            v = st.values[key].double()
+            v = st.values[key].to("cpu", torch.float64)
             parts.append(f"{key}:{float(v.sum())!r}:{float(v.abs().sum())!r}".encode())
     return _digest(*parts)
 
