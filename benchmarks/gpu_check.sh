@@ -13,7 +13,10 @@
 # finished into $OUT (or ./gpu-check-out):
 #   1. env.txt: GPU, driver, Python, torch, transformers;
 #   2. tests.txt: the fast suite (`-m "not slow"`) on CUDA (the library's automatic device), 8 xdist workers
-#      of 2 threads each (15 workers of 16 threads each thrashed the 16 cores), every failure's traceback;
+#      of 2 threads each, every failure's traceback. (The first run, 2026-12-04 on an H200, used 15 workers of
+#      16 threads and pytest-timeout's 60 s: 11 tests failed, all of them CPU-pinned or subprocess tests, and
+#      the run was stopped before pytest printed why; thrashed cores timing them out is the likely cause.)
+#      A failure here that is not a timeout: rerun it alone with `-p no:xdist` for its traceback;
 #   3. scale.log / scale.json: benchmarks/scale.py on Llama-3.1-8B shapes at 8 and 32 layers, as far as
 #      the time left allows (8 layers: about 2.5 min; 32: about 10 min on an H200).
 # Results of the runs so far: docs/scale.md and docs/results.md, "On a GPU".
