@@ -128,3 +128,28 @@ def test_latent_kv_cache_generates_the_same_tokens(smollm2, shared_data):
     assert caches["ordinary"].get_seq_length() == caches["latent"].get_seq_length() == 300 + 40 - 1
     assert caches["ordinary"].layers[0].keys.shape == (1, 3, 339, 64)
     assert all(layer.keys.shape == layer.values.shape == (1, 1, 339, 96) for layer in caches["latent"].layers)
+
+
+def test_onnx_export_of_compressed_smollm2_evaluates_and_generates_like_torch(smollm2, shared_data, tmp_path):
+    """svd-llm at 0.4, exported: ONNX Runtime's perplexity equal to torch's to 1e-3 relative, greedy tokens
+    identical (the prompt through the graph's prefill, then the KV cache)."""
+    from svdkit.deploy.runtime import OnnxCausalLM
+
+    _, tok = smollm2
+    wiki = tokenize(tok, load_text(shared_data / "wikitext-2-raw" / "wiki.test.raw"))
+    work, _ = svdkit.load_model("smollm2-135m", progress=False)
+    r = svdkit.compress(
+        work, tok, ratio=0.4, calib=wiki, calib_samples=4, calib_seqlen=256, calib_offset=150_000, device="cpu",
+        progress=False,
+    )  # fmt: skip
+    manifest = svdkit.export_onnx(work, tok, tmp_path / "onnx")
+    onnx_model = OnnxCausalLM(tmp_path / "onnx")
+    assert manifest["parameters"] == r.params and onnx_model.parameter_count == r.params
+    evaluation = dict(seqlen=256, max_windows=2, progress=False)
+    want, got = (svdkit.perplexity(m, tok, wiki, **evaluation).ppl for m in (work, onnx_model))
+    assert got == pytest.approx(want, rel=1e-3)
+    prompt = wiki[:40][None]
+    kw = dict(max_new_tokens=16, min_new_tokens=16)
+    with torch.no_grad():
+        expected = work.generate(prompt, do_sample=False, pad_token_id=0, **kw)
+    assert torch.equal(onnx_model.generate(prompt, **kw), expected)
