@@ -40,6 +40,7 @@ def test_compress_eval_info_densify(capsys, tmp_path, tiny_folder, text_file):
     assert code == 0
     summary = last_json(stdout)
     assert summary["output"] == str(out) and summary["params"] < summary["params_dense"] and summary["seconds"] > 0
+    assert summary["device"] == "cpu" and "peak_gpu_bytes" not in summary  # on CUDA: the GPU's name and its peak
     assert "parameters" in stdout and "kept dense" in stdout
 
     code, stdout, _ = run_cli(capsys, "info", out, "--json")
