@@ -9,8 +9,8 @@
 # SmolLM2's tokenizer files and ../shared/data (about 22 MB in all; the 94 MB SmolLM2 GGUF does not fit in
 # one 64 MiB transfer, so the checks below need no SmolLM2 weights).
 #
-# Carry .gpu on the device call (it is git-ignored). run does, each step bounded so that the whole ends within SECONDS (default 560) and writes what it
-# finished into $OUT (or ./gpu-check-out):
+# Carry .gpu on the device call (it is git-ignored). run does, each step bounded so that the whole ends
+# within SECONDS (default 560), and writes what it finished into $OUT (or ./gpu-check-out):
 #   1. env.txt: GPU, driver, Python, torch, transformers;
 #   2. tests.txt: the fast suite (`-m "not slow"`) on CUDA (the library's automatic device), 8 xdist workers
 #      of 2 threads each, every failure's traceback. (The first run, 2026-12-04 on an H200, used 15 workers of
