@@ -9,6 +9,7 @@ import torch
 from ..calibration.statistics import all_finite
 
 __all__ = [
+    "gram_svd",
     "split_factors",
     "robust_cholesky",
     "scaled_svd_factors",
@@ -25,6 +26,24 @@ def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) ->
     """Top-k factors of U diag(S) Vh with sqrt(S) split into both: A = sqrt(S_k) Vh_k, B = U_k sqrt(S_k)."""
     root = S[:k].clamp_min(0).sqrt()
     return root[:, None] * Vh[:k], U[:, :k] * root[None, :]
+
+
+def gram_svd(M: torch.Tensor, rel_cut: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD M = U diag(S) Vh (S descending) from the eigendecomposition of the smaller Gram matrix.
+
+    With m <= n, M M^T = U diag(S^2) U^T and Vh = diag(1/S) U^T M; otherwise the same from M^T M. It costs a
+    product and an eigendecomposition of min(m, n)^2 instead of an SVD (several times faster for wide or tall
+    matrices, docs/scale.md). Squaring the spectrum leaves a singular value accurate to about sqrt(eps) S_1
+    only, so the other side's vectors of S_i <= rel_cut * S_1 are set to zero (their products are noise).
+    """
+    wide = M.shape[0] <= M.shape[1]
+    evals, vecs = torch.linalg.eigh(M @ M.T if wide else M.T @ M)
+    S = evals.flip(0).clamp_min(0).sqrt()
+    vecs = vecs.flip(1)
+    inverse = torch.where(S > rel_cut * S[:1].clamp_min(torch.finfo(S.dtype).tiny), 1 / S, torch.zeros_like(S))
+    if wide:
+        return vecs, S, (vecs.T @ M) * inverse[:, None]
+    return (M @ vecs) * inverse[None, :], S, vecs.T
 
 
 def floor_relative(v: torch.Tensor, rel: float) -> torch.Tensor:

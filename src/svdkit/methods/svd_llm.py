@@ -15,7 +15,7 @@ import torch
 from ..calibration.statistics import LinearStats
 from ..core.options import Options, number, option
 from .base import Factors, register
-from .linalg import robust_cholesky, split_factors
+from .linalg import gram_svd, robust_cholesky, split_factors
 
 __all__ = ["SVDLLMConfig", "svd_llm", "whitened_spectrum"]
 
@@ -30,7 +30,7 @@ class SVDLLMConfig(Options):
 def whitened_spectrum(W: torch.Tensor, G: torch.Tensor, rel_eps: float = 1e-6):
     """(U, S, Vh, L) with W L = U diag(S) Vh and L L^T = G (+ jitter)."""
     L, _ = robust_cholesky(G.to(W), rel_eps)
-    U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+    U, S, Vh = gram_svd(W @ L)
     return U, S, Vh, L
 
 
