@@ -28,7 +28,7 @@ class SVDLLMConfig(Options):
 
 
 def whitened_spectrum(W: torch.Tensor, G: torch.Tensor, rel_eps: float = 1e-6):
-    """(U, S, Vh, L) with W L = U diag(S) Vh and L L^T = G (+ jitter)."""
+    """(U, S, Vh, L) with W L = U diag(S) Vh (by :func:`gram_svd`) and L L^T = G (+ jitter)."""
     L, _ = robust_cholesky(G.to(W), rel_eps)
     U, S, Vh = gram_svd(W @ L)
     return U, S, Vh, L
