@@ -199,7 +199,7 @@ def build(a: argparse.Namespace, preset: Preset, models: Path) -> tuple[Path, st
     folder, record = models / preset.name, models / f"{preset.name}.build.json"
     wanted = {"preset": asdict(preset), "seed": a.seed, "std": STD, "device": a.build_device}
     if folder.is_dir() and record.is_file():
-        done = json.loads(record.read_text())
+        done = {"device": "cpu", **json.loads(record.read_text())}  # records before --build-device: the CPU's
         if {k: done.get(k) for k in wanted} == wanted:
             return folder, f"{preset.name}: cached in {folder} (built in {done['seconds']:.0f} s)", False
     start = time.perf_counter()
