@@ -20,7 +20,6 @@ moved to the device for the search (it runs the model from every layer on) and p
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.gradients import loss_from_layer
 from ..calibration.walk import capture_layer_inputs, layer_bounds
+from ..core.fingerprint import digest, model_fingerprint
 from ..core.lowrank import LowRankLinear
 from ..core.options import Options, integer, number, option, path
 from ..core.ranks import check_ratio, cost, rank_for_ratio
@@ -86,26 +86,6 @@ class SensitivityTable:
         return dataclasses.asdict(self)
 
 
-def _digest(*chunks: bytes) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for c in chunks:
-        h.update(c)
-    return h.hexdigest()
-
-
-def _model_digest(model, arch) -> str:
-    """Cheap fingerprint of the model: every parameter's name, shape, dtype and float64 sum, and the
-    first and last rows of every target weight (computed on the CPU, so any device gives the same)."""
-    parts = []
-    targets = set(arch.shapes())
-    for name, p in model.named_parameters():
-        w = p.detach().to("cpu", torch.float64)  # summed on the CPU: a GPU's float64 sum differs in the last bits
-        parts.append(f"{name}:{tuple(w.shape)}:{p.dtype}:{float(w.sum())!r}".encode())
-        if name.removesuffix(".weight") in targets:
-            parts.append(torch.cat([w[0], w[-1]]).numpy().tobytes())
-    return _digest(*parts)
-
-
 def _stats_digest(statistics: Mapping[str, Any] | None, used: frozenset[str]) -> str:
     """Fingerprint of the statistics the method uses (tokens, and sums of each value)."""
     if not statistics or not used:
@@ -117,7 +97,7 @@ def _stats_digest(statistics: Mapping[str, Any] | None, used: frozenset[str]) ->
         for key in sorted(used & set(st.values)):
             v = st.values[key].to("cpu", torch.float64)
             parts.append(f"{key}:{float(v.sum())!r}:{float(v.abs().sum())!r}".encode())
-    return _digest(*parts)
+    return digest(*parts)
 
 
 def _key(context: AllocationContext, config: SensitivityConfig, ids: torch.Tensor) -> dict[str, Any]:
@@ -127,11 +107,11 @@ def _key(context: AllocationContext, config: SensitivityConfig, ids: torch.Tenso
         "format": FORMAT,
         "svdkit": __version__,
         "model": str(getattr(getattr(context.model, "config", None), "_name_or_path", "")),
-        "model_digest": _model_digest(context.model, context.arch),
+        "model_digest": model_fingerprint(context.model, context.arch),
         "method": context.method.name,
         "method_config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {},
         "statistics_digest": _stats_digest(context.statistics, context.method.requires),
-        "windows_digest": _digest(ids.to(torch.int64).numpy().tobytes()),
+        "windows_digest": digest(ids.to(torch.int64).numpy().tobytes()),
         "windows": int(ids.shape[0]),
         "seqlen": int(ids.shape[1]),
         "grid": list(config.grid),
@@ -142,7 +122,7 @@ def _key(context: AllocationContext, config: SensitivityConfig, ids: torch.Tenso
 def _cache_path(config: SensitivityConfig, key: dict[str, Any]) -> Path:
     if config.cache:
         return Path(os.fspath(config.cache))
-    return cache_dir() / "sensitivity" / f"{_digest(json.dumps(key, sort_keys=True).encode())}.json"
+    return cache_dir() / "sensitivity" / f"{digest(json.dumps(key, sort_keys=True).encode())}.json"
 
 
 def _load(path: Path, key: dict[str, Any]) -> SensitivityTable | None:

@@ -1,4 +1,5 @@
-"""``svdkit eval``: perplexity of a model on a text, or zero-shot accuracy on lm-eval tasks (``--tasks``)."""
+"""``svdkit eval``: perplexity of a model on a text, zero-shot accuracy on lm-eval tasks (``--tasks``), or the
+protocol's whole scorecard (``--scorecard``: three domains, five zero-shot tasks, generation, dense beside)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from ..deploy.runtime import place
 from ..errors import SvdkitError
 from ..measure.generation import generation_quality
 from ..measure.perplexity import perplexity
-from ..measure.zeroshot import format_results, require_lm_eval, zero_shot
+from ..measure.scorecard import ScorecardSettings, compare, dense_scorecard, format_scorecard, scorecard
+from ..measure.tasks import LOCAL_TASKS
+from ..measure.zeroshot import format_results, local_task_dirs, require_lm_eval, zero_shot
 from ..pipeline.options import CompressionOptions
 from ..sources.models import load_model
 from ..sources.text import SOURCES, source_tokens
@@ -48,6 +51,27 @@ def add_parser(sub) -> None:
         metavar="DIR",
         help="with --tasks: a folder of lm-eval task YAML files whose tasks can be named (repeatable)",
     )
+    e.add_argument(
+        "--data-dir",
+        "--task-data",
+        dest="data_dir",
+        metavar="DIR",
+        help="with --tasks or --scorecard: the protocol's data folder (wikitext-2-raw/, ptb/ and zeroshot/ with "
+        "arc_easy/, piqa/, hellaswag/, winogrande/, boolq/), read offline; the zero-shot files go through "
+        "lm-eval's own task definitions (default: $SVDKIT_DATA, else lm-eval and datasets fetch the data)",
+    )
+    e.add_argument(
+        "--scorecard",
+        action="store_true",
+        help="the protocol's scorecard: perplexity on WikiText-2, PTB and Python docs, zero-shot accuracy on "
+        f"{', '.join(LOCAL_TASKS)} (--limit documents each, default {ScorecardSettings.limit}), generation "
+        "scores; with --dense, dense beside each and generality (geometric mean of the perplexity ratios)",
+    )
+    e.add_argument(
+        "--dense",
+        metavar="MODEL",
+        help="with --scorecard: the uncompressed model to compare with (its scorecard is cached, keyed by its weights)",
+    )
     e.add_argument("--num-fewshot", type=nonnegative, default=None, help="with --tasks: examples per prompt (0)")
     e.add_argument(
         "--generation",
@@ -60,11 +84,16 @@ def add_parser(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> None:
+    if a.scorecard:
+        return _scorecard(a)
+    if a.dense:
+        raise SvdkitError("--dense: only with --scorecard")
     if a.tasks is not None:
         return _zero_shot(a)
     only_with_tasks = {"--limit": a.limit, "--batch-size": a.batch_size, "--num-fewshot": a.num_fewshot}
     given = [flag for flag, value in only_with_tasks.items() if value is not None]
     given += ["--task-dir"] if a.task_dir else []
+    given += ["--data-dir"] if a.data_dir else []
     if given:
         raise SvdkitError(f"{', '.join(given)}: only for zero-shot evaluation, which needs --tasks TASK[,TASK...]")
     resolve_device(a.device)  # a bad device fails before the model loads
@@ -95,6 +124,7 @@ def _zero_shot(a: argparse.Namespace) -> None:
         if not Path(folder).is_dir():
             raise SvdkitError(f"--task-dir '{folder}' is not a folder: give a folder of lm-eval task YAML files")
     require_lm_eval()  # before loading the model
+    local_task_dirs(tasks, a.data_dir, a.num_fewshot or 0)  # bad task data fails before the model loads
     dev = resolve_device(a.device)
     model, tok = load_model(a.model, dtype=a.dtype)
     model.to(dev)
@@ -107,9 +137,35 @@ def _zero_shot(a: argparse.Namespace) -> None:
         limit=a.limit,
         task_dirs=a.task_dir,
         num_fewshot=shots,
+        task_data=a.data_dir,
     )
     params = count_parameters(model)
     limited = f", at most {a.limit} documents per task" if a.limit else ""
     print(f"{shots}-shot accuracy of {a.model} ({params:,} parameters){limited}")
     print(format_results(results))
     emit({"tasks": results, "num_fewshot": shots, "limit": a.limit, "params": params}, a.json)
+
+
+def _scorecard(a: argparse.Namespace) -> None:
+    given = {"--tasks": a.tasks, "--num-fewshot": a.num_fewshot, "--max-windows": a.max_windows}
+    given = [flag for flag, value in given.items() if value is not None] + (["--generation"] if a.generation else [])
+    if given:
+        raise SvdkitError(f"{', '.join(given)}: not with --scorecard, which measures the protocol's fixed set")
+    require_lm_eval()
+    settings = ScorecardSettings(
+        seqlen=a.seqlen, limit=a.limit or ScorecardSettings.limit, batch_size=a.batch_size or 16
+    )
+    local_task_dirs(list(settings.tasks), a.data_dir, 0)  # the task data is checked before any model loads
+    resolve_device(a.device)
+    dense = None
+    if a.dense:
+        dense = dense_scorecard(a.dense, settings, data_dir=a.data_dir, dtype=a.dtype, device=a.device)
+    model, tok = load_model(a.model, dtype=a.dtype)
+    place(model, a.device)
+    card = scorecard(model, tok, settings, data_dir=a.data_dir, progress=True)
+    card["params"] = count_parameters(model)
+    if dense is not None:
+        card = compare(card, dense)
+    print(f"scorecard of {a.model} ({card['params']:,} parameters)" + (f" beside {a.dense}" if a.dense else ""))
+    print(format_scorecard(card))
+    emit(card, a.json)

@@ -3,7 +3,10 @@
 :func:`zero_shot` hands the model object itself to lm-eval (``HFLM(pretrained=model)``), so a
 low-rank model from :func:`svdkit.compress` or :func:`svdkit.load` is evaluated as it is in memory,
 never reloaded from a folder or the hub. Tasks are lm-eval's own (``arc_easy``, ``hellaswag``, ...,
-whose data lm-eval fetches with ``datasets``) or YAML task files in extra folders (``task_dirs``).
+whose data lm-eval fetches with ``datasets``) or YAML task files in extra folders (``task_dirs``). The
+protocol's five tasks (arc_easy, piqa, hellaswag, winogrande, boolq) are read offline from local files when
+`task_data` or ``$SVDKIT_DATA`` points at them (:mod:`svdkit.measure.tasks`: lm-eval's own task
+definitions, local data).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from torch import nn
 from ..core.device import resolve_device
 from ..core.options import integer
 from ..errors import SvdkitError
+from ..sources.models import cache_dir
+from .tasks import LOCAL_TASKS, task_data_dir, write_local_tasks
 
-__all__ = ["zero_shot", "format_results", "require_lm_eval", "INSTALL_HINT"]
+__all__ = ["zero_shot", "local_task_dirs", "format_results", "require_lm_eval", "INSTALL_HINT"]
 
 INSTALL_HINT = "zero-shot evaluation needs lm-evaluation-harness: pip install 'svdkit[zeroshot]'"
 
@@ -161,6 +166,7 @@ def zero_shot(
     device: str | torch.device | None = None,
     task_dirs: Sequence[str | os.PathLike] = (),
     num_fewshot: int = 0,
+    task_data: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, float | int | None]]:
     """Zero-shot (or `num_fewshot`-shot) metrics of `model` on lm-eval `tasks`, per task name.
@@ -172,10 +178,12 @@ def zero_shot(
     model there first, otherwise it runs where it is. `task_dirs` are folders of lm-eval task YAML files
     (their tasks join the built-in ones). `num_fewshot` replaces each task's default number of examples
     in the prompt (lm-eval keeps 0 where a task's YAML fixes 0). The data of built-in tasks is fetched by
-    ``datasets`` (or read from its cache).
+    ``datasets`` (or read from its cache), except the protocol's five tasks when `task_data` (else
+    ``$SVDKIT_DATA``) holds their files: those are read from there (:func:`~svdkit.measure.tasks.task_data_dir`).
     """
     simple_evaluate, HFLM, TaskManager = _import_lm_eval()
     tasks, dirs = _checked(tasks, tokenizer, batch_size, limit, num_fewshot, task_dirs)
+    dirs = local_task_dirs(tasks, task_data, num_fewshot) + dirs
     if device is not None:
         model.to(resolve_device(device))
     was_training = model.training
@@ -223,6 +231,22 @@ def _checked(tasks, tokenizer, batch_size, limit, num_fewshot, task_dirs) -> tup
     if missing:
         raise SvdkitError(f"task folder '{missing[0]}' does not exist: give a folder of lm-eval task YAML files")
     return tasks, [str(d) for d in task_dirs]
+
+
+def local_task_dirs(tasks: list[str], task_data, num_fewshot: int) -> list[str]:
+    """[the folder of offline task YAMLs] for those of `tasks` that the local task data (`task_data`, else
+    ``$SVDKIT_DATA``) holds, made now if needed; [] when none is local. Missing or malformed files and
+    few-shot prompts (the files hold only the scored split) are refused."""
+    local = [t for t in tasks if t in LOCAL_TASKS]
+    data = task_data_dir(task_data)
+    if not local or data is None:
+        return []
+    if num_fewshot:
+        raise SvdkitError(
+            f"the local task files of {', '.join(local)} hold only the scored split, so few-shot examples would "
+            "come from the documents being scored: use num_fewshot 0 with local task data"
+        )
+    return [str(write_local_tasks(local, data, cache_dir()))]
 
 
 def _results(out: dict | None) -> dict[str, dict[str, float | int | None]]:
