@@ -154,3 +154,33 @@ def test_a_healed_cell_records_its_healers_options(capsys, tmp_path, tiny_folder
     argv[argv.index("svd-llm+heal:kd:kd.max_steps=1,kd.lr=3e-4")] = "svd-llm+heal:kd:block.lr=1"
     code, _, err = run_cli(capsys, *argv, "--no-plots", "--no-perplexity")
     assert code == 2 and "healing 'block', which this run does not do" in err
+
+
+def test_bench_scorecard_zero_shot_and_generality(capsys, tmp_path, tiny_folder, data_dir, monkeypatch):
+    """--zero-shot N scores the five tasks on their first N documents for dense and every cell (the local
+    files under --data-dir/zeroshot), each cell gets its generality, and results.md the scorecard table."""
+    pytest.importorskip("lm_eval")
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "zeroshot" / "boolq" / "val.jsonl").is_file():
+        pytest.skip(f"zero-shot data not found at {SHARED_DATA}")
+    (data_dir / "zeroshot").symlink_to(SHARED_DATA / "zeroshot")
+    monkeypatch.setenv("SVDKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = tmp_path / "bench"
+    argv = _grid(tiny_folder, data_dir, out, "--methods", "svd", "--ratios", 0.3, "--zero-shot", 2)
+    code, _, err = run_cli(capsys, *argv, "--no-speed", "--no-plots")
+    assert code == 0, err
+    report = json.loads((out / "results.json").read_text())
+    assert report["zero_shot_limit"] == 2
+    dense, (cell,) = report["dense"], report["cells"]
+    for c in (dense, cell):
+        tasks = c["zero_shot"]["tasks"]
+        assert set(tasks) == {"arc_easy", "piqa", "hellaswag", "winogrande", "boolq"}
+        assert all(t["samples"] == 2 for t in tasks.values())
+    ratios = [cell[d] / dense[d] for d in ("wikitext2", "ptb", "pydoc")]
+    assert cell["generality"] == pytest.approx((ratios[0] * ratios[1] * ratios[2]) ** (1 / 3))
+    md = (out / "results.md").read_text()
+    assert "## Scorecard" in md and "hellaswag acc_norm" in md
+    code, _, err = run_cli(capsys, *argv[:-2], "--zero-shot", 3, "--no-speed", "--no-plots")  # another setting
+    assert code == 2 and "other settings" in err

@@ -183,3 +183,40 @@ def test_cli_soco_divergence_writes_nothing(tmp_path, tiny_folder, monkeypatch, 
     assert code == 2
     assert "diverged at step 1" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_calibration_mixture_is_recorded_and_info_shows_it(capsys, tmp_path, tiny_folder, text_file):
+    out = tmp_path / "small"
+    spec = f"{text_file}:2,{text_file}[200:]:1"
+    argv = ["compress", tiny_folder, "--calib", spec, "--calib-seqlen", 32, "--device", "cpu", "--output", out]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    record = json.loads((out / "config.json").read_text())["svdkit"]["calibration"]
+    assert record["source"] == spec and record["samples"] == 3
+    assert record["parts"] == [
+        {"source": str(text_file), "windows": 2, "start": 0, "end": None},
+        {"source": str(text_file), "windows": 1, "start": 200, "end": None},
+    ]
+    code, stdout, _ = run_cli(capsys, "info", out, "--json")
+    assert code == 0 and last_json(stdout)["calibration"]["parts"] == record["parts"]
+    assert f"calibration: {spec}, 3 windows of 32 tokens, seed 0" in stdout
+    assert f"{text_file}: 2 windows from tokens [0:]; {text_file}: 1 windows from tokens [200:]" in stdout
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("nosuch:4", "text source 'nosuch' is neither a file nor one of: wikitext2, ptb, c4, demo, self"),
+        ("demo:0", "N (its window count) must be a positive integer, got '0'"),
+        ("demo:4,ptb", "each gives its window count as SOURCE:N; 'ptb' lack(s) one"),
+        ("self[0:9]:2", "'self' is written by the model and takes no [START:END] slice"),
+        ("demo:4,,ptb:2", "has an empty part"),
+    ],
+)
+def test_bad_calibration_specs_exit_2_before_any_model_loads(capsys, tmp_path, spec, fragment):
+    argv = ["compress", tmp_path / "no-such-model", "--calib", spec, "--output", tmp_path / "o"]
+    code, _, err = run_cli(capsys, *argv)
+    assert_error(code, err, fragment)  # the spec's error, not the missing model's
+    assert not (tmp_path / "o").exists()
+    code, _, err = run_cli(capsys, *argv[:3], "demo:4,ptb:4", "--calib-samples", 5, *argv[4:])
+    assert_error(code, err, "samples is 5, but the spec 'demo:4,ptb:4' gives 8 windows in all")

@@ -148,6 +148,7 @@ PIPELINE = {
     "kv_ratio": ["abc", True, 0, 1],
     "heal": [5, "nope", "kd,kd"],
     "heal_options": [5, {"kd.lr": 1e-4}, {"lr": 1}],
+    "heal_calib": [5, "", "nosuch-text", "demo:0", "demo,ptb:2", "self[0:9]", torch.rand(10), "demo"],  # no --heal
     "rank_multiple": ["8", 8.0, True, None, 0],
     "targets": ["q_proj", [], [1], ["q_proj", ""]],
     "statistics_dir": [5, ""],
@@ -156,8 +157,8 @@ PIPELINE = {
     "calibration": [{"samples": 4}, None],
 }
 CALIBRATION = {
-    "source": [5, None, "", "/nonexistent-folder/text.txt", torch.rand(10)],
-    "samples": ["4", 1.5, True, None, 0],
+    "source": [5, None, "", "/nonexistent/text.txt", torch.rand(10), "demo,", "demo:0", "demo,ptb:2", "self[:2]"],
+    "samples": ["4", 1.5, True, 0, 40],  # 40: the spec's counts give 64
     "seqlen": ["64", 64.0, True, None, 1],
     "offset": ["0", 0.5, True, -1],
     "seed": ["x", 0.5, True, None],
@@ -179,7 +180,7 @@ def test_compression_options_refuse_wrong_values(field):
 
 @pytest.mark.parametrize("field", list(CALIBRATION))
 def test_calibration_settings_refuse_wrong_values(field):
-    good = {"source": random_tokens(64)}
+    good = {"source": random_tokens(64) if field != "samples" else "demo:32,ptb:32"}
     for value in CALIBRATION[field]:
         with pytest.raises(svdkit.SvdkitError, match="^calibration: ") as e:
             CalibrationSettings(**{**good, field: value})

@@ -3,7 +3,11 @@
     svdkit bench --methods svd svd-llm svd-llm-v2@v2 soco --ratios 0.2 0.4 0.6 --out bench-smollm2
 
 The protocol: calibration on 32 windows of 2048 WikiText-2 test tokens at seeded offsets from 150000;
-evaluation on the first 16 windows of 2048 of WikiText-2 test and the first 8 of PTB validation. A
+evaluation on the first 16 windows of 2048 of WikiText-2 test and the first 8 of PTB validation. Another
+calibration text (``--calib``, a spec of :mod:`svdkit.sources.mixture`, e.g. ``wikitext2:16,demo:8``, and
+``--heal-calib`` for the healing cells) never touches the evaluation or validation windows: a named part
+without a slice is drawn from the protocol's range of its text (:data:`PROTOCOL_RANGES`), and named texts
+are the ones the bench loaded (``--data-dir``). A
 cell spec is METHOD[@ALLOCATION[:KEY=VALUE,...]][+lstsq][+seq][+heal:NAME[,NAME][:NAME.KEY=VALUE,...]]: an
 allocation strategy after '@' (default uniform) with its options after ':', '+lstsq' for the least-squares
 update of B, '+seq' for sequential calibration (such cells run their own calibration pass), '+heal:block,kd'
@@ -50,25 +54,56 @@ from ..core.ranks import check_ratio
 from ..errors import SvdkitError
 from ..heal import parse_heal
 from ..measure.generation import generation_quality
-from ..measure.perplexity import perplexity
+from ..measure.scorecard import DOMAINS, ScorecardSettings, domain_perplexities, generality, task_scores
 from ..measure.speed import measure, peak_rss_mb, reset_peak_rss
+from ..measure.tasks import LOCAL_TASKS
+from ..measure.zeroshot import zero_shot
 from ..methods import get_method, method_names
 from ..pipeline.compress import run_plan
 from ..pipeline.options import CalibrationSettings, CompressionOptions
 from ..pipeline.plan import make_plan, statistics_needed
+from ..sources.mixture import mixture_windows, parse_calib
 from ..sources.models import load_model
-from ..sources.text import calibration_windows, load_text, tokenize
+from ..sources.text import load_text, tokenize
 from ..version import __version__
 from .plots import write_plots
 from .report import markdown
 
-__all__ = ["CellSpec", "BenchConfig", "PROTOCOL_CALIBRATION", "parse_spec", "parse_options", "run_bench"]
+__all__ = [
+    "CellSpec",
+    "BenchConfig",
+    "PROTOCOL_CALIBRATION",
+    "PROTOCOL_RANGES",
+    "parse_spec",
+    "parse_options",
+    "protocol_spec",
+    "run_bench",
+]
 
 VALIDATION = (40960, 57344)
 """the protocol's validation slice of WikiText-2 test tokens (8 windows of 2048 between evaluation and calibration)"""
 
 PROTOCOL_CALIBRATION = CalibrationSettings(source="wikitext2", samples=32, seqlen=2048, offset=150000, seed=0)
 """the protocol's calibration: 32 windows of 2048 WikiText-2 test tokens at seeded offsets from 150000"""
+
+PROTOCOL_RANGES = {"ptb": "[32768:]", "demo": "[:-32768]"}
+"""the token range a named calibration part without a slice is drawn from in the bench, clear of the test and
+validation windows: PTB validation after its first 16 windows of 2048 (8 test, 8 validation), Python's
+docs before their last 16 (8 test, 8 validation); WikiText-2 from the calibration offset (150000), any
+other text whole"""
+
+
+def protocol_spec(spec: str, offset: int) -> str:
+    """`spec` with the protocol's range on every part without a slice (``self`` aside): ``wikitext2`` from
+    `offset`, ptb and demo as :data:`PROTOCOL_RANGES`, other texts whole."""
+    out = []
+    for part in parse_calib(spec):
+        text = str(part)
+        if not part.sliced and part.source != "self":
+            cut = f"[{offset}:]" if part.source == "wikitext2" else PROTOCOL_RANGES.get(part.source, "[0:]")
+            text = part.source + cut + ("" if part.windows is None else f":{part.windows}")
+        out.append(text)
+    return ",".join(out)
 
 
 @dataclass(frozen=True)
@@ -93,11 +128,16 @@ class BenchConfig:
     calibration: CalibrationSettings = dataclasses.field(
         default_factory=lambda: dataclasses.replace(PROTOCOL_CALIBRATION)
     )
-    """its seqlen is also the evaluation window; its source is always the WikiText-2 test text"""
+    """its seqlen is also the evaluation window; its source a calibration spec (the protocol's: wikitext2),
+    whose parts without a slice are drawn from the protocol's ranges (:func:`protocol_spec`)"""
+    heal_calib: str | None = None
+    """the healing cells' text, a spec like the calibration's (None: they heal on the calibration windows)"""
     eval_windows: int = 16
     ptb_windows: int = 8
     pydoc_windows: int = 8
     """the third domain: the last windows of Python's documentation text"""
+    zero_shot: int | None = None
+    """the scorecard's zero-shot tasks on their first N documents each, for dense and every cell (None: none)"""
     generation: bool = True
     """greedy continuations of 16 prompts from the validation slice: repeated 3-grams, distinct-2"""
     perplexity: bool = True
@@ -128,7 +168,13 @@ class _Setup:
     ptb: torch.Tensor
     device: torch.device
     pydoc: torch.Tensor | None = None
-    """the third domain: Python's documentation text (never calibrated on)"""
+    """the third domain: Python's documentation text (calibrated on only before its last 16 windows)"""
+
+    @property
+    def texts(self) -> dict[str, torch.Tensor]:
+        """The named texts loaded once, by source name, for the calibration specs."""
+        named = {"wikitext2": self.wiki, "ptb": self.ptb, "demo": self.pydoc}
+        return {k: v for k, v in named.items() if v is not None}
 
 
 def parse_options(text: str) -> dict:
@@ -222,6 +268,10 @@ def _evaluate(model, setup: _Setup, config: BenchConfig, reference=None) -> dict
     out: dict[str, Any] = {"params": count_parameters(model)}
     if config.perplexity:
         out.update(_perplexities(model, setup, config))
+    if config.zero_shot:
+        tasks = list(LOCAL_TASKS)
+        r = zero_shot(model, setup.tokenizer, tasks, batch_size=16, limit=config.zero_shot, task_data=config.data_dir)
+        out["zero_shot"] = task_scores(r)
     ids = _generation_tokens(setup.wiki, config)
     if config.generation and len(ids) >= 64:
         g = generation_quality(model, ids, prompts=min(16, len(ids) // 64), device=setup.device)
@@ -233,15 +283,11 @@ def _evaluate(model, setup: _Setup, config: BenchConfig, reference=None) -> dict
 
 
 def _perplexities(model, setup: _Setup, config: BenchConfig) -> dict[str, float]:
-    """WikiText-2 test, PTB validation and (when loaded) the last windows of the Python docs."""
-    seqlen = config.seqlen
-    w = perplexity(model, None, setup.wiki, seqlen=seqlen, max_windows=config.eval_windows, progress=False)
-    p = perplexity(model, None, setup.ptb, seqlen=seqlen, max_windows=config.ptb_windows, progress=False)
-    out = {"wikitext2": w.ppl, "ptb": p.ppl}
-    if setup.pydoc is not None:  # its last windows (the demo calibrates on its start)
-        tail = setup.pydoc[-config.pydoc_windows * seqlen :]
-        out["pydoc"] = perplexity(model, None, tail, seqlen=seqlen, progress=False).ppl
-    return out
+    """The scorecard's domains: WikiText-2 test, PTB validation and (when loaded) the Python docs' last windows."""
+    windows = {"wikitext2": config.eval_windows, "ptb": config.ptb_windows, "pydoc": config.pydoc_windows}
+    tokens = {"wikitext2": setup.wiki, "ptb": setup.ptb, "pydoc": setup.pydoc}
+    settings = ScorecardSettings(seqlen=config.seqlen, windows=windows)
+    return domain_perplexities(model, {k: v for k, v in tokens.items() if v is not None}, settings)
 
 
 def _generation_tokens(wiki: torch.Tensor, config: BenchConfig) -> torch.Tensor:
@@ -253,6 +299,7 @@ def _generation_tokens(wiki: torch.Tensor, config: BenchConfig) -> torch.Tensor:
 
 def _settings(config: BenchConfig) -> dict:
     c = config.calibration
+    calibration = {"source": c.source, "samples": c.samples, "seqlen": c.seqlen, "offset": c.offset, "seed": c.seed}
     return {
         "model": config.model,
         "seqlen": config.seqlen,
@@ -261,7 +308,8 @@ def _settings(config: BenchConfig) -> dict:
         "rank_multiple": config.rank_multiple,
         "dtype": config.dtype,
         "perplexity": config.perplexity,
-        "calibration": {"samples": c.samples, "seqlen": c.seqlen, "offset": c.offset, "seed": c.seed},
+        "zero_shot_limit": config.zero_shot,
+        "calibration": {**calibration, **({"heal_calib": config.heal_calib} if config.heal_calib else {})},
     }
 
 
@@ -283,11 +331,13 @@ def _resume(json_path: Path, report: dict) -> dict:
 
 def _settings_of(report: dict) -> dict:
     calib = {k: v for k, v in report.get("calibration", {}).items() if k not in ("seconds", "passes")}
+    calib.setdefault("source", "wikitext2")  # a file written before --calib existed used the protocol's text
     plain = {k: report.get(k) for k in ("model", "seqlen", "eval_windows", "ptb_windows")}
     kept = {
         "rank_multiple": report.get("rank_multiple", 1),
         "dtype": report.get("dtype", "float32"),
         "perplexity": report.get("perplexity", True),
+        "zero_shot_limit": report.get("zero_shot_limit"),
     }
     return {**plain, **kept, "calibration": calib}
 
@@ -323,6 +373,7 @@ def _cell_options(spec: CellSpec, ratio: float, config: BenchConfig, setup: _Set
         options = {**{k: v for k, v in sens.items() if v is not None}, **options}
     loud = spec.allocation != "uniform" or spec.sequential or get_method(spec.method).stage is not None
     loud = loud or spec.heal != "none"
+    heal_text = spec.heal != "none" and config.heal_calib is not None
     return CompressionOptions(
         method=spec.method,
         ratio=ratio,
@@ -335,14 +386,25 @@ def _cell_options(spec: CellSpec, ratio: float, config: BenchConfig, setup: _Set
         rank_multiple=config.rank_multiple,
         device=setup.device,
         progress=loud,
-        calibration=dataclasses.replace(config.calibration, source=setup.wiki),
+        calibration=_bench_calibration(config),
+        heal_calib=protocol_spec(config.heal_calib, config.calibration.offset) if heal_text else None,
     )
+
+
+def _bench_calibration(config: BenchConfig) -> CalibrationSettings:
+    """The calibration settings with the protocol's ranges on the parts that give none."""
+    c = config.calibration
+    return dataclasses.replace(c, source=protocol_spec(c.source, c.offset))
 
 
 def _shared_statistics(setup: _Setup, config: BenchConfig, needs: set[str], passes: dict) -> dict | None:
     """One dense pass for the input statistics and one gradient pass for Fisher, as far as `needs` asks."""
-    c = config.calibration
-    windows = calibration_windows(setup.wiki, c.samples, c.seqlen, c.offset, c.seed)
+    if not needs:
+        return None
+    c = _bench_calibration(config)
+    windows = mixture_windows(
+        c.source, c.samples, c.seqlen, c.offset, c.seed, setup.tokenizer, setup.model, setup.texts
+    )
     arch = find_architecture(setup.model)
     stats = None
     for kind, group in (("inputs", needs - GRADIENT_STATISTICS), ("fisher", needs & GRADIENT_STATISTICS)):
@@ -359,7 +421,7 @@ def _run_cell(spec: CellSpec, options: CompressionOptions, setup: _Setup, config
     work = copy.deepcopy(setup.model)
     reset_peak_rss()
     plan = make_plan(work, options, None if spec.sequential else stats, setup.tokenizer)
-    r = run_plan(plan, work, setup.tokenizer)
+    r = run_plan(plan, work, setup.tokenizer, texts=setup.texts)
     compress_rss = peak_rss_mb()
     shared = (passes.get("inputs", 0.0) if plan.needs - GRADIENT_STATISTICS else 0.0) + (
         passes.get("fisher", 0.0) if plan.needs & GRADIENT_STATISTICS else 0.0
@@ -432,6 +494,8 @@ def run_bench(
     report["calibration"]["seconds"] = sum(passes.values())
     for spec, options in todo:
         cell = _run_cell(spec, options, setup, config, stats, passes)
+        if all(d in cell and d in report["dense"] for d in DOMAINS):
+            cell["generality"] = generality({d: cell[d] for d in DOMAINS}, report["dense"])
         done[_key(cell)] = cell
         log({k: v for k, v in cell.items() if k not in ("ranks", "training", "allocation_report")})
         _write(json_path, report, done, keys)

@@ -45,6 +45,18 @@ def _perplexity_texts(report: dict) -> str:
     )
 
 
+def _calibration_text(calib: dict) -> str:
+    """What the calibration windows were: the protocol's text, or the spec (and the healing cells' own)."""
+    source = calib.get("source", "wikitext2")
+    if source == "wikitext2":
+        text = f"{calib['samples']} x {calib['seqlen']} WikiText-2 test tokens at seeded offsets from {calib['offset']}"
+    else:
+        text = f"`--calib {source}`: {calib['samples']} windows of {calib['seqlen']} tokens, named texts in the "
+        text += "protocol's calibration ranges"
+    heal = calib.get("heal_calib")
+    return text + (f"; healing cells on `--heal-calib {heal}`" if heal else "")
+
+
 def _settings(report: dict) -> list[str]:
     calib = report["calibration"]
     return [
@@ -53,8 +65,8 @@ def _settings(report: dict) -> list[str]:
         f"- command: `{report['command']}`",
         f"- machine: {report['machine']}",
         f"- date: {report['date']}; svdkit {report['svdkit']}, torch {report['torch']}",
-        f"- calibration: {calib['samples']} x {calib['seqlen']} WikiText-2 test tokens at seeded offsets from "
-        f"{calib['offset']} (seed {calib['seed']}); one pass shared by every cell: {calib.get('seconds', 0):.1f} s",
+        f"- calibration: {_calibration_text(calib)} (seed {calib['seed']}); one pass shared by every cell: "
+        f"{calib.get('seconds', 0):.1f} s",
         f"- evaluation: {_perplexity_texts(report)}; generation: greedy continuations of 64 tokens from 16 "
         "prompts of 64 in the validation slice (WikiText-2 test tokens [40960, 57344)), the share of repeated "
         "3-grams per continuation and pooled distinct-2",
@@ -87,11 +99,49 @@ def _quality_table(report: dict) -> list[str]:
     return lines
 
 
+def _scorecard_table(report: dict) -> list[str]:
+    """Every cell's scorecard beside dense: the three domains, generality, the zero-shot accuracies and
+    their mean (with its difference from dense), the generation scores; [] when no cell has zero-shot scores."""
+    dense = report["dense"]
+    if "zero_shot" not in dense:
+        return []
+    tasks = list(dense["zero_shot"]["tasks"])
+    metrics = [f"{t} {dense['zero_shot']['tasks'][t]['metric']}" for t in tasks]
+    limit = report.get("zero_shot_limit")
+    lines = [
+        "## Scorecard",
+        "",
+        f"Zero-shot: lm-eval's tasks on the first {limit} documents of each (accuracy in %; the mean's standard "
+        f"error {100 * dense['zero_shot']['mean_stderr']:.2f} points for dense). Generality: the geometric mean "
+        "over WikiText-2, PTB and Python docs of ppl / dense ppl.",
+        "",
+        "| method | ratio | WikiText-2 | PTB | Python docs | generality | "
+        + " | ".join(metrics)
+        + " | mean | vs dense | rep. 3-grams | distinct-2 |",
+        "|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|",
+    ]
+    for label, ratio, c in [("dense", 0, dense), *((cell_label(c), c["ratio"], c) for c in report["cells"])]:
+        zs = c.get("zero_shot")
+        if zs is None:
+            continue
+        accs = " | ".join(_fmt(100 * zs["tasks"][t]["value"], 1) if t in zs["tasks"] else "" for t in tasks)
+        drop = 100 * (zs["mean"] - dense["zero_shot"]["mean"])
+        lines.append(
+            f"| {label} | {ratio} | {_fmt(c.get('wikitext2'))} | {_fmt(c.get('ptb'))} | {_fmt(c.get('pydoc'))} | "
+            f"{_fmt(c.get('generality', 1.0 if c is dense else None), 3)} | {accs} | {_fmt(100 * zs['mean'], 1)} | "
+            f"{drop:+.1f} | {_fmt(c.get('repeated_3grams'), 3)} | {_fmt(c.get('distinct_2'), 3)} |"
+        )
+    return lines
+
+
 def markdown(report: dict) -> str:
-    """The results as markdown: settings, a quality-and-time table, a speed-and-memory table."""
+    """The results as markdown: settings, a quality-and-time table, the scorecard (with zero-shot scores),
+    a speed-and-memory table."""
     dense = report["dense"]
     calib = report["calibration"]
     lines = [*_settings(report), "", *_quality_table(report)]
+    scorecard = _scorecard_table(report)
+    lines += ["", *scorecard] if scorecard else []
     lines += ["", "## Speed and memory (dense measured in the same run)", ""]
     lines += [
         "| method | allocation | ratio | prefill tok/s | vs dense | forward tok/s | vs dense | decode tok/s | vs dense "

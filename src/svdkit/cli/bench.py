@@ -10,15 +10,27 @@ from ..bench.grid import PROTOCOL_CALIBRATION, BenchConfig, parse_spec, run_benc
 from ..bench.report import markdown
 from ..errors import SvdkitError
 from ..pipeline.options import CalibrationSettings, CompressionOptions
+from ..sources.mixture import parse_calib
 from .common import CALIBRATION_FLAGS, add_dtype, add_fields, fields_from_args, nonnegative, positive, ratio
 
 __all__ = ["add_parser", "add_bench_arguments", "bench_config", "run"]
 
 BENCH_CALIBRATION_FLAGS = {
-    **{k: v for k, v in CALIBRATION_FLAGS.items() if k in ("samples", "offset", "seed")},
+    "source": {
+        **CALIBRATION_FLAGS["source"],
+        "help": "calibration text, the grammar of 'svdkit compress --calib' (e.g. wikitext2:16,demo:8 or self); "
+        "a named part without [START:END] is drawn from the protocol's range, clear of the test and validation "
+        "windows (wikitext2 from --calib-offset, ptb [32768:], demo [:-32768]), a file whole; named texts come "
+        "from --data-dir",
+    },
+    **{k: v for k, v in CALIBRATION_FLAGS.items() if k in ("samples", "seed")},
+    "offset": {
+        **CALIBRATION_FLAGS["offset"],
+        "help": "where WikiText-2's calibration range starts (the protocol's: after the validation slice)",
+    },
     "seqlen": {"flag": "--seqlen", "type": positive, "help": "tokens per window, calibration and evaluation"},
 }
-"""the calibration flags of ``svdkit bench``: no source (the protocol's text), one --seqlen for every window"""
+"""the calibration flags of ``svdkit bench``: one --seqlen for every window"""
 
 
 def add_parser(sub) -> None:
@@ -47,7 +59,14 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
         help="folder with wikitext-2-raw/wiki.test.raw and ptb/ptb.valid.txt (default: $SVDKIT_DATA, else datasets)",
     )
     defaults = {name: getattr(PROTOCOL_CALIBRATION, name) for name in BENCH_CALIBRATION_FLAGS}
+    defaults["samples"] = None  # 32, or a mixture's sum
     add_fields(b, CalibrationSettings, BENCH_CALIBRATION_FLAGS, prefix="calib_", defaults=defaults)
+    b.add_argument(
+        "--heal-calib",
+        metavar="SPEC",
+        default=None,
+        help="the healing cells' text, in --calib's grammar and ranges (default: the calibration windows)",
+    )
     b.add_argument("--eval-windows", type=positive, default=16, help="WikiText-2 evaluation windows (16)")
     b.add_argument("--ptb-windows", type=positive, default=8, help="PTB evaluation windows (8)")
     b.add_argument("--sensitivity-windows", type=positive, default=None, help="sensitivity allocation: windows")
@@ -58,6 +77,14 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--decode-tokens", type=nonnegative, default=64, help="tokens generated per decode run (64)")
     b.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     b.add_argument(
+        "--zero-shot",
+        type=nonnegative,
+        default=0,
+        metavar="N",
+        help="the scorecard's zero-shot accuracy for dense and every cell: lm-eval's arc_easy, piqa, hellaswag, "
+        "winogrande and boolq on their first N documents, read offline from --data-dir's zeroshot/ (0: none)",
+    )
+    b.add_argument(
         "--no-perplexity",
         action="store_true",
         help="measure no perplexity: the generation scores (and speed) only, for cells whose perplexity another "
@@ -67,14 +94,21 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
 
 def bench_config(a: argparse.Namespace) -> BenchConfig:
     """A :class:`svdkit.bench.grid.BenchConfig` from parsed `svdkit bench` arguments."""
-    given = fields_from_args(a, CalibrationSettings, BENCH_CALIBRATION_FLAGS, "calib_")
-    calibration = CalibrationSettings(source=PROTOCOL_CALIBRATION.source, **given)
+    calibration = CalibrationSettings(**fields_from_args(a, CalibrationSettings, BENCH_CALIBRATION_FLAGS, "calib_"))
+    if a.heal_calib is not None:
+        if not any("+heal:" in cell for cell in a.methods):
+            raise SvdkitError("--heal-calib is the healing cells' text, but no cell heals (+heal:NAME)")
+        try:
+            parse_calib(a.heal_calib)  # a bad spec fails here, before the model loads
+        except ValueError as e:
+            raise SvdkitError(f"--heal-calib: {e}") from None
     return BenchConfig(
         model=a.model,
         cells=a.methods,
         ratios=a.ratios,
         data_dir=a.data_dir,
         calibration=calibration,
+        heal_calib=a.heal_calib,
         eval_windows=a.eval_windows,
         ptb_windows=a.ptb_windows,
         sensitivity_windows=a.sensitivity_windows,
@@ -82,6 +116,7 @@ def bench_config(a: argparse.Namespace) -> BenchConfig:
         device=a.device,
         dtype=a.dtype,
         speed=not a.no_speed,
+        zero_shot=a.zero_shot or None,
         decode_tokens=a.decode_tokens,
         plots=not a.no_plots,
         perplexity=not a.no_perplexity,

@@ -131,7 +131,7 @@ def emit(obj: dict, as_json: bool) -> None:
 
 
 CALIBRATION_FLAGS = {
-    "source": {"flag": "--calib"},
+    "source": {"flag": "--calib", "metavar": "SPEC"},
     "samples": {"flag": "--calib-samples", "type": positive},
     "seqlen": {"flag": "--calib-seqlen", "type": positive},
     "offset": {"flag": "--calib-offset", "type": nonnegative},

@@ -63,6 +63,7 @@ FLAGS = {
         "several in order (block,kd); none by default",
     },
     "heal_options": {"flag": "--heal-option", "type": option_pair, "action": "append", "metavar": "NAME.KEY=VALUE"},
+    "heal_calib": {"flag": "--heal-calib", "metavar": "SPEC"},
     "statistics_dir": {"metavar": "DIR"},
     "rank_multiple": {"type": positive, "metavar": "N"},
     "sequential": {"action": "store_true"},

@@ -21,6 +21,7 @@ JSON_KEYS = (
     "update",
     "kv_ratio",
     "heal",
+    "calibration",
     "params",
     "params_dense",
     "ranks",
@@ -72,11 +73,33 @@ def _summary(info: dict) -> None:
             f"training: {tr.get('steps')} steps in {tr.get('seconds')}s, final loss {tr.get('final_loss')}; "
             f"{tr.get('kept', '?')} target parameters kept for a budget of {tr.get('budget', '?')}"
         )
+    _print_text("calibration", info.get("calibration"))
     for h in info["heal"]:
         print(
             f"healing {h['name']}: {h.get('seconds')}s, held-out loss {h.get('held_out_start', 0):.4g} -> "
             f"{h.get('held_out_best', 0):.4g}"
         )
+        _print_text("  healing text", h.get("calibration"))
+
+
+def _print_text(what: str, record: dict | None) -> None:
+    """One line for a calibration record: the spec, its windows and each part of a mixture."""
+    if not record or "source" not in record:
+        return
+    parts = record.get("parts") or []
+    shown = f" ({'; '.join(_part(p) for p in parts)})" if parts else ""
+    print(
+        f"{what}: {record['source']}, {record.get('samples')} windows of {record.get('seqlen')} tokens, seed "
+        f"{record.get('seed')}{shown}"
+    )
+
+
+def _part(part: dict) -> str:
+    """A part of a calibration record: its source, windows and token range."""
+    if part.get("generation") is not None:
+        return f"{part['source']}: {part['windows']} windows written by the model"
+    end = "" if part.get("end") is None else part["end"]
+    return f"{part['source']}: {part['windows']} windows from tokens [{part.get('start') or 0}:{end}]"
 
 
 def _modules(info: dict) -> None:

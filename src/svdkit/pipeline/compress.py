@@ -37,7 +37,7 @@ def compress(
     method: str = "svd-llm",
     ratio: float = 0.2,
     calib: str | os.PathLike | torch.Tensor = "demo",
-    calib_samples: int = 32,
+    calib_samples: int | None = None,
     calib_seqlen: int = 2048,
     calib_offset: int = 0,
     seed: int = 0,
@@ -55,18 +55,18 @@ def compress(
     rank_multiple: int = 8,
     heal: str = "none",
     heal_options: Mapping[str, Any] | None = None,
+    heal_calib: str | os.PathLike | torch.Tensor | None = None,
 ) -> CompressionResult:
     """Compress `model` in place: every target linear becomes a LowRankLinear of its allocated rank.
 
-    The options are :class:`~svdkit.pipeline.options.CompressionOptions` (the calibration ones
-    `calib`, `calib_samples`, `calib_seqlen`, `calib_offset` and `seed` are its ``calibration``);
-    this function makes the plan (:func:`~svdkit.pipeline.plan.make_plan`, every check before any
-    module is touched) and runs its stages (:func:`run_plan`). `calib` is a text source (see
-    :mod:`svdkit.sources.text`) or a 1-D tensor of token ids, read when the method needs calibration
-    statistics or the allocation needs windows. The model's config records the method, ratio,
-    allocation and ranks, so :func:`svdkit.save` writes a folder that loads back as the same low-rank
-    model. `statistics` (from :func:`svdkit.calibration.collect.collect_statistics`, by full module
-    name) skips the calibration pass, so one pass can serve several methods and ratios.
+    The options are :class:`~svdkit.pipeline.options.CompressionOptions` (`calib`, `calib_samples`,
+    `calib_seqlen`, `calib_offset` and `seed` are its ``calibration``); this function makes the plan
+    (:func:`~svdkit.pipeline.plan.make_plan`, every check before any module is touched) and runs its stages
+    (:func:`run_plan`). `calib` is a spec (:mod:`svdkit.sources.mixture`: a text source, ``self``, a mixture
+    like ``"wikitext2:16,demo:8"``) or 1-D token ids; `calib_samples`: 32, or a mixture's sum of counts.
+    The model's config records the method, ratio, allocation and ranks, so :func:`svdkit.save` writes a
+    folder that loads back as the same low-rank model. `statistics` (by full module name, from
+    :func:`svdkit.calibration.collect.collect_statistics`) skips the calibration pass, for many cells.
 
     How calibration runs (:class:`~svdkit.pipeline.plan.CalibrationMode`): input statistics stream, each
     layer factored once its statistics are ready (``sequential=True``: from the compressed layers); ``v2``
@@ -78,17 +78,17 @@ def compress(
     allocation gives at `ratio` (:mod:`svdkit.methods.soco.training`).
 
     `kv_ratio` fixes every k_proj / v_proj at the rank that shrinks a latent KV cache by that fraction
-    (:func:`~svdkit.saved.kvcache.kv_ranks`), whatever the allocation gave them, and keeps them
-    low-rank even above their parameter break-even; the other targets keep the uniform allocation's
-    ranks (another allocation is refused). With ``ratio=0`` only k_proj / v_proj are compressed. Load
-    the result with ``kv_cache="latent"`` to cache the latents. `rank_multiple` rounds the allocated
-    ranks to multiples of it within the same parameter budget (:func:`~svdkit.core.ranks.align_ranks`;
-    SoCo rounds its final ranks); 1 keeps the exact ranks (the papers' convention); the k/v ranks
-    that `kv_ratio` fixes stay exact.
+    (:func:`~svdkit.saved.kvcache.kv_ranks`), whatever the allocation gave them, and keeps them low-rank even
+    above their parameter break-even; the other targets keep the uniform allocation's ranks (another
+    allocation is refused). With ``ratio=0`` only k_proj / v_proj are compressed. Load the result with
+    ``kv_cache="latent"`` to cache the latents. `rank_multiple` rounds the allocated ranks to multiples of it
+    within the same parameter budget (:func:`~svdkit.core.ranks.align_ranks`; SoCo rounds its final ranks);
+    1 keeps the exact ranks (the papers' convention); the k/v ranks that `kv_ratio` fixes stay exact.
 
     `heal` (``"block"``, ``"kd"`` or ``"block,kd"``) then trains the factors toward the dense model at the
     same ranks (:mod:`svdkit.heal`; `heal_options` keyed ``NAME.KEY``, e.g. ``{"kd.max_steps": 100}``); the
-    factor stage keeps the dense modules it replaces until then, so the model is held twice meanwhile.
+    factor stage keeps the dense modules it replaces until then, so the model is held twice meanwhile;
+    `heal_calib` (like `calib`) gives the healers a text of their own instead of the calibration windows.
     """
     start = time.perf_counter()
     options = CompressionOptions(
@@ -103,6 +103,7 @@ def compress(
         rank_multiple=rank_multiple,
         heal=heal,
         heal_options=heal_options,
+        heal_calib=heal_calib,
         targets=targets,
         statistics_dir=statistics_dir,
         device=device,
@@ -113,13 +114,18 @@ def compress(
 
 
 def run_plan(
-    plan: CompressionPlan, model: nn.Module, tokenizer: Any = None, started: float | None = None
+    plan: CompressionPlan,
+    model: nn.Module,
+    tokenizer: Any = None,
+    started: float | None = None,
+    texts: Mapping[str, torch.Tensor] | None = None,
 ) -> CompressionResult:
     """Run every stage of `plan` on `model` (the model it was made for, or a copy), in place.
 
     A failure during decomposition leaves the model partly compressed (reload it); statistics this run
     spilled to disk are removed whatever happens (a store the caller passed in is left alone).
-    `started` (a ``time.perf_counter()`` value) counts the planning into the result's seconds.
+    `started` (a ``time.perf_counter()`` value) counts the planning into the result's seconds. `texts`
+    gives the token streams of named calibration sources (:func:`~svdkit.pipeline.stages.read_windows`).
     """
     start = time.perf_counter() if started is None else started
     timings = {"allocation": 0.0, "calibration": 0.0, "decomposition": 0.0}
@@ -127,7 +133,10 @@ def run_plan(
         timings["training"] = 0.0
     dense = DenseReference() if plan.heals else None
     healing: dict = {}
-    windows = read_windows(plan, tokenizer)
+    windows = read_windows(
+        plan, tokenizer, model, texts
+    )  # before any module changes: `self` text needs the dense model
+    heal_windows = read_windows(plan, tokenizer, model, texts, healing=True) if plan.own_heal_text else windows
     was_training = model.training
     model.eval()
     store = None
@@ -154,7 +163,7 @@ def run_plan(
             timings["training"] = time.perf_counter() - t
         if plan.heals:
             t = time.perf_counter()
-            healing = heal_stage(plan, model, dense, windows)
+            healing = heal_stage(plan, model, dense, heal_windows)
             timings["healing"] = time.perf_counter() - t
     finally:
         model.train(was_training)

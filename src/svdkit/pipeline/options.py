@@ -13,7 +13,6 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,24 +25,44 @@ from ..errors import SvdkitError
 from ..heal import parse_heal
 from ..methods import Method, get_method, make_config
 from ..saved.kvcache import check_kv_ratio
+from ..sources.mixture import SELF, parse_calib, parts_record, spec_counts
 from ..sources.text import SOURCES
 from .update import UPDATES
 
-__all__ = ["CalibrationSettings", "CompressionOptions", "Resolved"]
+__all__ = ["DEFAULT_SAMPLES", "CalibrationSettings", "CompressionOptions", "Resolved"]
+
+DEFAULT_SAMPLES = 32
+"""calibration windows when neither the sample count nor the spec's counts say"""
 
 
 def _source(name: str, v: Any) -> Any:
-    """Token ids (an integer tensor), a name in SOURCES or an existing file: checked before any model loads."""
+    """Token ids (an integer tensor) or a calibration spec (:mod:`svdkit.sources.mixture`: names, files, ``self``,
+    slices and counts): checked before any model loads."""
     if isinstance(v, torch.Tensor):
         if v.is_floating_point() or v.is_complex() or v.dtype is torch.bool:
             raise ValueError(f"{name} as token ids must be an integer tensor, got {v.dtype}")
         return v
     if not isinstance(v, str | os.PathLike) or not os.fspath(v):
-        raise ValueError(f"{name} must be a text file, one of {', '.join(SOURCES)}, or token ids, got {v!r}")
-    if os.fspath(v) not in SOURCES and not Path(v).is_file():
-        what = "is not a file" if Path(v).exists() else f"is neither a file nor one of: {', '.join(SOURCES)}"
-        raise ValueError(f"text source '{os.fspath(v)}' {what}")
+        raise ValueError(f"{name} must be a text file, one of {', '.join(SOURCES)}, self, or token ids, got {v!r}")
+    parse_calib(v)
     return v
+
+
+def _heal_text(name: str, v: Any) -> Any:
+    """None (the calibration windows), or the healing text: token ids or a calibration spec."""
+    if v is None:
+        return v
+    if not isinstance(v, str | os.PathLike) or not os.fspath(v):
+        return _source(name, v)  # token ids, or a wrong type (the message names the field)
+    try:
+        return _source(name, v)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def _samples(name: str, v: Any) -> Any:
+    """None (32, or a mixture's sum of counts: set by :meth:`CalibrationSettings.check`) or a positive integer."""
+    return v if v is None else integer(1)(name, v)
 
 
 @dataclass(frozen=True)
@@ -53,15 +72,50 @@ class CalibrationSettings(UserOptions):
     WHAT = "calibration"
 
     source: str | os.PathLike | torch.Tensor = option(
-        "demo", f"calibration text: a text file or one of {', '.join(SOURCES)} (in Python also token ids)", _source
+        "demo",
+        f"calibration text: SOURCE[[START:END]][:N] parts, comma-separated; SOURCE a text file, one of "
+        f"{', '.join(SOURCES)}, or self (text the model writes); [START:END] a token slice to draw from, N the "
+        "part's windows, e.g. wikitext2:16,demo:8 (in Python also token ids)",
+        _source,
     )
-    samples: int = option(32, "calibration windows", integer(1))
+    samples: int = option(
+        None, f"calibration windows (default {DEFAULT_SAMPLES}; a mixture: the sum of its parts' N)", _samples
+    )
     seqlen: int = option(2048, "tokens per calibration window", integer(2))
     offset: int = option(0, "skip this many tokens first", integer(0))
     seed: int = option(0, "seed of the calibration offsets", integer())
 
+    def check(self) -> None:
+        """The sample count: a mixture's sum of counts (a different explicit one is refused), else 32."""
+        counts = None if isinstance(self.source, torch.Tensor) else spec_counts(parse_calib(self.source), None)
+        total = sum(counts) if counts is not None and None not in counts else None
+        if total is not None and self.samples is not None and self.samples != total:
+            raise ValueError(
+                f"samples is {self.samples}, but the spec '{os.fspath(self.source)}' gives {total} windows in all: "
+                "drop --calib-samples / calib_samples or make them agree"
+            )
+        object.__setattr__(self, "samples", self.samples or total or DEFAULT_SAMPLES)
+
+    def parts(self) -> list[dict[str, Any]]:
+        """Each part's source, window count and token range, as the saved record keeps them."""
+        if isinstance(self.source, torch.Tensor):
+            return [{"source": "token ids", "windows": self.samples, "start": self.offset, "end": None}]
+        return parts_record(self.source, self.samples, self.offset)
+
+    def uses_self(self) -> bool:
+        """True when a part is text the model writes itself (``self``)."""
+        return not isinstance(self.source, torch.Tensor) and any(p.source == SELF for p in parse_calib(self.source))
+
+    def with_text(self, source: str | os.PathLike | torch.Tensor) -> CalibrationSettings:
+        """The same windows' settings for another text (its own counts, else this sample count)."""
+        try:
+            counted = not isinstance(source, torch.Tensor) and spec_counts(parse_calib(source), None) != (None,)
+        except ValueError as e:
+            raise SvdkitError(f"{self.WHAT}: {e}") from None
+        return dataclasses.replace(self, source=source, samples=None if counted else self.samples)
+
     def record(self) -> dict[str, Any]:
-        """The settings as the saved record keeps them (token ids are recorded as such)."""
+        """The settings as the saved record keeps them (token ids are recorded as such): the spec and its parts."""
         source = "token ids" if isinstance(self.source, torch.Tensor) else os.fspath(self.source)
         return {
             "source": source,
@@ -69,6 +123,7 @@ class CalibrationSettings(UserOptions):
             "seqlen": self.seqlen,
             "offset": self.offset,
             "seed": self.seed,
+            "parts": self.parts(),
         }
 
 
@@ -85,6 +140,8 @@ class Resolved:
     kv_ratio: float | None
     heal: tuple = ()
     """the healers to run after the method, in order, each with its config: ((Healer, config), ...)"""
+    heal_calibration: CalibrationSettings | None = None
+    """the healing text's settings (``heal_calib``); None: the healers train on the calibration windows"""
 
     @property
     def kv_only(self) -> bool:
@@ -142,6 +199,12 @@ class CompressionOptions(UserOptions):
     heal_options: Mapping[str, Any] | None = option(
         None, "healing options as NAME.KEY, e.g. kd.max_steps=100 or block.lr=1e-4", mapping()
     )
+    heal_calib: str | os.PathLike | torch.Tensor | None = option(
+        None,
+        "the healing text, in the calibration text's grammar (same window length, offset and seed; a single "
+        "source without N takes the calibration's sample count); default: the calibration windows",
+        _heal_text,
+    )
     statistics_dir: str | os.PathLike | None = option(
         None,
         "where the sensitivity allocation and gradient statistics spill every layer's statistics (a temporary "
@@ -179,6 +242,15 @@ class CompressionOptions(UserOptions):
         if self.update not in UPDATES:
             raise SvdkitError(f"unknown update '{self.update}'; known: {', '.join(UPDATES)}")
         heal = tuple(parse_heal(self.heal, self.heal_options))
+        if self.heal_calib is not None and not heal:
+            raise SvdkitError("heal_calib (--heal-calib) is the healing text: it needs healing (--heal NAMES)")
+        text = None if self.heal_calib is None else self.calibration.with_text(self.heal_calib)
         device = resolve_device(self.device)
-        resolved = Resolved(method, method_config, allocator, allocation_config, device, ratio, kv_ratio, heal)
+        resolved = Resolved(method, method_config, allocator, allocation_config, device, ratio, kv_ratio, heal, text)
         object.__setattr__(self, "resolved", resolved)
+
+    @property
+    def healing_settings(self) -> CalibrationSettings:
+        """The settings of the windows the healers train on: the healing text's (``heal_calib``), else the
+        calibration's."""
+        return self.resolved.heal_calibration or self.calibration

@@ -29,7 +29,7 @@ from ..errors import SvdkitError
 from ..methods import Method
 from ..saved.format import base_classes
 from ..saved.kvcache import KV_TARGETS, kv_ranks
-from .options import CompressionOptions
+from .options import CalibrationSettings, CompressionOptions
 
 __all__ = ["CalibrationMode", "CompressionPlan", "make_plan", "replan", "statistics_needed"]
 
@@ -154,6 +154,11 @@ class CompressionPlan:
         """The targets of this plan in `model` (the model it was made for, or a copy of it)."""
         return find_architecture(model, list(self.facts.targets))
 
+    @property
+    def own_heal_text(self) -> bool:
+        """True when the healers train on windows of their own text (``heal_calib``), not the calibration's."""
+        return self.heals and self.options.resolved.heal_calibration is not None
+
     def calibration_record(self) -> dict[str, Any] | None:
         """How the windows and statistics were made, as the saved record keeps it."""
         record = {**self.options.calibration.record(), "sequential": self.options.sequential}
@@ -219,15 +224,30 @@ def _plan(
             f"update '{options.update}')"
         )
     windows = mode not in (CalibrationMode.NONE, CalibrationMode.PRECOMPUTED)
-    windows = windows or resolved.allocator.needs_windows or resolved.method.stage is not None or bool(resolved.heal)
-    if windows and not has_tokenizer and not isinstance(options.calibration.source, torch.Tensor):
-        raise SvdkitError(
-            f"method '{options.method}' with allocation '{options.allocation}' needs calibration text: "
-            "pass a tokenizer or token ids"
-        )
+    windows = windows or resolved.allocator.needs_windows or resolved.method.stage is not None
+    windows = windows or (bool(resolved.heal) and resolved.heal_calibration is None)  # healing on these windows
+    for settings in (options.calibration if windows else None, resolved.heal_calibration):
+        if settings is not None:
+            _check_text(options, settings, has_tokenizer)
     if windows:
         _check_windows(options, facts)
+    if resolved.heal_calibration is not None:
+        check_context(resolved.heal_calibration.seqlen, facts.context, "healing windows", "--calib-seqlen")
     return CompressionPlan(options, facts, needs, mode, fixed, statistics if needs else None, windows, has_tokenizer)
+
+
+def _check_text(options: CompressionOptions, settings: CalibrationSettings, has_tokenizer: bool) -> None:
+    """Text (not token ids) needs a tokenizer; healing holds out part of its windows, so needs two."""
+    if not has_tokenizer and not isinstance(settings.source, torch.Tensor):
+        raise SvdkitError(
+            f"method '{options.method}' with allocation '{options.allocation}'"
+            f"{' and healing' if options.resolved.heal else ''} needs calibration text: pass a tokenizer or token ids"
+        )
+    if options.resolved.heal and settings is options.healing_settings and settings.samples < 2:
+        raise SvdkitError(
+            "healing holds out part of the calibration windows to guard against overfitting: give at least 2 "
+            "(--calib-samples, or N in --heal-calib)"
+        )
 
 
 def _check_windows(options: CompressionOptions, facts: ModelFacts) -> None:
@@ -237,11 +257,6 @@ def _check_windows(options: CompressionOptions, facts: ModelFacts) -> None:
     stage = options.resolved.method.stage
     if stage is not None and stage.check is not None:
         stage.check(options.resolved.method_config, calibration.samples, calibration.seqlen)
-    if options.resolved.heal and calibration.samples < 2:
-        raise SvdkitError(
-            "healing holds out part of the calibration windows to guard against overfitting: give at least 2 "
-            "(--calib-samples)"
-        )
 
 
 def _check_statistics(options, facts: ModelFacts, statistics: Mapping[str, LinearStats], needs) -> None:

@@ -36,7 +36,7 @@ from ..errors import SvdkitError
 from ..heal import DenseReference, HealContext
 from ..methods import factorize
 from ..saved.format import make_portable
-from ..sources.text import calibration_windows, source_tokens
+from ..sources.mixture import mixture_windows
 from ..version import __version__
 from .plan import CompressionPlan
 from .update import lstsq_update
@@ -91,12 +91,25 @@ class Allocation:
     context: AllocationContext
 
 
-def read_windows(plan: CompressionPlan, tokenizer: Any = None) -> torch.Tensor | None:
-    """The calibration windows (n x seqlen token ids) when the plan needs them, else None."""
-    if not plan.needs_windows:
+def read_windows(
+    plan: CompressionPlan,
+    tokenizer: Any = None,
+    model: nn.Module | None = None,
+    texts: Mapping[str, torch.Tensor] | None = None,
+    healing: bool = False,
+) -> torch.Tensor | None:
+    """The calibration windows (n x seqlen token ids) when the plan needs them, else None; with `healing`, the
+    windows of the healing text (``heal_calib``) when the plan has one, else None. The one place settings
+    become windows (:func:`~svdkit.sources.mixture.mixture_windows`): `model`, still dense, writes the
+    ``self`` text; `texts` gives named sources' token streams (the benchmark's), instead of reading them."""
+    options = plan.options
+    if healing:
+        c = options.resolved.heal_calibration if plan.heals else None
+    else:
+        c = options.calibration if plan.needs_windows else None
+    if c is None:
         return None
-    c = plan.options.calibration
-    return calibration_windows(source_tokens(tokenizer, c.source), c.samples, c.seqlen, c.offset, c.seed)
+    return mixture_windows(c.source, c.samples, c.seqlen, c.offset, c.seed, tokenizer, model, texts, options.progress)
 
 
 def calibrate(plan: CompressionPlan, model: nn.Module, windows: torch.Tensor | None) -> Statistics | None:
@@ -322,11 +335,12 @@ def model_stage(plan: CompressionPlan, model: nn.Module, allocation: Allocation)
 def heal(
     plan: CompressionPlan, model: nn.Module, dense: DenseReference | None, windows: torch.Tensor | None
 ) -> dict[str, dict]:
-    """Run the healers the plan asks for, in order, on the compressed `model` (ranks kept); their reports by name."""
+    """Run the healers the plan asks for, in order, on the compressed `model` (ranks kept), on `windows` (the
+    healing text's when the plan has one, see :func:`read_windows`); their reports by name."""
     if not plan.heals:
         return {}
     if dense is None or windows is None:
-        raise SvdkitError("healing needs the dense modules the factor stage replaced and the calibration windows")
+        raise SvdkitError("healing needs the dense modules the factor stage replaced and its windows")
     context = HealContext(model, plan.architecture(model), dense, windows, plan.device, plan.options.progress)
     return {healer.name: healer.run(context, config) for healer, config in plan.options.resolved.heal}
 
@@ -392,7 +406,8 @@ def _heal_record(plan: CompressionPlan, healing: dict[str, dict]) -> list[dict[s
             rows = report["layers"]
             summary["held_out_start"] = sum(r["held_out_start"] for r in rows) / len(rows)
             summary["held_out_best"] = sum(r["held_out_best"] for r in rows) / len(rows)
-        out.append({"name": healer.name, "config": _plain(config), **summary})
+        text = {"calibration": plan.options.resolved.heal_calibration.record()} if plan.own_heal_text else {}
+        out.append({"name": healer.name, "config": _plain(config), **summary, **text})
     return out
 
 

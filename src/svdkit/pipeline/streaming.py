@@ -22,7 +22,8 @@ the summaries (:class:`ReadLayers`; kept in the partial folder once complete, so
 kill during it repeats it); the ranks are then fixed and the second pass factors and writes. A
 whole-model stage (SoCo's training), an allocation that needs every matrix's statistics at once
 (``sensitivity``) and gradient statistics need the whole model: :func:`stream_refusal` says why, and
-the caller loads the model whole.
+the caller loads the model whole. So does calibration text the model writes itself (``--calib self``):
+generating it runs the whole dense model.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def partial_path(output: Path) -> Path:
 
 def stream_refusal(plan: CompressionPlan) -> str | None:
     """Why `plan` cannot stream layer by layer from the checkpoint (None: it can)."""
+    if plan.needs_windows and plan.options.calibration.uses_self():
+        return "calibration text 'self' is written by the dense model, which a generation pass needs whole in memory"
     if plan.method.stage is not None:
         return f"method '{plan.options.method}' trains all layers together after factoring them"
     if plan.heals:

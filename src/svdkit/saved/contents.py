@@ -161,6 +161,7 @@ def folder_info(folder: str | Path) -> dict:
         "kv_ratio": record.get("kv_ratio"),
         "training": record.get("training"),
         "heal": record.get("heal") or [],
+        "calibration": record.get("calibration"),
         "shapes": dict(sorted(shapes.items(), key=lambda kv: natural_key(kv[0]))),
         "dense_kept": sorted(dense_kept, key=natural_key),
     }
