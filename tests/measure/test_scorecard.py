@@ -79,20 +79,27 @@ def test_scorecard_of_a_compressed_model_beside_dense(data, tiny_tokenizer):
         compare(card, {**dense, "settings": {}})
 
 
-def test_cli_scorecard_with_dense_cached(data, capsys, tiny_folder, tmp_path):
-    argv = ["eval", str(tiny_folder), "--scorecard", "--dense", str(tiny_folder), "--data-dir", str(data)]
-    argv += ["--seqlen", "64", "--limit", "2", "--batch-size", "2", "--device", "cpu", "--json"]
+def test_cli_scorecard_with_dense_cached(data, capsys, tiny_folder, tiny_tokenizer, tmp_path):
+    model = tiny_model()  # what tiny_folder holds
+    svdkit.compress(model, tiny_tokenizer, method="svd", ratio=0.4, device="cpu", progress=False)
+    svdkit.save(model, tiny_tokenizer, tmp_path / "low-rank")
+    options = ["--data-dir", str(data), "--seqlen", "64", "--limit", "2", "--batch-size", "2", "--device", "cpu"]
+    argv = ["eval", str(tmp_path / "low-rank"), "--scorecard", "--dense", str(tiny_folder), *options, "--json"]
     assert main(argv) == 0
     out, _ = capsys.readouterr()
     card = json.loads(out.strip().splitlines()[-1])
-    assert card["generality"] == pytest.approx(1.0) and card["zero_shot_drop"] == pytest.approx(0.0)
-    assert "scorecard of" in out and "generality" in out
-    cached = list((tmp_path / "cache" / "scorecards").glob("*.json"))
-    assert len(cached) == 1 and json.loads(cached[0].read_text())["ppl"] == card["dense"]["ppl"]
-    cached[0].write_text(json.dumps({**card["dense"], "ppl": {k: 2 * v for k, v in card["dense"]["ppl"].items()}}))
-    assert main(argv) == 0  # the dense card now comes from the cache
+    assert card["generality"] == pytest.approx(generality(card["ppl"], card["dense"]["ppl"]))
+    assert card["generality"] > 1
+    assert card["params"] < card["dense"]["params"]
+    assert "scorecard of" in out and "generality" in out and "vs dense" in out
+    cached = {p: json.loads(p.read_text()) for p in (tmp_path / "cache" / "scorecards").glob("*.json")}
+    assert len(cached) == 2  # the model's and dense's, keyed by their weights
+    (dense_file,) = [p for p, c in cached.items() if c["ppl"] == card["dense"]["ppl"]]
+    doubled = {**cached[dense_file], "ppl": {k: 2 * v for k, v in card["dense"]["ppl"].items()}}
+    dense_file.write_text(json.dumps(doubled))
+    assert main(argv) == 0  # both cards now come from the cache
     again = json.loads(capsys.readouterr()[0].strip().splitlines()[-1])
-    assert again["generality"] == pytest.approx(0.5)
+    assert again["ppl"] == card["ppl"] and again["generality"] == pytest.approx(card["generality"] / 2)
 
     assert main(["eval", str(tiny_folder), "--scorecard", "--tasks", "piqa"]) == 2
     assert "--tasks: not with --scorecard" in capsys.readouterr()[1]

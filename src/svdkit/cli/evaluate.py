@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from torch import nn
+
 from ..core.device import resolve_device
 from ..core.lowrank import count_parameters
 from ..deploy.runtime import place
 from ..errors import SvdkitError
 from ..measure.generation import generation_quality
 from ..measure.perplexity import perplexity
-from ..measure.scorecard import ScorecardSettings, compare, dense_scorecard, format_scorecard, scorecard
+from ..measure.scorecard import ScorecardSettings, cached_scorecard, compare, format_scorecard
 from ..measure.tasks import LOCAL_TASKS
 from ..measure.zeroshot import format_results, local_task_dirs, require_lm_eval, zero_shot
 from ..pipeline.options import CompressionOptions
@@ -157,15 +159,20 @@ def _scorecard(a: argparse.Namespace) -> None:
     )
     local_task_dirs(list(settings.tasks), a.data_dir, 0)  # the task data is checked before any model loads
     resolve_device(a.device)
-    dense = None
-    if a.dense:
-        dense = dense_scorecard(a.dense, settings, data_dir=a.data_dir, dtype=a.dtype, device=a.device)
-    model, tok = load_model(a.model, dtype=a.dtype)
-    place(model, a.device)
-    card = scorecard(model, tok, settings, data_dir=a.data_dir, progress=True)
-    card["params"] = count_parameters(model)
+    dense = _card(a.dense, a, settings) if a.dense else None
+    card = _card(a.model, a, settings)
     if dense is not None:
         card = compare(card, dense)
     print(f"scorecard of {a.model} ({card['params']:,} parameters)" + (f" beside {a.dense}" if a.dense else ""))
     print(format_scorecard(card))
     emit(card, a.json)
+
+
+def _card(name: str, a: argparse.Namespace, settings: ScorecardSettings) -> dict:
+    """The scorecard of one model (from the cache when its weights were scored alike), with its parameters."""
+    model, tok = load_model(name, dtype=a.dtype)
+    if not isinstance(model, nn.Module):
+        raise SvdkitError(f"--scorecard scores a PyTorch model, and '{name}' is an ONNX export: score its source")
+    place(model, a.device)
+    card = cached_scorecard(model, tok, settings, data_dir=a.data_dir, progress=True)
+    return {**card, "params": count_parameters(model)}

@@ -9,9 +9,9 @@
 - the generation scores (:mod:`svdkit.measure.generation`): repeated 3-grams and distinct-2 of greedy
   continuations of 16 prompts from WikiText-2's validation slice (tokens [40960, 57344)).
 
-:func:`scorecard` measures one model; :func:`dense_scorecard` the uncompressed one, cached by its
-weights' fingerprint (every compressed cell compares with the same dense card); :func:`compare` puts dense
-beside a card (ratios, differences, generality); :func:`format_scorecard` prints the table.
+:func:`scorecard` measures one model, :func:`cached_scorecard` the same through a cache keyed by the
+weights' fingerprint (every compressed model compares with one measurement of dense); :func:`compare` puts
+dense beside a card (ratios, differences, generality); :func:`format_scorecard` prints the table.
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.architecture import find_architecture
-from ..core.device import resolve_device
 from ..core.fingerprint import model_fingerprint
 from ..errors import SvdkitError
-from ..sources.models import cache_dir, load_model
+from ..sources.models import cache_dir
 from ..sources.text import load_text, tokenize
 from ..version import __version__
 from .generation import generation_quality
@@ -50,7 +48,7 @@ __all__ = [
     "generality",
     "scorecard",
     "compare",
-    "dense_scorecard",
+    "cached_scorecard",
     "format_scorecard",
 ]
 
@@ -176,22 +174,20 @@ def scorecard(
     return card
 
 
-def dense_scorecard(
-    model: str | os.PathLike,
+def cached_scorecard(
+    model: nn.Module,
+    tokenizer,
     settings: ScorecardSettings = ScorecardSettings(),
     *,
     data_dir: str | os.PathLike | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """The scorecard of the uncompressed `model` (a name or folder :func:`~svdkit.sources.models.load_model`
-    takes), from svdkit's cache when the same weights were scored with the same settings, data and versions."""
-    loaded, tok = load_model(model, dtype=dtype)
-    path = cache_dir() / "scorecards" / f"{_card_key(loaded, settings, data_dir)}.json"
+    """:func:`scorecard`, from svdkit's cache when the same weights were scored with the same settings, data
+    and versions (so every compressed model compares with one measurement of dense); written atomically."""
+    path = cache_dir() / "scorecards" / f"{_card_key(model, settings, data_dir)}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    loaded.to(resolve_device(device))
-    card = scorecard(loaded, tok, settings, data_dir=data_dir, progress=True)
+    card = scorecard(model, tokenizer, settings, data_dir=data_dir, progress=progress)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:  # whole or not at all: a reader never sees half a card
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +210,7 @@ def _card_key(model: nn.Module, settings: ScorecardSettings, data_dir) -> str:
             if p.is_file()
         )
     parts = [
-        model_fingerprint(model, find_architecture(model)),
+        model_fingerprint(model),
         json.dumps(settings.record(), sort_keys=True),
         json.dumps(files),
         str(next(model.parameters()).dtype),

@@ -133,9 +133,8 @@ def run_plan(
         timings["training"] = 0.0
     dense = DenseReference() if plan.heals else None
     healing: dict = {}
-    windows = read_windows(
-        plan, tokenizer, model, texts
-    )  # before any module changes: `self` text needs the dense model
+    # before any module changes: `self` text needs the dense model
+    windows = read_windows(plan, tokenizer, model, texts)
     heal_windows = read_windows(plan, tokenizer, model, texts, healing=True) if plan.own_heal_text else windows
     was_training = model.training
     model.eval()
