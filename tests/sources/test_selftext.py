@@ -89,6 +89,11 @@ def test_the_text_is_cached_by_the_models_fingerprint(cache, monkeypatch):
     assert calls[0] == 45
     spec = mixture_windows("self:3", 3, 16, 0, 2, tok, model)  # the spec reads the same cache
     assert calls[0] == 45 and spec.shape == (3, 16)
+    fewer = self_windows(model, tok, 2, 16, seed=2)  # the first windows of the cached set: no model run
+    assert calls[0] == 45 and torch.equal(fewer, spec[:2])
+    more = self_windows(model, tok, 5, 16, seed=2)  # more than cached: written anew, the same first ones
+    assert calls[0] == 60 and torch.equal(more[:3], spec)  # one batch of 5: 15 forwards
+    assert len(list(cache.glob("*.safetensors"))) == 3  # the larger set replaced the smaller one
 
 
 def test_a_killed_write_leaves_no_cache_and_a_bad_cache_is_written_again(cache, monkeypatch):

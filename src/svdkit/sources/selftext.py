@@ -10,9 +10,9 @@ Window i draws its random numbers from its own ``torch.Generator`` seeded from (
 seed gives the same windows on the CPU whatever the batching; the windows are generated
 :data:`BATCH` at a time with a KV cache. The result is cached under svdkit's cache folder
 (``self-text/``), keyed by the model's fingerprint (:func:`~svdkit.core.fingerprint.model_fingerprint`),
-the window count and length, the seed, the excluded tokens and :data:`SELF_TEXT_VERSION` (the generation
-settings), and written atomically (a temporary file renamed into place), so a second run reuses it and a
-killed run leaves no half-written cache.
+the window length, the seed, the excluded tokens and :data:`SELF_TEXT_VERSION` (the generation settings;
+fewer windows than cached are the cached set's first ones), and written atomically (a temporary file
+renamed into place), so a second run reuses it and a killed run leaves no half-written cache.
 """
 
 from __future__ import annotations
@@ -114,31 +114,31 @@ def generate_windows(
     return torch.cat(batches)
 
 
-def _key(model: nn.Module, allowed: torch.Tensor, n: int, seqlen: int, seed: int) -> dict[str, Any]:
-    """What the cached windows depend on."""
+def _key(model: nn.Module, allowed: torch.Tensor, seqlen: int, seed: int) -> dict[str, Any]:
+    """What the cached windows depend on (not their count: window i depends on (seed, i) alone, so the
+    first n windows of a larger cached set are the n windows asked for)."""
     return {
         "version": SELF_TEXT_VERSION,
         "model": model_fingerprint(model),
-        "windows": n,
         "seqlen": seqlen,
         "seed": seed,
         "allowed": digest(allowed.numpy().tobytes()),
     }
 
 
-def _load(path: Path, key: dict[str, Any]) -> torch.Tensor | None:
-    """The cached windows at `path` when they were written for `key`, else None."""
+def _load(path: Path, key: dict[str, Any], n: int) -> torch.Tensor | None:
+    """The first `n` cached windows at `path` when it holds at least `n` written for `key`, else None."""
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             kept, windows = json.loads((f.metadata() or {})["key"]), f.get_tensor("windows")
-        if kept != key or tuple(windows.shape) != (key["windows"], key["seqlen"]):
+        if kept != key or windows.dim() != 2 or windows.shape[1] != key["seqlen"]:
             raise ValueError("written for other settings")
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         warnings.warn(f"ignoring the self-text cache {path} ({e}); writing the text again", stacklevel=3)
         return None
-    return windows
+    return windows[:n] if windows.shape[0] >= n else None
 
 
 def _save(path: Path, windows: torch.Tensor, key: dict[str, Any]) -> None:
@@ -160,10 +160,11 @@ def self_windows(
     model: nn.Module, tokenizer: Any, n: int, seqlen: int, seed: int = 0, progress: bool = False
 ) -> torch.Tensor:
     """:func:`generate_windows`, cached under ``<svdkit cache>/self-text/`` by the model's fingerprint and the
-    settings: a second call with the same model and settings reads the cache and runs no model."""
-    key = _key(model, allowed_tokens(model, tokenizer), n, seqlen, seed)
+    settings: a second call with the same model and settings reads the cache and runs no model, and so does
+    one asking for fewer windows than the cache holds (their first ones); more windows are written anew."""
+    key = _key(model, allowed_tokens(model, tokenizer), seqlen, seed)
     path = cache_dir() / "self-text" / f"{digest(json.dumps(key, sort_keys=True).encode())}.safetensors"
-    cached = _load(path, key)
+    cached = _load(path, key, n)
     if cached is not None:
         return cached
     windows = generate_windows(model, tokenizer, n, seqlen, seed, progress)
