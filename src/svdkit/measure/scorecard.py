@@ -69,7 +69,7 @@ class ScorecardSettings:
     windows: Mapping[str, int] = field(default_factory=lambda: {"wikitext2": 16, "ptb": 8, "pydoc": 8})
     """evaluation windows per domain: the first ones of WikiText-2 and PTB, the last ones of the Python docs"""
     tasks: Sequence[str] = tuple(LOCAL_TASKS)
-    limit: int | None = 500
+    limit: int | None = 250
     """zero-shot documents per task (the first ones; None: every document)"""
     batch_size: int = 16
     generation: bool = True
