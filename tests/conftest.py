@@ -104,6 +104,17 @@ def tiny_folder(tmp_path, tiny_tokenizer):
 
 
 @pytest.fixture()
+def data_dir(tmp_path):
+    """A protocol data folder holding a tiny WikiText-2 test text and a tiny PTB validation text."""
+    d = tmp_path / "data"
+    (d / "wikitext-2-raw").mkdir(parents=True)
+    (d / "ptb").mkdir()
+    (d / "wikitext-2-raw" / "wiki.test.raw").write_text(TEXT * 3)
+    (d / "ptb" / "ptb.valid.txt").write_text(TEXT.lower() * 2)
+    return d
+
+
+@pytest.fixture()
 def text_file(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text(TEXT * 3)

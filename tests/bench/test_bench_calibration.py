@@ -6,24 +6,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
-from conftest import TEXT, assert_error, run_cli
+from conftest import assert_error, run_cli
 
 import svdkit.bench.grid as grid
 from svdkit.bench.grid import PROTOCOL_CALIBRATION, protocol_spec
 from svdkit.sources.mixture import mixture_windows
 from svdkit.sources.text import calibration_windows
-
-
-@pytest.fixture()
-def data_dir(tmp_path):
-    d = tmp_path / "data"
-    (d / "wikitext-2-raw").mkdir(parents=True)
-    (d / "ptb").mkdir()
-    (d / "wikitext-2-raw" / "wiki.test.raw").write_text(TEXT * 3)
-    (d / "ptb" / "ptb.valid.txt").write_text(TEXT.lower() * 2)
-    return d
 
 
 def _argv(folder, data_dir, out, *extra) -> list:

@@ -5,17 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TEXT, run_cli
-
-
-@pytest.fixture()
-def data_dir(tmp_path):
-    d = tmp_path / "data"
-    (d / "wikitext-2-raw").mkdir(parents=True)
-    (d / "ptb").mkdir()
-    (d / "wikitext-2-raw" / "wiki.test.raw").write_text(TEXT * 3)
-    (d / "ptb" / "ptb.valid.txt").write_text(TEXT.lower() * 2)
-    return d
+from conftest import run_cli
 
 
 def _grid(folder, data_dir, out, *extra):
