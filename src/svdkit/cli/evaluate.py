@@ -44,8 +44,12 @@ def add_parser(sub) -> None:
         help="instead of perplexity, zero-shot accuracy on these lm-evaluation-harness tasks, e.g. "
         "arc_easy,hellaswag (needs: pip install 'svdkit[zeroshot]')",
     )
-    e.add_argument("--limit", type=positive, default=None, help="with --tasks: at most N documents per task")
-    e.add_argument("--batch-size", type=positive, default=None, help="with --tasks: documents per batch (1)")
+    e.add_argument(
+        "--limit", type=positive, default=None, help="at most N documents per task (--tasks; --scorecard: 250)"
+    )
+    e.add_argument(
+        "--batch-size", type=positive, default=None, help="documents per batch (--tasks: 1; --scorecard: 16)"
+    )
     e.add_argument(
         "--task-dir",
         action="append",
