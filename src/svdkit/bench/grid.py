@@ -54,10 +54,8 @@ from ..core.ranks import check_ratio
 from ..errors import SvdkitError
 from ..heal import parse_heal
 from ..measure.generation import generation_quality
-from ..measure.scorecard import DOMAINS, ScorecardSettings, domain_perplexities, generality, task_scores
+from ..measure.scorecard import DOMAINS, ScorecardSettings, domain_perplexities, generality, zero_shot_scores
 from ..measure.speed import measure, peak_rss_mb, reset_peak_rss
-from ..measure.tasks import LOCAL_TASKS
-from ..measure.zeroshot import zero_shot
 from ..methods import get_method, method_names
 from ..pipeline.compress import run_plan
 from ..pipeline.options import CalibrationSettings, CompressionOptions
@@ -269,9 +267,8 @@ def _evaluate(model, setup: _Setup, config: BenchConfig, reference=None) -> dict
     if config.perplexity:
         out.update(_perplexities(model, setup, config))
     if config.zero_shot:
-        tasks = list(LOCAL_TASKS)
-        r = zero_shot(model, setup.tokenizer, tasks, batch_size=16, limit=config.zero_shot, task_data=config.data_dir)
-        out["zero_shot"] = task_scores(r)
+        settings = ScorecardSettings(limit=config.zero_shot)
+        out["zero_shot"] = zero_shot_scores(model, setup.tokenizer, settings, data_dir=config.data_dir)
     ids = _generation_tokens(setup.wiki, config)
     if config.generation and len(ids) >= 64:
         g = generation_quality(model, ids, prompts=min(16, len(ids) // 64), device=setup.device)

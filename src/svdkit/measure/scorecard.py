@@ -45,6 +45,7 @@ __all__ = [
     "domain_tokens",
     "domain_perplexities",
     "task_scores",
+    "zero_shot_scores",
     "generality",
     "scorecard",
     "compare",
@@ -141,6 +142,28 @@ def generality(ppl: Mapping[str, float], dense: Mapping[str, float]) -> float:
     return math.exp(sum(math.log(ppl[d] / dense[d]) for d in names) / len(names))
 
 
+def zero_shot_scores(
+    model: nn.Module,
+    tokenizer,
+    settings: ScorecardSettings = ScorecardSettings(),
+    *,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The scorecard's zero-shot part (:func:`task_scores`): `settings`' tasks on their first `limit` documents."""
+    tasks = list(settings.tasks)
+    results = zero_shot(
+        model,
+        tokenizer,
+        tasks,
+        batch_size=settings.batch_size,
+        limit=settings.limit,
+        task_data=data_dir,
+        progress=progress,
+    )
+    return task_scores({t: results[t] for t in tasks})
+
+
 @torch.no_grad()
 def scorecard(
     model: nn.Module,
@@ -157,16 +180,7 @@ def scorecard(
     tokens = tokens if tokens is not None else domain_tokens(tokenizer, data_dir)
     card: dict[str, Any] = {"settings": settings.record(), "ppl": domain_perplexities(model, tokens, settings)}
     if settings.tasks:
-        results = zero_shot(
-            model,
-            tokenizer,
-            list(settings.tasks),
-            batch_size=settings.batch_size,
-            limit=settings.limit,
-            task_data=data_dir,
-            progress=progress,
-        )
-        card["zero_shot"] = task_scores({t: results[t] for t in settings.tasks})
+        card["zero_shot"] = zero_shot_scores(model, tokenizer, settings, data_dir=data_dir, progress=progress)
     if settings.generation:
         wiki = tokens["wikitext2"]
         g = generation_quality(model, wiki[VALIDATION[0] : VALIDATION[1]])
