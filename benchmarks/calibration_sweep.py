@@ -10,6 +10,8 @@ validation data, the windows the protocol sets aside for choosing settings: Wiki
 [40960, 57344), PTB validation windows 8-15, and the 8 Python-docs windows before the protocol's last 8;
 'generality' is the geometric mean of the three ppl / dense ppl. Never the test windows or the zero-shot
 sets. One JSON line per calibration is appended to --out; calibrations already there are skipped (resume).
+`--plot PNG` draws the trade-off from --out's rows: WikiText-2 validation ppl / dense (in-domain) against
+generality, one labelled point per calibration.
 """
 
 from __future__ import annotations
@@ -40,6 +42,34 @@ def scores(model, val: dict) -> dict:
     return {k: svdkit.perplexity(model, None, v, seqlen=W, progress=False).ppl for k, v in val.items()}
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """In-domain (WikiText-2 validation ppl / dense) against generality, one labelled point per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for r in rows:
+        x, y = r["validation_ppl"]["wikitext2"] / r["dense"]["wikitext2"], r["generality"]
+        label = r["calib"] + ("" if r["heal"] == "none" else f" + heal {r['heal']}")
+        ax.scatter(x, y, color="tab:blue")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="WikiText-2 validation ppl / dense (in-domain)")
+    ax.set(ylabel="generality (geometric mean of ppl / dense, 3 domains)")
+    ax.set_title(f"svd-llm at {rows[0]['ratio']}: calibration text, in-domain against general", fontsize=10)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+        axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        axis.set_minor_formatter(ticker.NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ratio", type=float, default=0.2)
@@ -47,7 +77,11 @@ def main() -> None:
     p.add_argument("--heal", default="none", help="healers after the method, e.g. block,kd")
     p.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--plot", type=Path, help="draw --out's rows into this PNG and stop")
     a = p.parse_args()
+    if a.plot is not None:
+        plot([json.loads(line) for line in a.out.read_text().splitlines()], a.plot)
+        return
     os.environ["SVDKIT_DATA"] = str(a.data_dir)  # named sources read the protocol's files
     done = set()
     if a.out.exists():

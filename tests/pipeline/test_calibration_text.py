@@ -126,3 +126,14 @@ def test_a_streamed_compression_refuses_self_before_any_work(capsys, tmp_path, t
     assert last_json(out)["params"] < last_json(out)["params_dense"]
     record = json.loads((tmp_path / "out" / "config.json").read_text())["svdkit"]["calibration"]
     assert record["source"] == "self:2" and record["parts"][0]["generation"] == 1
+
+
+def test_compress_notes_a_calibration_on_one_text(capsys, tmp_path, tiny_folder, text_file):
+    """The default (Python's docs alone) calibrates one domain: compress says so in one line; a mixture not."""
+    code, out, err = run_cli(capsys, "compress", tiny_folder, "--calib-seqlen", 32, "--output", tmp_path / "one")
+    assert code == 0, err
+    assert "note: calibrated on one text (demo); outside its domain perplexity can be many times dense" in out
+    mixture = ["--calib", f"demo:2,{text_file}:2", "--calib-seqlen", 32, "--output", tmp_path / "two"]
+    code, out, err = run_cli(capsys, "compress", tiny_folder, *mixture)
+    assert code == 0, err
+    assert "note: calibrated" not in out

@@ -26,7 +26,9 @@ from ..pipeline.streaming import NotStreamable, compress_folder
 from ..pipeline.update import UPDATES
 from ..saved.contents import dense_bytes
 from ..saved.folder import densify, prepare_output_dir, save
+from ..saved.format import read_svdkit_config
 from ..sources.checkpoint import Checkpoint, check_fits_memory
+from ..sources.mixture import SELF
 from ..sources.models import load_model, local_folder
 from .common import (
     CALIBRATION_FLAGS,
@@ -214,11 +216,25 @@ def _report(a: argparse.Namespace, result, model, out, seconds: float) -> None:
         except OSError as e:
             raise SvdkitError(f"the model was written to {out}, but not its training curve: {e}") from e
     _report_healing(result.healing, out)
+    _one_text_note(out)
     if a.allocation != "uniform" or result.training:
         print(rank_summary(result.ranks, result.dense_kept, _shapes(model, result)))
         for key, value in result.allocation.items():
             if key not in ("name", "config"):
                 print(f"  {key}: {value}")
+
+
+def _one_text_note(out: Path) -> None:
+    """One line when every calibration window came from one real text (the default: Python's documentation):
+    such a model can be many times dense perplexity outside that text's domain (docs/results.md)."""
+    calibration = (read_svdkit_config(out) or {}).get("calibration") or {}
+    sources = {p.get("source") for p in calibration.get("parts") or []}
+    if len(sources) == 1 and SELF not in sources and "token ids" not in sources:
+        print(
+            f"note: calibrated on one text ({sources.pop()}); outside its domain perplexity can be many times "
+            "dense: a mixture generalizes better (--calib with texts of your domains, e.g. a.txt:16,b.txt:16, "
+            "or demo:16,self:16 with none; README, calibration)"
+        )
 
 
 def _report_healing(healing: dict, out: Path) -> None:
