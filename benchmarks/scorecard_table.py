@@ -5,13 +5,14 @@
         docs/results/heal_kd_lr_46/results.json --plot docs/results/scorecard/tradeoff.png
 
 Every file is a results JSON of `svdkit bench` on the protocol (the same test windows; the calibration text
-is the run's own, read from the file: a file written before `--calib` existed calibrated on WikiText-2).
+is the run's own, read from the file: a file written before `--calib` existed calibrated on WikiText-2; a
+healed cell's healing text where `--heal-calib` gave one).
 Prints markdown: one row per cell and calibration with the three domains' perplexity, generality (the
 geometric mean of ppl / dense ppl), the five zero-shot accuracies where the run scored them, their mean and,
 beside it, the mean of the four tasks other than BoolQ: dense SmolLM2-135M answers BoolQ below its majority
 class (it mostly says "no"), so a compressed model that drifts toward "yes" gains up to 20 points there
 without understanding more, which the five-task mean hides. `--plot PNG` draws WikiText-2 perplexity against
-generality, one point per cell, a line joining a cell's calibrations.
+generality, one point per cell, a line joining a cell's calibrations (labelled calibration / healing text).
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ def cells(paths: list[Path]) -> tuple[dict, list[tuple[str, dict]]]:
         report = json.loads(path.read_text())
         dense = dense or report["dense"]
         calib = report.get("calibration", {}).get("source", "wikitext2")
-        rows += [(calib, c) for c in report["cells"] if all(d in c for d in DOMAINS)]
+        heal = report.get("calibration", {}).get("heal_calib")
+        rows += [
+            (calib if heal is None or c.get("heal", "none") == "none" else f"{calib}; healing: {heal}", c)
+            for c in report["cells"]
+            if all(d in c for d in DOMAINS)
+        ]
     if dense is None:
         raise SystemExit("no results file given")
     return dense, rows
@@ -40,6 +46,11 @@ def cells(paths: list[Path]) -> tuple[dict, list[tuple[str, dict]]]:
 
 def generality(cell: dict, dense: dict) -> float:
     return math.exp(sum(math.log(cell[d] / dense[d]) for d in DOMAINS) / len(DOMAINS))
+
+
+def rank(calib: str) -> tuple:
+    """WikiText-2 (the protocol's) first, then WikiText-2 healed on another text, then the rest."""
+    return (calib != "wikitext2", not calib.startswith("wikitext2;"), calib)
 
 
 def label(cell: dict) -> str:
@@ -74,7 +85,7 @@ def table(dense: dict, rows: list[tuple[str, dict]]) -> str:
         "| rep. 3-grams |"
     )
     lines = [head, "|" + "---|" * 15, row("dense", "", 0, dense, dense)]
-    order = sorted(rows, key=lambda r: (label(r[1]), r[1]["ratio"], r[0] != "wikitext2", r[0]))
+    order = sorted(rows, key=lambda r: (label(r[1]), r[1]["ratio"], rank(r[0])))
     lines += [row(label(c), calib, c["ratio"], c, dense) for calib, c in order]
     return "\n".join(lines)
 
@@ -92,12 +103,12 @@ def plot(dense: dict, rows: list[tuple[str, dict]], path: Path) -> None:
     for calib, c in rows:
         groups.setdefault((label(c), c["ratio"]), []).append((calib, c))
     for (name, ratio), members in sorted(groups.items()):
-        members.sort(key=lambda m: m[0] != "wikitext2")
+        members.sort(key=lambda m: rank(m[0]))
         xs = [c["wikitext2"] for _, c in members]
         ys = [generality(c, dense) for _, c in members]
         (line,) = ax.plot(xs, ys, marker="o", label=f"{name} {ratio}")
         for (calib, _), x, y in zip(members, xs, ys, strict=True):
-            short = "WikiText-2" if calib == "wikitext2" else "mixture"
+            short = " / ".join("WikiText-2" if t == "wikitext2" else "mixture" for t in calib.split("; healing: "))
             ax.annotate(short, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color())
     ax.axhline(1.5, color="grey", linestyle=":", label="goal at 0.2: generality 1.5")
     ax.set(xscale="log", yscale="log", xlabel="WikiText-2 test perplexity (dense 20.82)")
