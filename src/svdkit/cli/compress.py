@@ -226,14 +226,14 @@ def _report(a: argparse.Namespace, result, model, out, seconds: float) -> None:
 
 def _one_text_note(out: Path) -> None:
     """One line when every calibration window came from one real text (the default: Python's documentation):
-    such a model can be many times dense perplexity outside that text's domain (docs/results.md)."""
+    such a model can be many times dense perplexity outside that text's domain (README: "Which text")."""
     calibration = (read_svdkit_config(out) or {}).get("calibration") or {}
     sources = {p.get("source") for p in calibration.get("parts") or []}
     if len(sources) == 1 and SELF not in sources and "token ids" not in sources:
         print(
             f"note: calibrated on one text ({sources.pop()}); outside its domain perplexity can be many times "
             "dense: a mixture generalizes better (--calib with texts of your domains, e.g. a.txt:16,b.txt:16, "
-            "or demo:16,self:16 with none; README, calibration)"
+            "or demo:16,self:16 with none; README: Which text)"
         )
 
 
