@@ -24,6 +24,8 @@ import os
 import time
 from pathlib import Path
 
+from scorecard_table import save_log_plot
+
 import svdkit
 from svdkit.bench.grid import protocol_spec
 from svdkit.sources.text import load_text, tokenize
@@ -48,7 +50,6 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib import ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for r in rows:
@@ -56,18 +57,10 @@ def plot(rows: list[dict], path: Path) -> None:
         label = r["calib"] + ("" if r["heal"] == "none" else f" + heal {r['heal']}")
         ax.scatter(x, y, color="tab:blue")
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set(xscale="log", yscale="log", xlabel="WikiText-2 validation ppl / dense (in-domain)")
+    ax.set(xlabel="WikiText-2 validation ppl / dense (in-domain)")
     ax.set(ylabel="generality (geometric mean of ppl / dense, 3 domains)")
     ax.set_title(f"svd-llm at {rows[0]['ratio']}: calibration text, in-domain against general", fontsize=10)
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
-        axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-        axis.set_minor_formatter(ticker.NullFormatter())
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_log_plot(fig, ax, path)
 
 
 def main() -> None:

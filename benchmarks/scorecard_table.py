@@ -96,7 +96,6 @@ def plot(dense: dict, rows: list[tuple[str, dict]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib import ticker
 
     fig, ax = plt.subplots(figsize=(7.2, 5.0))
     groups: dict[tuple[str, float], list[tuple[str, dict]]] = {}
@@ -111,15 +110,24 @@ def plot(dense: dict, rows: list[tuple[str, dict]], path: Path) -> None:
             short = " / ".join("WikiText-2" if t == "wikitext2" else "mixture" for t in calib.split("; healing: "))
             ax.annotate(short, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color())
     ax.axhline(1.5, color="grey", linestyle=":", label="goal at 0.2: generality 1.5")
-    ax.set(xscale="log", yscale="log", xlabel="WikiText-2 test perplexity (dense 20.82)")
+    ax.set(xlabel="WikiText-2 test perplexity (dense 20.82)")
     ax.set(ylabel="generality (geometric mean of ppl / dense over 3 domains)")
+    ax.legend(fontsize=7)
+    ax.set_title("Calibration text: in-domain perplexity against generality (SmolLM2-135M)", fontsize=10)
+    save_log_plot(fig, ax, path)
+
+
+def save_log_plot(fig, ax, path: Path) -> None:
+    """Both axes logarithmic, labelled in plain numbers (1, 2, 3, 5 per decade), a grid; the PNG written."""
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    ax.set(xscale="log", yscale="log")
     for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
         axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         axis.set_minor_formatter(ticker.NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("Calibration text: in-domain perplexity against generality (SmolLM2-135M)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
