@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
+from svdkit.measure.scorecard import DOMAINS, generality
+
 TASKS = ("arc_easy", "piqa", "hellaswag", "winogrande", "boolq")
-DOMAINS = ("wikitext2", "ptb", "pydoc")
 
 
 def cells(paths: list[Path]) -> tuple[dict, list[tuple[str, dict]]]:
@@ -42,10 +42,6 @@ def cells(paths: list[Path]) -> tuple[dict, list[tuple[str, dict]]]:
     if dense is None:
         raise SystemExit("no results file given")
     return dense, rows
-
-
-def generality(cell: dict, dense: dict) -> float:
-    return math.exp(sum(math.log(cell[d] / dense[d]) for d in DOMAINS) / len(DOMAINS))
 
 
 def rank(calib: str) -> tuple:
