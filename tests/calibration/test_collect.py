@@ -10,7 +10,20 @@ from torch import nn
 
 import svdkit
 from svdkit import find_architecture
-from svdkit.calibration.collect import collect_statistics, iterate_layers
+from svdkit.calibration.collect import calibrate_layers, collect_statistics
+
+
+def walked(model, arch, windows, needs, sequential=False, use=None):
+    """Every item calibrate_layers hands over, in order (`use` also sees each, as it comes)."""
+    items = []
+
+    def keep(item):
+        items.append(item)
+        if use is not None:
+            use(item)
+
+    calibrate_layers(model, arch, windows, needs, torch.device("cpu"), keep, sequential, progress=False)
+    return items
 
 
 def reference_grams(model, windows):
@@ -64,13 +77,16 @@ def test_sequential_mode_feeds_the_modified_layer_forward():
     for sequential in (False, True):
         model = tiny_model()
         arch = find_architecture(model)
-        for item in iterate_layers(model, arch, windows, {"gram"}, torch.device("cpu"), sequential, progress=False):
+
+        def perturb(item, sequential=sequential):
             stages[sequential].append(sorted(item.stats))
             for name, st in item.stats.items():
                 grams[sequential, item.index, name] = st["gram"]
             with torch.no_grad():  # perturb what was just collected: only sequential mode may see it later
                 for name in item.stats:
                     item.layer.get_submodule(name).weight.mul_(0.1)
+
+        walked(model, arch, windows, {"gram"}, sequential, perturb)
     n_layers = len(find_architecture(tiny_model()).layers)
     assert stages[False] == [sorted(find_architecture(tiny_model()).targets)] * n_layers
     assert stages[True][:4] == [["self_attn.k_proj", q, "self_attn.v_proj"], [o], [gate, up], [down]]
@@ -100,7 +116,7 @@ def test_sequential_stages_leave_no_hooks_and_an_unchanged_model(needs):
     ids = random_tokens(32)[None]
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    items = list(iterate_layers(model, find_architecture(model), ids, needs, torch.device("cpu"), True, progress=False))
+    items = walked(model, find_architecture(model), ids, needs, sequential=True)
     assert len(items) == 4 * len(find_architecture(model).layers)
     assert all(not m._forward_pre_hooks for m in model.modules())
     with torch.no_grad():
@@ -111,28 +127,26 @@ def test_sequential_stages_leave_no_hooks_and_an_unchanged_model(needs):
 def test_two_stream_cross_statistic(tmp_path):
     """Without any replacement both streams are the dense one, so C = G exactly; once layer 0 is
     compressed, layer 1's C is the dense inputs against the compressed model's inputs."""
-    from svdkit.calibration.collect import iterate_layers
     from svdkit.sources.text import calibration_windows
 
     model = tiny_model("llama")
     arch = svdkit.find_architecture(model)
     windows = calibration_windows(random_tokens(4 * 32, seed=1), 4, 32)
-    for item in iterate_layers(
-        model, arch, windows, {"gram", "cross"}, torch.device("cpu"), sequential=True, progress=False
-    ):
+    for item in walked(model, arch, windows, {"gram", "cross"}, sequential=True):
         for st in item.stats.values():
             assert torch.allclose(st["cross"], st["gram"], rtol=1e-6, atol=1e-6)
     seen = {}
-    for item in iterate_layers(
-        model, arch, windows, {"gram", "cross"}, torch.device("cpu"), sequential=True, progress=False
-    ):
+
+    def compress_v(item):
         seen.update({(item.index, name): st for name, st in item.stats.items()})
         if item.index == 0 and "self_attn.v_proj" in item.stats:
             with torch.no_grad():
                 item.layer.self_attn.v_proj.weight.mul_(0.5)  # "compress" layer 0's v_proj
+
+    walked(model, arch, windows, {"gram", "cross"}, sequential=True, use=compress_v)
     # the dense stream runs through an unmodified copy: o_proj's inputs differ within layer 0 already
     for key in [(0, "self_attn.o_proj"), (1, "self_attn.q_proj")]:
         assert not torch.allclose(seen[key]["cross"], seen[key]["gram"], rtol=1e-3)
     assert torch.equal(seen[0, "self_attn.q_proj"]["cross"], seen[0, "self_attn.q_proj"]["gram"])
     with pytest.raises(svdkit.SvdkitError, match="needs sequential=True"):
-        next(iterate_layers(tiny_model("llama"), arch, windows, {"cross"}, torch.device("cpu"), progress=False))
+        walked(tiny_model("llama"), arch, windows, {"cross"})

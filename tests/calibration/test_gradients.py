@@ -9,7 +9,7 @@ from conftest import random_tokens, tiny_model
 import svdkit
 from svdkit.calibration.collect import collect_statistics
 from svdkit.calibration.gradients import collect_fisher, loss_from_layer
-from svdkit.calibration.walk import capture_layer_inputs, layer_output
+from svdkit.engine import capture_layer_inputs, layer_output
 
 CPU = torch.device("cpu")
 

@@ -34,11 +34,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibration.gradients import loss_from_layer
-from ..calibration.walk import capture_layer_inputs, layer_bounds
 from ..core.fingerprint import digest, model_fingerprint
 from ..core.lowrank import LowRankLinear
 from ..core.options import Options, integer, number, option, path
 from ..core.ranks import check_ratio, cost, rank_for_ratio
+from ..engine import capture_layer_inputs, layer_bounds
 from ..errors import SvdkitError
 from ..methods.base import factorize
 from ..sources.models import cache_dir

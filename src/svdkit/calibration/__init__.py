@@ -1,6 +1,7 @@
-"""Calibration: statistics of every target's inputs (or gradients), one decoder layer at a time.
+"""Calibration: statistics of every target's inputs (or gradients), one decoder layer at a time on the
+layer engine (:mod:`svdkit.engine`).
 
-walk.py is the one layer-by-layer walk (inputs of layer 0 captured, then each layer run on the device
-alone); collect.py hooks the target linears on it; gradients.py backpropagates through it (FWSVD's Fisher
-information); statistics.py holds the accumulators; store.py spills finished statistics to disk.
+collect.py hooks the target linears as the engine walks the layers; gradients.py backpropagates layer by
+layer (FWSVD's Fisher information); statistics.py holds the accumulators; store.py spills finished
+statistics to disk.
 """

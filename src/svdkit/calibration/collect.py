@@ -1,8 +1,8 @@
-"""Input statistics of every target linear, collected on the layer-by-layer walk (:mod:`.walk`).
+"""Input statistics of every target linear, collected on the layer engine (:mod:`svdkit.engine`).
 
 Linears fed the very same tensor (q/k/v, gate/up) share one accumulator, so each Gram matrix is
-computed once. :func:`iterate_layers` yields each layer with its finished statistics; the caller may
-replace modules in that layer before the generator resumes. By default the next layer's inputs are the
+computed once. :func:`calibrate_layers` hands each layer with its finished statistics to a callable,
+which may replace modules in that layer before the walk goes on. By default the next layer's inputs are the
 dense layer's outputs; with ``sequential=True`` every input (within a layer too) is recomputed through
 the modules modified so far. :func:`collect_statistics` runs the whole pass (and the gradient pass for
 Fisher information) and returns every target's statistics.
@@ -11,29 +11,28 @@ Fisher information) and returns every target's statistics.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.architecture import Architecture
+from ..engine import LayerSource, Step, Work, captured, layer_output, walk_layers
 from ..errors import SvdkitError
 from .gradients import GRADIENT_STATISTICS, collect_fisher
 from .statistics import STATISTICS, LinearStats, Statistic
 from .store import StatisticsStore
-from .walk import LayerSource, capture_layer_inputs, layer_output, move_outside_layers, on_device, outside_device
 
 CROSS = "cross"
 """dense inputs against compressed inputs, mean of x_dense x^T (two-stream sequential calibration only)"""
 
-__all__ = ["CROSS", "LayerStats", "collect_statistics", "iterate_layers"]
+__all__ = ["CROSS", "LayerStats", "calibrate_layers", "collect_statistics"]
 
 
 @dataclass
 class LayerStats:
-    """What :func:`iterate_layers` yields: a decoder layer and its targets' statistics."""
+    """What :func:`calibrate_layers` hands its user: a decoder layer and its targets' statistics."""
 
     index: int
     layer: nn.Module
@@ -155,95 +154,88 @@ class _Collector:
         return out
 
 
-@torch.no_grad()
-def iterate_layers(
+def calibrate_layers(
     model: nn.Module,
     arch: Architecture,
     windows: torch.Tensor,
     needs: Iterable[str],
     device: torch.device,
+    use: Callable[[LayerStats], None],
     sequential: bool = False,
     progress: bool = True,
     source: LayerSource | None = None,
     desc: str = "calibrating layers",
-) -> Iterator[LayerStats]:
-    """Yield every decoder layer (on `device`) with its targets' statistics, in order.
+) -> None:
+    """Hand `use` every decoder layer (on `device`) with its targets' statistics, in order, on the layer
+    engine (:func:`~svdkit.engine.walk.walk_layers`).
 
-    The caller may swap modules inside ``item.layer`` before asking for the next item. The layer goes
-    back to its original device afterwards. By default each layer is yielded once, with every target's
-    statistics from the dense inputs.
+    `use` may swap modules inside ``item.layer``; the layer goes back to its original device afterwards.
+    By default each layer comes once, with every target's statistics from the dense inputs, and the next
+    layer's inputs are the dense layer's outputs.
 
-    ``sequential=True`` yields each layer once per distinct input, in the order the forward reaches
+    ``sequential=True`` hands each layer once per distinct input, in the order the forward reaches
     them (q/k/v, then o, then gate/up, then down), each time with only those targets' statistics,
-    computed through the layer as the caller has modified it so far (intra-layer sequential, as GPTQ's
+    computed through the layer as `use` has modified it so far (intra-layer sequential, as GPTQ's
     "true sequential"): o_proj's statistics see the compressed q/k/v. Each stage reruns the layer up to
     the input it needs; the next layer's inputs are the fully modified layer's outputs. With ``"cross"``
     in `needs` a second stream of hidden states runs through a dense copy of each layer alongside, and
     each target also gets C = mean x_dense x^T (the least-squares update's cross statistic); this
     doubles the activations held and adds one dense forward per stage.
 
-    `source` (a :class:`~.walk.LayerSource`) loads each layer before it runs and takes it once final, and
-    may start the walk at a later layer. `desc` names the progress bar.
+    `source` (a :class:`~svdkit.engine.walk.LayerSource`) loads each layer before it runs and takes it once
+    final, and may start the walk at a later layer. `desc` names the progress bar.
     """
     needs = set(needs)
     two_streams = CROSS in needs
     if two_streams and not sequential:
         raise SvdkitError("the cross statistic compares dense and compressed inputs: it needs sequential=True")
-    source = source or LayerSource()
-    outside_home = outside_device(model, arch, device)
-    inputs = capture_layer_inputs(model, arch, windows, device, progress)
-    hidden, dense_hidden = source.begin(inputs.hidden, list(inputs.hidden) if two_streams else None)
-    bar = tqdm(total=len(arch.layers), desc=desc, unit="layer", disable=not progress)
-    bar.update(source.start)
-    try:
-        for index, layer in enumerate(arch.layers):
-            if index < source.start:
-                continue
-            source.load(index, layer)
-            kwargs = inputs.kwargs_on(index, device)
-            name = f"{arch.layers_path}.{index}."
-            with on_device(layer, device):
-                if not sequential:
-                    collector = _Collector(layer, arch.targets, needs)
-                    try:
-                        outputs = [collector.run(layer, x, kwargs, device) for x in hidden]
-                    finally:
-                        collector.remove()
-                    yield LayerStats(index, layer, collector.finish(name))
-                    hidden, collector = outputs, None  # this layer's statistics go before the next layer loads
-                else:
-                    yield from _stages(layer, index, name, arch.targets, needs, hidden, dense_hidden, kwargs, device)
-                    hidden = [layer_output(layer, x, kwargs, device) for x in hidden]
-            source.done(index, layer, hidden, dense_hidden)
-            bar.update(1)
-    finally:
-        bar.close()
-        move_outside_layers(model, arch.layers_path, outside_home)
+    work = _staged(arch.targets, needs, use) if sequential else _dense(arch.targets, needs, use)
+    with captured(model, arch, windows, device, progress) as inputs:
+        walk_layers(arch, device, [work], inputs, two_streams=two_streams, source=source, progress=progress, desc=desc)
 
 
-def _stages(layer, index, name, targets, needs, hidden, dense_hidden, kwargs, device) -> Iterator[LayerStats]:
-    """Sequential mode's stages for one layer; advances `dense_hidden` in place through a dense copy."""
-    dense_layer = copy.deepcopy(layer) if dense_hidden is not None else None
-    pending = list(targets)
-    while pending:
-        collector = _Collector(layer, pending, needs, staged=True)
-        recorder = _Collector(dense_layer, pending, (), staged=True, record=True) if dense_layer else None
-        collector.dense = recorder
+def _dense(targets: list[str], needs: set[str], use: Callable[[LayerStats], None]) -> Work:
+    """Every target's statistics from the layer's inputs; the next inputs are the layer's outputs before `use`."""
+
+    def work(step: Step) -> None:
+        collector = _Collector(step.layer, targets, needs)
         try:
-            for w, x in enumerate(hidden):
-                if recorder is not None:
-                    recorder.run(dense_layer, dense_hidden[w], kwargs, device)
-                collector.run(layer, x, kwargs, device)
+            step.next_hidden = [collector.run(step.layer, x, step.kwargs, step.device) for x in step.hidden]
         finally:
             collector.remove()
-            if recorder is not None:
-                recorder.remove()
-        stats = collector.finish(name)
-        pending = [t for t in pending if t not in stats]  # before the caller takes (and may drop) them
-        yield LayerStats(index, layer, stats)
-        stats = None
-    if dense_layer is not None:
-        dense_hidden[:] = [layer_output(dense_layer, x, kwargs, device) for x in dense_hidden]
+        use(LayerStats(step.index, step.layer, collector.finish(step.name)))
+
+    return work
+
+
+def _staged(targets: list[str], needs: set[str], use: Callable[[LayerStats], None]) -> Work:
+    """Sequential mode's stages for one layer; a two-stream walk's dense stream advances through a dense copy."""
+
+    def work(step: Step) -> None:
+        layer, kwargs, device = step.layer, step.kwargs, step.device
+        dense_layer = copy.deepcopy(layer) if step.dense is not None else None
+        pending = list(targets)
+        while pending:
+            collector = _Collector(layer, pending, needs, staged=True)
+            recorder = _Collector(dense_layer, pending, (), staged=True, record=True) if dense_layer else None
+            collector.dense = recorder
+            try:
+                for w, x in enumerate(step.hidden):
+                    if recorder is not None:
+                        recorder.run(dense_layer, step.dense[w], kwargs, device)
+                    collector.run(layer, x, kwargs, device)
+            finally:
+                collector.remove()
+                if recorder is not None:
+                    recorder.remove()
+            stats = collector.finish(step.name)
+            pending = [t for t in pending if t not in stats]  # before `use` takes (and may drop) them
+            use(LayerStats(step.index, layer, stats))
+            stats = None
+        if dense_layer is not None:
+            step.next_dense = step.outputs(step.dense, dense_layer)
+
+    return work
 
 
 def collect_statistics(
@@ -271,12 +263,15 @@ def collect_statistics(
     out: dict[str, LinearStats] = {}
     hooks = needs - GRADIENT_STATISTICS
     if hooks:
-        for item in iterate_layers(model, arch, windows, hooks, device, sequential=False, progress=progress):
+
+        def keep(item: LayerStats) -> None:
             named = {f"{arch.layers_path}.{item.index}.{name}": st for name, st in item.stats.items()}
             if store is not None:
                 store.put_layer(item.index, named)
             else:
                 out.update(named)
+
+        calibrate_layers(model, arch, windows, hooks, device, keep, progress=progress)
     if "fisher" in needs:
         fisher = collect_fisher(model, arch, windows, device, progress)
         tokens = windows.numel()

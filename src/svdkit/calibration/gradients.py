@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.architecture import Architecture
-from .walk import StandIn, capture_layer_inputs, layer_bounds, move_outside_layers, on_device, outside_device
+from ..engine import StandIn, capture_layer_inputs, layer_bounds, move_outside_layers, on_device, outside_device
 
 __all__ = ["GRADIENT_STATISTICS", "collect_fisher", "head_loss", "loss_from_layer"]
 

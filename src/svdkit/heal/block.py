@@ -5,8 +5,8 @@ layer's outputs on the dense model's own hidden states (AA-SVD's anchored object
     min over the factors of layer i   sum_w || L_i^c(X_w^c) - L_i(X_w) ||^2 / || L_i(X_w) ||^2
 
 where X_w is the dense model's input to layer i for window w and X_w^c the compressed model's. Anchoring on
-the dense stream (not on L_i(X^c)) lets a layer correct the error the layers before it left. The walk
-streams like sequential calibration: one layer's dense and compressed hidden states at a time, on the CPU;
+the dense stream (not on L_i(X^c)) lets a layer correct the error the layers before it left. The layer
+engine (:mod:`svdkit.engine`) walks both streams: one layer's dense and compressed hidden states at a time, on the CPU;
 the layer trains on the compute device in float32 with Adam, one window a step, under the held-out guard
 (:mod:`.guard`, held-out windows: the relative error above), and its closed-form factors stay when
 training does not beat them.
@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..calibration.walk import capture_layer_inputs, layer_output, move_outside_layers, on_device, outside_device
 from ..core.options import Options, integer, number, option
+from ..engine import Step, captured, layer_output, walk_layers
 from ..errors import SvdkitError
 from .base import HealContext, register
 from .guard import Guard, split_windows, steps_for
@@ -64,28 +63,24 @@ def heal_blocks(context: HealContext, config: BlockConfig) -> dict[str, Any]:
     """Heal every decoder layer in turn; the report: per layer, the held-out relative error before and after."""
     model, arch, device = context.model, context.arch, context.device
     train, held = split_windows(context.windows, config.held_out, "block healing")
-    outside_home = outside_device(model, arch, device)
-    inputs = capture_layer_inputs(model, arch, torch.cat([train, held]), device, context.progress)
-    compressed = dense = inputs.hidden
     log = open_log(config.log, "block healing")
-    layers, t0 = [], time.perf_counter()
-    bar = tqdm(total=len(arch.layers), desc="healing layers", unit="layer", disable=not context.progress)
+    layers: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+
+    def heal(step: Step) -> None:
+        layer, index = step.layer, step.index
+        with context.dense.swapped(model, step.name.removesuffix(".")):
+            step.next_dense = step.outputs(step.dense)  # the targets, and the dense stream's next inputs
+        with torch.enable_grad(), _float32(layer, step.kwargs) as kwargs32:
+            row = _fit(layer, step.hidden, step.next_dense, len(train), kwargs32, config, device, log, index)
+        layers.append(row)
+        step.postfix.update(error=f"{row['held_out_best']:.4f}", start=f"{row['held_out_start']:.4f}")
+
+    progress = context.progress
     try:
-        for index, layer in enumerate(arch.layers):
-            kwargs = inputs.kwargs_on(index, device)
-            with on_device(layer, device), torch.no_grad():
-                with context.dense.swapped(model, f"{arch.layers_path}.{index}"):
-                    targets = [layer_output(layer, x, kwargs, device) for x in dense]
-                with torch.enable_grad(), _float32(layer, kwargs) as kwargs32:
-                    row = _fit(layer, compressed, targets, len(train), kwargs32, config, device, log, index)
-                compressed = [layer_output(layer, x, kwargs, device) for x in compressed]
-            dense = targets
-            layers.append(row)
-            bar.update(1)
-            bar.set_postfix(error=f"{row['held_out_best']:.4f}", start=f"{row['held_out_start']:.4f}")
+        with captured(model, arch, torch.cat([train, held]), device, progress) as inputs:
+            walk_layers(arch, device, [heal], inputs, two_streams=True, progress=progress, desc="healing layers")
     finally:
-        bar.close()
-        move_outside_layers(model, arch.layers_path, outside_home)
         if log is not None:
             log.close()
     return {

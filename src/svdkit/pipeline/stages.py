@@ -22,16 +22,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..allocators import AllocationContext
-from ..calibration.collect import CROSS, collect_statistics, iterate_layers
+from ..calibration.collect import CROSS, LayerStats, calibrate_layers, collect_statistics
 from ..calibration.statistics import LinearStats
 from ..calibration.store import StatisticsStore
-from ..calibration.walk import LayerSource
 from ..core import distributed
 from ..core.lowrank import LowRankLinear, count_parameters
 from ..core.ranks import align_ranks
+from ..engine import LayerSource, Step, walk_layers
 from ..errors import SvdkitError
 from ..heal import DenseReference, HealContext
 from ..methods import factorize
@@ -152,16 +151,19 @@ def summarize(
         summaries.update(summarize_layer(weights, {prefix + t: stats[t] for t in stats}, config, plan.device))
 
     if statistics is not None:
-        for index, layer in enumerate(arch.layers):
-            prefix = f"{arch.layers_path}.{index}."
-            add(layer, index, {t: statistics[prefix + t] for t in arch.targets})
+
+        def given(step: Step) -> None:
+            add(step.layer, step.index, {t: statistics[step.name + t] for t in arch.targets})
+
+        walk_layers(arch, plan.device, [given], progress=False)
         return summaries
     windows = distributed.shard(windows)  # this process's share; the statistics are summed over all
     needs, progress = plan.allocator.requires, plan.options.progress
-    walk = iterate_layers(model, arch, windows, needs, plan.device, False, progress, source, "summarizing")
-    for item in walk:
+
+    def use(item: LayerStats) -> None:
         add(item.layer, item.index, item.stats)
-        del item  # its statistics must not outlive the layer while the next one calibrates
+
+    calibrate_layers(model, arch, windows, needs, plan.device, use, False, progress, source, "summarizing")
     return summaries
 
 
@@ -294,28 +296,21 @@ def factor(
             layer.set_submodule(target, low)
         spent["decomposition"] += time.perf_counter() - t
 
+    def use(item: LayerStats) -> None:
+        replace(item.layer, item.index, item.stats, list(item.stats))  # sequential: one stage's targets
+
+    def given(step: Step) -> None:
+        stats = {t: statistics.get(step.name + t) for t in arch.targets} if plan.needs else None
+        replace(step.layer, step.index, stats, arch.targets)
+
+    progress = plan.options.progress
     if plan.streams:
         t = time.perf_counter()
         windows = distributed.shard(windows)  # this process's share
-        sequential = plan.options.sequential
-        walk = iterate_layers(model, arch, windows, plan.needs, plan.device, sequential, plan.options.progress, source)
-        for item in walk:
-            replace(item.layer, item.index, item.stats, list(item.stats))  # sequential: one stage's targets
-            del item  # its statistics must not outlive the layer while the next one calibrates
+        calibrate_layers(model, arch, windows, plan.needs, plan.device, use, plan.options.sequential, progress, source)
         spent["calibration"] = time.perf_counter() - t - spent["decomposition"]
     else:
-        bar = tqdm(arch.layers, desc="decomposing", unit="layer", disable=not plan.options.progress)
-        bar.update(source.start)
-        for index, layer in enumerate(arch.layers):
-            if index < source.start:
-                continue
-            source.load(index, layer)
-            prefix = f"{arch.layers_path}.{index}."
-            stats = {t: statistics.get(prefix + t) for t in arch.targets} if plan.needs else None
-            replace(layer, index, stats, arch.targets)
-            source.done(index, layer, [], None)
-            bar.update(1)
-        bar.close()
+        walk_layers(arch, plan.device, [given], source=source, progress=progress, desc="decomposing")
     return spent
 
 

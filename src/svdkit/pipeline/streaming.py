@@ -41,11 +41,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..calibration.walk import LayerSource
 from ..core import distributed
 from ..core.architecture import Architecture
 from ..core.disk import io_reason
 from ..core.lowrank import densify_
+from ..engine import LayerSource
 from ..errors import NotStreamable, SvdkitError
 from ..saved.folder import install, is_io_error, write_card, write_metadata
 from ..saved.format import make_plain

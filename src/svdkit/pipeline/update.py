@@ -14,7 +14,7 @@ SVD-LLM's whitening, B0 is already this optimum (A G A^T = S_k and W G A^T = U_k
 refit changes nothing: it helps methods whose B is not fitted to the data (svd, asvd, fwsvd, nsvd),
 and SVD-LLM once X' differs from X (sequential calibration).
 
-The sequential form needs intra-layer sequential statistics (:func:`svdkit.calibration.collect.iterate_layers`
+The sequential form needs intra-layer sequential statistics (:func:`svdkit.calibration.collect.calibrate_layers`
 stages every layer by distinct input): when o_proj and down_proj were fitted on inputs computed with
 the dense q/k/v and gate/up, they corrected the upstream error a second time on top of the refitted
 q/k/v and gate/up, and the model collapsed.

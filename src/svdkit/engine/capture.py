@@ -1,13 +1,11 @@
-"""The layer-by-layer walk every calibration pass uses: input statistics, Fisher information, sensitivity.
+"""What the layer engine (:mod:`.walk`) starts from and moves: the inputs of decoder layer 0 and every
+layer's keyword arguments, captured once for all windows; layers moved to the compute device and back.
 
-The inputs of decoder layer 0 are captured for all calibration windows, together with the keyword
-arguments (masks, rotary embeddings) the model hands each layer, with stand-ins in place of the layers
-so no real layer runs and later windows stop at layer 0 (:func:`capture_layer_inputs`). Then each
-layer in turn is moved to the compute device (:func:`on_device`), run on the windows
-(:func:`layer_output`), and moved back. Activations live on the CPU between layers, so device memory
-holds one layer plus one window, whatever the model's size (as in llm-compressor's sequential
-pipeline). :func:`layer_bounds` runs one hidden state through every layer this way and keeps every
-layer's input.
+The inputs of decoder layer 0 are captured for all windows, together with the keyword arguments (masks,
+rotary embeddings) the model hands each layer, with stand-ins in place of the layers so no real layer runs
+and later windows stop at layer 0 (:func:`capture_layer_inputs`). Activations live on the CPU between
+layers, so device memory holds one layer plus one window, whatever the model's size (as in
+llm-compressor's sequential pipeline).
 """
 
 from __future__ import annotations
@@ -26,10 +24,9 @@ from ..errors import SvdkitError
 
 __all__ = [
     "LayerInputs",
-    "LayerSource",
     "StandIn",
     "capture_layer_inputs",
-    "layer_bounds",
+    "captured",
     "layer_output",
     "move_outside_layers",
     "on_device",
@@ -52,28 +49,6 @@ class LayerInputs(NamedTuple):
 
 class _Captured(Exception):
     pass
-
-
-class LayerSource:
-    """Where a walk's decoder layers come from and go to; this base keeps them in memory as they are.
-
-    A streamed compression (:mod:`svdkit.pipeline.streaming`) loads each layer's weights from the
-    checkpoint when its turn comes (:meth:`load`), writes and frees it once it is done (:meth:`done`),
-    and may start at a later layer (:attr:`start`) with the hidden states a killed run kept (:meth:`begin`).
-    """
-
-    start: int = 0
-    """the first layer the walk runs; the layers before it are finished"""
-
-    def begin(self, hidden: list[torch.Tensor], dense: list[torch.Tensor] | None):
-        """The hidden states entering layer :attr:`start` (and the dense stream's), given layer 0's."""
-        return hidden, dense
-
-    def load(self, index: int, layer: nn.Module) -> None:
-        """Called before layer `index` runs."""
-
-    def done(self, index: int, layer: nn.Module, hidden: list[torch.Tensor], dense: list[torch.Tensor] | None) -> None:
-        """Called once layer `index` is final, with the hidden states it produced (the next layer's inputs)."""
 
 
 class StandIn(nn.Module):
@@ -194,15 +169,14 @@ def layer_output(
     return out if keep else out.cpu()
 
 
-@torch.no_grad()
-def layer_bounds(arch: Architecture, inputs: LayerInputs, x: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
-    """Every decoder layer's input for the hidden state `x` of layer 0, then the last layer's output (CPU).
-
-    `inputs` gives each layer's keyword arguments (from :func:`capture_layer_inputs`); each layer runs
-    on `device` alone.
-    """
-    bounds = [x]
-    for index, layer in enumerate(arch.layers):
-        with on_device(layer, device):
-            bounds.append(layer_output(layer, bounds[-1], inputs.kwargs_on(index, device), device))
-    return bounds
+@contextmanager
+def captured(
+    model: nn.Module, arch: Architecture, windows: torch.Tensor, device: torch.device, progress: bool = True
+) -> Iterator[LayerInputs]:
+    """Layer 0's inputs for `windows` (:func:`capture_layer_inputs`); the parts outside the decoder layers stay
+    on `device` for the block and go back where they were afterwards, even on error."""
+    home = outside_device(model, arch, device)
+    try:
+        yield capture_layer_inputs(model, arch, windows, device, progress)
+    finally:
+        move_outside_layers(model, arch.layers_path, home)
