@@ -42,8 +42,11 @@ class Recording(LayerSource):
     def load(self, index, layer):
         self.events.append(("load", index))
 
-    def done(self, index, layer, hidden, dense):
-        self.events.append(("done", index, float(hidden[0].abs().sum())))
+    def records(self):
+        return [{"work": "before"}]
+
+    def done(self, index, layer, hidden, dense, record):
+        self.events.append(("done", index, float(hidden[0].abs().sum()), record))
 
 
 def test_work_sees_each_layer_once_from_the_sources_start_and_may_set_the_next_inputs():
@@ -54,14 +57,17 @@ def test_work_sees_each_layer_once_from_the_sources_start_and_may_set_the_next_i
     def work(step):
         seen.append((step.index, step.name, float(step.hidden[0].abs().sum())))
         step.next_hidden = [torch.full_like(h, 2.0) for h in step.hidden]
+        step.record["work"] = step.index
 
     with captured(model, arch, windows(), CPU, progress=False) as inputs:
-        last, dense = walk_layers(arch, CPU, [work], inputs, source=source, progress=False)
+        walked = walk_layers(arch, CPU, [work], inputs, source=source, progress=False)
     n = len(arch.layers)
     assert [i for i, _, _ in seen] == list(range(1, n))
     assert seen[0][1] == f"{arch.layers_path}.1." and seen[0][2] == 0.0  # begin's hidden states entered layer 1
     assert source.events[0] == ("begin", 2) and [e[0] for e in source.events[1:]] == ["load", "done"] * (n - 1)
-    assert all(torch.equal(h, torch.full_like(h, 2.0)) for h in last) and dense is None
+    assert source.events[-1][-1] == {"work": n - 1}
+    assert walked.records == [{"work": "before"}, *({"work": i} for i in range(1, n))]
+    assert all(torch.equal(h, torch.full_like(h, 2.0)) for h in walked.hidden) and walked.dense is None
 
 
 def test_a_two_stream_walk_needs_its_work_to_advance_the_dense_stream():
@@ -75,8 +81,8 @@ def test_a_two_stream_walk_needs_its_work_to_advance_the_dense_stream():
             assert all(torch.equal(a, b) for a, b in zip(step.hidden, step.dense, strict=True))  # nothing changes
             step.next_dense = step.outputs(step.dense)
 
-        last, dense = walk_layers(arch, CPU, [dense_twice], inputs, two_streams=True, progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(last, dense, strict=True))
+        walked = walk_layers(arch, CPU, [dense_twice], inputs, two_streams=True, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(walked.hidden, walked.dense, strict=True))
 
 
 def test_a_walk_without_activations_runs_no_layer_and_moves_none():
@@ -84,8 +90,8 @@ def test_a_walk_without_activations_runs_no_layer_and_moves_none():
     arch = find_architecture(model)
     calls, seen = [], []
     handles = [layer.register_forward_hook(lambda *a: calls.append(1)) for layer in arch.layers]
-    last, _ = walk_layers(arch, torch.device("meta"), [lambda step: seen.append((step.index, step.hidden))])
+    walked = walk_layers(arch, torch.device("meta"), [lambda step: seen.append((step.index, step.hidden))])
     for h in handles:
         h.remove()
-    assert seen == [(i, None) for i in range(len(arch.layers))] and not calls and last is None
+    assert seen == [(i, None) for i in range(len(arch.layers))] and not calls and walked.hidden is None
     assert all(p.device == CPU for p in model.parameters())

@@ -109,8 +109,8 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, tiny_tokenizer, tex
     compress_folder(folder, tmp_path / "whole", options)
     real = Partial.mark_done
 
-    def interrupt_at_two(self, layers):
-        real(self, layers)
+    def interrupt_at_two(self, layers, records):
+        real(self, layers, records)
         if layers == 2:
             raise KeyboardInterrupt
 
@@ -119,7 +119,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, tiny_tokenizer, tex
         compress_folder(folder, tmp_path / "out", options)
     assert "--resume" in caught.value.note
     kept = partial_path(tmp_path / "out")
-    assert json.loads((kept / "state.json").read_text()) == {"layers_done": 2}
+    assert json.loads((kept / "state.json").read_text()) == {"layers_done": 2, "records": [{}, {}]}
     assert (kept / "summaries.safetensors").is_file() == (kw.get("allocation") == "v2")  # the first pass is kept
     assert not (tmp_path / "out").exists()
     monkeypatch.setattr(Partial, "mark_done", real)

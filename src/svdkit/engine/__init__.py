@@ -12,7 +12,7 @@ from .capture import (
     on_device,
     outside_device,
 )
-from .walk import Hidden, LayerSource, Step, Work, layer_bounds, walk_layers
+from .walk import Hidden, LayerSource, Step, Walked, Work, layer_bounds, walk_layers
 
 __all__ = [
     "Hidden",
@@ -20,6 +20,7 @@ __all__ = [
     "LayerSource",
     "StandIn",
     "Step",
+    "Walked",
     "Work",
     "capture_layer_inputs",
     "captured",

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from ..core.architecture import Architecture
 from .capture import LayerInputs, layer_output, on_device
 
-__all__ = ["Hidden", "LayerSource", "Step", "Work", "layer_bounds", "walk_layers"]
+__all__ = ["Hidden", "LayerSource", "Step", "Walked", "Work", "layer_bounds", "walk_layers"]
 
 Hidden = list[torch.Tensor]
 """one hidden state per window (or batch of windows), on the CPU"""
@@ -55,8 +56,13 @@ class LayerSource:
     def load(self, index: int, layer: nn.Module) -> None:
         """Called before layer `index` runs."""
 
-    def done(self, index: int, layer: nn.Module, hidden: Hidden, dense: Hidden | None) -> None:
-        """Called once layer `index` is final, with the hidden states it produced (the next layer's inputs)."""
+    def records(self) -> list[dict[str, Any]]:
+        """The records of the layers before :attr:`start` (a resumed walk's), in order."""
+        return []
+
+    def done(self, index: int, layer: nn.Module, hidden: Hidden, dense: Hidden | None, record: dict[str, Any]) -> None:
+        """Called once layer `index` is final, with the hidden states it produced (the next layer's inputs) and
+        what the work recorded about it."""
 
 
 @dataclass(eq=False)
@@ -79,6 +85,9 @@ class Step:
     """the next layer's inputs, where the work computed them (else the final layer's outputs on `hidden`)"""
     next_dense: Hidden | None = None
     """the dense stream's next inputs: a two-stream walk's work sets them"""
+    record: dict[str, Any] = field(default_factory=dict)
+    """what the work keeps about this layer (JSON-able, by the work's name): the walk returns every layer's, and
+    a resumed walk gets back those of the layers finished before"""
     postfix: dict[str, str] = field(default_factory=dict)
     """shown on the progress bar after the layer"""
 
@@ -92,6 +101,18 @@ Work = Callable[[Step], None]
 """per-layer work: called with each layer's :class:`Step`, in order"""
 
 
+@dataclass
+class Walked:
+    """What :func:`walk_layers` returns."""
+
+    hidden: Hidden | None
+    """the last layer's outputs"""
+    dense: Hidden | None
+    """the dense stream's (a two-stream walk)"""
+    records: list[dict[str, Any]]
+    """every layer's :attr:`Step.record`, in order"""
+
+
 @torch.no_grad()
 def walk_layers(
     arch: Architecture,
@@ -103,8 +124,9 @@ def walk_layers(
     source: LayerSource | None = None,
     progress: bool = True,
     desc: str = "layers",
-) -> tuple[Hidden | None, Hidden | None]:
-    """Run `work` on every decoder layer in order; the last layer's outputs (and the dense stream's).
+) -> Walked:
+    """Run `work` on every decoder layer in order; the last layer's outputs (and the dense stream's), and what
+    the work recorded about each layer.
 
     `inputs` (:func:`~.capture.capture_layer_inputs`) gives every layer's keyword arguments and layer 0's
     inputs (`hidden` replaces them, e.g. one window of them); without it the walk runs no layer (the work
@@ -112,7 +134,7 @@ def walk_layers(
     copy of the first. Gradients are off; work that trains turns them on for itself.
     """
     source = source or LayerSource()
-    dense = None
+    dense, records = None, source.records()
     if inputs is not None:
         hidden = inputs.hidden if hidden is None else hidden
         hidden, dense = source.begin(hidden, list(hidden) if two_streams else None)
@@ -129,14 +151,15 @@ def walk_layers(
                 for run in work:
                     run(step)
                 hidden, dense = _next(step)
-            postfix, step = step.postfix, None  # this layer's inputs go before the next layer loads
-            source.done(index, layer, hidden or [], dense)
+            postfix, record, step = step.postfix, step.record, None  # its inputs go before the next layer loads
+            records.append(record)
+            source.done(index, layer, hidden or [], dense, record)
             bar.update(1)
             if postfix:
                 bar.set_postfix(postfix)
     finally:
         bar.close()
-    return hidden, dense
+    return Walked(hidden, dense, records)
 
 
 def _next(step: Step) -> tuple[Hidden | None, Hidden | None]:
@@ -155,5 +178,5 @@ def layer_bounds(arch: Architecture, inputs: LayerInputs, x: torch.Tensor, devic
     runs on `device` alone.
     """
     bounds: Hidden = []
-    last, _ = walk_layers(arch, device, [lambda step: bounds.append(step.hidden[0])], inputs, [x], progress=False)
-    return bounds + last
+    walked = walk_layers(arch, device, [lambda step: bounds.append(step.hidden[0])], inputs, [x], progress=False)
+    return bounds + walked.hidden

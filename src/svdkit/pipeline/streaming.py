@@ -102,6 +102,8 @@ class Partial:
         self.settings = json.loads(json.dumps(settings, default=str))
         self.resume, self.overwrite = resume, overwrite
         self.done = 0
+        self.records: list[dict[str, Any]] = []
+        """what the walk's work recorded about each finished layer"""
         self._lock = None
 
     def open(self) -> Partial:
@@ -124,9 +126,10 @@ class Partial:
         return self
 
     def read_state(self) -> Partial:
-        """Read how many layers are finished (every process, after :meth:`open` on rank 0)."""
+        """Read how many layers are finished and their records (every process, after :meth:`open` on rank 0)."""
         state = self.path / "state.json"
-        self.done = json.loads(state.read_text())["layers_done"] if state.is_file() else 0
+        kept = json.loads(state.read_text()) if state.is_file() else {}
+        self.done, self.records = kept.get("layers_done", 0), kept.get("records", [])
         return self
 
     def _check_settings(self) -> None:
@@ -174,10 +177,11 @@ class Partial:
         path = self.path / SUMMARIES
         return load_file(str(path)) if path.is_file() else None
 
-    def mark_done(self, layers: int) -> None:
-        """Record that the first `layers` layers are written; drop the hidden states no longer needed."""
-        _write_atomic(self.path / "state.json", json.dumps({"layers_done": layers}))
-        self.done = layers
+    def mark_done(self, layers: int, records: list[dict[str, Any]]) -> None:
+        """Record that the first `layers` layers are written (with their records); drop the hidden states no
+        longer needed."""
+        _write_atomic(self.path / "state.json", json.dumps({"layers_done": layers, "records": records}))
+        self.done, self.records = layers, records
         for old in self.path.glob("hidden-*.safetensors"):
             if not old.name.startswith(f"hidden-{layers}-"):
                 old.unlink()
@@ -218,7 +222,7 @@ class ReadLayers(LayerSource):
         o = self.opened
         materialize(layer, f"{self.arch.layers_path}.{index}.", o.checkpoint, o.dtype)
 
-    def done(self, index: int, layer: nn.Module, hidden, dense) -> None:
+    def done(self, index: int, layer: nn.Module, hidden, dense, record) -> None:
         release(layer)
 
 
@@ -235,7 +239,10 @@ class StreamedLayers(ReadLayers):
     def begin(self, hidden, dense):
         return (hidden, dense) if self.start == 0 else self.partial.load_hidden(dense is not None)
 
-    def done(self, index: int, layer: nn.Module, hidden, dense) -> None:
+    def records(self) -> list[dict[str, Any]]:
+        return list(self.partial.records[: self.start])
+
+    def done(self, index: int, layer: nn.Module, hidden, dense, record) -> None:
         if self.densify:
             densify_(layer)
         prefix = f"{self.arch.layers_path}.{index}."
@@ -246,7 +253,7 @@ class StreamedLayers(ReadLayers):
             self.partial.save_hidden(index + 1, hidden, dense)
         distributed.barrier()  # every process's hidden states are kept before the layer counts as done
         if distributed.is_main():
-            self.partial.mark_done(index + 1)
+            self.partial.mark_done(index + 1, [*self.partial.records[:index], record])
         release(layer)
 
 
