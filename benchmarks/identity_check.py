@@ -105,6 +105,7 @@ STREAMED: dict[str, dict] = {
     "stream-kv": dict(method="svd-llm", kv_ratio=0.5),
     "stream-densify": dict(method="svd-llm", densify=True),
     "stream-bf16": dict(method="svd-llm", dtype="bfloat16"),
+    "stream-heal-block": dict(method="svd-llm", heal="block", heal_options=BLOCK),
 }
 
 
@@ -199,8 +200,10 @@ def compare(before: dict, after: dict) -> list[str]:
         a, b = before.get(name), after.get(name)
         if a == b:
             continue
-        if a is None or b is None:
-            lines.append(f"{name}: only {'after' if a is None else 'before'}")
+        if a is None:
+            continue  # a configuration added since: nothing to compare with
+        if b is None:
+            lines.append(f"{name}: only before")
             continue
         if "error" in a or "error" in b:
             lines.append(f"{name}: {a.get('error', 'ran')} -> {b.get('error', 'ran')}")

@@ -21,7 +21,7 @@ def test_compress_heal_loads_whole_writes_curves_and_info_shows_it(capsys, tmp_p
     argv = [*_argv(tiny_folder, text_file, out), "--heal", "block,kd", "--heal-option", "kd.seqlen=16"]
     code, stdout, err = run_cli(capsys, *argv, "--json")
     assert code == 0, err
-    assert "loading the whole model into memory: healing trains the factors against the dense model" in stdout
+    assert "loading the whole model into memory: healing 'kd' trains the whole model against the dense one" in stdout
     assert "healing block:" in stdout and "healing kd:" in stdout
     curves = json.loads((out / "healing.json").read_text())
     assert set(curves) == {"block", "kd"} and len(curves["block"]["layers"]) == 2
@@ -45,6 +45,39 @@ def test_ctrl_c_during_healing_exits_130_and_writes_nothing(capsys, tmp_path, ti
         raise KeyboardInterrupt
 
     monkeypatch.setattr(svdkit.heal.block, "_fit", interrupted)  # in the middle of the first layer
-    code, _, err = run_cli(capsys, *_argv(tiny_folder, text_file, tmp_path / "out"), "--heal", "block")
+    code, _, err = run_cli(capsys, *_argv(tiny_folder, text_file, tmp_path / "out"), "--heal", "block,kd")
     assert code == 130 and err.strip().splitlines()[-1] == "svdkit: interrupted by SIGINT"
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_block_healing_streams_and_a_ctrl_c_keeps_the_healed_layers_for_resume(
+    capsys, tmp_path, tiny_folder, text_file, monkeypatch
+):
+    """--heal block streams layer by layer (no whole-model load): interrupted in layer 1, it keeps layer 0 healed
+    and written; --resume finishes with the same record as a run never interrupted."""
+    fit, calls = svdkit.heal.block._fit, []
+
+    def interrupted_in_layer_1(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fit(*args, **kwargs)
+
+    argv = [*_argv(tiny_folder, text_file, tmp_path / "whole"), "--heal", "block"]
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0 and "loading the whole model" not in stdout and "healing block:" in stdout, err
+    monkeypatch.setattr(svdkit.heal.block, "_fit", interrupted_in_layer_1)
+    argv = [*_argv(tiny_folder, text_file, tmp_path / "out"), "--heal", "block"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 130 and "--resume" in err
+    state = json.loads((tmp_path / ".out.svdkit-partial" / "state.json").read_text())
+    assert state["layers_done"] == 1 and set(state["records"][0]["block"]) >= {"held_out_start", "held_out_best"}
+    monkeypatch.setattr(svdkit.heal.block, "_fit", fit)
+    code, stdout, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0, err
+    whole, resumed = (
+        json.loads((tmp_path / d / "config.json").read_text())["svdkit"]["heal"] for d in ("whole", "out")
+    )
+    for record in (whole, resumed):
+        record[0].pop("seconds")
+    assert resumed == whole and whole[0]["held_out_best"] < whole[0]["held_out_start"]

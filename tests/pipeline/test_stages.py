@@ -86,8 +86,9 @@ def test_stages_one_by_one_give_what_compress_gives():
     statistics = calibrate(plan, model, windows)
     assert statistics is None  # streaming: factor() calibrates layer by layer
     allocation = allocate(plan, model, statistics, windows)
-    spent = factor(plan, model, allocation.ranks, statistics, windows)
-    assert spent["decomposition"] > 0 and spent["calibration"] > 0
+    factored = factor(plan, model, allocation.ranks, statistics, windows)
+    spent = factored.seconds
+    assert spent["decomposition"] > 0 and spent["calibration"] > 0 and factored.healing == {}
     ranks, training = model_stage(plan, model, allocation)
     assert ranks == allocation.ranks and training == {}
     result = record(plan, model, allocation, ranks, training, spent, 0.0)

@@ -54,6 +54,7 @@ def _digest(folder) -> dict[str, str]:
         ("llama", {"update": "lstsq", "sequential": True}),  # two streams of hidden states
         ("llama", {"allocation": "v2"}),  # a summary pass, then the factoring pass
         ("qwen3", {"allocation": "v2", "sequential": True, "method": "svd-llm-v2"}),
+        ("llama", {"heal": "block", "heal_options": {"block.max_steps": 4}}),  # each layer healed as it is factored
     ],
 )
 def test_streamed_equals_in_memory(tmp_path, tiny_tokenizer, text_file, kind, kw):
@@ -68,6 +69,8 @@ def test_streamed_equals_in_memory(tmp_path, tiny_tokenizer, text_file, kind, kw
     want, got = model.state_dict(), streamed.state_dict()
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)  # the same computation, to the bit
+    assert result.healing.keys() == expected.healing.keys()
+    assert all(result.healing[n]["layers"] == expected.healing[n]["layers"] for n in result.healing)
     index = json.loads((tmp_path / "out" / INDEX).read_text())
     assert len(set(index["weight_map"].values())) == 3  # one shard per layer and one outside them
     assert not partial_path(tmp_path / "out").exists()
@@ -81,6 +84,8 @@ def _api(options: CompressionOptions) -> dict:
         sequential=options.sequential,
         update=options.update,
         allocation=options.allocation,
+        heal=options.heal,
+        heal_options=options.heal_options,
         calib=c.source,
         calib_samples=c.samples,
         calib_seqlen=c.seqlen,
@@ -165,12 +170,14 @@ def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "svdkit", "compress", *map(str, args)]
 
 
-def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, tiny_tokenizer):
-    """kill -9 while layers are being written; the same command with --resume gives the same sha256s."""
+@pytest.mark.parametrize("flags", [["--sequential"], ["--heal", "block"]])
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, tiny_tokenizer, flags):
+    """kill -9 while layers are being written (and healed); the same command with --resume gives the same
+    sha256s (the record's healing seconds aside)."""
     folder = _folder(tmp_path, tiny_tokenizer, layers=12)
     text = tmp_path / "text.txt"
     text.write_text(TEXT * 40)
-    common = [folder, "--ratio", 0.4, "--calib", text, "--calib-samples", 16, "--calib-seqlen", 128, "--sequential"]
+    common = [folder, "--ratio", 0.4, "--calib", text, "--calib-samples", 16, "--calib-seqlen", 128, *flags]
     subprocess.run(_cli(*common, "--output", tmp_path / "whole"), check=True, capture_output=True)
     out = tmp_path / "out"
     state = partial_path(out) / "state.json"
@@ -184,8 +191,20 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, tiny_tokenizer):
     assert not out.exists() and 3 <= json.loads(state.read_text())["layers_done"] < 12
     done = subprocess.run(_cli(*common, "--output", out, "--resume"), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert _digest(out) == _digest(tmp_path / "whole")
+    assert _timeless(out) == _timeless(tmp_path / "whole")
     assert not partial_path(out).exists()
+
+
+def _timeless(folder) -> dict:
+    """The folder's sha256s, config.json and healing.json read without the healers' seconds."""
+    digests = {k: v for k, v in _digest(folder).items() if k not in ("config.json", "healing.json")}
+    config = json.loads((folder / "config.json").read_text())
+    for row in config["svdkit"].get("heal", []):
+        row.pop("seconds")
+    healing = json.loads((folder / "healing.json").read_text()) if (folder / "healing.json").is_file() else {}
+    for report in healing.values():
+        report.pop("seconds")
+    return {**digests, "config": config, "healing": healing}
 
 
 def test_torchrun_two_gloo_processes_match_one(tmp_path, tiny_tokenizer):

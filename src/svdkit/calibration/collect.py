@@ -11,8 +11,9 @@ Fisher information) and returns every target's statistics.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -165,7 +166,8 @@ def calibrate_layers(
     progress: bool = True,
     source: LayerSource | None = None,
     desc: str = "calibrating layers",
-) -> None:
+    then: Sequence[Work] = (),
+) -> list[dict[str, Any]]:
     """Hand `use` every decoder layer (on `device`) with its targets' statistics, in order, on the layer
     engine (:func:`~svdkit.engine.walk.walk_layers`).
 
@@ -182,27 +184,41 @@ def calibrate_layers(
     each target also gets C = mean x_dense x^T (the least-squares update's cross statistic); this
     doubles the activations held and adds one dense forward per stage.
 
-    `source` (a :class:`~svdkit.engine.walk.LayerSource`) loads each layer before it runs and takes it once
-    final, and may start the walk at a later layer. `desc` names the progress bar.
+    `then` is more work on each layer after `use` (block healing, see :mod:`svdkit.heal.block`): with it the
+    walk keeps two streams, the layers as changed and the dense model, and the default mode's statistics come
+    from the dense one, as without it. `source` (a :class:`~svdkit.engine.walk.LayerSource`) loads each layer
+    before it runs and takes it once final, and may start the walk at a later layer. `desc` names the progress
+    bar. Returns every layer's record (:attr:`~svdkit.engine.walk.Step.record`).
     """
     needs = set(needs)
-    two_streams = CROSS in needs
-    if two_streams and not sequential:
+    if CROSS in needs and not sequential:
         raise SvdkitError("the cross statistic compares dense and compressed inputs: it needs sequential=True")
+    if then and sequential:
+        raise SvdkitError("work after sequential calibration would change the inputs its statistics come from")
     work = _staged(arch.targets, needs, use) if sequential else _dense(arch.targets, needs, use)
+    two_streams = CROSS in needs or bool(then)
     with captured(model, arch, windows, device, progress) as inputs:
-        walk_layers(arch, device, [work], inputs, two_streams=two_streams, source=source, progress=progress, desc=desc)
+        walk = [work, *then]
+        return walk_layers(
+            arch, device, walk, inputs, two_streams=two_streams, source=source, progress=progress, desc=desc
+        ).records
 
 
 def _dense(targets: list[str], needs: set[str], use: Callable[[LayerStats], None]) -> Work:
-    """Every target's statistics from the layer's inputs; the next inputs are the layer's outputs before `use`."""
+    """Every target's statistics from the dense model's inputs to the layer (the dense stream of a two-stream
+    walk); its next inputs are the layer's outputs before `use` changes it."""
 
     def work(step: Step) -> None:
+        xs = step.hidden if step.dense is None else step.dense
         collector = _Collector(step.layer, targets, needs)
         try:
-            step.next_hidden = [collector.run(step.layer, x, step.kwargs, step.device) for x in step.hidden]
+            outputs = [collector.run(step.layer, x, step.kwargs, step.device) for x in xs]
         finally:
             collector.remove()
+        if step.dense is None:
+            step.next_hidden = outputs
+        else:
+            step.next_dense = outputs
         use(LayerStats(step.index, step.layer, collector.finish(step.name)))
 
     return work

@@ -3,7 +3,7 @@ ranks. One file per healer, its file name its registry name: ``block`` (block-wi
 ``kd`` (distillation). Importing this package registers them."""
 
 from . import block, kd  # noqa: F401  (registration)
-from .base import HEALERS, HealContext, Healer, healer_names, parse_heal, register
+from .base import HEALERS, HealContext, Healer, LayerHealing, healer_names, parse_heal, register
 from .guard import Guard, split_windows, steps_for
 from .reference import DenseReference
 
@@ -13,6 +13,7 @@ __all__ = [
     "Guard",
     "HealContext",
     "Healer",
+    "LayerHealing",
     "healer_names",
     "parse_heal",
     "register",

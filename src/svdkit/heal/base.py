@@ -1,16 +1,19 @@
 """The healing registry: a healer trains the factors of an already compressed model back toward the dense one.
 
 A healer is registered by name (its file name) with a config dataclass; ``run(context, config)`` changes the
-low-rank layers' factors in place (never their ranks) and returns a report. The pipeline's heal stage
-(:func:`svdkit.pipeline.stages.heal`) runs the healers a compression asks for, in the order given, and knows
-none of them by name.
+low-rank layers' factors in place (never their ranks) and returns a report. A healer that works one decoder
+layer at a time also registers its ``layer`` form (:class:`LayerHealing`): work on the layer engine's
+two-stream walk, which the factor stage runs in its own walk, each layer healed as soon as it is factored
+(:attr:`svdkit.pipeline.plan.CompressionPlan.layer_healers`), so healing streams like compression. The
+pipeline's heal stage (:func:`svdkit.pipeline.stages.heal`) runs the rest, in the order given, and knows none
+of them by name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -18,10 +21,11 @@ from torch import nn
 from ..core.architecture import Architecture
 from ..core.options import build_config
 from ..core.registry import Registry
+from ..engine import Step
 from ..errors import SvdkitError
 from .reference import DenseReference
 
-__all__ = ["HEALERS", "HealContext", "Healer", "healer_names", "parse_heal", "register"]
+__all__ = ["HEALERS", "HealContext", "Healer", "LayerHealing", "healer_names", "parse_heal", "register"]
 
 
 @dataclass
@@ -37,6 +41,21 @@ class HealContext:
     progress: bool = True
 
 
+class LayerHealing(Protocol):
+    """A healer's work on the layer engine's two-stream walk (:mod:`svdkit.engine`): called with each layer
+    once it is factored, its inputs in the compressed model (``step.hidden``) and in the dense one
+    (``step.dense``); sets the dense stream's next inputs where the walk has not; records what it did in
+    ``step.record``."""
+
+    def __call__(self, step: Step) -> None: ...
+
+    def close(self) -> None:
+        """Release what the work holds (a log file), whether or not the walk finished."""
+
+    def report(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """The healer's report from every layer's record (those of a resumed walk's earlier layers too)."""
+
+
 @dataclass(frozen=True)
 class Healer:
     name: str
@@ -44,16 +63,24 @@ class Healer:
     config_cls: type
     summary: str
     paper: str = ""
+    layer: Callable[[HealContext, Any], LayerHealing] | None = None
+    """the per-layer form, for a healer that trains one decoder layer at a time"""
 
 
 HEALERS: Registry[Healer] = Registry("healing", known="known healings")
 
 
-def register(name: str, config_cls: type, summary: str, paper: str = "") -> Callable:
-    """Decorator: register `fn(context, config) -> report` as healer `name`."""
+def register(
+    name: str,
+    config_cls: type,
+    summary: str,
+    paper: str = "",
+    layer: Callable[[HealContext, Any], LayerHealing] | None = None,
+) -> Callable:
+    """Decorator: register `fn(context, config) -> report` as healer `name` (`layer`: its per-layer form)."""
 
     def wrap(fn: Callable[[HealContext, Any], dict]) -> Callable[[HealContext, Any], dict]:
-        HEALERS.add(name, Healer(name, fn, config_cls, summary, paper))
+        HEALERS.add(name, Healer(name, fn, config_cls, summary, paper, layer))
         return fn
 
     return wrap

@@ -58,37 +58,64 @@ def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out - target).pow(2).mean() / target.pow(2).mean()
 
 
-@register("block", BlockConfig, "match each compressed decoder layer's output to the dense layer's", "AA-SVD (2026)")
-def heal_blocks(context: HealContext, config: BlockConfig) -> dict[str, Any]:
-    """Heal every decoder layer in turn; the report: per layer, the held-out relative error before and after."""
-    model, arch, device = context.model, context.arch, context.device
-    train, held = split_windows(context.windows, config.held_out, "block healing")
-    log = open_log(config.log, "block healing")
-    layers: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
+class BlockHealing:
+    """Block healing as work on the layer engine's two-stream walk (:class:`~.base.LayerHealing`): each layer,
+    once factored, trains toward the dense layer's outputs on the dense stream, from the compressed stream."""
 
-    def heal(step: Step) -> None:
-        layer, index = step.layer, step.index
-        with context.dense.swapped(model, step.name.removesuffix(".")):
-            step.next_dense = step.outputs(step.dense)  # the targets, and the dense stream's next inputs
+    def __init__(self, context: HealContext, config: BlockConfig) -> None:
+        self.context, self.config = context, config
+        train, held = split_windows(context.windows, config.held_out, "block healing")
+        self.windows = len(train), len(held)
+        self.log = open_log(config.log, "block healing")
+
+    def __call__(self, step: Step) -> None:
+        t = time.perf_counter()
+        if step.next_dense is None:  # the dense layer's outputs: the targets, and the dense stream's next inputs
+            with self.context.dense.swapped(self.context.model, step.name.removesuffix(".")):
+                step.next_dense = step.outputs(step.dense)
+        layer, n_train = step.layer, self.windows[0]
         with torch.enable_grad(), _float32(layer, step.kwargs) as kwargs32:
-            row = _fit(layer, step.hidden, step.next_dense, len(train), kwargs32, config, device, log, index)
-        layers.append(row)
+            row = _fit(
+                layer, step.hidden, step.next_dense, n_train, kwargs32, self.config, step.device, self.log, step.index
+            )
+        step.record["block"] = {**row, "seconds": round(time.perf_counter() - t, 3)}
         step.postfix.update(error=f"{row['held_out_best']:.4f}", start=f"{row['held_out_start']:.4f}")
 
-    progress = context.progress
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def report(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [r["block"] for r in records if "block" in r]
+        return {
+            "seconds": round(sum(r["seconds"] for r in rows), 2),
+            "train_windows": self.windows[0],
+            "held_out_windows": self.windows[1],
+            "layers": [{k: v for k, v in r.items() if k != "seconds"} for r in rows],
+        }
+
+
+@register(
+    "block",
+    BlockConfig,
+    "match each compressed decoder layer's output to the dense layer's",
+    "AA-SVD (2026)",
+    layer=BlockHealing,
+)
+def heal_blocks(context: HealContext, config: BlockConfig) -> dict[str, Any]:
+    """Heal every decoder layer in turn on a walk of its own; the report: per layer, the held-out relative error
+    before and after."""
+    model, arch, device, progress = context.model, context.arch, context.device, context.progress
+    work = BlockHealing(context, config)
     try:
-        with captured(model, arch, torch.cat([train, held]), device, progress) as inputs:
-            walk_layers(arch, device, [heal], inputs, two_streams=True, progress=progress, desc="healing layers")
+        with captured(model, arch, context.windows, device, progress) as inputs:
+            walked = walk_layers(
+                arch, device, [work], inputs, two_streams=True, progress=progress, desc="healing layers"
+            )
     finally:
-        if log is not None:
-            log.close()
-    return {
-        "seconds": round(time.perf_counter() - t0, 2),
-        "train_windows": len(train),
-        "held_out_windows": len(held),
-        "layers": layers,
-    }
+        work.close()
+    return work.report(walked.records)
 
 
 def _fit(layer, xs, ys, n_train, kwargs, config: BlockConfig, device, log, index) -> dict[str, Any]:

@@ -20,6 +20,11 @@ class DenseReference:
     def keep(self, name: str, module: nn.Module) -> None:
         self.modules[name] = module
 
+    def forget(self, prefix: str) -> None:
+        """Drop the dense modules under `prefix` (e.g. ``model.layers.3.``): that layer is healed."""
+        for name in [n for n in self.modules if n.startswith(prefix)]:
+            del self.modules[name]
+
     def to(self, device) -> None:
         """Move the dense modules (e.g. to the device the model trains on)."""
         for module in self.modules.values():

@@ -151,9 +151,9 @@ def run_plan(
         timings["allocation"] = time.perf_counter() - t
         if store is not None and plan.streams:
             store.close()  # the dense pass served the allocation only
-        spent = factor(plan, model, allocation.ranks, statistics, windows, keep=dense)
-        timings["calibration"] += spent["calibration"]
-        timings["decomposition"] += spent["decomposition"]
+        factored = factor(plan, model, allocation.ranks, statistics, windows, keep=dense)
+        timings["calibration"] += factored.seconds["calibration"]
+        timings["decomposition"] += factored.seconds["decomposition"]
         if store is not None:
             store.close()
         t = time.perf_counter()
@@ -162,8 +162,8 @@ def run_plan(
             timings["training"] = time.perf_counter() - t
         if plan.heals:
             t = time.perf_counter()
-            healing = heal_stage(plan, model, dense, heal_windows)
-            timings["healing"] = time.perf_counter() - t
+            healing = {**factored.healing, **heal_stage(plan, model, dense, heal_windows)}
+            timings["healing"] = factored.seconds["healing"] + time.perf_counter() - t
     finally:
         model.train(was_training)
         if store is not None:

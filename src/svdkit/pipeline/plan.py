@@ -155,6 +155,18 @@ class CompressionPlan:
         return find_architecture(model, list(self.facts.targets))
 
     @property
+    def layer_healers(self) -> list[tuple[Any, Any]]:
+        """The healers (with their configs) that run in the factor stage's own walk, each layer healed as soon as
+        it is factored: the leading healers that work per layer, where nothing between factoring and healing
+        needs the whole model. Not with a method's whole-model stage (it comes between), sequential calibration
+        (its statistics would see the healed layers) or a healing text of its own (other windows)."""
+        if not self.heals or self.options.sequential or self.method.stage is not None or self.own_heal_text:
+            return []
+        healers = list(self.options.resolved.heal)
+        first_whole = next((i for i, (h, _) in enumerate(healers) if h.layer is None), len(healers))
+        return healers[:first_whole]
+
+    @property
     def own_heal_text(self) -> bool:
         """True when the healers train on windows of their own text (``heal_calib``), not the calibration's."""
         return self.heals and self.options.resolved.heal_calibration is not None

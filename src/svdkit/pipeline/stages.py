@@ -30,9 +30,9 @@ from ..calibration.store import StatisticsStore
 from ..core import distributed
 from ..core.lowrank import LowRankLinear, count_parameters
 from ..core.ranks import align_ranks
-from ..engine import LayerSource, Step, walk_layers
+from ..engine import LayerSource, Step, captured, walk_layers
 from ..errors import SvdkitError
-from ..heal import DenseReference, HealContext
+from ..heal import DenseReference, HealContext, LayerHealing
 from ..methods import factorize
 from ..saved.format import make_portable
 from ..sources.mixture import mixture_windows
@@ -43,6 +43,7 @@ from .update import lstsq_update
 __all__ = [
     "Allocation",
     "CompressionResult",
+    "Factored",
     "allocate",
     "calibrate",
     "decompose_linear",
@@ -256,6 +257,17 @@ def _factors(linear, method, config, stats, rank, device, name, update) -> tuple
     return A, B
 
 
+@dataclass
+class Factored:
+    """What :func:`factor` did."""
+
+    seconds: dict[str, float]
+    """seconds spent in ``calibration`` (while streaming), ``decomposition`` and ``healing`` (the healers that
+    ran layer by layer in the factor stage's walk)"""
+    healing: dict[str, dict] = field(default_factory=dict)
+    """the reports of those healers, by name"""
+
+
 def factor(
     plan: CompressionPlan,
     model: nn.Module,
@@ -264,14 +276,55 @@ def factor(
     windows: torch.Tensor | None,
     source: LayerSource | None = None,
     keep: DenseReference | None = None,
-) -> dict[str, float]:
-    """Replace every target of rank not None by the method's factors; returns the seconds spent in
-    ``calibration`` (while streaming) and ``decomposition``. `source` loads each decoder layer before it
-    is factored and takes it once final (a streamed compression; default: the layers stay in memory).
-    `keep` receives every replaced dense module (the healers' reference)."""
+) -> Factored:
+    """Replace every target of rank not None by the method's factors, one decoder layer at a time on the layer
+    engine, and heal each layer right after where the plan has healers that work per layer
+    (:attr:`~.plan.CompressionPlan.layer_healers`). `source` loads each decoder layer before it is factored and
+    takes it once final (a streamed compression; default: the layers stay in memory). `keep` receives every
+    replaced dense module (the healers' reference); one whose layers are all healed here forgets them after
+    each layer."""
     arch = plan.architecture(model)
-    source = source or LayerSource()
-    spent = {"calibration": 0.0, "decomposition": 0.0}
+    spent = {"calibration": 0.0, "decomposition": 0.0, "healing": 0.0}
+    replace = _replacer(plan, arch, ranks, keep, spent)
+
+    def use(item: LayerStats) -> None:
+        replace(item.layer, item.index, item.stats, list(item.stats))  # sequential: one stage's targets
+
+    def given(step: Step) -> None:
+        stats = {t: statistics.get(step.name + t) for t in arch.targets} if plan.needs else None
+        replace(step.layer, step.index, stats, arch.targets)
+
+    t, progress = time.perf_counter(), plan.options.progress
+    windows = distributed.shard(windows) if windows is not None else None  # this process's share
+    healers = _layer_healing(plan, model, keep, windows)
+    then = list(healers.values())
+    if then and keep is not None and len(healers) == len(plan.options.resolved.heal):
+        then.append(lambda step: keep.forget(step.name))  # no healer after these needs the dense layers
+    try:
+        if plan.streams:
+            sequential = plan.options.sequential
+            records = calibrate_layers(
+                model, arch, windows, plan.needs, plan.device, use, sequential, progress, source, then=then
+            )
+        elif then:
+            with captured(model, arch, windows, plan.device, progress) as inputs:
+                walk = [given, *then]
+                desc = "factoring and healing"
+                records = walk_layers(arch, plan.device, walk, inputs, None, True, source, progress, desc).records
+        else:
+            walk_layers(arch, plan.device, [given], source=source, progress=progress, desc="decomposing")
+    finally:
+        for work in healers.values():
+            work.close()
+    reports = {name: work.report(records) for name, work in healers.items()}
+    spent["healing"] = sum(r["seconds"] for r in reports.values())
+    if plan.streams:
+        spent["calibration"] = time.perf_counter() - t - spent["decomposition"] - spent["healing"]
+    return Factored(spent, reports)
+
+
+def _replacer(plan: CompressionPlan, arch, ranks: Mapping[str, int | None], keep: DenseReference | None, spent):
+    """replace(layer, index, stats, names): the named targets of one layer replaced by the method's factors."""
 
     def replace(layer: nn.Module, index: int, stats: Mapping | None, names) -> None:
         t = time.perf_counter()
@@ -296,22 +349,17 @@ def factor(
             layer.set_submodule(target, low)
         spent["decomposition"] += time.perf_counter() - t
 
-    def use(item: LayerStats) -> None:
-        replace(item.layer, item.index, item.stats, list(item.stats))  # sequential: one stage's targets
+    return replace
 
-    def given(step: Step) -> None:
-        stats = {t: statistics.get(step.name + t) for t in arch.targets} if plan.needs else None
-        replace(step.layer, step.index, stats, arch.targets)
 
-    progress = plan.options.progress
-    if plan.streams:
-        t = time.perf_counter()
-        windows = distributed.shard(windows)  # this process's share
-        calibrate_layers(model, arch, windows, plan.needs, plan.device, use, plan.options.sequential, progress, source)
-        spent["calibration"] = time.perf_counter() - t - spent["decomposition"]
-    else:
-        walk_layers(arch, plan.device, [given], source=source, progress=progress, desc="decomposing")
-    return spent
+def _layer_healing(
+    plan: CompressionPlan, model: nn.Module, keep: DenseReference | None, windows: torch.Tensor | None
+) -> dict[str, LayerHealing]:
+    """The per-layer work of the healers that run in the factor stage's walk, by name."""
+    if not plan.layer_healers:
+        return {}
+    context = HealContext(model, plan.architecture(model), keep, windows, plan.device, plan.options.progress)
+    return {healer.name: healer.layer(context, config) for healer, config in plan.layer_healers}
 
 
 def _svd_cost(linear: nn.Module) -> float:
@@ -330,14 +378,16 @@ def model_stage(plan: CompressionPlan, model: nn.Module, allocation: Allocation)
 def heal(
     plan: CompressionPlan, model: nn.Module, dense: DenseReference | None, windows: torch.Tensor | None
 ) -> dict[str, dict]:
-    """Run the healers the plan asks for, in order, on the compressed `model` (ranks kept), on `windows` (the
-    healing text's when the plan has one, see :func:`read_windows`); their reports by name."""
-    if not plan.heals:
+    """Run the healers the plan asks for after the factor stage's walk (those not among its
+    :attr:`~.plan.CompressionPlan.layer_healers`), in order, on the compressed `model` (ranks kept), on `windows`
+    (the healing text's when the plan has one, see :func:`read_windows`); their reports by name."""
+    after = plan.options.resolved.heal[len(plan.layer_healers) :]
+    if not after:
         return {}
     if dense is None or windows is None:
         raise SvdkitError("healing needs the dense modules the factor stage replaced and its windows")
     context = HealContext(model, plan.architecture(model), dense, windows, plan.device, plan.options.progress)
-    return {healer.name: healer.run(context, config) for healer, config in plan.options.resolved.heal}
+    return {healer.name: healer.run(context, config) for healer, config in after}
 
 
 def record(

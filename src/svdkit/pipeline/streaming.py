@@ -20,8 +20,10 @@ input statistics or none, sequential calibration included, and an allocation tha
 matrix first (``v2``). That one gets a first pass over the checkpoint, layer by layer, that keeps only
 the summaries (:class:`ReadLayers`; kept in the partial folder once complete, so a resume skips it; a
 kill during it repeats it); the ranks are then fixed and the second pass factors and writes. A
-whole-model stage (SoCo's training), an allocation that needs every matrix's statistics at once
-(``sensitivity``) and gradient statistics need the whole model: :func:`stream_refusal` says why, and
+healer that works per layer (``--heal block``) heals each layer as soon as it is factored, on a second
+stream of hidden states (the dense model's; both kept for a resume), so it streams too. A whole-model
+stage (SoCo's training), a whole-model healer (``kd``), an allocation that needs every matrix's statistics
+at once (``sensitivity``) and gradient statistics need the whole model: :func:`stream_refusal` says why, and
 the caller loads the model whole. So does calibration text the model writes itself (``--calib self``):
 generating it runs the whole dense model.
 """
@@ -47,6 +49,7 @@ from ..core.disk import io_reason
 from ..core.lowrank import densify_
 from ..engine import LayerSource
 from ..errors import NotStreamable, SvdkitError
+from ..heal import DenseReference
 from ..saved.folder import install, is_io_error, write_card, write_metadata
 from ..saved.format import make_plain
 from ..saved.modeling_svdkit import swap_in
@@ -85,11 +88,25 @@ def stream_refusal(plan: CompressionPlan) -> str | None:
         return "calibration text 'self' is written by the dense model, which a generation pass needs whole in memory"
     if plan.method.stage is not None:
         return f"method '{plan.options.method}' trains all layers together after factoring them"
-    if plan.heals:
-        return "healing trains the factors against the dense model, which it keeps in memory beside them"
+    if plan.heals and (why := _heal_refusal(plan)) is not None:
+        return why
     if plan.dense_pass:
         what = f"allocation '{plan.options.allocation}'" if plan.allocator.needs_statistics else "gradient statistics"
         return f"{what} needs every matrix's statistics before the first one is factored"
+    return None
+
+
+def _heal_refusal(plan: CompressionPlan) -> str | None:
+    """Why the plan's healing cannot stream (None: every healer heals each layer as it is factored)."""
+    if distributed.size() > 1:
+        return "healing trains each layer on every calibration window, in one process"
+    if plan.options.sequential:
+        return "healing after sequential calibration starts once every layer is compressed, the model in memory"
+    if plan.own_heal_text:
+        return "healing on a text of its own (--heal-calib) walks the whole compressed model a second time"
+    whole = [h.name for h, _ in plan.options.resolved.heal[len(plan.layer_healers) :]]
+    if whole:
+        return f"healing '{whole[0]}' trains the whole model against the dense one, both in memory (block streams)"
     return None
 
 
@@ -347,16 +364,20 @@ def _run(
         finished = {f"{arch.layers_path}.{i}." for i in range(partial.done)}
         swap_in(model, {n: k for n, k in allocation.ranks.items() if k is not None and _layer_of(n, arch) in finished})
     timings.update(calibration=0.0, decomposition=0.0)
-    if partial.done < len(arch.layers):
+    healing: dict[str, dict] = {}
+    if partial.done < len(arch.layers) or plan.heals:  # healing: its report is made from every layer's record
         if windows is not None:
             materialize(model, "", opened.checkpoint, opened.dtype, _input_side(opened))
         try:
-            timings.update(
-                factor(plan, model, allocation.ranks, None, windows, StreamedLayers(opened, arch, partial, densify))
-            )
+            layers = StreamedLayers(opened, arch, partial, densify)
+            keep = DenseReference() if plan.heals else None
+            factored = factor(plan, model, allocation.ranks, None, windows, layers, keep)
+            timings.update(factored.seconds)
+            healing = factored.healing
         finally:
             release(model)
-    result = record(plan, model, allocation, allocation.ranks, {}, timings, time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    result = record(plan, model, allocation, allocation.ranks, {}, timings, elapsed, healing)
     if densify:
         make_plain(model)
     if distributed.is_main():
