@@ -191,7 +191,7 @@ def test_disk_full_in_a_streamed_run_keeps_the_finished_layers_for_a_resume(
     assert_error(code, err, f"could not write {tmp_path / 'out'} (")
     assert "No space left on device" in err and f"the finished layers are kept in {kept}" in err and "--resume" in err
     assert not (tmp_path / "out").exists() and hidden(tmp_path) == [kept.name]
-    assert json.loads((kept / "state.json").read_text()) ["layers_done"] == 1
+    assert json.loads((kept / "state.json").read_text())["layers_done"] == 1
     monkeypatch.setattr(shards, "save_file", real)  # room again
     (kept / "model.safetensors").unlink()  # the fake fault's half-written file (real writes go to NAME.partial)
     code, _, err = run_cli(capsys, *argv, "--resume")

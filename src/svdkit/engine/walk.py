@@ -15,7 +15,9 @@ What happens to a layer is plugged in:
 After the work the layer is final: the next layer's inputs are its outputs on this layer's inputs, unless
 the work set them (statistics collected from the dense layer set its outputs before it is factored); a
 two-stream walk's work sets the dense stream's (:attr:`Step.next_dense`). Activations live on the CPU
-between layers, so memory is one layer plus the activations, whatever the depth.
+between layers, so memory is one layer plus the activations, whatever the depth; after each layer the heap's
+free pages go back to the operating system (:func:`~svdkit.core.memory.trim_heap`), or glibc's malloc would
+keep what each layer freed and resident memory would grow with depth.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.architecture import Architecture
+from ..core.memory import trim_heap
 from .capture import LayerInputs, layer_output, on_device
 
 __all__ = ["Hidden", "LayerSource", "Step", "Walked", "Work", "layer_bounds", "walk_layers"]
@@ -154,6 +157,7 @@ def walk_layers(
             postfix, record, step = step.postfix, step.record, None  # its inputs go before the next layer loads
             records.append(record)
             source.done(index, layer, hidden or [], dense, record)
+            trim_heap()
             bar.update(1)
             if postfix:
                 bar.set_postfix(postfix)
