@@ -24,7 +24,7 @@ import torch
 
 import svdkit
 from svdkit.allocators import get_allocator
-from svdkit.bench.grid import parse_options
+from svdkit.bench.cells import parse_options
 from svdkit.calibration.collect import collect_statistics
 from svdkit.core.architecture import find_architecture
 from svdkit.core.device import resolve_device

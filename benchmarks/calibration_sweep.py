@@ -27,7 +27,7 @@ from pathlib import Path
 from scorecard_table import save_log_plot
 
 import svdkit
-from svdkit.bench.grid import protocol_spec
+from svdkit.bench.cells import protocol_spec
 from svdkit.sources.text import load_text, tokenize
 
 W = 2048

@@ -30,16 +30,15 @@ from pathlib import Path
 import torch
 
 import svdkit
-from svdkit.bench.grid import PROTOCOL_CALIBRATION, BenchConfig, parse_options
+from svdkit.bench.cells import PROTOCOL_CALIBRATION, BenchConfig, parse_options
 from svdkit.heal import DenseReference, split_windows
 from svdkit.heal.kd import KDConfig
+from svdkit.measure.scorecard import PTB_VALIDATION, VALIDATION
 from svdkit.pipeline.options import CompressionOptions
 from svdkit.pipeline.plan import make_plan, replan
 from svdkit.pipeline.stages import allocate, calibrate, factor, heal, model_stage, read_windows
 from svdkit.sources.text import load_text, tokenize
 
-VALIDATION = (40960, 57344)
-PTB_VALIDATION = (16384, 32768)
 PYDOC_WINDOWS = BenchConfig.pydoc_windows
 """the protocol scores the Python docs' last 8 windows; the sweep's validation slice is the 8 before them"""
 

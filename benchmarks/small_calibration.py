@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import svdkit
-from svdkit.bench.grid import parse_spec
+from svdkit.bench.cells import parse_spec
 from svdkit.sources.text import load_text, tokenize
 
 

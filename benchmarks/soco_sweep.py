@@ -25,7 +25,7 @@ import torch
 
 import svdkit
 from svdkit.allocators.uniform import allocate_uniform
-from svdkit.bench.grid import PROTOCOL_CALIBRATION, parse_options
+from svdkit.bench.cells import PROTOCOL_CALIBRATION, parse_options
 from svdkit.core.lowrank import LowRankLinear
 from svdkit.pipeline.options import CompressionOptions
 from svdkit.pipeline.plan import make_plan, replan

@@ -1,11 +1,13 @@
-"""The rules of the house, checked on the source: the import graph has no cycle, no module reaches into
-another's private names or imports inside a function to dodge a cycle, registration happens only in
-package __init__ files, a method's or allocator's file name is its registry name, functions stay short,
-and nothing in the package points outside the repository."""
+"""The rules of the house, checked on the source: the import graph has no cycle and no two folders import each
+other, no module reaches into another's private names or imports inside a function to dodge a cycle,
+registration happens only in package __init__ files, a method's or allocator's file name is its registry
+name, functions and modules stay short, only the layer engine loops over the decoder layers, and nothing in
+the package points outside the repository."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -170,3 +172,43 @@ def test_public_modules_declare_all():
         has_code = any(isinstance(n, ast.FunctionDef | ast.ClassDef) for n in tree.body)
         if has_code or path.name == "__init__.py" and any(isinstance(n, ast.ImportFrom) for n in tree.body):
             assert declared or path.name == "__main__.py", f"{path.relative_to(SRC)} has no __all__"
+
+
+MAX_MODULE_LINES = 350
+LAYER_LOOPS_ALLOWED = {"svdkit.core.architecture"}  # finding the decoder layers and their targets' shapes
+
+
+def test_modules_are_short():
+    long = {module_name(p): n for p in MODULES if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}, f"modules over {MAX_MODULE_LINES} lines: split them at their seams"
+
+
+def test_only_the_engine_loops_over_decoder_layers():
+    """One walk over the decoder layers (svdkit.engine): any other `for` over ``.layers`` (or their count) is a
+    second walk that owns hidden states, device moves or progress of its own."""
+    found = []
+    for path in MODULES:
+        name = module_name(path)
+        if name.startswith("svdkit.engine") or name in LAYER_LOOPS_ALLOWED:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.For | ast.comprehension):
+                text = ast.unparse(node.iter)
+                if re.search(r"\.layers\b|num_hidden_layers", text):
+                    found.append(f"{name}: for ... in {text}")
+    assert found == []
+
+
+def test_no_two_folders_import_each_other():
+    """The folders of src form layers (core at the bottom, cli at the top): no two import each other."""
+    edges: set[tuple[str, str]] = set()
+    for path in MODULES:
+        parts = path.relative_to(SRC).parts
+        if len(parts) < 2:
+            continue  # svdkit/errors.py and the other top-level modules
+        folder = parts[0]
+        for target in top_level_imports(path):
+            other = target.split(".")[1] if target.count(".") >= 1 else ""
+            if other and other != folder and (SRC / other).is_dir():
+                edges.add((folder, other))
+    assert sorted((a, b) for a, b in edges if (b, a) in edges and a < b) == []

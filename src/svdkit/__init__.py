@@ -21,9 +21,9 @@ from .errors import SvdkitError
 from .measure.perplexity import PerplexityResult, perplexity
 from .methods import get_method, method_names, register
 from .pipeline.compress import CompressionResult, compress
-from .saved.folder import densify, load, save
+from .saved.folder import densify, save
 from .saved.format import register_format
-from .sources.models import load_model
+from .sources.models import load, load_model
 from .version import __version__
 
 register_format()  # AutoModelForCausalLM.from_pretrained(folder) builds the low-rank model once svdkit is imported

@@ -10,7 +10,7 @@ import torch
 from conftest import assert_error, run_cli
 
 import svdkit.bench.grid as grid
-from svdkit.bench.grid import PROTOCOL_CALIBRATION, protocol_spec
+from svdkit.bench.cells import PROTOCOL_CALIBRATION, protocol_spec
 from svdkit.sources.mixture import mixture_windows
 from svdkit.sources.text import calibration_windows
 

@@ -35,125 +35,46 @@ import json
 import os
 import platform
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..allocators import allocator_names
 from ..calibration.collect import collect_statistics
 from ..calibration.gradients import GRADIENT_STATISTICS
 from ..calibration.statistics import LinearStats
 from ..core.architecture import find_architecture
 from ..core.device import resolve_device
 from ..core.lowrank import count_parameters
-from ..core.options import parse_assignment
 from ..core.ranks import check_ratio
 from ..errors import SvdkitError
-from ..heal import parse_heal
 from ..measure.generation import generation_quality
 from ..measure.scorecard import DOMAINS, ScorecardSettings, domain_perplexities, generality, zero_shot_scores
 from ..measure.speed import measure, peak_rss_mb, reset_peak_rss
-from ..methods import get_method, method_names
+from ..methods import get_method
 from ..pipeline.compress import run_plan
 from ..pipeline.options import CalibrationSettings, CompressionOptions
 from ..pipeline.plan import make_plan, statistics_needed
-from ..sources.mixture import mixture_windows, parse_calib
+from ..sources.mixture import mixture_windows
 from ..sources.models import load_model
 from ..sources.text import load_text, tokenize
 from ..version import __version__
+from .cells import (
+    VALIDATION,
+    BenchConfig,
+    CellSpec,
+    as_cell,
+    cell_key,
+    finished_cells,
+    parse_spec,
+    protocol_spec,
+    results_settings,
+)
 from .plots import write_plots
 from .report import markdown
 
-__all__ = [
-    "CellSpec",
-    "BenchConfig",
-    "PROTOCOL_CALIBRATION",
-    "PROTOCOL_RANGES",
-    "parse_spec",
-    "parse_options",
-    "protocol_spec",
-    "run_bench",
-]
-
-VALIDATION = (40960, 57344)
-"""the protocol's validation slice of WikiText-2 test tokens (8 windows of 2048 between evaluation and calibration)"""
-
-PROTOCOL_CALIBRATION = CalibrationSettings(source="wikitext2", samples=32, seqlen=2048, offset=150000, seed=0)
-"""the protocol's calibration: 32 windows of 2048 WikiText-2 test tokens at seeded offsets from 150000"""
-
-PROTOCOL_RANGES = {"ptb": "[32768:]", "demo": "[:-32768]"}
-"""the token range a named calibration part without a slice is drawn from in the bench, clear of the test and
-validation windows: PTB validation after its first 16 windows of 2048 (8 test, 8 validation), Python's
-docs before their last 16 (8 test, 8 validation); WikiText-2 from the calibration offset (150000), any
-other text whole"""
-
-
-def protocol_spec(spec: str, offset: int) -> str:
-    """`spec` with the protocol's range on every part without a slice (``self`` aside): ``wikitext2`` from
-    `offset`, ptb and demo as :data:`PROTOCOL_RANGES`, other texts whole."""
-    out = []
-    for part in parse_calib(spec):
-        text = str(part)
-        if not part.sliced and part.source != "self":
-            cut = f"[{offset}:]" if part.source == "wikitext2" else PROTOCOL_RANGES.get(part.source, "[0:]")
-            text = part.source + cut + ("" if part.windows is None else f":{part.windows}")
-        out.append(text)
-    return ",".join(out)
-
-
-@dataclass(frozen=True)
-class CellSpec:
-    """One row of the grid (without its ratio)."""
-
-    method: str
-    allocation: str = "uniform"
-    update: str = "none"
-    sequential: bool = False
-    options: str = "{}"  # allocation options as sorted JSON (hashable)
-    heal: str = "none"
-    heal_options: str = "{}"  # NAME.KEY -> value, sorted JSON
-
-
-@dataclass
-class BenchConfig:
-    model: str = "smollm2-135m"
-    cells: Sequence[str] = ("svd", "svd-llm")
-    ratios: Sequence[float] = (0.2, 0.4, 0.6)
-    data_dir: str | None = None
-    calibration: CalibrationSettings = dataclasses.field(
-        default_factory=lambda: dataclasses.replace(PROTOCOL_CALIBRATION)
-    )
-    """its seqlen is also the evaluation window; its source a calibration spec (the protocol's: wikitext2),
-    whose parts without a slice are drawn from the protocol's ranges (:func:`protocol_spec`)"""
-    heal_calib: str | None = None
-    """the healing cells' text, a spec like the calibration's (None: they heal on the calibration windows)"""
-    eval_windows: int = 16
-    ptb_windows: int = 8
-    pydoc_windows: int = 8
-    """the third domain: the last windows of Python's documentation text"""
-    zero_shot: int | None = None
-    """the scorecard's zero-shot tasks on their first N documents each, for dense and every cell (None: none)"""
-    generation: bool = True
-    """greedy continuations of 16 prompts from the validation slice: repeated 3-grams, distinct-2"""
-    perplexity: bool = True
-    """False measures no perplexity (e.g. generation scores for cells whose perplexity another run holds)"""
-    sensitivity_windows: int | None = None
-    sensitivity_seqlen: int | None = None
-    device: str = "auto"
-    dtype: str = "float32"
-    """the dtype the model is loaded and compressed in (the protocol's is float32)"""
-    speed: bool = True
-    decode_tokens: int = 64
-    repeats: int = 3
-    plots: bool = True
-    rank_multiple: int = 8
-
-    @property
-    def seqlen(self) -> int:
-        return self.calibration.seqlen
+__all__ = ["run_bench"]
 
 
 @dataclass
@@ -173,69 +94,6 @@ class _Setup:
         """The named texts loaded once, by source name, for the calibration specs."""
         named = {"wikitext2": self.wiki, "ptb": self.ptb, "demo": self.pydoc}
         return {k: v for k, v in named.items() if v is not None}
-
-
-def parse_options(text: str) -> dict:
-    """'rule=power,strength=0.5' -> {'rule': 'power', 'strength': 0.5} (values read as JSON when they parse)."""
-    options = {}
-    for part in filter(None, text.split(",")):
-        try:
-            key, value = parse_assignment(part)
-        except ValueError:
-            raise SvdkitError(f"cell options are KEY=VALUE separated by commas, got {part!r}") from None
-        options[key] = value
-    return options
-
-
-def parse_spec(spec: str) -> CellSpec:
-    """'svd-llm@v2:strength=0.5+lstsq+seq+heal:block,kd:kd.lr=1e-4' -> CellSpec, checking the method,
-    allocation and healing names and the healers' options."""
-    head, *flags = spec.split("+")
-    heals = [f.partition(":")[2] for f in flags if f.startswith("heal:")]
-    flags = [f for f in flags if not f.startswith("heal:")]
-    unknown = set(flags) - {"lstsq", "seq"}
-    if unknown or len(heals) > 1:
-        raise SvdkitError(
-            f"unknown flag(s) {sorted(unknown)} in cell '{spec}': use +lstsq, +seq and one +heal:NAME[,NAME]"
-        )
-    heal, _, heal_opts = (heals[0] if heals else "none").partition(":")
-    heal_options = parse_options(heal_opts)
-    parse_heal(heal, heal_options)
-    head, _, opts = head.partition(":")
-    method, _, allocation = head.partition("@")
-    allocation = allocation or "uniform"
-    if method not in method_names():
-        raise SvdkitError(f"unknown method '{method}' in cell '{spec}'; known: {', '.join(method_names())}")
-    if allocation not in allocator_names():
-        raise SvdkitError(f"unknown allocation '{allocation}' in cell '{spec}'; known: {', '.join(allocator_names())}")
-    return CellSpec(
-        method,
-        allocation,
-        "lstsq" if "lstsq" in flags else "none",
-        "seq" in flags,
-        json.dumps(parse_options(opts), sort_keys=True),
-        heal,
-        json.dumps(heal_options, sort_keys=True),
-    )
-
-
-def _key(cell: dict) -> tuple:
-    return (
-        cell["method"],
-        cell.get("allocation", "uniform"),
-        cell["ratio"],
-        cell.get("update", "none"),
-        bool(cell.get("sequential", False)),
-        json.dumps(cell.get("allocation_options") or {}, sort_keys=True),
-        cell.get("heal", "none"),
-        json.dumps(cell.get("heal_options") or {}, sort_keys=True),
-    )
-
-
-def _as_cell(spec: CellSpec, ratio: float) -> dict:
-    """The fields of a result cell that `spec` at `ratio` fixes (for :func:`_key`)."""
-    options = {"allocation_options": json.loads(spec.options), "heal_options": json.loads(spec.heal_options)}
-    return {**asdict(spec), "ratio": ratio, **options}
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -294,51 +152,6 @@ def _generation_tokens(wiki: torch.Tensor, config: BenchConfig) -> torch.Tensor:
     return wiki[config.eval_windows * config.seqlen :] if len(wiki) > config.eval_windows * config.seqlen else wiki
 
 
-def _settings(config: BenchConfig) -> dict:
-    c = config.calibration
-    calibration = {"source": c.source, "samples": c.samples, "seqlen": c.seqlen, "offset": c.offset, "seed": c.seed}
-    return {
-        "model": config.model,
-        "seqlen": config.seqlen,
-        "eval_windows": config.eval_windows,
-        "ptb_windows": config.ptb_windows,
-        "rank_multiple": config.rank_multiple,
-        "dtype": config.dtype,
-        "perplexity": config.perplexity,
-        "zero_shot_limit": config.zero_shot,
-        "calibration": {**calibration, **({"heal_calib": config.heal_calib} if config.heal_calib else {})},
-    }
-
-
-def _resume(json_path: Path, report: dict) -> dict:
-    """Finished cells of an earlier run with the same settings, by key (refuses other settings)."""
-    if not json_path.exists():
-        return {}
-    old = json.loads(json_path.read_text())
-    mine = _settings_of(report)
-    theirs = _settings_of(old)
-    if mine != theirs:
-        raise SvdkitError(
-            f"{json_path} holds results of other settings ({theirs} vs {mine}): choose another output or remove it"
-        )
-    report["dense"] = old.get("dense")
-    report["calibration"]["passes"] = old.get("calibration", {}).get("passes", {})
-    return {_key(c): c for c in old.get("cells", [])}
-
-
-def _settings_of(report: dict) -> dict:
-    calib = {k: v for k, v in report.get("calibration", {}).items() if k not in ("seconds", "passes")}
-    calib.setdefault("source", "wikitext2")  # a file written before --calib existed used the protocol's text
-    plain = {k: report.get(k) for k in ("model", "seqlen", "eval_windows", "ptb_windows")}
-    kept = {
-        "rank_multiple": report.get("rank_multiple", 1),
-        "dtype": report.get("dtype", "float32"),
-        "perplexity": report.get("perplexity", True),
-        "zero_shot_limit": report.get("zero_shot_limit"),
-    }
-    return {**plain, **kept, "calibration": calib}
-
-
 def _load(config: BenchConfig, log) -> _Setup:
     dev = resolve_device(config.device)
     model, tok = load_model(config.model, dtype=config.dtype)
@@ -351,7 +164,7 @@ def _load(config: BenchConfig, log) -> _Setup:
 
 def _new_report(config: BenchConfig, device: torch.device, command: str) -> dict[str, Any]:
     return {
-        **_settings(config),
+        **results_settings(config),
         "command": command,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs ({platform.processor() or platform.platform()}), "
         f"device {device}, torch threads {torch.get_num_threads()}",
@@ -476,14 +289,14 @@ def run_bench(
         raise SvdkitError(f"cannot write results: folder '{json_path.parent}' does not exist")
     setup = _load(config, log)
     report = _new_report(config, setup.device, command)
-    done = _resume(json_path, report)
+    done = finished_cells(json_path, report)
     if done:
         log(f"resuming: {len(done)} finished cells in {json_path}")
     if not report.get("dense"):
         report["dense"] = _evaluate(setup.model, setup, config)
     log(f"dense: {report['dense']}")
     grid = [(s, r) for s in specs for r in ratios]
-    keys = [_key(_as_cell(s, r)) for s, r in grid]
+    keys = [cell_key(as_cell(s, r)) for s, r in grid]
     todo = [(s, _cell_options(s, r, config, setup)) for (s, r), k in zip(grid, keys, strict=True) if k not in done]
     needs = _needs([o for s, o in todo if not s.sequential], config.plots and plot_dir is not None, log)
     passes = report["calibration"].setdefault("passes", {})
@@ -493,7 +306,7 @@ def run_bench(
         cell = _run_cell(spec, options, setup, config, stats, passes)
         if all(d in cell and d in report["dense"] for d in DOMAINS):
             cell["generality"] = generality({d: cell[d] for d in DOMAINS}, report["dense"])
-        done[_key(cell)] = cell
+        done[cell_key(cell)] = cell
         log({k: v for k, v in cell.items() if k not in ("ranks", "training", "allocation_report")})
         _write(json_path, report, done, keys)
     _write(json_path, report, done, keys)

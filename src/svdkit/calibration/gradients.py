@@ -16,7 +16,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.architecture import Architecture
-from ..engine import StandIn, capture_layer_inputs, layer_bounds, move_outside_layers, on_device, outside_device
+from ..engine import (
+    StandIn,
+    Step,
+    capture_layer_inputs,
+    layer_bounds,
+    move_outside_layers,
+    outside_device,
+    walk_back,
+)
 
 __all__ = ["GRADIENT_STATISTICS", "collect_fisher", "head_loss", "loss_from_layer"]
 
@@ -74,6 +82,10 @@ def collect_fisher(
     flags = {p: p.requires_grad for p in model.parameters()}
     grads = {p: p.grad for p in model.parameters()}  # put back as they were, whatever happens
     fisher: dict[str, torch.Tensor] = {}
+
+    def backward(step: Step, grad: torch.Tensor) -> torch.Tensor | None:
+        return _backward(step, grad, arch.targets, fisher)
+
     bar = tqdm(total=len(windows), desc="fisher (gradient pass)", unit="window", disable=not progress)
     try:
         inputs = capture_layer_inputs(model, arch, windows, device, progress)
@@ -85,9 +97,9 @@ def collect_fisher(
             with torch.enable_grad():
                 top = bounds[-1].to(device).requires_grad_(True)
                 head_loss(model, arch, windows[w][None], top).backward()
-                grad = top.grad
-                for index in reversed(range(len(arch.layers))):
-                    grad = _backward_layer(arch, index, inputs, bounds[index], grad, device, fisher)
+                walk_back(
+                    arch, inputs, bounds, top.grad, device, lambda step, g: _backward(step, g, arch.targets, fisher)
+                )
             bar.update(1)
     finally:
         bar.close()
@@ -98,22 +110,21 @@ def collect_fisher(
     return {name: v / len(inputs.hidden) for name, v in fisher.items()}
 
 
-def _backward_layer(arch, index, inputs, x, grad, device, fisher) -> torch.Tensor | None:
-    """Recompute layer `index` on input `x` with gradients, pass `grad` back through it, add each target
+def _backward(step: Step, grad: torch.Tensor, targets: list[str], fisher: dict) -> torch.Tensor | None:
+    """Recompute the step's layer on its input with gradients, pass `grad` back through it, add each target
     weight's squared row gradients to `fisher`; returns the gradient at the layer's input."""
-    layer = arch.layers[index]
-    weights = {t: layer.get_submodule(t).weight for t in arch.targets}
-    with on_device(layer, device):
-        for p in weights.values():
-            p.requires_grad_(True)
-        x = x.to(device).requires_grad_(index > 0)
-        out = layer(x, **inputs.kwargs_on(index, device))
-        (out[0] if isinstance(out, tuple | list) else out).backward(grad)
-        for t, p in weights.items():
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            rows = g.double().pow(2).sum(1).cpu()
-            name = f"{arch.layers_path}.{index}.{t}"
-            fisher[name] = rows if name not in fisher else fisher[name].add_(rows)
-            p.grad = None
-            p.requires_grad_(False)
+    layer = step.layer
+    weights = {t: layer.get_submodule(t).weight for t in targets}
+    for p in weights.values():
+        p.requires_grad_(True)
+    x = step.hidden[0].to(step.device).requires_grad_(step.index > 0)
+    out = layer(x, **step.kwargs)
+    (out[0] if isinstance(out, tuple | list) else out).backward(grad)
+    for t, p in weights.items():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        rows = g.double().pow(2).sum(1).cpu()
+        name = step.name + t
+        fisher[name] = rows if name not in fisher else fisher[name].add_(rows)
+        p.grad = None
+        p.requires_grad_(False)
     return x.grad

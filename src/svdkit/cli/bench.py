@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..bench.grid import PROTOCOL_CALIBRATION, BenchConfig, parse_spec, run_bench
+from ..bench.cells import PROTOCOL_CALIBRATION, BenchConfig, parse_spec
+from ..bench.grid import run_bench
 from ..bench.report import markdown
 from ..errors import SvdkitError
 from ..pipeline.options import CalibrationSettings, CompressionOptions

@@ -13,6 +13,7 @@ import torch
 from ..allocators import allocator_names
 from ..calibration.store import check_spill_space, spill_bytes
 from ..core import distributed
+from ..core.atomic import prepare_output_dir
 from ..core.device import resolve_device
 from ..core.disk import check_free_space
 from ..core.lowrank import count_parameters
@@ -25,7 +26,7 @@ from ..pipeline.plan import make_plan
 from ..pipeline.streaming import NotStreamable, compress_folder
 from ..pipeline.update import UPDATES
 from ..saved.contents import dense_bytes
-from ..saved.folder import densify, prepare_output_dir, save
+from ..saved.folder import densify, save
 from ..saved.format import read_svdkit_config
 from ..sources.checkpoint import Checkpoint, check_fits_memory
 from ..sources.mixture import SELF

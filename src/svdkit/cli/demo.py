@@ -11,13 +11,14 @@ import argparse
 import time
 from pathlib import Path
 
+from ..core.atomic import prepare_output_dir
 from ..core.device import resolve_device
 from ..core.disk import check_free_space
 from ..measure.perplexity import perplexity
 from ..pipeline.compress import compress
 from ..pipeline.options import CompressionOptions
 from ..saved.contents import dense_bytes
-from ..saved.folder import prepare_output_dir, save
+from ..saved.folder import save
 from ..saved.format import read_svdkit_config
 from ..sources.models import load_model, smollm2_folder
 from ..sources.text import source_tokens

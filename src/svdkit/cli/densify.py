@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.atomic import prepare_output_dir
 from ..errors import SvdkitError
 from ..saved.contents import dense_bytes
-from ..saved.folder import densify, prepare_output_dir
+from ..saved.folder import densify
 from ..saved.format import read_svdkit_config
 from ..sources.models import load_model
 

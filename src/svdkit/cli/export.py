@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.atomic import prepare_output_dir
 from ..deploy.onnx import WEIGHTS, export_onnx
 from ..deploy.runtime import is_onnx_folder
 from ..errors import SvdkitError
-from ..saved.folder import prepare_output_dir
 from ..sources.models import load_model
 from .common import emit
 

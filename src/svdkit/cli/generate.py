@@ -13,8 +13,8 @@ from ..core.device import model_device
 from ..deploy.runtime import OnnxCausalLM
 from ..errors import SvdkitError
 from ..pipeline.options import CompressionOptions
-from ..saved.folder import load
 from ..saved.kvcache import KV_MODES, kv_cache_bytes
+from ..sources.models import load
 from .common import add_dtype, add_fields, emit, positive
 
 __all__ = ["add_parser", "run"]

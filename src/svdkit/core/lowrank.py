@@ -3,7 +3,7 @@
 A matrix W (m x n) of rank-k factors W' = B A, A (k x n), B (m x k), stores k (m + n) numbers instead
 of m n, so it only saves parameters while k < m n / (m + n) (the break-even rank).
 
-:class:`LowRankLinear` is defined in :mod:`svdkit.saved.modeling_svdkit`, the standalone file every
+:class:`LowRankLinear` is defined in :mod:`svdkit.core.modeling_svdkit`, the standalone file every
 saved folder carries, so that a folder loaded without svdkit builds the very same layer.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..saved.modeling_svdkit import LowRankLinear
+from .modeling_svdkit import LowRankLinear
 
 __all__ = ["LowRankLinear", "densify_", "count_parameters"]
 

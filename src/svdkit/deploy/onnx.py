@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
+from ..core.atomic import atomic_write
 from ..core.disk import make_ordinary
 from ..core.lowrank import count_parameters
 from ..errors import SvdkitError
-from ..saved.folder import atomic_write, write_metadata
+from ..saved.card import model_card
+from ..saved.folder import write_metadata
 from ..version import __version__
-from .card import model_card
 from .runtime import KEEP, MANIFEST, OnnxCausalLM
 
 __all__ = ["VERSION", "WEIGHTS", "export_onnx", "onnx_bytes"]

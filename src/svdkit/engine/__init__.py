@@ -12,7 +12,7 @@ from .capture import (
     on_device,
     outside_device,
 )
-from .walk import Hidden, LayerSource, Step, Walked, Work, layer_bounds, walk_layers
+from .walk import Hidden, LayerSource, Step, Walked, Work, layer_bounds, walk_back, walk_layers
 
 __all__ = [
     "Hidden",
@@ -29,5 +29,6 @@ __all__ = [
     "move_outside_layers",
     "on_device",
     "outside_device",
+    "walk_back",
     "walk_layers",
 ]

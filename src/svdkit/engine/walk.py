@@ -35,7 +35,7 @@ from ..core.architecture import Architecture
 from ..core.memory import trim_heap
 from .capture import LayerInputs, layer_output, on_device
 
-__all__ = ["Hidden", "LayerSource", "Step", "Walked", "Work", "layer_bounds", "walk_layers"]
+__all__ = ["Hidden", "LayerSource", "Step", "Walked", "Work", "layer_bounds", "walk_back", "walk_layers"]
 
 Hidden = list[torch.Tensor]
 """one hidden state per window (or batch of windows), on the CPU"""
@@ -184,3 +184,23 @@ def layer_bounds(arch: Architecture, inputs: LayerInputs, x: torch.Tensor, devic
     bounds: Hidden = []
     walked = walk_layers(arch, device, [lambda step: bounds.append(step.hidden[0])], inputs, [x], progress=False)
     return bounds + walked.hidden
+
+
+def walk_back(
+    arch: Architecture,
+    inputs: LayerInputs,
+    bounds: Hidden,
+    grad: torch.Tensor,
+    device: torch.device,
+    work: Callable[[Step, torch.Tensor], torch.Tensor | None],
+) -> torch.Tensor | None:
+    """The layers from the last to the first, each on `device`: ``work(step, grad)`` gets layer i with its input
+    ``bounds[i]`` (:func:`layer_bounds`; ``step.hidden``, one tensor) and the gradient at its output, and returns
+    the gradient at its input, which goes to the layer below (backpropagation with the activations recomputed
+    layer by layer, :mod:`svdkit.calibration.gradients`). Gradients are the caller's to turn on."""
+    for index in reversed(range(len(arch.layers))):
+        layer = arch.layers[index]
+        with on_device(layer, device):
+            kwargs = inputs.kwargs_on(index, device)
+            grad = work(Step(index, layer, f"{arch.layers_path}.{index}.", kwargs, device, [bounds[index]]), grad)
+    return grad

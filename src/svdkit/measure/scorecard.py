@@ -48,6 +48,7 @@ __all__ = [
     "zero_shot_scores",
     "generality",
     "scorecard",
+    "PTB_VALIDATION",
     "compare",
     "cached_scorecard",
     "format_scorecard",
@@ -58,6 +59,9 @@ DOMAINS = ("wikitext2", "ptb", "pydoc")
 
 VALIDATION = (40960, 57344)
 """WikiText-2 test tokens of the protocol's validation slice (8 windows of 2048 between evaluation and calibration)"""
+
+PTB_VALIDATION = (16384, 32768)
+"""PTB validation tokens of the protocol's validation windows (8 to 15 of 2048; the first 8 are its test)"""
 
 _FILES = {"wikitext2": "wikitext-2-raw/wiki.test.raw", "ptb": "ptb/ptb.valid.txt"}
 

@@ -6,16 +6,15 @@
 3. :func:`summarize`: what an allocator that summarizes keeps of every matrix (from those statistics,
    or from a calibration pass of its own that keeps nothing else);
 4. :func:`allocate`: the allocator's ranks, aligned to the rank multiple, with the fixed k/v ranks;
-5. :func:`factor`: every target replaced by the method's factors (calibrating layer by layer while
-   streaming);
+5. :func:`factor` (:mod:`.factor`): every target replaced by the method's factors (calibrating layer by layer
+   while streaming; each layer healed right after by the healers that work per layer);
 6. :func:`model_stage`: a method's whole-model stage (SoCo's training), which fixes the final ranks;
-7. :func:`heal`: the healers (:mod:`svdkit.heal`) train the factors toward the dense model, ranks kept;
+7. :func:`heal`: the other healers (:mod:`svdkit.heal`) train the factors toward the dense model, ranks kept;
 8. :func:`record`: the saved record on the model's config, and the result.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,17 +27,16 @@ from ..calibration.collect import CROSS, LayerStats, calibrate_layers, collect_s
 from ..calibration.statistics import LinearStats
 from ..calibration.store import StatisticsStore
 from ..core import distributed
-from ..core.lowrank import LowRankLinear, count_parameters
+from ..core.lowrank import count_parameters
 from ..core.ranks import align_ranks
-from ..engine import LayerSource, Step, captured, walk_layers
+from ..engine import LayerSource, Step, walk_layers
 from ..errors import SvdkitError
-from ..heal import DenseReference, HealContext, LayerHealing
-from ..methods import factorize
+from ..heal import DenseReference, HealContext
 from ..saved.format import make_portable
 from ..sources.mixture import mixture_windows
 from ..version import __version__
+from .factor import Factored, decompose_linear, factor
 from .plan import CompressionPlan
-from .update import lstsq_update
 
 __all__ = [
     "Allocation",
@@ -206,166 +204,6 @@ def allocate(
     ranks.update(plan.fixed_ranks)  # exact: they size the cache
     start = ranks if plan.method.stage is None else plan.method.stage.start_ranks(shapes, plan.method_config)
     return Allocation(start, ranks, context)
-
-
-def decompose_linear(
-    linear: nn.Linear,
-    method,
-    config,
-    stats,
-    rank: int,
-    device: torch.device,
-    name: str,
-    update: str = "none",
-    owner: int | None = None,
-) -> LowRankLinear:
-    """Factor one nn.Linear with `method` in float64 on `device`; returns a LowRankLinear where the linear was.
-
-    ``update="lstsq"`` refits B on the calibration inputs afterwards (:func:`~svdkit.pipeline.update.lstsq_update`).
-    In a distributed run, process `owner` computes the factors and broadcasts them to the others.
-    """
-    if owner is None or distributed.size() == 1:
-        A, B = _factors(linear, method, config, stats, rank, device, name, update)
-    else:
-        mine = distributed.rank() == owner
-        A, B = _factors(linear, method, config, stats, rank, device, name, update) if mine else (None, None)
-        A, B = _shared(A, B, linear, device, owner)
-    home, dtype = linear.weight.device, linear.weight.dtype
-    bias = linear.bias.detach() if linear.bias is not None else None
-    return LowRankLinear.from_factors(A.to(home, dtype), B.to(home, dtype), bias)
-
-
-def _shared(A, B, linear: nn.Linear, device: torch.device, owner: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The owner's float64 factors on every process (their rank first, since a method may return fewer)."""
-    k = distributed.broadcast_(torch.tensor([0 if A is None else A.shape[0]], device=device), owner)
-    k = int(k)
-    if A is None:
-        A = torch.empty(k, linear.in_features, dtype=torch.float64, device=device)
-        B = torch.empty(linear.out_features, k, dtype=torch.float64, device=device)
-    return distributed.broadcast_(A.contiguous(), owner), distributed.broadcast_(B.contiguous(), owner)
-
-
-def _factors(linear, method, config, stats, rank, device, name, update) -> tuple[torch.Tensor, torch.Tensor]:
-    W = linear.weight.detach().to(device=device, dtype=torch.float64)
-    A, B = factorize(method, config, W, stats, rank, device, name)
-    if update == "lstsq":
-        gram = stats.gram_mean.to(W)
-        cross = stats["cross"].to(W) if "cross" in stats else None
-        B = lstsq_update(W, A, B, gram, cross)
-        if not torch.isfinite(B).all():
-            raise SvdkitError(f"the least-squares update produced non-finite factors for {name}")
-    return A, B
-
-
-@dataclass
-class Factored:
-    """What :func:`factor` did."""
-
-    seconds: dict[str, float]
-    """seconds spent in ``calibration`` (while streaming), ``decomposition`` and ``healing`` (the healers that
-    ran layer by layer in the factor stage's walk)"""
-    healing: dict[str, dict] = field(default_factory=dict)
-    """the reports of those healers, by name"""
-
-
-def factor(
-    plan: CompressionPlan,
-    model: nn.Module,
-    ranks: Mapping[str, int | None],
-    statistics: Statistics | None,
-    windows: torch.Tensor | None,
-    source: LayerSource | None = None,
-    keep: DenseReference | None = None,
-) -> Factored:
-    """Replace every target of rank not None by the method's factors, one decoder layer at a time on the layer
-    engine, and heal each layer right after where the plan has healers that work per layer
-    (:attr:`~.plan.CompressionPlan.layer_healers`). `source` loads each decoder layer before it is factored and
-    takes it once final (a streamed compression; default: the layers stay in memory). `keep` receives every
-    replaced dense module (the healers' reference); one whose layers are all healed here forgets them after
-    each layer."""
-    arch = plan.architecture(model)
-    spent = {"calibration": 0.0, "decomposition": 0.0, "healing": 0.0}
-    replace = _replacer(plan, arch, ranks, keep, spent)
-
-    def use(item: LayerStats) -> None:
-        replace(item.layer, item.index, item.stats, list(item.stats))  # sequential: one stage's targets
-
-    def given(step: Step) -> None:
-        stats = {t: statistics.get(step.name + t) for t in arch.targets} if plan.needs else None
-        replace(step.layer, step.index, stats, arch.targets)
-
-    t, progress = time.perf_counter(), plan.options.progress
-    windows = distributed.shard(windows) if windows is not None else None  # this process's share
-    healers = _layer_healing(plan, model, keep, windows)
-    then = list(healers.values())
-    if then and keep is not None and len(healers) == len(plan.options.resolved.heal):
-        then.append(lambda step: keep.forget(step.name))  # no healer after these needs the dense layers
-    try:
-        if plan.streams:
-            sequential = plan.options.sequential
-            records = calibrate_layers(
-                model, arch, windows, plan.needs, plan.device, use, sequential, progress, source, then=then
-            )
-        elif then:
-            with captured(model, arch, windows, plan.device, progress) as inputs:
-                walk = [given, *then]
-                desc = "factoring and healing"
-                records = walk_layers(arch, plan.device, walk, inputs, None, True, source, progress, desc).records
-        else:
-            walk_layers(arch, plan.device, [given], source=source, progress=progress, desc="decomposing")
-    finally:
-        for work in healers.values():
-            work.close()
-    reports = {name: work.report(records) for name, work in healers.items()}
-    spent["healing"] = sum(r["seconds"] for r in reports.values())
-    if plan.streams:
-        spent["calibration"] = time.perf_counter() - t - spent["decomposition"] - spent["healing"]
-    return Factored(spent, reports)
-
-
-def _replacer(plan: CompressionPlan, arch, ranks: Mapping[str, int | None], keep: DenseReference | None, spent):
-    """replace(layer, index, stats, names): the named targets of one layer replaced by the method's factors."""
-
-    def replace(layer: nn.Module, index: int, stats: Mapping | None, names) -> None:
-        t = time.perf_counter()
-        todo = [target for target in names if ranks[f"{arch.layers_path}.{index}.{target}"] is not None]
-        owners = distributed.assign([_svd_cost(layer.get_submodule(t)) for t in todo])  # processes share a layer
-        for target, owner in zip(todo, owners, strict=True):
-            full = f"{arch.layers_path}.{index}.{target}"
-            linear = layer.get_submodule(target)
-            low = decompose_linear(
-                linear,
-                plan.method,
-                plan.method_config,
-                stats.pop(target) if stats else None,  # dropped once used: a layer's Grams go as it is factored
-                ranks[full],
-                plan.device,
-                full,
-                plan.options.update,
-                owner=owner,
-            )
-            if keep is not None:
-                keep.keep(full, linear)
-            layer.set_submodule(target, low)
-        spent["decomposition"] += time.perf_counter() - t
-
-    return replace
-
-
-def _layer_healing(
-    plan: CompressionPlan, model: nn.Module, keep: DenseReference | None, windows: torch.Tensor | None
-) -> dict[str, LayerHealing]:
-    """The per-layer work of the healers that run in the factor stage's walk, by name."""
-    if not plan.layer_healers:
-        return {}
-    context = HealContext(model, plan.architecture(model), keep, windows, plan.device, plan.options.progress)
-    return {healer.name: healer.layer(context, config) for healer, config in plan.layer_healers}
-
-
-def _svd_cost(linear: nn.Module) -> float:
-    """How long a matrix's decomposition takes, roughly: an SVD of m x n costs m n min(m, n)."""
-    m, n = linear.out_features, linear.in_features
-    return float(m * n * min(m, n))
 
 
 def model_stage(plan: CompressionPlan, model: nn.Module, allocation: Allocation) -> tuple[dict[str, int | None], dict]:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+from ..core.modeling_svdkit import summary
 from ..errors import SvdkitError
 from .format import read_svdkit_config
-from .modeling_svdkit import summary
 
 __all__ = [
     "weight_files",

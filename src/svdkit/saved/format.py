@@ -2,7 +2,7 @@
 
 A compressed model gets svdkit's classes (:func:`make_portable`): its base model's classes with
 model type ``svdkit_<base>``, the record under ``config.svdkit`` (method, ratio, ranks, version, ...),
-defined in :mod:`svdkit.saved.modeling_svdkit`, a file that needs only torch and transformers. So
+defined in :mod:`svdkit.core.modeling_svdkit`, a file that needs only torch and transformers. So
 ``save_pretrained`` (and ``push_to_hub``) writes config.json with that model type, the record and an
 ``auto_map``, and copies ``modeling_svdkit.py`` beside it (transformers' convention for custom code):
 
@@ -33,8 +33,8 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..core.modeling_svdkit import PREFIX, RECORD, build_classes, swap_in
 from ..errors import SvdkitError
-from .modeling_svdkit import PREFIX, RECORD, build_classes, swap_in
 
 __all__ = [
     "PREFIX",

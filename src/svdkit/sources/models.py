@@ -23,16 +23,18 @@ from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from ..core.device import resolve_dtype
+from ..core.device import resolve_device, resolve_dtype
 from ..core.disk import scratch_dir
-from ..deploy.runtime import OnnxCausalLM, is_onnx_folder
+from ..core.modeling_svdkit import loading_problems, summary
+from ..deploy.runtime import OnnxCausalLM, is_onnx_folder, place
 from ..errors import SvdkitError
 from ..saved.contents import check_folder
 from ..saved.format import PREFIX, register_format
-from ..saved.modeling_svdkit import loading_problems, summary
+from ..saved.kvcache import KV_MODES, enable_latent_kv_cache
 from .gguf import convert_gguf, float_from_gguf
 
 __all__ = [
+    "load",
     "load_model",
     "locate",
     "local_folder",
@@ -252,4 +254,32 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype | str = torch.float32
             ) from e
         raise SvdkitError(f"could not load a causal LM from '{spec}': {reason}") from e
     model.eval()
+    return model, tokenizer
+
+
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    kv_cache: str = "ordinary",
+):
+    """Load (model, tokenizer) saved by :func:`svdkit.save` (or any model :func:`load_model` takes).
+
+    ``kv_cache="latent"`` makes generation cache the latents A x of the low-rank k_proj / v_proj
+    instead of the keys and values (:mod:`svdkit.saved.kvcache`). `dtype`: a torch dtype or a name in
+    :data:`~svdkit.core.device.DTYPES` (``"auto"``: the folder's own).
+    """
+    if kv_cache not in KV_MODES:
+        raise SvdkitError(f"kv_cache must be one of {', '.join(KV_MODES)}, got {kv_cache!r}")
+    dev = resolve_device(device) if device is not None else None  # a bad device fails before any loading
+    model, tokenizer = load_model(path, dtype=dtype)
+    if isinstance(model, OnnxCausalLM):
+        if kv_cache != "ordinary":
+            raise SvdkitError("the latent KV cache is for torch models: an ONNX export keeps its cache in the graph")
+        place(model, device)
+        return model, tokenizer
+    if kv_cache == "latent":
+        enable_latent_kv_cache(model)
+    if dev is not None:
+        model.to(dev)
     return model, tokenizer
