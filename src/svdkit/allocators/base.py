@@ -84,6 +84,9 @@ class Allocator:
     """statistics the allocator itself reads (collected even when the method needs none)"""
     summarize: Summarize | None = None
     """(weights, statistics, config, device) -> {name: summary} for one layer's targets (full names)"""
+    per_matrix: bool = True
+    """True when the ranks differ matrix by matrix within one budget (a rank map shows them; ranks fixed
+    from outside, the latent cache's k/v ranks, would break the budget); False: one ratio for every matrix"""
 
 
 ALLOCATORS: Registry[Allocator] = Registry("allocation")
@@ -97,12 +100,13 @@ def register_allocator(
     summary: str = "",
     requires: tuple[str, ...] = (),
     summarize: Summarize | None = None,
+    per_matrix: bool = True,
 ):
     """Decorator: register `fn(context, config) -> {name: rank or None}` as allocation strategy `name`."""
 
     def wrap(fn):
         allocator = Allocator(
-            name, fn, config_cls, needs_statistics, needs_windows, summary, frozenset(requires), summarize
+            name, fn, config_cls, needs_statistics, needs_windows, summary, frozenset(requires), summarize, per_matrix
         )
         ALLOCATORS.add(name, allocator)
         return fn

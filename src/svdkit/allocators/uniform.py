@@ -26,6 +26,6 @@ class UniformConfig:
     """Uniform allocation has no options."""
 
 
-@register_allocator("uniform", UniformConfig, summary="the same ratio for every matrix")
+@register_allocator("uniform", UniformConfig, summary="the same ratio for every matrix", per_matrix=False)
 def _uniform(context: AllocationContext, config: UniformConfig) -> dict[str, int | None]:
     return allocate_uniform(context.shapes, context.ratio)

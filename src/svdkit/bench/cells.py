@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ..allocators import allocator_names
 from ..core.options import parse_assignment
@@ -95,8 +96,8 @@ class BenchConfig:
     """greedy continuations of 16 prompts from the validation slice: repeated 3-grams, distinct-2"""
     perplexity: bool = True
     """False measures no perplexity (e.g. generation scores for cells whose perplexity another run holds)"""
-    sensitivity_windows: int | None = None
-    sensitivity_seqlen: int | None = None
+    allocation_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    """options by allocation name for every cell of that allocation (a cell's own options win)"""
     device: str = "auto"
     dtype: str = "float32"
     """the dtype the model is loaded and compressed in (the protocol's is float32)"""

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from ..allocators import get_allocator
 from ..calibration.collect import collect_statistics
 from ..calibration.gradients import GRADIENT_STATISTICS
 from ..calibration.statistics import LinearStats
@@ -177,11 +178,8 @@ def _new_report(config: BenchConfig, device: torch.device, command: str) -> dict
 
 def _cell_options(spec: CellSpec, ratio: float, config: BenchConfig, setup: _Setup) -> CompressionOptions:
     """The pipeline's options for one cell (checked here, before any pass runs)."""
-    options = json.loads(spec.options)
-    if spec.allocation == "sensitivity":
-        sens = {"windows": config.sensitivity_windows, "seqlen": config.sensitivity_seqlen}
-        options = {**{k: v for k, v in sens.items() if v is not None}, **options}
-    loud = spec.allocation != "uniform" or spec.sequential or get_method(spec.method).stage is not None
+    options = {**config.allocation_options.get(spec.allocation, {}), **json.loads(spec.options)}
+    loud = get_allocator(spec.allocation).per_matrix or spec.sequential or get_method(spec.method).stage is not None
     loud = loud or spec.heal != "none"
     heal_text = spec.heal != "none" and config.heal_calib is not None
     return CompressionOptions(

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..allocators import get_allocator
 from ..core.architecture import find_architecture
 from ..errors import SvdkitError
 from .report import alloc_label, cell_label
@@ -239,7 +240,7 @@ def write_plots(report: dict, folder: Path, model: nn.Module, stats=None) -> lis
     shapes = find_architecture(model).shapes()
     for c in report["cells"]:
         stem = _slug(f"{c['method']}-{c['allocation']}-{c['ratio']}")
-        if c["allocation"] != "uniform" or "training" in c:
+        if get_allocator(c["allocation"]).per_matrix or "training" in c:
             written.append(plot_rank_map(cell_rank_info(c, shapes), folder / f"ranks-{stem}.png"))
         curve = (c.get("training") or {}).get("curve")
         if curve:

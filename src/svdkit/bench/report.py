@@ -7,7 +7,8 @@ __all__ = ["markdown", "cell_label", "alloc_label"]
 
 def cell_label(cell: dict) -> str:
     """method[+lstsq][+seq][+heal:NAMES[:OPTIONS]] of a result cell."""
-    extra = ("+lstsq" if cell.get("update", "none") == "lstsq" else "") + ("+seq" if cell.get("sequential") else "")
+    update = cell.get("update", "none")
+    extra = ("" if update == "none" else f"+{update}") + ("+seq" if cell.get("sequential") else "")
     heal = cell.get("heal", "none")
     options = ",".join(f"{k}={v}" for k, v in (cell.get("heal_options") or {}).items())
     return cell["method"] + extra + (f"+heal:{heal}" if heal != "none" else "") + (f":{options}" if options else "")

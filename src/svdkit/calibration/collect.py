@@ -21,7 +21,7 @@ from torch import nn
 from ..core.architecture import Architecture
 from ..engine import LayerSource, Step, Work, captured, layer_output, walk_layers
 from ..errors import SvdkitError
-from .gradients import GRADIENT_STATISTICS, collect_fisher
+from .gradients import GRADIENT_COLLECTORS, GRADIENT_STATISTICS
 from .statistics import STATISTICS, LinearStats, Statistic
 from .store import StatisticsStore
 
@@ -266,7 +266,7 @@ def collect_statistics(
     """Every target's statistics from the dense model, by full module name.
 
     Input statistics (see :data:`~svdkit.calibration.statistics.STATISTICS`) come from one layer-by-layer pass;
-    gradient statistics (``fisher``, see :mod:`svdkit.calibration.gradients`) from a backward pass. Costs one n x n
+    gradient statistics (``fisher``, see :mod:`svdkit.calibration.gradients`) from a backward pass each. Costs one n x n
     float64 Gram matrix per distinct input (shared by q/k/v and by gate/up): for SmolLM2-135M about
     27 MB per layer, held in CPU memory (a dict is returned), or written layer by layer into `store`
     (a :class:`~svdkit.calibration.store.StatisticsStore`, returned) so memory holds one layer. Lets several
@@ -288,15 +288,14 @@ def collect_statistics(
                 out.update(named)
 
         calibrate_layers(model, arch, windows, hooks, device, keep, progress=progress)
-    if "fisher" in needs:
-        fisher = collect_fisher(model, arch, windows, device, progress)
+    for statistic in sorted(needs & GRADIENT_STATISTICS):
+        collected = GRADIENT_COLLECTORS[statistic](model, arch, windows, device, progress)
         tokens = windows.numel()
-        if store is not None:
-            for name, rows in fisher.items():
-                store.add(name, {"fisher": rows}, tokens)
-            return store
-        for name, rows in fisher.items():
+        for name, rows in collected.items():
+            if store is not None:
+                store.add(name, {statistic: rows}, tokens)
+                continue
             st = out.get(name)
-            values = {**st.values, "fisher": rows} if st is not None else {"fisher": rows}
+            values = {**st.values, statistic: rows} if st is not None else {statistic: rows}
             out[name] = LinearStats(values, st.tokens if st is not None else tokens, module=name)
     return store if store is not None else out

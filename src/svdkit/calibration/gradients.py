@@ -26,7 +26,7 @@ from ..engine import (
     walk_back,
 )
 
-__all__ = ["GRADIENT_STATISTICS", "collect_fisher", "head_loss", "loss_from_layer"]
+__all__ = ["GRADIENT_COLLECTORS", "GRADIENT_STATISTICS", "collect_fisher", "head_loss", "loss_from_layer"]
 
 GRADIENT_STATISTICS = frozenset({"fisher"})
 """statistics that need a backward pass (per output row of a weight), not input hooks"""
@@ -128,3 +128,7 @@ def _backward(step: Step, grad: torch.Tensor, targets: list[str], fisher: dict) 
         p.grad = None
         p.requires_grad_(False)
     return x.grad
+
+
+GRADIENT_COLLECTORS = {"fisher": collect_fisher}
+"""each gradient statistic's pass: (model, arch, windows, device, progress) -> {full target name: per-row values}"""

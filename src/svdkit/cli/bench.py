@@ -112,8 +112,7 @@ def bench_config(a: argparse.Namespace) -> BenchConfig:
         heal_calib=a.heal_calib,
         eval_windows=a.eval_windows,
         ptb_windows=a.ptb_windows,
-        sensitivity_windows=a.sensitivity_windows,
-        sensitivity_seqlen=a.sensitivity_seqlen,
+        allocation_options={"sensitivity": _given(windows=a.sensitivity_windows, seqlen=a.sensitivity_seqlen)},
         device=a.device,
         dtype=a.dtype,
         speed=not a.no_speed,
@@ -141,3 +140,8 @@ def run(a: argparse.Namespace) -> None:
     )
     print(markdown(report))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'plots'}")
+
+
+def _given(**options) -> dict:
+    """The options given on the command line (those left at None are not)."""
+    return {k: v for k, v in options.items() if v is not None}

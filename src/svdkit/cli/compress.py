@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..allocators import allocator_names
+from ..allocators import allocator_names, get_allocator
 from ..calibration.store import check_spill_space, spill_bytes
 from ..core import distributed
 from ..core.atomic import prepare_output_dir
@@ -59,7 +59,7 @@ FLAGS = {
         "action": "append",
         "metavar": "KEY=VALUE",
     },
-    "update": {"choices": UPDATES},
+    "update": {"choices": list(UPDATES)},
     "heal": {
         "metavar": "NAMES",
         "help": f"after the method, heal the factors: {', '.join(healer_names())} or "
@@ -218,7 +218,7 @@ def _report(a: argparse.Namespace, result, model, out, seconds: float) -> None:
             raise SvdkitError(f"the model was written to {out}, but not its training curve: {e}") from e
     _report_healing(result.healing, out)
     _one_text_note(out)
-    if a.allocation != "uniform" or result.training:
+    if get_allocator(a.allocation).per_matrix or result.training:
         print(rank_summary(result.ranks, result.dense_kept, _shapes(model, result)))
         for key, value in result.allocation.items():
             if key not in ("name", "config"):

@@ -20,7 +20,7 @@ from ..errors import SvdkitError
 from ..heal import DenseReference, HealContext, LayerHealing
 from ..methods import factorize
 from .plan import CompressionPlan
-from .update import lstsq_update
+from .update import UPDATES
 
 __all__ = ["Factored", "decompose_linear", "factor"]
 
@@ -40,7 +40,8 @@ def decompose_linear(
 ) -> LowRankLinear:
     """Factor one nn.Linear with `method` in float64 on `device`; returns a LowRankLinear where the linear was.
 
-    ``update="lstsq"`` refits B on the calibration inputs afterwards (:func:`~svdkit.pipeline.update.lstsq_update`).
+    `update` (a name in :data:`~svdkit.pipeline.update.UPDATES`, e.g. ``"lstsq"``) refits B on the calibration
+    statistics afterwards.
     In a distributed run, process `owner` computes the factors and broadcasts them to the others.
     """
     if owner is None or distributed.size() == 1:
@@ -67,12 +68,11 @@ def _shared(A, B, linear: nn.Linear, device: torch.device, owner: int) -> tuple[
 def _factors(linear, method, config, stats, rank, device, name, update) -> tuple[torch.Tensor, torch.Tensor]:
     W = linear.weight.detach().to(device=device, dtype=torch.float64)
     A, B = factorize(method, config, W, stats, rank, device, name)
-    if update == "lstsq":
-        gram = stats.gram_mean.to(W)
-        cross = stats["cross"].to(W) if "cross" in stats else None
-        B = lstsq_update(W, A, B, gram, cross)
+    refit = UPDATES[update]
+    if refit is not None:
+        B = refit.refit(W, A, B, stats)
         if not torch.isfinite(B).all():
-            raise SvdkitError(f"the least-squares update produced non-finite factors for {name}")
+            raise SvdkitError(f"the {refit.name} update produced non-finite factors for {name}")
     return A, B
 
 

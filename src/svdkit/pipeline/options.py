@@ -230,7 +230,7 @@ class CompressionOptions(UserOptions):
             kv_ratio = check_kv_ratio(kv_ratio)
             if method.stage is not None:
                 raise SvdkitError(f"kv_ratio fixes the k/v ranks, but method '{self.method}' chooses every rank itself")
-            if self.allocation != "uniform":
+            if allocator.per_matrix:
                 raise SvdkitError(
                     "kv_ratio fixes the k/v ranks after allocation, which would break allocation "
                     f"'{self.allocation}''s budget over all matrices: use the uniform allocation with kv_ratio"

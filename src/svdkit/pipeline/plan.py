@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ..allocators import Allocator
-from ..calibration.collect import CROSS
 from ..calibration.gradients import GRADIENT_STATISTICS
 from ..calibration.statistics import LinearStats
 from ..core.architecture import Architecture, find_architecture
@@ -30,6 +29,7 @@ from ..methods import Method
 from ..saved.format import base_classes
 from ..saved.kvcache import KV_TARGETS, kv_ranks
 from .options import CalibrationSettings, CompressionOptions
+from .update import UPDATES
 
 __all__ = ["CalibrationMode", "CompressionPlan", "make_plan", "replan", "statistics_needed"]
 
@@ -54,10 +54,9 @@ class CalibrationMode(enum.Enum):
 def statistics_needed(method: Method, allocator: Allocator, update: str, sequential: bool) -> frozenset[str]:
     """The statistics a method, an allocation and an update read (``cross`` for the sequential update)."""
     needs = set(method.requires | allocator.requires)
-    if update == "lstsq":
-        needs.add("gram")
-        if sequential:
-            needs.add(CROSS)  # fit B to the dense layer's outputs from the compressed model's inputs
+    refit = UPDATES[update]
+    if refit is not None:
+        needs |= refit.requires | (refit.sequential_requires if sequential else frozenset())
     return frozenset(needs)
 
 

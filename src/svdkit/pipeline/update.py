@@ -22,11 +22,40 @@ q/k/v and gate/up, and the model collapsed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["UPDATES", "lstsq_update"]
+from ..calibration.collect import CROSS
+from ..calibration.statistics import LinearStats
 
-UPDATES = ("none", "lstsq")
+__all__ = ["UPDATES", "Update", "lstsq_update"]
+
+
+@dataclass(frozen=True)
+class Update:
+    """A refit of a method's factors on the calibration statistics, after the method: the new B of (A, B)."""
+
+    name: str
+    refit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LinearStats], torch.Tensor]
+    """(W, A, B, statistics) -> B, all float64"""
+    requires: frozenset[str]
+    """the statistics it reads"""
+    sequential_requires: frozenset[str] = frozenset()
+    """the statistics it reads on top when calibration is sequential"""
+
+
+def _lstsq(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, stats: LinearStats) -> torch.Tensor:
+    cross = stats[CROSS].to(W) if CROSS in stats else None
+    return lstsq_update(W, A, B, stats.gram_mean.to(W), cross)
+
+
+UPDATES: dict[str, Update | None] = {
+    "none": None,
+    "lstsq": Update("lstsq", _lstsq, frozenset({"gram"}), frozenset({CROSS})),
+}
+"""the updates by name; ``none`` keeps the method's factors"""
 
 
 def lstsq_update(
