@@ -75,13 +75,13 @@ def test_a_two_stream_walk_needs_its_work_to_advance_the_dense_stream():
     arch = find_architecture(model)
     with captured(model, arch, windows(), CPU, progress=False) as inputs:
         with pytest.raises(RuntimeError, match="next_dense"):
-            walk_layers(arch, CPU, [lambda step: None], inputs, two_streams=True, progress=False)
+            walk_layers(arch, CPU, [lambda step: None], inputs, keep_dense=True, progress=False)
 
         def dense_twice(step):
             assert all(torch.equal(a, b) for a, b in zip(step.hidden, step.dense, strict=True))  # nothing changes
             step.next_dense = step.outputs(step.dense)
 
-        walked = walk_layers(arch, CPU, [dense_twice], inputs, two_streams=True, progress=False)
+        walked = walk_layers(arch, CPU, [dense_twice], inputs, keep_dense=True, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(walked.hidden, walked.dense, strict=True))
 
 

@@ -31,10 +31,10 @@ def options(**kw) -> CompressionOptions:
     "kw, statistics, mode",
     [
         ({"method": "svd"}, False, CalibrationMode.NONE),
-        ({"method": "svd-llm"}, False, CalibrationMode.STREAM),
+        ({"method": "svd-llm"}, False, CalibrationMode.LAYERWISE),
         ({"method": "svd-llm"}, True, CalibrationMode.PRECOMPUTED),
         ({"method": "fwsvd"}, False, CalibrationMode.COLLECT),
-        ({"method": "svd-llm", "allocation": "v2"}, False, CalibrationMode.STREAM),  # after a summary pass
+        ({"method": "svd-llm", "allocation": "v2"}, False, CalibrationMode.LAYERWISE),  # after a summary pass
         ({"method": "svd-llm", "allocation": "sensitivity"}, False, CalibrationMode.COLLECT),
         ({"method": "svd-llm", "sequential": True}, False, CalibrationMode.SEQUENTIAL),
         ({"method": "svd", "update": "lstsq", "sequential": True}, False, CalibrationMode.SEQUENTIAL),
@@ -48,7 +48,7 @@ def test_one_calibration_mode_per_plan(kw, statistics, mode):
         stats = collect_statistics(model, svdkit.find_architecture(model), windows, {"gram"}, torch.device("cpu"))
     plan = make_plan(model, options(**kw), stats)
     assert plan.mode is mode
-    assert plan.streams == (mode in (CalibrationMode.STREAM, CalibrationMode.SEQUENTIAL))
+    assert plan.layerwise == (mode in (CalibrationMode.LAYERWISE, CalibrationMode.SEQUENTIAL))
     assert ("cross" in plan.needs) == (kw.get("update") == "lstsq" and kw.get("sequential", False))
 
 

@@ -26,7 +26,7 @@ from .statistics import STATISTICS, LinearStats, Statistic
 from .store import StatisticsStore
 
 CROSS = "cross"
-"""dense inputs against compressed inputs, mean of x_dense x^T (two-stream sequential calibration only)"""
+"""dense inputs against compressed inputs, mean of x_dense x^T (sequential calibration, dense hidden states kept)"""
 
 __all__ = ["CROSS", "LayerStats", "calibrate_layers", "collect_statistics"]
 
@@ -76,7 +76,7 @@ class _Collector:
 
     Staged (sequential calibration): only the first distinct input the forward reaches among the hooked
     targets is collected (the ``group``: q/k/v, or o, or gate/up, or down), and the forward stops at
-    the next one. With ``record=True`` the hooks only keep each group input (the dense stream); a
+    the next one. With ``record=True`` the hooks only keep each group input (the dense hidden states); a
     collector whose ``dense`` is such a recorder also accumulates the cross statistic against it.
     """
 
@@ -180,15 +180,15 @@ def calibrate_layers(
     computed through the layer as `use` has modified it so far (intra-layer sequential, as GPTQ's
     "true sequential"): o_proj's statistics see the compressed q/k/v. Each stage reruns the layer up to
     the input it needs; the next layer's inputs are the fully modified layer's outputs. With ``"cross"``
-    in `needs` a second stream of hidden states runs through a dense copy of each layer alongside, and
+    in `needs` the dense hidden states run through a dense copy of each layer alongside, and
     each target also gets C = mean x_dense x^T (the least-squares update's cross statistic); this
     doubles the activations held and adds one dense forward per stage.
 
     `then` is more work on each layer after `use` (block healing, see :mod:`svdkit.heal.block`): with it the
-    walk keeps two streams, the layers as changed and the dense model, and the default mode's statistics come
-    from the dense one, as without it. `source` (a :class:`~svdkit.engine.walk.LayerSource`) loads each layer
-    before it runs and takes it once final, and may start the walk at a later layer. `desc` names the progress
-    bar. Returns every layer's record (:attr:`~svdkit.engine.walk.Step.record`).
+    walk keeps the dense model's hidden states beside those of the layers as changed, and the default mode's
+    statistics come from the dense ones, as without it. `source` (a :class:`~svdkit.engine.walk.LayerSource`)
+    loads each layer before it runs and takes it once final, and may start the walk at a later layer. `desc`
+    names the progress bar. Returns every layer's record (:attr:`~svdkit.engine.walk.Step.record`).
     """
     needs = set(needs)
     if CROSS in needs and not sequential:
@@ -196,17 +196,17 @@ def calibrate_layers(
     if then and sequential:
         raise SvdkitError("work after sequential calibration would change the inputs its statistics come from")
     work = _staged(arch.targets, needs, use) if sequential else _dense(arch.targets, needs, use)
-    two_streams = CROSS in needs or bool(then)
+    keep_dense = CROSS in needs or bool(then)
     with captured(model, arch, windows, device, progress) as inputs:
         walk = [work, *then]
         return walk_layers(
-            arch, device, walk, inputs, two_streams=two_streams, source=source, progress=progress, desc=desc
+            arch, device, walk, inputs, keep_dense=keep_dense, source=source, progress=progress, desc=desc
         ).records
 
 
 def _dense(targets: list[str], needs: set[str], use: Callable[[LayerStats], None]) -> Work:
-    """Every target's statistics from the dense model's inputs to the layer (the dense stream of a two-stream
-    walk); its next inputs are the layer's outputs before `use` changes it."""
+    """Every target's statistics from the dense model's inputs to the layer (kept beside the changed ones where
+    the walk keeps both); its next inputs are the layer's outputs before `use` changes it."""
 
     def work(step: Step) -> None:
         xs = step.hidden if step.dense is None else step.dense
@@ -225,7 +225,7 @@ def _dense(targets: list[str], needs: set[str], use: Callable[[LayerStats], None
 
 
 def _staged(targets: list[str], needs: set[str], use: Callable[[LayerStats], None]) -> Work:
-    """Sequential mode's stages for one layer; a two-stream walk's dense stream advances through a dense copy."""
+    """Sequential mode's stages for one layer; the dense hidden states advance through a dense copy."""
 
     def work(step: Step) -> None:
         layer, kwargs, device = step.layer, step.kwargs, step.device

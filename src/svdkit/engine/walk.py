@@ -1,7 +1,8 @@
 """The layer engine: the one walk over a model's decoder layers, in order, that every per-layer pass uses.
 
-:func:`walk_layers` owns the order of the layers, their hidden states (one stream, or two: the model as the
-walk changes it and the dense model beside it), the device moves, the progress bar and the resume point.
+:func:`walk_layers` owns the order of the layers, their hidden states (those of the model as the walk changes
+it and, where the work needs them, the dense model's beside), the device moves, the progress bar and the
+resume point.
 What happens to a layer is plugged in:
 
 - a :class:`LayerSource` says where the layers come from and go to: ``load`` before a layer runs (a
@@ -13,11 +14,11 @@ What happens to a layer is plugged in:
   healing (:mod:`svdkit.heal.block`), keeping every layer's input (:func:`layer_bounds`).
 
 After the work the layer is final: the next layer's inputs are its outputs on this layer's inputs, unless
-the work set them (statistics collected from the dense layer set its outputs before it is factored); a
-two-stream walk's work sets the dense stream's (:attr:`Step.next_dense`). Activations live on the CPU
-between layers, so memory is one layer plus the activations, whatever the depth; after each layer the heap's
-free pages go back to the operating system (:func:`~svdkit.core.memory.trim_heap`), or glibc's malloc would
-keep what each layer freed and resident memory would grow with depth.
+the work set them (statistics collected from the dense layer set its outputs before it is factored); where
+the walk keeps the dense hidden states, the work sets their next ones (:attr:`Step.next_dense`). Activations
+live on the CPU between layers, so memory is one layer plus the activations, whatever the depth; after each
+layer the heap's free pages go back to the operating system (:func:`~svdkit.core.memory.trim_heap`), or
+glibc's malloc would keep what each layer freed and resident memory would grow with depth.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class LayerSource:
     """the first layer the walk runs; the layers before it are finished"""
 
     def begin(self, hidden: Hidden, dense: Hidden | None) -> tuple[Hidden, Hidden | None]:
-        """The hidden states entering layer :attr:`start` (and the dense stream's), given layer 0's."""
+        """The hidden states entering layer :attr:`start` (and the dense ones), given layer 0's."""
         return hidden, dense
 
     def load(self, index: int, layer: nn.Module) -> None:
@@ -83,11 +84,11 @@ class Step:
     hidden: Hidden | None
     """this layer's inputs in the model as the walk has changed it so far (None: a walk without activations)"""
     dense: Hidden | None = None
-    """the dense model's inputs to this layer (a two-stream walk)"""
+    """the dense model's inputs to this layer (a walk that keeps them)"""
     next_hidden: Hidden | None = None
     """the next layer's inputs, where the work computed them (else the final layer's outputs on `hidden`)"""
     next_dense: Hidden | None = None
-    """the dense stream's next inputs: a two-stream walk's work sets them"""
+    """the dense hidden states' next inputs: the work of a walk that keeps them sets them"""
     record: dict[str, Any] = field(default_factory=dict)
     """what the work keeps about this layer (JSON-able, by the work's name): the walk returns every layer's, and
     a resumed walk gets back those of the layers finished before"""
@@ -111,7 +112,7 @@ class Walked:
     hidden: Hidden | None
     """the last layer's outputs"""
     dense: Hidden | None
-    """the dense stream's (a two-stream walk)"""
+    """the dense hidden states' (a walk that keeps them)"""
     records: list[dict[str, Any]]
     """every layer's :attr:`Step.record`, in order"""
 
@@ -123,24 +124,24 @@ def walk_layers(
     work: Sequence[Work],
     inputs: LayerInputs | None = None,
     hidden: Hidden | None = None,
-    two_streams: bool = False,
+    keep_dense: bool = False,
     source: LayerSource | None = None,
     progress: bool = True,
     desc: str = "layers",
 ) -> Walked:
-    """Run `work` on every decoder layer in order; the last layer's outputs (and the dense stream's), and what
+    """Run `work` on every decoder layer in order; the last layer's outputs (and the dense ones), and what
     the work recorded about each layer.
 
     `inputs` (:func:`~.capture.capture_layer_inputs`) gives every layer's keyword arguments and layer 0's
     inputs (`hidden` replaces them, e.g. one window of them); without it the walk runs no layer (the work
-    sees ``step.hidden`` None and the layers stay where they are). `two_streams` starts the dense stream as a
+    sees ``step.hidden`` None and the layers stay where they are). `keep_dense` starts the dense hidden states as a
     copy of the first. Gradients are off; work that trains turns them on for itself.
     """
     source = source or LayerSource()
     dense, records = None, source.records()
     if inputs is not None:
         hidden = inputs.hidden if hidden is None else hidden
-        hidden, dense = source.begin(hidden, list(hidden) if two_streams else None)
+        hidden, dense = source.begin(hidden, list(hidden) if keep_dense else None)
     bar = tqdm(total=len(arch.layers), desc=desc, unit="layer", disable=not progress)
     bar.update(source.start)
     try:
@@ -167,9 +168,9 @@ def walk_layers(
 
 
 def _next(step: Step) -> tuple[Hidden | None, Hidden | None]:
-    """The next layer's inputs once the work is done (and the dense stream's)."""
+    """The next layer's inputs once the work is done (and the dense ones)."""
     if step.dense is not None and step.next_dense is None:
-        raise RuntimeError("a two-stream walk's work must set step.next_dense")
+        raise RuntimeError("a walk that keeps the dense hidden states needs its work to set step.next_dense")
     if step.next_hidden is not None or step.hidden is None:
         return step.next_hidden, step.next_dense
     return step.outputs(step.hidden), step.next_dense

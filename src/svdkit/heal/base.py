@@ -3,8 +3,9 @@
 A healer is registered by name (its file name) with a config dataclass; ``run(context, config)`` changes the
 low-rank layers' factors in place (never their ranks) and returns a report. A healer that works one decoder
 layer at a time also registers its ``layer`` form (:class:`LayerHealing`): work on the layer engine's
-two-stream walk, which the factor stage runs in its own walk, each layer healed as soon as it is factored
-(:attr:`svdkit.pipeline.plan.CompressionPlan.layer_healers`), so healing streams like compression. The
+walk with the dense hidden states kept, which the factor stage runs in its own walk, each layer healed as soon
+as it is factored (:attr:`svdkit.pipeline.plan.CompressionPlan.layer_healers`), so healing streams from a
+checkpoint like compression. The
 pipeline's heal stage (:func:`svdkit.pipeline.stages.heal`) runs the rest, in the order given, and knows none
 of them by name.
 """
@@ -42,9 +43,9 @@ class HealContext:
 
 
 class LayerHealing(Protocol):
-    """A healer's work on the layer engine's two-stream walk (:mod:`svdkit.engine`): called with each layer
-    once it is factored, its inputs in the compressed model (``step.hidden``) and in the dense one
-    (``step.dense``); sets the dense stream's next inputs where the walk has not; records what it did in
+    """A healer's work on the layer engine's walk with the dense hidden states (:mod:`svdkit.engine`): called
+    with each layer once it is factored, its inputs in the compressed model (``step.hidden``) and in the dense one
+    (``step.dense``); sets the dense hidden states' next inputs where the walk has not; records what it did in
     ``step.record``."""
 
     def __call__(self, step: Step) -> None: ...

@@ -5,8 +5,8 @@ layer's outputs on the dense model's own hidden states (AA-SVD's anchored object
     min over the factors of layer i   sum_w || L_i^c(X_w^c) - L_i(X_w) ||^2 / || L_i(X_w) ||^2
 
 where X_w is the dense model's input to layer i for window w and X_w^c the compressed model's. Anchoring on
-the dense stream (not on L_i(X^c)) lets a layer correct the error the layers before it left. The layer
-engine (:mod:`svdkit.engine`) walks both streams: one layer's dense and compressed hidden states at a time, on the CPU;
+the dense hidden states (not on L_i(X^c)) lets a layer correct the error the layers before it left. The layer
+engine (:mod:`svdkit.engine`) keeps both: one layer's dense and compressed hidden states at a time, on the CPU;
 the layer trains on the compute device in float32 with Adam, one window a step, under the held-out guard
 (:mod:`.guard`, held-out windows: the relative error above), and its closed-form factors stay when
 training does not beat them.
@@ -59,8 +59,9 @@ def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class BlockHealing:
-    """Block healing as work on the layer engine's two-stream walk (:class:`~.base.LayerHealing`): each layer,
-    once factored, trains toward the dense layer's outputs on the dense stream, from the compressed stream."""
+    """Block healing as work on the layer engine's walk with the dense hidden states (:class:`~.base.LayerHealing`):
+    each layer, once factored, trains toward the dense layer's outputs on the dense hidden states, from the
+    compressed ones."""
 
     def __init__(self, context: HealContext, config: BlockConfig) -> None:
         self.context, self.config = context, config
@@ -70,7 +71,7 @@ class BlockHealing:
 
     def __call__(self, step: Step) -> None:
         t = time.perf_counter()
-        if step.next_dense is None:  # the dense layer's outputs: the targets, and the dense stream's next inputs
+        if step.next_dense is None:  # the dense layer's outputs: the targets, and the dense hidden states' next inputs
             with self.context.dense.swapped(self.context.model, step.name.removesuffix(".")):
                 step.next_dense = step.outputs(step.dense)
         layer, n_train = step.layer, self.windows[0]
@@ -111,7 +112,7 @@ def heal_blocks(context: HealContext, config: BlockConfig) -> dict[str, Any]:
     try:
         with captured(model, arch, context.windows, device, progress) as inputs:
             walked = walk_layers(
-                arch, device, [work], inputs, two_streams=True, progress=progress, desc="healing layers"
+                arch, device, [work], inputs, keep_dense=True, progress=progress, desc="healing layers"
             )
     finally:
         work.close()

@@ -149,7 +149,7 @@ def run_plan(
         summaries = summarize(plan, model, statistics, windows)  # a summary pass counts as the allocation's
         allocation = allocate(plan, model, statistics, windows, summaries)
         timings["allocation"] = time.perf_counter() - t
-        if store is not None and plan.streams:
+        if store is not None and plan.layerwise:
             store.close()  # the dense pass served the allocation only
         factored = factor(plan, model, allocation.ranks, statistics, windows, keep=dense)
         timings["calibration"] += factored.seconds["calibration"]

@@ -1,6 +1,6 @@
 """The factor stage (:func:`factor`): every target replaced by the method's factors, one decoder layer at a
-time on the layer engine, calibrating as it goes where the plan streams, and healing each layer right after
-where the plan has healers that work per layer."""
+time on the layer engine, calibrating as it goes where the plan calibrates layer by layer, and healing each
+layer right after where the plan has healers that work per layer."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def factor(
     if then and keep is not None and len(healers) == len(plan.options.resolved.heal):
         then.append(lambda step: keep.forget(step.name))  # no healer after these needs the dense layers
     try:
-        if plan.streams:
+        if plan.layerwise:
             sequential = plan.options.sequential
             records = calibrate_layers(
                 model, arch, windows, plan.needs, plan.device, use, sequential, progress, source, then=then
@@ -137,7 +137,7 @@ def factor(
             work.close()
     reports = {name: work.report(records) for name, work in healers.items()}
     spent["healing"] = sum(r["seconds"] for r in reports.values())
-    if plan.streams:
+    if plan.layerwise:
         spent["calibration"] = time.perf_counter() - t - spent["decomposition"] - spent["healing"]
     return Factored(spent, reports)
 

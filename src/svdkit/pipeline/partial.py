@@ -88,7 +88,7 @@ class Partial:
         _write_atomic(path, json.dumps(self.settings, indent=2, sort_keys=True))
 
     def save_hidden(self, index: int, hidden: list[torch.Tensor], dense: list[torch.Tensor] | None) -> None:
-        """Keep the hidden states entering layer `index` (and the dense stream's)."""
+        """Keep the hidden states entering layer `index` (and the dense ones)."""
         tensors = {f"hidden.{i}": h.contiguous() for i, h in enumerate(hidden)}
         tensors.update({f"dense.{i}": h.contiguous() for i, h in enumerate(dense or [])})
         path = self.path / f"hidden-{index}-{distributed.rank()}.safetensors"  # each process its own windows
@@ -96,12 +96,12 @@ class Partial:
         save_file(tensors, str(partial))
         os.replace(partial, path)
 
-    def load_hidden(self, two_streams: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    def load_hidden(self, keep_dense: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """The hidden states entering the first unfinished layer."""
         tensors = load_file(str(self.path / f"hidden-{self.done}-{distributed.rank()}.safetensors"))
         hidden = [tensors[f"hidden.{i}"] for i in range(sum(k.startswith("hidden.") for k in tensors))]
         dense = [tensors[f"dense.{i}"] for i in range(sum(k.startswith("dense.") for k in tensors))]
-        return hidden, (dense if two_streams else None)
+        return hidden, (dense if keep_dense else None)
 
     def save_summaries(self, summaries: dict[str, torch.Tensor]) -> None:
         """Keep the allocator's finished summaries (tensors by target name)."""

@@ -41,7 +41,7 @@ class CalibrationMode(enum.Enum):
     """nothing needs statistics"""
     PRECOMPUTED = "precomputed"
     """the caller passed them"""
-    STREAM = "stream"
+    LAYERWISE = "layerwise"
     """layer by layer from the dense model, each layer factored as soon as its statistics are ready
     (after a summary pass when the allocation summarizes every matrix first)"""
     COLLECT = "collect"
@@ -69,7 +69,7 @@ def _mode(needs: frozenset[str], allocator: Allocator, precomputed: bool, sequen
         return CalibrationMode.SEQUENTIAL
     if (allocator.needs_statistics and allocator.summarize is None) or needs & GRADIENT_STATISTICS:
         return CalibrationMode.COLLECT
-    return CalibrationMode.STREAM
+    return CalibrationMode.LAYERWISE
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,9 @@ class CompressionPlan:
         return bool(self.options.resolved.heal)
 
     @property
-    def streams(self) -> bool:
+    def layerwise(self) -> bool:
         """True when the factor stage calibrates as it goes (statistics per layer, never all at once)."""
-        return self.mode in (CalibrationMode.STREAM, CalibrationMode.SEQUENTIAL)
+        return self.mode in (CalibrationMode.LAYERWISE, CalibrationMode.SEQUENTIAL)
 
     @property
     def dense_pass(self) -> bool:
@@ -147,7 +147,7 @@ class CompressionPlan:
     def summary_pass(self) -> bool:
         """True when a calibration pass over the dense model summarizes every matrix for the allocator
         (keeping no statistics) before the factoring pass."""
-        return self.allocator.summarize is not None and self.streams
+        return self.allocator.summarize is not None and self.layerwise
 
     def architecture(self, model: nn.Module) -> Architecture:
         """The targets of this plan in `model` (the model it was made for, or a copy of it)."""

@@ -20,8 +20,8 @@ input statistics or none, sequential calibration included, and an allocation tha
 matrix first (``v2``). That one gets a first pass over the checkpoint, layer by layer, that keeps only
 the summaries (:class:`ReadLayers`; kept in the partial folder once complete, so a resume skips it; a
 kill during it repeats it); the ranks are then fixed and the second pass factors and writes. A
-healer that works per layer (``--heal block``) heals each layer as soon as it is factored, on a second
-stream of hidden states (the dense model's; both kept for a resume), so it streams too. A whole-model
+healer that works per layer (``--heal block``) heals each layer as soon as it is factored, with the dense model's
+hidden states beside (both kept for a resume), so it streams too. A whole-model
 stage (SoCo's training), a whole-model healer (``kd``), an allocation that needs every matrix's statistics
 at once (``sensitivity``) and gradient statistics need the whole model: :func:`stream_refusal` says why, and
 the caller loads the model whole. So does calibration text the model writes itself (``--calib self``):
