@@ -71,15 +71,16 @@ def wrap(phases: Phases, owner, name: str, label, after: str = "after {}") -> No
 
 def install(phases: Phases, layers: int) -> None:
     import svdkit.calibration.collect as collect
+    import svdkit.engine.capture as capture
     import svdkit.methods.svd_llm as svd_llm
-    import svdkit.pipeline.stages as stages
+    import svdkit.pipeline.factor as factor
     import svdkit.pipeline.streaming as streaming
 
     wrap(phases, streaming, "open_checkpoint", "open the checkpoint (meta device)")
     wrap(phases, streaming, "materialize", lambda module, prefix, *a, **k: f"load {prefix or 'the input side'}",
          "after {} (for a layer: its calibration forwards)")  # fmt: skip
-    wrap(phases, collect, "capture_layer_inputs", "capture layer 0's inputs")
-    wrap(phases, stages, "decompose_linear", lambda *a, **k: f"factor {a[6].split('.', 3)[-1]}")
+    wrap(phases, capture, "capture_layer_inputs", "capture layer 0's inputs")
+    wrap(phases, factor, "factor_linear", lambda *a, **k: f"factor {a[6].split('.', 3)[-1]}")
     wrap(phases, svd_llm, "robust_cholesky", "  Cholesky of G")
     wrap(phases, svd_llm.torch.linalg, "svd", "  SVD of W L")
     wrap(phases, svd_llm.torch.linalg, "solve_triangular", "  A L^-1")

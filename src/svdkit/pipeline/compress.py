@@ -19,8 +19,8 @@ from .stages import (
     CompressionResult,
     allocate,
     calibrate,
-    decompose_linear,
     factor,
+    factor_linear,
     model_stage,
     read_windows,
     record,
@@ -28,7 +28,7 @@ from .stages import (
 )
 from .stages import heal as heal_stage
 
-__all__ = ["CompressionResult", "compress", "decompose_linear", "run_plan"]
+__all__ = ["CompressionResult", "compress", "factor_linear", "run_plan"]
 
 
 def compress(

@@ -22,12 +22,12 @@ from ..methods import factorize
 from .plan import CompressionPlan
 from .update import UPDATES
 
-__all__ = ["Factored", "decompose_linear", "factor"]
+__all__ = ["Factored", "factor_linear", "factor"]
 
 Statistics = Mapping[str, LinearStats]
 
 
-def decompose_linear(
+def factor_linear(
     linear: nn.Linear,
     method,
     config,
@@ -152,7 +152,7 @@ def _replacer(plan: CompressionPlan, arch, ranks: Mapping[str, int | None], keep
         for target, owner in zip(todo, owners, strict=True):
             full = f"{arch.layers_path}.{index}.{target}"
             linear = layer.get_submodule(target)
-            low = decompose_linear(
+            low = factor_linear(
                 linear,
                 plan.method,
                 plan.method_config,

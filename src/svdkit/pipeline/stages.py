@@ -35,7 +35,7 @@ from ..heal import DenseReference, HealContext
 from ..saved.format import make_portable
 from ..sources.mixture import mixture_windows
 from ..version import __version__
-from .factor import Factored, decompose_linear, factor
+from .factor import Factored, factor, factor_linear
 from .plan import CompressionPlan
 
 __all__ = [
@@ -44,7 +44,7 @@ __all__ = [
     "Factored",
     "allocate",
     "calibrate",
-    "decompose_linear",
+    "factor_linear",
     "factor",
     "heal",
     "model_stage",
