@@ -131,7 +131,9 @@ def factor(
                 desc = "factoring and healing"
                 records = walk_layers(arch, plan.device, walk, inputs, None, True, source, progress, desc).records
         else:
-            walk_layers(arch, plan.device, [given], source=source, progress=progress, desc="decomposing")
+            records = walk_layers(
+                arch, plan.device, [given], source=source, progress=progress, desc="decomposing"
+            ).records
     finally:
         for work in healers.values():
             work.close()
