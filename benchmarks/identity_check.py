@@ -93,6 +93,8 @@ MEMORY: dict[str, dict] = {
     "heal-kd": dict(method="svd-llm", heal="kd", heal_options=KD),
     "heal-block-kd": dict(method="svd-llm", heal="block,kd", heal_options=HEAL),
     "heal-block-sequential": dict(method="svd-llm", sequential=True, heal="block", heal_options=BLOCK),
+    "heal-block-svd": dict(method="svd", heal="block", heal_options=BLOCK),  # no statistics: a walk to heal
+    "heal-block-fwsvd": dict(method="fwsvd", heal="block,kd", heal_options=HEAL),  # statistics collected first
     "soco": dict(method="soco", method_options=SOCO),
     "soco-heal": dict(method="soco", method_options=SOCO, heal="block,kd", heal_options=HEAL),
 }

@@ -127,9 +127,17 @@ def factor(
             )
         elif then:
             with captured(model, arch, windows, plan.device, progress) as inputs:
-                walk = [given, *then]
-                desc = "factoring and healing"
-                records = walk_layers(arch, plan.device, walk, inputs, None, True, source, progress, desc).records
+                walked = walk_layers(
+                    arch,
+                    plan.device,
+                    [given, *then],
+                    inputs,
+                    keep_dense=True,
+                    source=source,
+                    progress=progress,
+                    desc="factoring and healing",
+                )
+                records = walked.records
         else:
             records = walk_layers(
                 arch, plan.device, [given], source=source, progress=progress, desc="decomposing"
