@@ -187,6 +187,8 @@ def _layer_healing(
     """The per-layer work of the healers that run in the factor stage's walk, by name."""
     if not plan.layer_healers:
         return {}
+    if keep is None:  # as the heal stage requires: a layer healer may need the dense layer back
+        raise SvdkitError("healing needs the dense modules the factor stage replaced: pass keep=DenseReference()")
     context = HealContext(model, plan.architecture(model), keep, windows, plan.device, plan.options.progress)
     return {healer.name: healer.layer(context, config) for healer, config in plan.layer_healers}
 
