@@ -12,7 +12,7 @@ import svdkit
 from svdkit.errors import SvdkitError
 from svdkit.heal import parse_heal, split_windows, steps_for
 from svdkit.heal.guard import cut_windows
-from svdkit.heal.kd import lr_schedule
+from svdkit.heal.kd import chunked_kl, head_of, lr_schedule
 
 SAMPLES, SEQLEN = 8, 64
 
@@ -161,3 +161,36 @@ def test_the_distillation_schedule_warms_up_then_falls_to_zero():
     assert [plain(s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
     assert [warm(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0] and warm(10) == 0.0
     assert lr_schedule(10, 10)(10) == 0.0  # KDConfig(warmup=0.99) on 10 steps rounds to 10 warm-up steps
+
+
+@pytest.mark.parametrize("kind, cap", [("llama", None), ("gemma3", 2.0)])
+def test_the_distillation_head_gives_the_models_own_logits(kind, cap):
+    model = tiny_model(kind).eval()
+    if cap is not None:
+        model.config.final_logit_softcapping = cap  # tanh-capped logits (Gemma 2 and 3)
+    ids = random_tokens(24, seed=3)[None]
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids).last_hidden_state
+        logits = model(input_ids=ids).logits
+    assert torch.equal(head_of(model)(hidden), logits)
+    assert cap is None or float(logits.abs().max()) <= cap
+
+
+def test_the_kl_in_chunks_of_positions_equals_the_whole_one_with_its_gradients():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    student, teacher = torch.randn(2, 7, 8, requires_grad=True), torch.randn(2, 7, 8)
+    whole = _kl_logits(head(student), head(teacher))
+    whole.backward()
+    expected, student.grad = student.grad.clone(), None
+    for rows in (1, 3, 14, 100):
+        loss = chunked_kl(student, teacher, head, rows, backward=True)
+        assert torch.allclose(loss, whole.detach(), atol=1e-6) and not loss.requires_grad
+        assert torch.allclose(student.grad, expected, atol=1e-6)
+        student.grad = None
+        assert torch.allclose(chunked_kl(student, teacher, head, rows), whole, atol=1e-6)
+
+
+def _kl_logits(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    s, t = (F.log_softmax(x, -1).flatten(0, 1) for x in (student, teacher))
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")

@@ -7,6 +7,8 @@ import json
 from conftest import assert_error, last_json, run_cli
 
 import svdkit.heal.block
+import svdkit.sources.checkpoint
+from svdkit.sources.checkpoint import dense_bytes
 
 
 def _argv(folder, text_file, out) -> list:
@@ -29,6 +31,18 @@ def test_compress_heal_loads_whole_writes_curves_and_info_shows_it(capsys, tmp_p
     code, stdout, err = run_cli(capsys, "info", out, "--json")
     assert code == 0, err
     assert "healing block:" in stdout and [h["name"] for h in last_json(stdout)["heal"]] == ["block", "kd"]
+
+
+def test_distillation_is_refused_before_loading_where_its_training_state_does_not_fit(
+    capsys, tmp_path, tiny_folder, text_file, monkeypatch
+):
+    weights = dense_bytes(tiny_folder, 0.0, 4)  # the model fits, kd's copies beside it (1 + 1 + 3 x 0.6) do not
+    monkeypatch.setattr(svdkit.sources.checkpoint, "available_memory", lambda: int(3 * weights))
+    code, _, err = run_cli(capsys, *_argv(tiny_folder, text_file, tmp_path / "out"), "--heal", "kd")
+    assert_error(code, err, "healing 'kd' trains the whole model against the dense one")
+    assert "3.8 times that with the healing's training state" in err and not (tmp_path / "out").exists()
+    code, stdout, err = run_cli(capsys, *_argv(tiny_folder, text_file, tmp_path / "block"), "--heal", "block")
+    assert code == 0 and "healing block:" in stdout, err  # streams: no check of the whole model
 
 
 def test_bad_heal_flags_fail_before_loading(capsys, tmp_path, tiny_folder, text_file):

@@ -118,9 +118,9 @@ def run(a: argparse.Namespace) -> None:
     size = _element_bytes(folder, a.dtype) if folder is not None else 4
     estimate = dense_bytes(folder, ratio, size) if folder is not None else None
     out = prepare_output_dir(a.output, a.overwrite, size=estimate or 0)  # a folder's output, from its headers
-    result, model = _streamed(a, folder, out, options) if folder is not None else (None, None)
+    result, model, why = _streamed(a, folder, out, options) if folder is not None else (None, None, None)
     if result is None:
-        result, model = _whole(a, folder, out, options, ratio)
+        result, model = _whole(a, folder, out, options, ratio, why)
     seconds = time.perf_counter() - start
     if not distributed.is_main():
         return
@@ -156,26 +156,28 @@ def _element_bytes(folder: Path, dtype: str) -> int:
 
 
 def _streamed(a: argparse.Namespace, folder: Path, out: Path, options: CompressionOptions):
-    """(result, model skeleton) of a compression streamed layer by layer, or (None, None) where it needs the
-    whole model (said in one line)."""
+    """(result, model skeleton, None) of a compression streamed layer by layer, or (None, None, why not) where
+    it needs the whole model (said in one line)."""
     try:
-        return compress_folder(folder, out, options, a.dtype, a.resume, a.overwrite, a.densify)
+        return (*compress_folder(folder, out, options, a.dtype, a.resume, a.overwrite, a.densify), None)
     except NotStreamable as e:
         if a.resume:
             raise SvdkitError(f"--resume continues a compression streamed layer by layer, but {e}") from e
         print(f"loading the whole model into memory: {e}", flush=True)
-        a.whole_reason = str(e)
-        return None, None
+        return None, None, str(e)
 
 
-def _whole(a: argparse.Namespace, folder: Path | None, out: Path, options: CompressionOptions, ratio: float):
+def _whole(
+    a: argparse.Namespace, folder: Path | None, out: Path, options: CompressionOptions, ratio: float, why: str | None
+):
     """(result, model) of a compression of the model loaded whole (a hub id, a .gguf, or a plan that cannot
-    stream), refused up front where the model does not fit in memory."""
+    stream: `why`), refused up front where the model and what its healing holds do not fit in memory."""
     if distributed.size() > 1:
-        why = getattr(a, "whole_reason", "the model is not a local folder of safetensors weights")
+        why = why or "the model is not a local folder of safetensors weights"
         raise SvdkitError(f"a run of several processes (torchrun) streams the model layer by layer, but {why}")
     if folder is not None:
-        check_fits_memory(folder, _element_bytes(folder, a.dtype), getattr(a, "whole_reason", "it"))
+        copies = 1 + sum(h.held(ratio) for h, _ in options.resolved.heal if h.held is not None)
+        check_fits_memory(folder, _element_bytes(folder, a.dtype), why or "it", copies)
     model, tok = load_model(a.model, dtype=a.dtype)
     plan = make_plan(model, options, tokenizer=tok)
     targets = sum(m * n for m, n in plan.shapes.values())

@@ -66,6 +66,9 @@ class Healer:
     paper: str = ""
     layer: Callable[[HealContext, Any], LayerHealing] | None = None
     """the per-layer form, for a healer that trains one decoder layer at a time"""
+    held: Callable[[float], float] | None = None
+    """of a whole-model healer: model-sized copies of the weights it holds beside the compressed model while it
+    trains, at a ratio (the memory check before a model is loaded whole)"""
 
 
 HEALERS: Registry[Healer] = Registry("healing", known="known healings")
@@ -77,11 +80,13 @@ def register(
     summary: str,
     paper: str = "",
     layer: Callable[[HealContext, Any], LayerHealing] | None = None,
+    held: Callable[[float], float] | None = None,
 ) -> Callable:
-    """Decorator: register `fn(context, config) -> report` as healer `name` (`layer`: its per-layer form)."""
+    """Decorator: register `fn(context, config) -> report` as healer `name` (`layer`: its per-layer form;
+    `held`: what a whole-model healer holds, :attr:`Healer.held`)."""
 
     def wrap(fn: Callable[[HealContext, Any], dict]) -> Callable[[HealContext, Any], dict]:
-        HEALERS.add(name, Healer(name, fn, config_cls, summary, paper, layer))
+        HEALERS.add(name, Healer(name, fn, config_cls, summary, paper, layer, held))
         return fn
 
     return wrap

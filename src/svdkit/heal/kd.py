@@ -5,7 +5,9 @@ model's next-token distribution on the calibration windows,
 
 the teacher's logits computed on the fly (the dense linears swapped back in for a no-grad forward; caching
 them would take windows x tokens x vocabulary floats, 6.4 GB for the protocol's calibration set on
-SmolLM2). SVD-LLM's published version fine-tunes its factors after truncation the same way in spirit (LoRA
+SmolLM2). The KL is computed a chunk of positions at a time (:func:`chunked_kl`), so a 128k-262k vocabulary
+(Llama 3, Gemma 3) never holds a whole window's logits: the gradient reaches the final hidden states chunk by
+chunk, then flows through the model once. SVD-LLM's published version fine-tunes its factors after truncation the same way in spirit (LoRA
 on U, then V; arXiv 2403.07378); here the factors themselves train. Adam, the learning rate falling
 linearly to 0 (after an optional linear warm-up), gradients clipped; the held-out guard (:mod:`.guard`)
 measures the same KL on held-out windows and keeps the best step, so the result is never further from the
@@ -31,7 +33,7 @@ from .base import HealContext, register
 from .guard import Guard, cut_windows, split_windows, steps_for
 from .logfile import open_log
 
-__all__ = ["KDConfig", "distill", "lr_schedule"]
+__all__ = ["KDConfig", "chunked_kl", "distill", "head_of", "lr_schedule"]
 
 
 @dataclass
@@ -52,6 +54,9 @@ class KDConfig(Options):
     patience: int = option(3, "stop after this many held-out measurements without improvement", integer(1))
     clip: float = option(1.0, "gradient norm clip", number(0, lo_open=True))
     seed: int = option(0, "order of the training windows", integer())
+    chunk_mb: int = option(
+        256, "megabytes of logits computed at once (positions per chunk: this / (vocabulary x 4 bytes))", integer(1)
+    )
     log: str | None = option(None, "a file that receives one JSON line per step and per held-out measurement")
 
 
@@ -66,7 +71,50 @@ def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-@register("kd", KDConfig, "distil the dense model's next-token distribution into all factors", "SVD-LLM (2024)")
+def head_of(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Final hidden states -> the model's logits: its output embeddings, then the tanh soft-capping of the logits
+    where the config sets ``final_logit_softcapping`` (Gemma 2), as the model's own forward does."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap is None:
+        return head
+    return lambda h: torch.tanh(head(h) / cap) * cap
+
+
+def chunked_kl(
+    student: torch.Tensor, teacher: torch.Tensor, head: Callable, rows: int, backward: bool = False
+) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) from final hidden states (... x d), the logits computed
+    `rows` positions at a time. With `backward`, each chunk's gradient reaches the student's hidden states at
+    once and the model's graph is walked once at the end, so at most one chunk's logits exist at any time; the
+    loss returned is then detached."""
+    s, t = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    n = len(s)
+    leaf = s.detach().requires_grad_(True) if backward else s
+    total = torch.zeros((), device=s.device)
+    for i in range(0, n, rows):
+        with torch.no_grad():
+            target = head(t[i : i + rows])
+        part = _kl(head(leaf[i : i + rows]), target)
+        part = part if rows >= n else part * (len(target) / n)
+        if backward:
+            part.backward()
+            part = part.detach()
+        total = total + part
+    if backward:
+        s.backward(leaf.grad)
+    return total
+
+
+def _held(ratio: float) -> float:
+    """The dense modules the factors replaced (at most the model), then the factors' gradients and Adam's two
+    moments (3 x the factors, at most 1 - ratio of the model each)."""
+    return 1 + 3 * (1 - ratio)
+
+
+@register(
+    "kd", KDConfig, "distil the dense model's next-token distribution into all factors", "SVD-LLM (2024)", held=_held
+)
 def distill(context: HealContext, config: KDConfig) -> dict[str, Any]:
     """Train every factor on KL(dense || compressed); the report: steps, held-out cross-entropy, time."""
     model, device = context.model, context.device
@@ -109,6 +157,9 @@ class _Loop:
     def __init__(self, context: HealContext, config: KDConfig, params, train, held, steps: int, log) -> None:
         self.context, self.config, self.params, self.train, self.held = context, config, params, train, held
         self.steps, self.log = steps, log
+        self.head = head_of(context.model)
+        vocab = context.model.get_output_embeddings().weight.shape[0]
+        self.rows = max(1, config.chunk_mb * 2**20 // (4 * vocab))
         self.opt = torch.optim.Adam(params, lr=config.lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_schedule(steps, round(config.warmup * steps)))
         g = torch.Generator().manual_seed(config.seed)
@@ -122,12 +173,12 @@ class _Loop:
             losses = [float(self.kl(ids[None].to(self.context.device))) for ids in self.held]
         return sum(losses) / len(losses)
 
-    def kl(self, ids: torch.Tensor) -> torch.Tensor:
-        """KL(dense || compressed) on `ids`, in the autograd graph of the factors when gradients are on."""
-        model = self.context.model
-        with torch.no_grad(), self.context.dense.swapped(model):
-            teacher = model(input_ids=ids, use_cache=False).logits
-        return _kl(model(input_ids=ids, use_cache=False).logits, teacher)
+    def kl(self, ids: torch.Tensor, backward: bool = False) -> torch.Tensor:
+        """KL(dense || compressed) on `ids`; with `backward`, its gradient accumulated in the factors."""
+        body = self.context.model.base_model
+        with torch.no_grad(), self.context.dense.swapped(self.context.model):
+            teacher = body(input_ids=ids, use_cache=False).last_hidden_state
+        return chunked_kl(body(input_ids=ids, use_cache=False).last_hidden_state, teacher, self.head, self.rows, backward)
 
     def run(self, t0: float) -> dict[str, Any]:
         model, config, device = self.context.model, self.config, self.context.device
@@ -156,18 +207,17 @@ class _Loop:
         return {"steps": self.steps, "objective": "kl", **report}
 
     def step(self, ids: torch.Tensor, step: int) -> float:
-        loss = self.kl(ids)
-        if not math.isfinite(float(loss.detach())):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.kl(ids, backward=True)
+        if not math.isfinite(float(loss)):
             raise SvdkitError(
-                f"distillation diverged at step {step}: the loss is {float(loss.detach())}; lower the learning rate "
+                f"distillation diverged at step {step}: the loss is {float(loss)}; lower the learning rate "
                 f"(now {self.config.lr}, heal option kd.lr)"
             )
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.config.clip)
         self.opt.step()
         self.sched.step()
-        return float(loss.detach())
+        return float(loss)
 
     def _write(self, row: dict) -> None:
         if self.log is not None:

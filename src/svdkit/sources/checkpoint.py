@@ -207,13 +207,16 @@ def _swap_parameters(module: nn.Module, new) -> None:
                 holder._parameters[leaf] = replacement
 
 
-def check_fits_memory(folder: str | os.PathLike, element_bytes: int, why: str) -> None:
-    """Refuse, before loading, a model whose weights alone (`element_bytes` per element) exceed the memory
-    available now; `why` says why it must be loaded whole."""
+def check_fits_memory(folder: str | os.PathLike, element_bytes: int, why: str, copies: float = 1.0) -> None:
+    """Refuse, before loading, a model whose weights (`element_bytes` per element), times the `copies` of them
+    the work holds, exceed the memory available now; `why` says why it must be loaded whole."""
     need, free = dense_bytes(folder, 0.0, element_bytes), available_memory()
-    if need is not None and free is not None and need > free:
+    if need is not None and free is not None and need * copies > free:
+        held = f"its weights need {need / 2**30:.1f} GiB"
+        if copies > 1:
+            held += f", {copies:.1f} times that with the healing's training state"
         raise SvdkitError(
-            f"{why}, so the whole model must be loaded, but its weights need {need / 2**30:.1f} GiB and "
-            f"{free / 2**30:.1f} GiB of memory are available: use a method and allocation that stream layer by "
-            "layer (e.g. svd-llm with the uniform allocation), --dtype bfloat16, or a machine with more memory"
+            f"{why}, so the whole model must be loaded, but {held} and {free / 2**30:.1f} GiB of memory are "
+            "available: use a method and allocation that stream layer by layer (e.g. svd-llm with the uniform "
+            "allocation and --heal block), --dtype bfloat16, or a machine with more memory"
         )
