@@ -129,7 +129,7 @@ def main() -> None:
                     "ratio_range": r.allocation.get("ratio_range"),
                 }
                 if r.training:
-                    row["training"] = r.training
+                    row["training"] = r.training.as_dict()
                     row["training_s"] = r.timings.get("training")
                 report["rows"].append(row)
                 print({k: v for k, v in row.items() if k not in ("ratio_range", "training")}, flush=True)

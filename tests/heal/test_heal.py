@@ -71,9 +71,12 @@ def test_block_healing_lowers_the_block_output_error_it_optimises():
     windows = _windows()
     before, after = _layer0_error(plain, dense, windows), _layer0_error(healed, dense, windows)
     assert after < 0.9 * before
-    rows = result.healing["block"]["layers"]
+    report = result.healing["block"]
+    rows = report.curves["layers"]
     assert len(rows) == 2 and all(r["held_out_best"] <= r["held_out_start"] for r in rows)
-    assert any(r["best_step"] > 0 for r in rows)
+    assert any(r["best_step"] > 0 for r in rows) and report.steps == sum(r["steps_run"] for r in rows)
+    assert report.held_out_best == pytest.approx(sum(r["held_out_best"] for r in rows) / 2)
+    assert report.summary.startswith(f"2 layers, {report.steps} steps, held-out loss")
 
 
 def test_distillation_lowers_the_kl_on_its_windows():
@@ -85,7 +88,8 @@ def test_distillation_lowers_the_kl_on_its_windows():
     train, _ = split_windows(_windows(), 0.125, "test")
     assert _kl(healed, dense, train) < 0.9 * _kl(plain, dense, train)
     report = result.healing["kd"]
-    assert report["held_out_best"] < report["held_out_start"] and report["best_step"] > 0
+    assert report.held_out_best < report.held_out_start and report.facts["best_step"] > 0
+    assert report.curves["held_out_curve"][0] == {"step": 0, "held_out": report.held_out_start}
 
 
 def test_healing_keeps_every_rank_and_is_recorded():
@@ -95,6 +99,7 @@ def test_healing_keeps_every_rank_and_is_recorded():
     record = model.config.svdkit["heal"]
     assert [h["name"] for h in record] == ["block", "kd"]
     assert record[1]["config"]["seqlen"] == SEQLEN and "held_out_curve" not in record[1]
+    assert record[0]["summary"] == healed.healing["block"].summary and "layers" not in record[0]
     assert set(healed.timings) >= {"healing"} and healed.timings["healing"] > 0
 
 
@@ -117,8 +122,9 @@ def test_the_guard_rejects_an_overfitted_run(heal):
     if heal == "kd":
         options["kd.seqlen"] = SEQLEN
     healed, result = _compress(heal, **options)
-    rows = result.healing[heal].get("layers") or [result.healing[heal]]
-    assert all(r["best_step"] == 0 and r["held_out_best"] == r["held_out_start"] for r in rows)
+    report = result.healing[heal]
+    rows = report.curves.get("layers") or [report.facts]
+    assert all(r["best_step"] == 0 for r in rows) and report.held_out_best == report.held_out_start
     for (name, a), (_, b) in zip(plain.named_parameters(), healed.named_parameters(), strict=True):
         assert torch.equal(a, b), name
 

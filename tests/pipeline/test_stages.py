@@ -90,7 +90,7 @@ def test_stages_one_by_one_give_what_compress_gives():
     spent = factored.seconds
     assert spent["decomposition"] > 0 and spent["calibration"] > 0 and factored.healing == {}
     ranks, training = model_stage(plan, model, allocation)
-    assert ranks == allocation.ranks and training == {}
+    assert ranks == allocation.ranks and training is None
     result = record(plan, model, allocation, ranks, training, spent, 0.0)
     expected = svdkit.compress(
         reference, method="svd-llm", ratio=0.4, calib=CALIB.source, calib_samples=8, calib_seqlen=64, progress=False
@@ -115,7 +115,7 @@ def test_a_plan_replanned_for_another_ratio_trains_a_factored_copy():
         allocation = allocate(again, work, None, windows)  # finds the low-rank targets of the copy
         ranks, report = model_stage(again, work, allocation)
         budget = sum(cost(again.shapes[n], k) for n, k in allocation.budget.items())
-        assert report["budget"] == budget and report["kept"] <= budget and report["steps"] == 3
+        assert report.facts["budget"] == budget and report.facts["kept"] <= budget and report.steps == 3
         assert ranks == {n: work.get_submodule(n).rank for n in plan.shapes}
 
 

@@ -70,7 +70,7 @@ def test_streamed_equals_in_memory(tmp_path, tiny_tokenizer, text_file, kind, kw
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)  # the same computation, to the bit
     assert result.healing.keys() == expected.healing.keys()
-    assert all(result.healing[n]["layers"] == expected.healing[n]["layers"] for n in result.healing)
+    assert all(result.healing[n].curves == expected.healing[n].curves for n in result.healing)
     index = json.loads((tmp_path / "out" / INDEX).read_text())
     assert len(set(index["weight_map"].values())) == 3  # one shard per layer and one outside them
     assert not partial_path(tmp_path / "out").exists()

@@ -17,6 +17,7 @@ from ..core.atomic import prepare_output_dir
 from ..core.device import resolve_device
 from ..core.disk import check_free_space
 from ..core.lowrank import count_parameters
+from ..core.report import stage_line
 from ..errors import SvdkitError
 from ..heal import healer_names
 from ..methods import method_names
@@ -209,16 +210,12 @@ def _report(a: argparse.Namespace, result, model, out, seconds: float) -> None:
             f"svdkit generate {out} --kv-cache latent"
         )
     if result.training:
-        tr = result.training
-        print(
-            f"training: {tr['steps']} steps in {tr['seconds']:.0f}s, final loss {tr['final_loss']:.4f}; "
-            f"{tr['kept']:,} target parameters kept for a budget of {tr['budget']:,}"
-        )
-        try:  # the model folder is complete already; the curve is an extra
-            (out / CURVE_FILE).write_text(json.dumps(tr["curve"]) + "\n")
-        except OSError as e:
-            raise SvdkitError(f"the model was written to {out}, but not its training curve: {e}") from e
-    _report_healing(result.healing, out)
+        print(f"training: {stage_line(result.training.record())}")
+        _extra(out, CURVE_FILE, result.training.curves.get("curve", []), "training curve")
+    for name, report in result.healing.items():
+        print(f"healing {name}: {stage_line(report.record())}")
+    if result.healing:
+        _extra(out, HEALING_FILE, {n: r.as_dict() for n, r in result.healing.items()}, "healing curves")
     _one_text_note(out)
     if get_allocator(a.allocation).per_matrix or result.training:
         print(rank_summary(result.ranks, result.dense_kept, _shapes(model, result)))
@@ -240,24 +237,12 @@ def _one_text_note(out: Path) -> None:
         )
 
 
-def _report_healing(healing: dict, out: Path) -> None:
-    """One line per healer; every report, curves included, to HEALING_FILE in the output folder."""
-    for name, report in healing.items():
-        print(
-            f"healing {name}: {report['seconds']:.0f}s, held-out loss {_held_out(report, 'held_out_start'):.4g} -> "
-            f"{_held_out(report, 'held_out_best'):.4g}"
-        )
-    if healing:
-        try:  # the model folder is complete already; the curves are an extra
-            (out / HEALING_FILE).write_text(json.dumps(healing) + "\n")
-        except OSError as e:
-            raise SvdkitError(f"the model was written to {out}, but not its healing curves: {e}") from e
-
-
-def _held_out(report: dict, key: str) -> float:
-    """A healer's held-out loss (block healing: the mean over its layers)."""
-    rows = report.get("layers")
-    return sum(r[key] for r in rows) / len(rows) if rows else report[key]
+def _extra(out: Path, name: str, data, what: str) -> None:
+    """Write `data` as JSON to `name` in the finished output folder (curves: an extra beside the model)."""
+    try:
+        (out / name).write_text(json.dumps(data) + "\n")
+    except OSError as e:
+        raise SvdkitError(f"the model was written to {out}, but not its {what}: {e}") from e
 
 
 def _shapes(model, result) -> dict[str, tuple[int, int]]:

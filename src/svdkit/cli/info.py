@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..bench.plots import plot_curve, plot_rank_map
+from ..core.report import stage_line
 from ..errors import SvdkitError
 from ..saved.contents import folder_info, natural_key
 from .common import CURVE_FILE, emit
@@ -68,17 +69,10 @@ def _summary(info: dict) -> None:
     if info["kv_ratio"] is not None:
         print(f"k_proj/v_proj sized for a {info['kv_ratio']:.0%} smaller KV cache (load with kv_cache='latent')")
     if info["training"]:
-        tr = info["training"]
-        print(
-            f"training: {tr.get('steps')} steps in {tr.get('seconds')}s, final loss {tr.get('final_loss')}; "
-            f"{tr.get('kept', '?')} target parameters kept for a budget of {tr.get('budget', '?')}"
-        )
+        print(f"training: {stage_line(info['training'])}")
     _print_text("calibration", info.get("calibration"))
     for h in info["heal"]:
-        print(
-            f"healing {h['name']}: {h.get('seconds')}s, held-out loss {h.get('held_out_start', 0):.4g} -> "
-            f"{h.get('held_out_best', 0):.4g}"
-        )
+        print(f"healing {h['name']}: {stage_line(h)}")
         _print_text("  healing text", h.get("calibration"))
 
 

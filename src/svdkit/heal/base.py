@@ -1,13 +1,12 @@
 """The healing registry: a healer trains the factors of an already compressed model back toward the dense one.
 
-A healer is registered by name (its file name) with a config dataclass; ``run(context, config)`` changes the
-low-rank layers' factors in place (never their ranks) and returns a report. A healer that works one decoder
-layer at a time also registers its ``layer`` form (:class:`LayerHealing`): work on the layer engine's
-walk with the dense hidden states kept, which the factor stage runs in its own walk, each layer healed as soon
-as it is factored (:attr:`svdkit.pipeline.plan.CompressionPlan.layer_healers`), so healing streams from a
-checkpoint like compression. The
-pipeline's heal stage (:func:`svdkit.pipeline.stages.heal`) runs the rest, in the order given, and knows none
-of them by name.
+A healer is registered by name (its file name) with a config dataclass; ``run(context, config)`` changes the low-
+rank layers' factors in place (never their ranks) and returns its :class:`~svdkit.core.report.Report`. A healer
+that works one decoder layer at a time also registers its ``layer`` form (:class:`LayerHealing`): work on the layer
+engine's walk with the dense hidden states kept, which the factor stage runs in its own walk, each layer healed as
+soon as it is factored (:attr:`svdkit.pipeline.plan.CompressionPlan.layer_healers`), so healing streams from a
+checkpoint like compression. The pipeline's heal stage (:func:`svdkit.pipeline.stages.heal`) runs the rest, in the
+order given, and knows none of them by name.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from torch import nn
 from ..core.architecture import Architecture
 from ..core.options import build_config
 from ..core.registry import Registry
+from ..core.report import Report
 from ..engine import Step
 from ..errors import SvdkitError
 from .reference import DenseReference
@@ -53,14 +53,14 @@ class LayerHealing(Protocol):
     def close(self) -> None:
         """Release what the work holds (a log file), whether or not the walk finished."""
 
-    def report(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+    def report(self, records: list[dict[str, Any]]) -> Report:
         """The healer's report from every layer's record (those of a resumed walk's earlier layers too)."""
 
 
 @dataclass(frozen=True)
 class Healer:
     name: str
-    run: Callable[[HealContext, Any], dict]
+    run: Callable[[HealContext, Any], Report]
     config_cls: type
     summary: str
     paper: str = ""
@@ -82,10 +82,10 @@ def register(
     layer: Callable[[HealContext, Any], LayerHealing] | None = None,
     held: Callable[[float], float] | None = None,
 ) -> Callable:
-    """Decorator: register `fn(context, config) -> report` as healer `name` (`layer`: its per-layer form;
+    """Decorator: register `fn(context, config) -> Report` as healer `name` (`layer`: its per-layer form;
     `held`: what a whole-model healer holds, :attr:`Healer.held`)."""
 
-    def wrap(fn: Callable[[HealContext, Any], dict]) -> Callable[[HealContext, Any], dict]:
+    def wrap(fn: Callable[[HealContext, Any], Report]) -> Callable[[HealContext, Any], Report]:
         HEALERS.add(name, Healer(name, fn, config_cls, summary, paper, layer, held))
         return fn
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..core.options import Options, integer, number, option
+from ..core.report import Report, held_out_line
 from ..engine import Step, captured, layer_output, walk_layers
 from ..errors import SvdkitError
 from .base import HealContext, register
@@ -87,14 +88,21 @@ class BlockHealing:
             self.log.close()
             self.log = None
 
-    def report(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+    def report(self, records: list[dict[str, Any]]) -> Report:
+        """The mean over the layers of the held-out relative error before and after; every layer's row."""
         rows = [r["block"] for r in records if "block" in r]
-        return {
-            "seconds": round(sum(r["seconds"] for r in rows), 2),
-            "train_windows": self.windows[0],
-            "held_out_windows": self.windows[1],
-            "layers": [{k: v for k, v in r.items() if k != "seconds"} for r in rows],
-        }
+        seconds, steps = round(sum(r["seconds"] for r in rows), 2), sum(r["steps_run"] for r in rows)
+        start = sum(r["held_out_start"] for r in rows) / len(rows) if rows else None
+        best = sum(r["held_out_best"] for r in rows) / len(rows) if rows else None
+        return Report(
+            seconds,
+            steps,
+            f"{len(rows)} layers, {steps} steps" + held_out_line(start, best),
+            start,
+            best,
+            {"layers": [{k: v for k, v in r.items() if k != "seconds"} for r in rows]},
+            {"train_windows": self.windows[0], "held_out_windows": self.windows[1]},
+        )
 
 
 @register(
@@ -104,7 +112,7 @@ class BlockHealing:
     "AA-SVD (2026)",
     layer=BlockHealing,
 )
-def heal_blocks(context: HealContext, config: BlockConfig) -> dict[str, Any]:
+def heal_blocks(context: HealContext, config: BlockConfig) -> Report:
     """Heal every decoder layer in turn on a walk of its own; the report: per layer, the held-out relative error
     before and after."""
     model, arch, device, progress = context.model, context.arch, context.device, context.progress
@@ -124,7 +132,7 @@ def _fit(layer, xs, ys, n_train, kwargs, config: BlockConfig, device, log, index
     params = _factors(layer)
     steps = steps_for(config.epochs, n_train, 1, config.max_steps)
     if not params:
-        return {"layer": index, "steps": 0, "held_out_start": 0.0, "held_out_best": 0.0}
+        return {"layer": index, "steps": 0, "steps_run": 0, "held_out_start": 0.0, "held_out_best": 0.0}
 
     def loss_on(w: int) -> torch.Tensor:
         out = layer_output(layer, xs[w].float(), kwargs, device, keep=True)

@@ -1,17 +1,17 @@
-"""Distillation (``--heal kd``): every factor of the compressed model trains together against the dense
-model's next-token distribution on the calibration windows,
+"""Distillation (``--heal kd``): every factor of the compressed model trains together against the dense model's
+next-token distribution on the calibration windows,
 
     min over all factors   E_tokens KL( p_dense(. | context) || p_compressed(. | context) ),
 
-the teacher's logits computed on the fly (the dense linears swapped back in for a no-grad forward; caching
-them would take windows x tokens x vocabulary floats, 6.4 GB for the protocol's calibration set on
-SmolLM2). The KL is computed a chunk of positions at a time (:func:`chunked_kl`), so a 128k-262k vocabulary
-(Llama 3, Gemma 3) never holds a whole window's logits: the gradient reaches the final hidden states chunk by
-chunk, then flows through the model once. SVD-LLM's published version fine-tunes its factors after truncation the same way in spirit (LoRA
-on U, then V; arXiv 2403.07378); here the factors themselves train. Adam, the learning rate falling
-linearly to 0 (after an optional linear warm-up), gradients clipped; the held-out guard (:mod:`.guard`)
-measures the same KL on held-out windows and keeps the best step, so the result is never further from the
-dense model there than the model it started from.
+the teacher's logits computed on the fly (the dense linears swapped back in for a no-grad forward; caching them
+would take windows x tokens x vocabulary floats, 6.4 GB for the protocol's calibration set on SmolLM2). The KL is
+computed a chunk of positions at a time (:func:`chunked_kl`), so a 128k-262k vocabulary (Llama 3, Gemma 3) never
+holds a whole window's logits: the gradient reaches the final hidden states chunk by chunk, then flows through the
+model once. SVD-LLM's published version fine-tunes its factors after truncation the same way in spirit (LoRA on U,
+then V; arXiv 2403.07378); here the factors themselves train. Adam, the learning rate falling linearly to 0 (after
+an optional linear warm-up), gradients clipped; the held-out guard (:mod:`.guard`) measures the same KL on held-out
+windows and keeps the best step, so the result is never further from the dense model there than the model it
+started from.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..core.options import Options, integer, number, option
+from ..core.report import Report, held_out_line
 from ..errors import SvdkitError
 from .base import HealContext, register
 from .guard import Guard, cut_windows, split_windows, steps_for
@@ -115,8 +116,9 @@ def _held(ratio: float) -> float:
 @register(
     "kd", KDConfig, "distil the dense model's next-token distribution into all factors", "SVD-LLM (2024)", held=_held
 )
-def distill(context: HealContext, config: KDConfig) -> dict[str, Any]:
-    """Train every factor on KL(dense || compressed); the report: steps, held-out cross-entropy, time."""
+def distill(context: HealContext, config: KDConfig) -> Report:
+    """Train every factor on KL(dense || compressed); the report: steps, held-out KL at the start and the best
+    step, its curve, time."""
     model, device = context.model, context.device
     train_w, held_w = split_windows(context.windows, config.held_out, "distillation")
     train, held = cut_windows(train_w, config.seqlen), cut_windows(held_w, config.seqlen)[: config.eval_windows]
@@ -143,7 +145,18 @@ def distill(context: HealContext, config: KDConfig) -> dict[str, Any]:
         context.dense.to(home)
         if log is not None:
             log.close()
-    return {"seconds": round(time.perf_counter() - t0, 2), "train_windows": len(train), **report}
+    seconds, run = round(time.perf_counter() - t0, 2), report["steps_run"]
+    start, best = report["held_out_start"], report["held_out_best"]
+    facts = {k: report[k] for k in ("best_step", "stopped_early")}
+    return Report(
+        seconds,
+        run,
+        f"{run} of {steps} steps" + held_out_line(start, best),
+        start,
+        best,
+        {"held_out_curve": report["held_out_curve"]},
+        {"steps_planned": steps, "train_windows": len(train), "objective": "kl", **facts},
+    )
 
 
 def lr_schedule(steps: int, warmup: int) -> Callable[[int], float]:
@@ -178,7 +191,9 @@ class _Loop:
         body = self.context.model.base_model
         with torch.no_grad(), self.context.dense.swapped(self.context.model):
             teacher = body(input_ids=ids, use_cache=False).last_hidden_state
-        return chunked_kl(body(input_ids=ids, use_cache=False).last_hidden_state, teacher, self.head, self.rows, backward)
+        return chunked_kl(
+            body(input_ids=ids, use_cache=False).last_hidden_state, teacher, self.head, self.rows, backward
+        )
 
     def run(self, t0: float) -> dict[str, Any]:
         model, config, device = self.context.model, self.config, self.context.device
@@ -204,7 +219,7 @@ class _Loop:
             bar.close()
             report = guard.finish(step)
         self._write({"held_out_curve": report["held_out_curve"]})
-        return {"steps": self.steps, "objective": "kl", **report}
+        return report
 
     def step(self, ids: torch.Tensor, step: int) -> float:
         self.opt.zero_grad(set_to_none=True)

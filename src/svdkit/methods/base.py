@@ -47,7 +47,7 @@ class ModelStage:
     ``run(model, context, budget, config)`` gets the model with those low-rank layers, the
     :class:`~svdkit.allocators.base.AllocationContext` (with calibration windows) and the allocation's
     ranks at the target ratio (`budget`: name -> rank or None), rewrites the low-rank layers and
-    returns (final ranks by name, a report dict). It may raise :class:`SvdkitError`.
+    returns (final ranks by name, its :class:`~svdkit.core.report.Report`). It may raise :class:`SvdkitError`.
     ``check(config, samples, seqlen)``, when given, runs when the plan is made: it raises
     :class:`SvdkitError` when `samples` calibration windows of `seqlen` tokens cannot serve the stage.
     """

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..calibration.statistics import LinearStats
 from ..calibration.store import StatisticsStore
+from ..core.report import Report
 from ..heal import DenseReference
 from .options import CalibrationSettings, CompressionOptions
 from .plan import CompressionPlan, make_plan
@@ -132,7 +133,7 @@ def run_plan(
     if plan.method.stage is not None:
         timings["training"] = 0.0
     dense = DenseReference() if plan.heals else None
-    healing: dict = {}
+    healing: dict[str, Report] = {}
     # before any module changes: `self` text needs the dense model
     windows = read_windows(plan, tokenizer, model, texts)
     heal_windows = read_windows(plan, tokenizer, model, texts, healing=True) if plan.own_heal_text else windows

@@ -15,6 +15,7 @@ from ..calibration.collect import LayerStats, calibrate_layers
 from ..calibration.statistics import LinearStats
 from ..core import distributed
 from ..core.lowrank import LowRankLinear
+from ..core.report import Report
 from ..engine import LayerSource, Step, captured, walk_layers
 from ..errors import SvdkitError
 from ..heal import DenseReference, HealContext, LayerHealing
@@ -83,7 +84,7 @@ class Factored:
     seconds: dict[str, float]
     """seconds spent in ``calibration`` (while streaming), ``decomposition`` and ``healing`` (the healers that
     ran layer by layer in the factor stage's walk)"""
-    healing: dict[str, dict] = field(default_factory=dict)
+    healing: dict[str, Report] = field(default_factory=dict)
     """the reports of those healers, by name"""
 
 
@@ -146,7 +147,7 @@ def factor(
         for work in healers.values():
             work.close()
     reports = {name: work.report(records) for name, work in healers.items()}
-    spent["healing"] = sum(r["seconds"] for r in reports.values())
+    spent["healing"] = sum(r.seconds for r in reports.values())
     if plan.layerwise:
         spent["calibration"] = time.perf_counter() - t - spent["decomposition"] - spent["healing"]
     return Factored(spent, reports)

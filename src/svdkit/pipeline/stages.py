@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from ..calibration.store import StatisticsStore
 from ..core import distributed
 from ..core.lowrank import count_parameters
 from ..core.ranks import align_ranks
+from ..core.report import Report
 from ..engine import LayerSource, Step, walk_layers
 from ..errors import SvdkitError
 from ..heal import DenseReference, HealContext
@@ -69,13 +70,17 @@ class CompressionResult:
     """seconds spent in calibration, decomposition and allocation"""
     allocation: dict[str, Any] = field(default_factory=dict)
     """the allocation strategy, its config and what it reported (e.g. a chosen threshold)"""
-    training: dict[str, Any] = field(default_factory=dict)
-    """a method's whole-model stage report (SoCo: budget, kept count, time, loss curve per step)"""
-    healing: dict[str, Any] = field(default_factory=dict)
+    training: Report | None = None
+    """the report of a method's whole-model training (SoCo: budget, kept count, time, loss curve per step)"""
+    healing: dict[str, Report] = field(default_factory=dict)
     """each healer's report, by name (held-out loss before and after, steps, time)"""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data (the reports as :meth:`~svdkit.core.report.Report.as_dict` gives them)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["training"] = self.training.as_dict() if self.training else None
+        out["healing"] = {name: report.as_dict() for name, report in self.healing.items()}
+        return out
 
 
 @dataclass
@@ -206,16 +211,18 @@ def allocate(
     return Allocation(start, ranks, context)
 
 
-def model_stage(plan: CompressionPlan, model: nn.Module, allocation: Allocation) -> tuple[dict[str, int | None], dict]:
+def model_stage(
+    plan: CompressionPlan, model: nn.Module, allocation: Allocation
+) -> tuple[dict[str, int | None], Report | None]:
     """Run the method's whole-model stage, if it has one: (final ranks by name, its report)."""
     if plan.method.stage is None:
-        return dict(allocation.ranks), {}
+        return dict(allocation.ranks), None
     return plan.method.stage.run(model, allocation.context, allocation.budget, plan.method_config)
 
 
 def heal(
     plan: CompressionPlan, model: nn.Module, dense: DenseReference | None, windows: torch.Tensor | None
-) -> dict[str, dict]:
+) -> dict[str, Report]:
     """Run the healers the plan asks for after the factor stage's walk (those not among its
     :attr:`~.plan.CompressionPlan.layer_healers`), in order, on the compressed `model` (ranks kept), on `windows`
     (the healing text's when the plan has one, see :func:`read_windows`); their reports by name."""
@@ -233,10 +240,10 @@ def record(
     model: nn.Module,
     allocation: Allocation,
     ranks: Mapping[str, int | None],
-    training: dict,
+    training: Report | None,
     timings: dict[str, float],
     seconds: float,
-    healing: dict[str, dict] | None = None,
+    healing: dict[str, Report] | None = None,
 ) -> CompressionResult:
     """Give the model its svdkit record and classes (:func:`~svdkit.saved.format.make_portable`); the result."""
     options = plan.options
@@ -260,7 +267,7 @@ def record(
             "allocation": alloc_record,
             "update": options.update,
             "kv_ratio": options.resolved.kv_ratio,
-            **({"training": {k: v for k, v in training.items() if not isinstance(v, list)}} if training else {}),
+            **({"training": training.record()} if training else {}),
             **({"heal": _heal_record(plan, healing)} if healing else {}),
         },
     )
@@ -279,19 +286,13 @@ def record(
     )
 
 
-def _heal_record(plan: CompressionPlan, healing: dict[str, dict]) -> list[dict[str, Any]]:
-    """What the saved record keeps of each healer: its name, config and report summary (no curves)."""
-    out = []
-    for healer, config in plan.options.resolved.heal:
-        report = healing[healer.name]
-        summary = {k: v for k, v in report.items() if not isinstance(v, list)}
-        if "layers" in report:  # block healing: the whole model's mean held-out error before and after
-            rows = report["layers"]
-            summary["held_out_start"] = sum(r["held_out_start"] for r in rows) / len(rows)
-            summary["held_out_best"] = sum(r["held_out_best"] for r in rows) / len(rows)
-        text = {"calibration": plan.options.resolved.heal_calibration.record()} if plan.own_heal_text else {}
-        out.append({"name": healer.name, "config": _plain(config), **summary, **text})
-    return out
+def _heal_record(plan: CompressionPlan, healing: dict[str, Report]) -> list[dict[str, Any]]:
+    """What the saved record keeps of each healer: its name, config and report (no curves)."""
+    text = {"calibration": plan.options.resolved.heal_calibration.record()} if plan.own_heal_text else {}
+    return [
+        {"name": h.name, "config": _plain(config), **healing[h.name].record(), **text}
+        for h, config in plan.options.resolved.heal
+    ]
 
 
 def _plain(config) -> dict[str, Any]:

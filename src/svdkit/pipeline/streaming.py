@@ -45,6 +45,7 @@ from ..core.atomic import is_io_error
 from ..core.disk import io_reason
 from ..core.lowrank import densify_
 from ..core.modeling_svdkit import swap_in
+from ..core.report import Report
 from ..engine import LayerSource
 from ..errors import NotStreamable, SvdkitError
 from ..heal import DenseReference
@@ -234,7 +235,7 @@ def _run(
         finished = {f"{arch.layers_path}.{i}." for i in range(partial.done)}
         swap_in(model, {n: k for n, k in allocation.ranks.items() if k is not None and _layer_of(n, arch) in finished})
     timings.update(calibration=0.0, decomposition=0.0)
-    healing: dict[str, dict] = {}
+    healing: dict[str, Report] = {}
     if partial.done < len(arch.layers) or plan.heals:  # healing: its report is made from every layer's record
         if windows is not None:
             materialize(model, "", opened.checkpoint, opened.dtype, _input_side(opened))
@@ -247,7 +248,7 @@ def _run(
         finally:
             release(model)
     elapsed = time.perf_counter() - start
-    result = record(plan, model, allocation, allocation.ranks, {}, timings, elapsed, healing)
+    result = record(plan, model, allocation, allocation.ranks, None, timings, elapsed, healing)
     if densify:
         make_plain(model)
     if distributed.is_main():

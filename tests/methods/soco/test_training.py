@@ -31,13 +31,13 @@ def test_soco_meets_the_budget_reallocates_and_round_trips(tmp_path, tiny_tokeni
     shapes = svdkit.find_architecture(tiny_model("llama")).shapes()
     budget = sum(k * sum(shapes[n]) for n, k in uniform.ranks.items())
     kept = sum(k * sum(shapes[n]) for n, k in r.ranks.items())
-    assert r.training["budget"] == budget and r.training["kept"] == kept
+    assert r.training.facts["budget"] == budget and r.training.facts["kept"] == kept
     assert budget - max(m + n for m, n in shapes.values()) < kept <= budget
     assert r.params == uniform.params - (budget - kept)
     assert r.ranks != uniform.ranks  # the global budget moves rank between matrices
-    stages = [row["stage"] for row in r.training["curve"]]
+    stages = [row["stage"] for row in r.training.curves["curve"]]
     assert stages == ["coarse"] * 6 + ["refine"] * 4 + ["final"] * 2
-    curve = r.training["curve"]
+    curve = r.training.curves["curve"]
     assert curve[0]["soft"] > curve[5]["soft"] and max(row["penalty"] for row in curve[:6]) > 0
     assert curve[5]["target"] == curve[9]["target"] == curve[11]["target"]  # the coarse stage ends at the budget
     refine = [row["kept"] for row in curve[5:10]]
@@ -83,7 +83,7 @@ def test_soco_final_stage_lowers_the_loss_on_its_windows():
         ratio=0.4,
         method_options={"steps": 44, "coarse": 1 / 22, "refine": 1 / 22, "lr": 0.05, "guard": False},
     )
-    assert [row["stage"] for row in b.training["curve"][:5]] == ["coarse"] * 2 + ["refine"] * 2 + ["final"]
+    assert [row["stage"] for row in b.training.curves["curve"][:5]] == ["coarse"] * 2 + ["refine"] * 2 + ["final"]
     assert a.ranks == b.ranks  # the same pruning
     assert loss(trained) < loss(pruned)
 
@@ -101,7 +101,7 @@ def test_soco_under_no_grad_still_trains(tmp_path):
     model = tiny_model("llama")
     with torch.no_grad():
         r = _compress(model, method="soco", ratio=0.4, method_options={"steps": 3})
-    assert len(r.training["curve"]) == 3
+    assert len(r.training.curves["curve"]) == 3
     with pytest.raises(svdkit.SvdkitError, match="does not exist"):
         _compress(tiny_model("llama"), method="soco", ratio=0.4, method_options={"log": str(tmp_path / "no" / "x")})
 
@@ -155,8 +155,11 @@ def test_soco_kd_meets_the_budget():
     options = {"steps": 6, "seqlen": 32, "loss": "kd"}
     r = _compress(tiny_model("llama"), method="soco", ratio=0.4, method_options=options, rank_multiple=1)
     budget = sum(k * sum(shapes[n]) for n, k in svdkit.allocate_uniform(shapes, 0.4).items())
-    assert r.training["budget"] == budget and budget - max(m + n for m, n in shapes.values()) < r.training["kept"]
-    assert r.training["kept"] <= budget and all(row["loss"] > -1e-6 for row in r.training["curve"])
+    assert (
+        r.training.facts["budget"] == budget
+        and budget - max(m + n for m, n in shapes.values()) < r.training.facts["kept"]
+    )
+    assert r.training.facts["kept"] <= budget and all(row["loss"] > -1e-6 for row in r.training.curves["curve"])
 
 
 def test_soco_final_ranks_are_aligned_within_the_budget():
@@ -167,8 +170,8 @@ def test_soco_final_ranks_are_aligned_within_the_budget():
     r = svdkit.compress(tiny_model("llama"), method="soco", method_options=options, rank_multiple=4, **opts)
     assert all(k % 4 == 0 for k in r.ranks.values())
     budget = cost_of(allocate_uniform(shapes, 0.4), shapes)
-    assert r.training["budget"] == budget and r.training["kept"] == cost_of(r.ranks, shapes) <= budget
-    assert budget - r.training["kept"] < 4 * max(m + n for m, n in shapes.values())
+    assert r.training.facts["budget"] == budget and r.training.facts["kept"] == cost_of(r.ranks, shapes) <= budget
+    assert budget - r.training.facts["kept"] < 4 * max(m + n for m, n in shapes.values())
 
 
 def test_the_guard_keeps_an_overfitted_soco_no_worse_than_svd_llm_on_held_out_windows():
@@ -186,8 +189,11 @@ def test_the_guard_keeps_an_overfitted_soco_no_worse_than_svd_llm_on_held_out_wi
     _compress(plain, method="svd-llm", ratio=0.4)
     options = {"epochs": 30, "lr": 0.5, "seqlen": 64}
     r = _compress(soco, method="soco", ratio=0.4, method_options=options)
-    report = r.training
-    assert report["train_windows"] == 7 and report["epochs"] == 30 and report["steps"] == 210
+    report = r.training.facts
+    assert report["train_windows"] == 7 and report["epochs"] == 30 and r.training.steps == 210
     assert report["held_out_closed_form"] == pytest.approx(loss(plain), rel=1e-3)  # v2's closed form ~ svd-llm's
     assert loss(soco) == pytest.approx(min(report["held_out_trained"], report["held_out_closed_form"]), rel=1e-5)
     assert loss(soco) <= loss(plain) * 1.001
+    assert r.training.held_out_start == report["held_out_closed_form"] and r.training.held_out_best == pytest.approx(
+        loss(soco), rel=1e-5
+    )

@@ -52,8 +52,10 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ...core.ranks import cost
+from ...core.report import Report
 from ...errors import SvdkitError
 from ...heal.guard import Guard, cut_windows, split_windows, steps_for
+from .outcome import training_report
 from .schedule import Schedule
 from .scored import ScoredModel, dual_step, penalty_grad, soft_count
 
@@ -97,7 +99,7 @@ def _open_log(path: str | None):
 
 def learn_spectrum(
     model: nn.Module, context: AllocationContext, budget_ranks: dict, config: Any
-) -> tuple[dict[str, int], dict]:
+) -> tuple[dict[str, int], Report]:
     """Train the scores of every low-rank target of `model` (SoCo's three stages), prune, fold.
 
     `context` gives the targets' shapes, the device, the calibration windows, the progress flag and the
@@ -156,20 +158,7 @@ def learn_spectrum(
         model.set_submodule(name, low)
     model.to(home)
     ranks = {name: low.rank for name, low in final.items()}
-    report = {
-        "budget": int(budget),
-        "start": int(scored.start),
-        "kept": int(sum(cost(shapes[n], r) for n, r in ranks.items())),
-        "steps": config.steps,
-        "objective": config.loss,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "final_loss": curve[-1]["loss"] if curve else None,
-        "train_windows": len(chunks),
-        "epochs": round(config.steps * config.batch / len(chunks), 2),
-        **guard,
-        "curve": curve,
-    }
-    return ranks, report
+    return ranks, training_report(config, curve, guard, int(budget), int(scored.start), ranks, shapes, len(chunks), t0)
 
 
 def held_out_loss(model: nn.Module, held: torch.Tensor, device) -> float:
