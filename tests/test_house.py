@@ -212,3 +212,18 @@ def test_no_two_folders_import_each_other():
             if other and other != folder and (SRC / other).is_dir():
                 edges.add((folder, other))
     assert sorted((a, b) for a, b in edges if (b, a) in edges and a < b) == []
+
+
+def test_the_onnx_runtime_model_is_known_by_its_class_only_in_deploy():
+    """Code outside deploy/ tells an exported model from a torch one by what it is (not an nn.Module, which
+    says what it times and names its runtime), never with ``isinstance(..., OnnxCausalLM)``."""
+    found = []
+    for path in MODULES:
+        name = module_name(path)
+        if name.startswith("svdkit.deploy"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "isinstance" and len(node.args) == 2:
+                if "OnnxCausalLM" in ast.unparse(node.args[1]):
+                    found.append(f"{name}: {ast.unparse(node)}")
+    assert found == []

@@ -10,7 +10,6 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from ..core.compat import cache_kwargs
 from ..core.device import model_device
-from ..deploy.runtime import OnnxCausalLM
 from ..errors import SvdkitError
 from ..pipeline.options import CompressionOptions
 from ..saved.kvcache import KV_MODES, kv_cache_bytes
@@ -82,9 +81,9 @@ def run(a: argparse.Namespace) -> None:
     if ids.numel() == 0:
         raise SvdkitError("--prompt is empty after tokenization: give some text")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if isinstance(model, OnnxCausalLM):
+    if not isinstance(model, torch.nn.Module):  # a runtime of its own (an ONNX export) times itself
         out = model.generate(ids, max_new_tokens=a.max_new_tokens, pad_token_id=pad)
-        timing, facts = model.last_timing, {"runtime": "onnxruntime"}
+        timing, facts = model.last_timing, {"runtime": model.runtime}
     else:
         out, timing, facts = _torch_generate(model, ids, a, pad)
         facts["runtime"] = "torch"

@@ -6,7 +6,8 @@ position's) and the KV cache of every layer (``input.cache.*``); outputs the log
 (``output.cache.*``, fed back by name). A prefill is the same graph on an empty cache. :class:`OnnxCausalLM`
 gives what svdkit's perplexity and generation checks call on a model: ``model(input_ids=...).logits``,
 ``generate``, ``config``, ``device``; the timing of the last ``generate`` (prompt and decode apart) is in
-``last_timing``.
+``last_timing``, and ``timed_runs`` gives what a speed measurement times. Code outside this folder tells it from a
+torch model as what is not an ``nn.Module`` (``runtime`` names it), never by its class.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class OnnxCausalLM:
         self.selects = KEEP in {i.name for i in self.session.get_inputs()}
         self.config = SimpleNamespace(**self.manifest["config"])
         self.device = torch.device("cpu")
+        self.runtime = "onnxruntime"
         self.training = False
         self.parameter_count = self.manifest["parameters"]
         self.last_timing: dict | None = None
@@ -100,6 +102,19 @@ class OnnxCausalLM:
     def to(self, device) -> OnnxCausalLM:
         """Stays on ONNX Runtime's CPU provider (:func:`place` refuses a GPU asked for by name)."""
         return self
+
+    def timed_runs(self, ids: torch.Tensor, new_tokens: int, prompt: int) -> dict[str, tuple]:
+        """What :mod:`svdkit.measure.speed` times, as (work, tokens it counts): prefill, forward and (if
+        `new_tokens`) decode of the 1-D token ids `ids` (decode from its first `prompt` tokens)."""
+        x, p = ids[None].numpy(), ids[None, :prompt]
+        runs = {
+            "prefill_tok_s": (lambda: self.step(x, self.empty_cache(), 0, last=True), ids.numel()),
+            "forward_tok_s": (lambda: self.step(x, self.empty_cache(), 0), ids.numel()),
+        }
+        if new_tokens:
+            gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None)
+            runs["decode_tok_s"] = (lambda: self.generate(p, **gen), new_tokens)
+        return runs
 
     def empty_cache(self) -> dict[str, np.ndarray]:
         """Every cache input at zero tokens (scalars, such as a sliding window's size, as recorded)."""

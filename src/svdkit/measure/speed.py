@@ -32,7 +32,6 @@ from transformers import DynamicCache
 
 from ..core.compat import cache_kwargs
 from ..core.device import model_device
-from ..deploy.runtime import OnnxCausalLM
 from ..saved.folder import save
 
 __all__ = [
@@ -77,16 +76,8 @@ def _timed(run, dev: torch.device) -> float:
 
 def _runs(model: nn.Module, ids: torch.Tensor, new_tokens: int, prompt: int) -> dict[str, tuple]:
     """What is timed, as (work, tokens it counts): prefill, forward and (if new_tokens) decode."""
-    if isinstance(model, OnnxCausalLM):
-        x, p = ids[None].numpy(), ids[None, :prompt]
-        runs = {
-            "prefill_tok_s": (lambda: model.step(x, model.empty_cache(), 0, last=True), ids.numel()),
-            "forward_tok_s": (lambda: model.step(x, model.empty_cache(), 0), ids.numel()),
-        }
-        if new_tokens:
-            gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None)
-            runs["decode_tok_s"] = (lambda: model.generate(p, **gen), new_tokens)
-        return runs
+    if not isinstance(model, nn.Module):  # a runtime of its own (an ONNX export) says what it times
+        return model.timed_runs(ids, new_tokens, prompt)
     dev = _device(model)
     x = ids[None].to(dev)
     p = x[:, :prompt]

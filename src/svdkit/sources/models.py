@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors import SafetensorError
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -273,7 +274,7 @@ def load(
         raise SvdkitError(f"kv_cache must be one of {', '.join(KV_MODES)}, got {kv_cache!r}")
     dev = resolve_device(device) if device is not None else None  # a bad device fails before any loading
     model, tokenizer = load_model(path, dtype=dtype)
-    if isinstance(model, OnnxCausalLM):
+    if not isinstance(model, nn.Module):  # a runtime of its own (an ONNX export)
         if kv_cache != "ordinary":
             raise SvdkitError("the latent KV cache is for torch models: an ONNX export keeps its cache in the graph")
         place(model, device)
