@@ -4,7 +4,7 @@
 
 The first run for a (method, ratio) compresses SmolLM2-135M with the protocol's calibration (32 x 2048
 WikiText-2 test tokens at seeded offsets from 150000; ranks in multiples of 8) through the pipeline's stages
-up to the model stage, keeping the dense modules it replaces (the healers' reference); the model, the
+up to the train stage, keeping the dense modules it replaces (the healers' reference); the model, the
 reference, the plan and the windows are cached in --cache. Each variant (HEAL[:NAME.KEY=VALUE,...]) then
 heals a copy of it and is scored on the protocol's validation slice, WikiText-2 test tokens [40960, 57344)
 (8 windows of 2048, which neither the evaluation nor the calibration uses), and on PTB validation's windows
@@ -36,7 +36,7 @@ from svdkit.heal.kd import KDConfig
 from svdkit.measure.scorecard import PTB_VALIDATION, VALIDATION
 from svdkit.pipeline.options import CompressionOptions
 from svdkit.pipeline.plan import make_plan, replan
-from svdkit.pipeline.stages import allocate, calibrate, factor, heal, model_stage, read_windows
+from svdkit.pipeline.stages import allocate, calibrate, factor, heal, read_windows, train
 from svdkit.sources.text import load_text, tokenize
 
 PYDOC_WINDOWS = BenchConfig.pydoc_windows
@@ -58,7 +58,7 @@ def start(cache: Path, data_dir: Path, method: str, ratio: float) -> dict:
     allocation = allocate(plan, model, statistics, windows)
     dense = DenseReference()
     factor(plan, model, allocation.ranks, statistics, windows, keep=dense)
-    model_stage(plan, model, allocation)
+    train(plan, model, allocation)
     saved = {"model": model, "dense": dense, "plan": plan, "windows": windows, "wiki": wiki, "ptb": ptb}
     _save(saved, cache)
     return saved

@@ -6,7 +6,7 @@ The first run plans a SoCo compression of SmolLM2-135M with the protocol's calib
 WikiText-2 test tokens at seeded offsets from 150000) and runs the pipeline's stages up to factoring:
 every target gets SoCo's start decomposition (svd-llm-v2 at the largest rank that still saves
 parameters); the low-rank model and the plan are cached in --cache (about 540 MB); later runs load them.
-Each variant then runs the model stage (training) on the calibration windows under the uniform
+Each variant then runs the train stage on the calibration windows under the uniform
 allocation's budget at --ratio, with exact ranks, and is
 scored on WikiText-2 test tokens [40960, 40960 + 4 x 2048), which neither the protocol's evaluation
 (the first 16 x 2048) nor its calibration uses. Prints and appends one JSON line per variant to --out.
@@ -29,7 +29,7 @@ from svdkit.bench.cells import PROTOCOL_CALIBRATION, parse_options
 from svdkit.core.lowrank import LowRankLinear
 from svdkit.pipeline.options import CompressionOptions
 from svdkit.pipeline.plan import make_plan, replan
-from svdkit.pipeline.stages import allocate, factor, model_stage, read_windows
+from svdkit.pipeline.stages import allocate, factor, read_windows, train
 from svdkit.sources.text import load_text, tokenize
 
 HERE = Path(__file__).resolve().parent
@@ -51,7 +51,7 @@ def start_model(cache: Path, data_dir: Path) -> dict:
     options = CompressionOptions(method="soco", ratio=0.4, rank_multiple=1, device="cpu", calibration=calibration)
     plan = make_plan(model, options, tokenizer=tok)
     windows = read_windows(plan, tok)
-    allocation = allocate(plan, model, None, windows)  # a method with a model stage: its start ranks
+    allocation = allocate(plan, model, None, windows)  # a method with a train stage: its start ranks
     factor(plan, model, allocation.ranks, None, windows)  # calibrates layer by layer as it factors
     saved = {"model": model, "plan": plan, "windows": windows, "val": wiki[40960 : 40960 + 8 * 2048]}
     torch.save(saved, cache)
@@ -86,7 +86,7 @@ def main() -> None:
         model = copy.deepcopy(start["model"])
         plan = replan(start["plan"], ratio=args.ratio, method_options=options)
         t = time.perf_counter()
-        ranks, report = model_stage(plan, model, allocate(plan, model, None, start["windows"]))
+        ranks, report = train(plan, model, allocate(plan, model, None, start["windows"]))
         seconds = time.perf_counter() - t
         ppl = svdkit.perplexity(model, None, val, seqlen=2048, progress=False).ppl
         row = {"ratio": args.ratio, "options": options, "validation_ppl": ppl, "training_s": round(seconds, 1)}

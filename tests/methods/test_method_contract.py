@@ -29,11 +29,11 @@ def test_method_contract(kind, method):
     uniform = sum(rank_for_ratio(m, n, 0.4) * (m + n) for m, n, _ in shapes.values())
     kept = sum(k * (m + n) for m, n, k in shapes.values())
     assert all(k % 8 == 0 for _, _, k in shapes.values())  # the default rank_multiple
-    if svdkit.get_method(method).stage is None:
+    if svdkit.get_method(method).training is None:
         exact = svdkit.allocate_uniform({n: (m, k_in) for n, (m, k_in, _) in shapes.items()}, 0.4)
         assert result.ranks == align_ranks(exact, {n: (m, k_in) for n, (m, k_in, _) in shapes.items()}, 8)
         assert uniform - 8 * max(m + n for m, n, _ in shapes.values()) < kept <= uniform
-    else:  # a whole-model stage (soco) spends the uniform allocation's budget its own way
+    else:  # a whole-model training (soco) spends the uniform allocation's budget its own way
         assert uniform - 8 * max(m + n for m, n, _ in shapes.values()) < kept <= uniform
         assert len({k for _, _, k in shapes.values()}) > 1
     saved = sum(m * n - k * (m + n) for m, n, k in shapes.values())

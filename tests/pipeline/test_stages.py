@@ -18,7 +18,7 @@ from svdkit.core.lowrank import LowRankLinear
 from svdkit.core.ranks import cost
 from svdkit.pipeline.options import CalibrationSettings, CompressionOptions
 from svdkit.pipeline.plan import CalibrationMode, make_plan, replan
-from svdkit.pipeline.stages import allocate, calibrate, factor, model_stage, read_windows, record
+from svdkit.pipeline.stages import allocate, calibrate, factor, read_windows, record, train
 
 CALIB = CalibrationSettings(random_tokens(8 * 64, seed=1), samples=8, seqlen=64)
 
@@ -89,7 +89,7 @@ def test_stages_one_by_one_give_what_compress_gives():
     factored = factor(plan, model, allocation.ranks, statistics, windows)
     spent = factored.seconds
     assert spent["decomposition"] > 0 and spent["calibration"] > 0 and factored.healing == {}
-    ranks, training = model_stage(plan, model, allocation)
+    ranks, training = train(plan, model, allocation)
     assert ranks == allocation.ranks and training is None
     result = record(plan, model, allocation, ranks, training, spent, 0.0)
     expected = svdkit.compress(
@@ -102,7 +102,7 @@ def test_stages_one_by_one_give_what_compress_gives():
 
 
 def test_a_plan_replanned_for_another_ratio_trains_a_factored_copy():
-    """A sweep factors once at SoCo's start ranks, then runs the model stage at several ratios on copies."""
+    """A sweep factors once at SoCo's start ranks, then runs the train stage at several ratios on copies."""
     model = tiny_model()
     plan = make_plan(model, options(method="soco", ratio=0.4, rank_multiple=1, method_options={"steps": 4}))
     windows = read_windows(plan)
@@ -113,7 +113,7 @@ def test_a_plan_replanned_for_another_ratio_trains_a_factored_copy():
         work = copy.deepcopy(model)
         again = replan(plan, ratio=ratio, method_options={"steps": 3, "seqlen": 32})
         allocation = allocate(again, work, None, windows)  # finds the low-rank targets of the copy
-        ranks, report = model_stage(again, work, allocation)
+        ranks, report = train(again, work, allocation)
         budget = sum(cost(again.shapes[n], k) for n, k in allocation.budget.items())
         assert report.facts["budget"] == budget and report.facts["kept"] <= budget and report.steps == 3
         assert ranks == {n: work.get_submodule(n).rank for n in plan.shapes}

@@ -179,7 +179,7 @@ def _new_report(config: BenchConfig, device: torch.device, command: str) -> dict
 def _cell_options(spec: CellSpec, ratio: float, config: BenchConfig, setup: _Setup) -> CompressionOptions:
     """The pipeline's options for one cell (checked here, before any pass runs)."""
     options = {**config.allocation_options.get(spec.allocation, {}), **json.loads(spec.options)}
-    loud = get_allocator(spec.allocation).per_matrix or spec.sequential or get_method(spec.method).stage is not None
+    loud = get_allocator(spec.allocation).per_matrix or spec.sequential or get_method(spec.method).training is not None
     loud = loud or spec.heal != "none"
     heal_text = spec.heal != "none" and config.heal_calib is not None
     return CompressionOptions(

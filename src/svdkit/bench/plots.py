@@ -103,14 +103,14 @@ def plot_curve(curve: list[dict], path: str | os.PathLike, title: str = "") -> P
         twin.plot(steps, [row["target"] for row in curve], color="tab:orange", ls=":", label="target")
     twin.set_ylabel("kept share of target parameters", color="tab:orange")
     twin.legend(loc="lower left", fontsize=7)
-    stage_starts = [
-        (row["step"], row.get("stage"))
-        for i, row in enumerate(curve)
-        if i and row.get("stage") != curve[i - 1].get("stage")
-    ]
-    for step, stage in stage_starts:
+
+    def phase(row: dict) -> str | None:  # curves written before the word was "phase" say "stage"
+        return row.get("phase", row.get("stage"))
+
+    phase_starts = [(row["step"], phase(row)) for i, row in enumerate(curve) if i and phase(row) != phase(curve[i - 1])]
+    for step, name in phase_starts:
         ax.axvline(step, color="grey", lw=0.6, ls="--")
-        ax.text(step, ax.get_ylim()[1], f" {stage}", fontsize=7, va="top")
+        ax.text(step, ax.get_ylim()[1], f" {name}", fontsize=7, va="top")
     ax.set_title(title, fontsize=9)
     return _save(fig, plt, path)
 

@@ -2,13 +2,13 @@
 is a folder. Importing this package registers them all."""
 
 from . import asvd, fwsvd, nsvd, nsvd2, soco, svd, svd_llm, svd_llm_v2  # noqa: F401  (registration)
-from .base import METHODS, Factors, Method, ModelStage, factorize, get_method, make_config, method_names, register
+from .base import METHODS, Factors, Method, MethodTraining, factorize, get_method, make_config, method_names, register
 
 __all__ = [
     "METHODS",
     "Factors",
     "Method",
-    "ModelStage",
+    "MethodTraining",
     "factorize",
     "get_method",
     "make_config",

@@ -5,8 +5,8 @@ up by name and knows nothing else about them. A method is *nested* when its rank
 first k rows of A and columns of B of any higher-rank result (truncated SVDs of a fixed matrix are):
 allocators that try many ranks of one matrix then decompose it once and slice.
 
-A method may add a whole-model *stage* (:class:`ModelStage`): the pipeline then factors every target
-at the stage's start ranks and hands the model to the stage, which fixes the final ranks itself (SoCo
+A method may add a whole-model *training* (:class:`MethodTraining`): the pipeline then factors every target
+at the training's start ranks and hands the model to it, which fixes the final ranks itself (SoCo
 learns which singular components to keep under the allocation's parameter budget).
 """
 
@@ -26,7 +26,7 @@ from ..errors import SvdkitError
 __all__ = [
     "METHODS",
     "Method",
-    "ModelStage",
+    "MethodTraining",
     "Factors",
     "register",
     "get_method",
@@ -40,8 +40,8 @@ DecomposeFn = Callable[[torch.Tensor, LinearStats | None, int, Any], Factors]
 
 
 @dataclass(frozen=True)
-class ModelStage:
-    """A method's whole-model stage, run once every target has been factored.
+class MethodTraining:
+    """A method's whole-model training, run once every target has been factored.
 
     ``start_ranks(shapes, config)`` gives the rank each target is factored at (name -> rank);
     ``run(model, context, budget, config)`` gets the model with those low-rank layers, the
@@ -49,7 +49,7 @@ class ModelStage:
     ranks at the target ratio (`budget`: name -> rank or None), rewrites the low-rank layers and
     returns (final ranks by name, its :class:`~svdkit.core.report.Report`). It may raise :class:`SvdkitError`.
     ``check(config, samples, seqlen)``, when given, runs when the plan is made: it raises
-    :class:`SvdkitError` when `samples` calibration windows of `seqlen` tokens cannot serve the stage.
+    :class:`SvdkitError` when `samples` calibration windows of `seqlen` tokens cannot serve the training.
     """
 
     start_ranks: Callable[[Mapping[str, tuple[int, int]], Any], dict[str, int]]
@@ -66,7 +66,7 @@ class Method:
     summary: str
     paper: str = ""
     nested: bool = False
-    stage: ModelStage | None = None
+    training: MethodTraining | None = None
 
 
 METHODS: Registry[Method] = Registry("method", known="known methods")
@@ -79,12 +79,12 @@ def register(
     summary: str = "",
     paper: str = "",
     nested: bool = False,
-    stage: ModelStage | None = None,
+    training: MethodTraining | None = None,
 ) -> Callable[[DecomposeFn], DecomposeFn]:
     """Decorator: register `fn` as method `name` with its config dataclass and needed statistics."""
 
     def wrap(fn: DecomposeFn) -> DecomposeFn:
-        METHODS.add(name, Method(name, fn, config_cls, frozenset(requires), summary, paper, nested, stage))
+        METHODS.add(name, Method(name, fn, config_cls, frozenset(requires), summary, paper, nested, training))
         return fn
 
     return wrap

@@ -22,10 +22,10 @@ from .stages import (
     calibrate,
     factor,
     factor_linear,
-    model_stage,
     read_windows,
     record,
     summarize,
+    train,
 )
 from .stages import heal as heal_stage
 
@@ -74,8 +74,8 @@ def compress(
     gets a first pass that keeps each matrix's whitened spectrum only; the ``sensitivity`` allocation and
     FWSVD's gradients spill statistics layer by layer to `statistics_dir` (:mod:`svdkit.calibration.store`).
     ``update="lstsq"`` refits each B on the calibration inputs after the method
-    (:mod:`svdkit.pipeline.update`). A method with a whole-model stage (``soco``) factors every target
-    at the stage's start ranks, then trains and fixes the final ranks within the parameter budget the
+    (:mod:`svdkit.pipeline.update`). A method with a whole-model training (``soco``) factors every target
+    at the training's start ranks, then trains and fixes the final ranks within the parameter budget the
     allocation gives at `ratio` (:mod:`svdkit.methods.soco.training`).
 
     `kv_ratio` fixes every k_proj / v_proj at the rank that shrinks a latent KV cache by that fraction
@@ -130,7 +130,7 @@ def run_plan(
     """
     start = time.perf_counter() if started is None else started
     timings = {"allocation": 0.0, "calibration": 0.0, "decomposition": 0.0}
-    if plan.method.stage is not None:
+    if plan.method.training is not None:
         timings["training"] = 0.0
     dense = DenseReference() if plan.heals else None
     healing: dict[str, Report] = {}
@@ -158,8 +158,8 @@ def run_plan(
         if store is not None:
             store.close()
         t = time.perf_counter()
-        ranks, training = model_stage(plan, model, allocation)
-        if plan.method.stage is not None:
+        ranks, training = train(plan, model, allocation)
+        if plan.method.training is not None:
             timings["training"] = time.perf_counter() - t
         if plan.heals:
             t = time.perf_counter()

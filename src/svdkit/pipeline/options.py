@@ -228,7 +228,7 @@ class CompressionOptions(UserOptions):
         kv_ratio = self.kv_ratio
         if kv_ratio is not None:
             kv_ratio = check_kv_ratio(kv_ratio)
-            if method.stage is not None:
+            if method.training is not None:
                 raise SvdkitError(f"kv_ratio fixes the k/v ranks, but method '{self.method}' chooses every rank itself")
             if allocator.per_matrix:
                 raise SvdkitError(

@@ -157,9 +157,9 @@ class CompressionPlan:
     def layer_healers(self) -> list[tuple[Any, Any]]:
         """The healers (with their configs) that run in the factor stage's own walk, each layer healed as soon as
         it is factored: the leading healers that work per layer, where nothing between factoring and healing
-        needs the whole model. Not with a method's whole-model stage (it comes between), sequential calibration
+        needs the whole model. Not with a method's whole-model training (it comes between), sequential calibration
         (its statistics would see the healed layers) or a healing text of its own (other windows)."""
-        if not self.heals or self.options.sequential or self.method.stage is not None or self.own_heal_text:
+        if not self.heals or self.options.sequential or self.method.training is not None or self.own_heal_text:
             return []
         healers = list(self.options.resolved.heal)
         first_whole = next((i for i, (h, _) in enumerate(healers) if h.layer is None), len(healers))
@@ -235,7 +235,7 @@ def _plan(
             f"update '{options.update}')"
         )
     windows = mode not in (CalibrationMode.NONE, CalibrationMode.PRECOMPUTED)
-    windows = windows or resolved.allocator.needs_windows or resolved.method.stage is not None
+    windows = windows or resolved.allocator.needs_windows or resolved.method.training is not None
     windows = windows or (bool(resolved.heal) and resolved.heal_calibration is None)  # healing on these windows
     for settings in (options.calibration if windows else None, resolved.heal_calibration):
         if settings is not None:
@@ -262,10 +262,10 @@ def _check_text(options: CompressionOptions, settings: CalibrationSettings, has_
 
 
 def _check_windows(options: CompressionOptions, facts: ModelFacts) -> None:
-    """The calibration windows fit the model's context and serve the method's stage."""
+    """The calibration windows fit the model's context and serve the method's training."""
     calibration = options.calibration
     check_context(calibration.seqlen, facts.context, "calibration windows", "--calib-seqlen / calib_seqlen")
-    stage = options.resolved.method.stage
+    stage = options.resolved.method.training
     if stage is not None and stage.check is not None:
         stage.check(options.resolved.method_config, calibration.samples, calibration.seqlen)
 

@@ -8,7 +8,7 @@
 4. :func:`allocate`: the allocator's ranks, aligned to the rank multiple, with the fixed k/v ranks;
 5. :func:`factor` (:mod:`.factor`): every target replaced by the method's factors (calibrating layer by layer
    while streaming; each layer healed right after by the healers that work per layer);
-6. :func:`model_stage`: a method's whole-model stage (SoCo's training), which fixes the final ranks;
+6. :func:`train`: the method's whole-model training (SoCo's) (fixes the final ranks);
 7. :func:`heal`: the other healers (:mod:`svdkit.heal`) train the factors toward the dense model, ranks kept;
 8. :func:`record`: the saved record on the model's config, and the result.
 """
@@ -48,7 +48,7 @@ __all__ = [
     "factor_linear",
     "factor",
     "heal",
-    "model_stage",
+    "train",
     "read_windows",
     "record",
     "summarize",
@@ -88,7 +88,7 @@ class Allocation:
     """What :func:`allocate` decides."""
 
     ranks: dict[str, int | None]
-    """the ranks :func:`factor` uses (a method with a whole-model stage: its start ranks)"""
+    """the ranks :func:`factor` uses (a method with a whole-model training: its start ranks)"""
     budget: dict[str, int | None]
     """the allocation's ranks at the target ratio (aligned, k/v fixed): the parameter budget"""
     context: AllocationContext
@@ -203,21 +203,21 @@ def allocate(
         ranks = plan.allocator.allocate(context, options.resolved.allocation_config)
     if set(ranks) != set(shapes):
         raise RuntimeError(f"allocator {options.allocation} returned ranks for other modules than the targets")
-    if plan.method.stage is None:
+    if plan.method.training is None:
         rest = {n: k for n, k in ranks.items() if n not in plan.fixed_ranks}
         ranks = {**ranks, **align_ranks(rest, shapes, options.rank_multiple)}
     ranks.update(plan.fixed_ranks)  # exact: they size the cache
-    start = ranks if plan.method.stage is None else plan.method.stage.start_ranks(shapes, plan.method_config)
+    start = ranks if plan.method.training is None else plan.method.training.start_ranks(shapes, plan.method_config)
     return Allocation(start, ranks, context)
 
 
-def model_stage(
+def train(
     plan: CompressionPlan, model: nn.Module, allocation: Allocation
 ) -> tuple[dict[str, int | None], Report | None]:
-    """Run the method's whole-model stage, if it has one: (final ranks by name, its report)."""
-    if plan.method.stage is None:
+    """Run the method's whole-model training, if it has one: (final ranks by name, its report)."""
+    if plan.method.training is None:
         return dict(allocation.ranks), None
-    return plan.method.stage.run(model, allocation.context, allocation.budget, plan.method_config)
+    return plan.method.training.run(model, allocation.context, allocation.budget, plan.method_config)
 
 
 def heal(

@@ -75,7 +75,7 @@ def stream_refusal(plan: CompressionPlan) -> str | None:
     """Why `plan` cannot stream layer by layer from the checkpoint (None: it can)."""
     if plan.needs_windows and plan.options.calibration.uses_self():
         return "calibration text 'self' is written by the dense model, which a generation pass needs whole in memory"
-    if plan.method.stage is not None:
+    if plan.method.training is not None:
         return f"method '{plan.options.method}' trains all layers together after factoring them"
     if plan.heals and (why := _heal_refusal(plan)) is not None:
         return why

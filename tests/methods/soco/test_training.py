@@ -1,4 +1,4 @@
-"""SoCo's three-stage training on tiny models: the budget met, rank moved between matrices, the loss,
+"""SoCo's three-phase training on tiny models: the budget met, rank moved between matrices, the loss,
 aligned final ranks, and its failure modes."""
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ def test_soco_meets_the_budget_reallocates_and_round_trips(tmp_path, tiny_tokeni
     assert budget - max(m + n for m, n in shapes.values()) < kept <= budget
     assert r.params == uniform.params - (budget - kept)
     assert r.ranks != uniform.ranks  # the global budget moves rank between matrices
-    stages = [row["stage"] for row in r.training.curves["curve"]]
-    assert stages == ["coarse"] * 6 + ["refine"] * 4 + ["final"] * 2
+    phases = [row["phase"] for row in r.training.curves["curve"]]
+    assert phases == ["coarse"] * 6 + ["refine"] * 4 + ["final"] * 2
     curve = r.training.curves["curve"]
     assert curve[0]["soft"] > curve[5]["soft"] and max(row["penalty"] for row in curve[:6]) > 0
-    assert curve[5]["target"] == curve[9]["target"] == curve[11]["target"]  # the coarse stage ends at the budget
+    assert curve[5]["target"] == curve[9]["target"] == curve[11]["target"]  # the coarse phase ends at the budget
     refine = [row["kept"] for row in curve[5:10]]
     assert all(a >= b for a, b in zip(refine, refine[1:], strict=False))  # the hard count falls step by step...
     assert curve[6]["kept"] > curve[9]["target"] >= curve[9]["kept"]  # ...to the budget at the refine's end
     assert all(row["penalty"] == 0 and row["kept"] == curve[9]["kept"] for row in curve[10:])
-    assert [row["lr"] for row in curve[9:]] == [0.02, 0.02, 0.01]  # annealed in the final stage
+    assert [row["lr"] for row in curve[9:]] == [0.02, 0.02, 0.01]  # annealed in the final phase
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [row["step"] for row in lines] == list(range(1, 13))
     assert all(p.requires_grad for p in model.parameters())  # nothing left frozen
@@ -59,7 +59,7 @@ def test_soco_meets_the_budget_reallocates_and_round_trips(tmp_path, tiny_tokeni
         assert torch.equal(loaded(input_ids=ids).logits, expected)
 
 
-def test_soco_final_stage_lowers_the_loss_on_its_windows():
+def test_soco_final_phase_lowers_the_loss_on_its_windows():
     """Two runs share their first four steps (same windows, same pruning); the one that goes on
     training the kept scores after pruning ends with a lower loss on the calibration windows."""
     from svdkit.sources.text import calibration_windows
@@ -83,7 +83,7 @@ def test_soco_final_stage_lowers_the_loss_on_its_windows():
         ratio=0.4,
         method_options={"steps": 44, "coarse": 1 / 22, "refine": 1 / 22, "lr": 0.05, "guard": False},
     )
-    assert [row["stage"] for row in b.training.curves["curve"][:5]] == ["coarse"] * 2 + ["refine"] * 2 + ["final"]
+    assert [row["phase"] for row in b.training.curves["curve"][:5]] == ["coarse"] * 2 + ["refine"] * 2 + ["final"]
     assert a.ranks == b.ranks  # the same pruning
     assert loss(trained) < loss(pruned)
 

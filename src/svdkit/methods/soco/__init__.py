@@ -4,7 +4,7 @@ Every target is factored once by an activation-aware base method (default svd-ll
 start rank, W ~ B A = sum_j b_j a_j^T with the singular values split into both factors. One score s_j
 per component is then learned across the whole model, W' = B diag(s) A (= U diag(S * s) V^T in the
 base's whitened basis), factors frozen, under a global parameter budget, and the components with the
-smallest scores are pruned: see :mod:`svdkit.methods.soco.training` for the three stages. The result is an
+smallest scores are pruned: see :mod:`svdkit.methods.soco.training` for the three phases. The result is an
 ordinary low-rank model with the kept scores folded into the factors.
 """
 
@@ -22,7 +22,7 @@ from ...calibration.statistics import LinearStats
 from ...core.options import Options, boolean, choice, integer, number, option, path
 from ...core.ranks import rank_for_ratio, saves_parameters
 from ...errors import SvdkitError
-from ..base import METHODS, Factors, ModelStage, get_method, make_config, method_names, register
+from ..base import METHODS, Factors, MethodTraining, get_method, make_config, method_names, register
 from .training import learn_spectrum
 
 __all__ = ["SoCoConfig", "soco", "start_ranks"]
@@ -55,7 +55,7 @@ class SoCoConfig(Options):
     max_steps: int = option(240, "at most this many steps when steps=0", integer(1))
     held_out: float = option(
         0.125,
-        "share of the calibration windows held out (at least one): the final stage keeps its best step on them, "
+        "share of the calibration windows held out (at least one): the final phase keeps its best step on them, "
         "and the result falls back to the closed form at the budget's ranks where that is better there",
         number(0, 1, lo_open=True, hi_open=True),
     )
@@ -65,7 +65,7 @@ class SoCoConfig(Options):
         boolean(),
     )
     eval_windows: int = option(8, "held-out windows of `seqlen` measured each time (at most)", integer(1))
-    every: int = option(8, "final-stage steps between held-out measurements", integer(1))
+    every: int = option(8, "final-phase steps between held-out measurements", integer(1))
     coarse: float = option(0.5, "share of the steps that move the budget from the start count to the target", number())
     refine: float = option(
         0.3, "share of the steps trained at the target budget before the final pruning (the rest: after it)", number()
@@ -76,7 +76,7 @@ class SoCoConfig(Options):
         number(0, lo_open=True),
     )
     lr: float = option(0.02, "Adam learning rate of the scores (they start at 1)", number(0, lo_open=True))
-    anneal: bool = option(True, "in the final stage the learning rate falls linearly from lr toward 0", boolean())
+    anneal: bool = option(True, "in the final phase the learning rate falls linearly from lr toward 0", boolean())
     seqlen: int = option(512, "tokens per training window (calibration windows are cut to this length)", integer(2))
     batch: int = option(1, "windows per step", integer(1))
     seed: int = option(0, "order of the training windows", integer())
@@ -88,7 +88,7 @@ class SoCoConfig(Options):
     )
     log: str | None = option(
         None,
-        "a file that receives one JSON line per step (step, stage, objective, loss, kept, soft, target, penalty, "
+        "a file that receives one JSON line per step (step, phase, objective, loss, kept, soft, target, penalty, "
         "lr, seconds)",
         _log_file,
     )
@@ -150,7 +150,7 @@ def _check_windows(config: SoCoConfig, samples: int, seqlen: int) -> None:
     requires=tuple(_STATISTICS),
     summary="learned singular-spectrum scores under a global budget (trains on the calibration windows)",
     paper="SoCo, singular spectrum optimization, 2025",
-    stage=ModelStage(start_ranks=start_ranks, run=_run, check=_check_windows),
+    training=MethodTraining(start_ranks=start_ranks, run=_run, check=_check_windows),
 )
 def soco(W: torch.Tensor, stats: LinearStats | None, rank: int, config: SoCoConfig) -> Factors:
     """The base method's factors at the start rank (the scores are learned later, on the whole model)."""

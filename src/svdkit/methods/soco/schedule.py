@@ -1,9 +1,9 @@
-"""SoCo's schedule, a pure function of the step: the stage, the count targets and the learning rate.
+"""SoCo's schedule, a pure function of the step: the phase, the count targets and the learning rate.
 
-Of `steps` steps, the first ``round(steps * coarse)`` are the coarse stage (the soft count's target
-falls linearly from the start count to the budget), the next ``round(steps * refine)`` the refine stage
+Of `steps` steps, the first ``round(steps * coarse)`` are the coarse phase (the soft count's target
+falls linearly from the start count to the budget), the next ``round(steps * refine)`` the refine phase
 (the hard count's target falls linearly from where it stood to the budget) and the rest the final
-stage (the learning rate falls linearly to 0 when annealed). A share above 0 gives its stage at least
+phase (the learning rate falls linearly to 0 when annealed). A share above 0 gives its phase at least
 one step.
 """
 
@@ -33,16 +33,16 @@ class Schedule:
 
     @property
     def final_start(self) -> int:
-        """The first step of the final stage (== steps when there is none)."""
+        """The first step of the final phase (== steps when there is none)."""
         return self.n_coarse + self.n_refine
 
-    def stage(self, step: int) -> str:
+    def phase(self, step: int) -> str:
         if step < self.n_coarse:
             return "coarse"
         return "refine" if step < self.final_start else "final"
 
     def soft_target(self, step: int, start: float, budget: float) -> float:
-        """The soft count's target after `step`: down from `start` to `budget` over the coarse stage."""
+        """The soft count's target after `step`: down from `start` to `budget` over the coarse phase."""
         if step < self.n_coarse:
             return start + (budget - start) * (step + 1) / self.n_coarse
         return budget
@@ -52,7 +52,7 @@ class Schedule:
         return hard_from + (budget - hard_from) * (step - self.n_coarse + 1) / self.n_refine
 
     def learning_rate(self, step: int) -> float:
-        """lr, falling linearly toward 0 over the final stage when annealed (a fixed objective from there)."""
+        """lr, falling linearly toward 0 over the final phase when annealed (a fixed objective from there)."""
         if self.anneal and step >= self.final_start:
             return self.lr * ((self.steps - step) / (self.steps - self.final_start))
         return self.lr

@@ -115,7 +115,7 @@ def align_keep(
     The counts are rounded by :func:`~svdkit.core.ranks.align_ranks` (`shapes`: (m, n) by owner), never
     above a matrix's components; a matrix then keeps its best components: those already kept by score,
     then the others by score (-1: pruned earlier), ties by position. A count that goes up may so bring
-    back components pruned earlier, with score 0: the final stage trains them like the others.
+    back components pruned earlier, with score 0: the final phase trains them like the others.
     """
     counts = torch.bincount(owner[keep], minlength=len(shapes)).tolist()
     sizes = torch.bincount(owner, minlength=len(shapes)).tolist()

@@ -6,7 +6,7 @@ the scores train, with Adam, on next-token cross-entropy over the calibration wi
 of an m x n matrix costs c = m + n parameters. The count has two readings: the *hard* count (the cost of
 the components still in play: in the mask, score above 0) and its L1 relaxation, the *soft* count
 K(s) = sum c * min(s, 1), where scores above 1 cost nothing extra and can compensate for pruned ones.
-Three stages (svdkit's reading of the paper, which publishes no code):
+Three phases (svdkit's reading of the paper, which publishes no code):
 
 1. coarse: the soft count's target falls linearly from the start count to the budget. Its penalty
    lam * sum w min(s, 1) (w = c / mean(c)) enters the *gradient* (:func:`~.scored.penalty_grad`), scaled by a
@@ -30,7 +30,7 @@ objective its ``loss`` column holds.
 The budget is the parameter count the allocation gives the targets at the target ratio (by default
 the uniform one): the final count is at most the budget and within one component of it; with a rank
 multiple (the pipeline's ``rank_multiple``), the final cut then rounds every matrix's count to it
-within the same parameter count (:func:`~.scored.align_keep`), and the final stage trains the rounded set. The scores
+within the same parameter count (:func:`~.scored.align_keep`), and the final phase trains the rounded set. The scores
 are folded into the factors (sqrt(s) into each), leaving an ordinary low-rank model. Training needs the
 whole model on one device; interrupting it raises KeyboardInterrupt with the model restored to its
 start decomposition's layers, and a non-finite loss stops it with an SvdkitError.
@@ -100,11 +100,11 @@ def _open_log(path: str | None):
 def learn_spectrum(
     model: nn.Module, context: AllocationContext, budget_ranks: dict, config: Any
 ) -> tuple[dict[str, int], Report]:
-    """Train the scores of every low-rank target of `model` (SoCo's three stages), prune, fold.
+    """Train the scores of every low-rank target of `model` (SoCo's three phases), prune, fold.
 
     `context` gives the targets' shapes, the device, the calibration windows, the progress flag and the
     rank multiple; `budget_ranks` (the allocation at the target ratio) sets the budget. The last windows
-    are held out (:func:`~svdkit.heal.guard.split_windows`): the final stage keeps its best step on them,
+    are held out (:func:`~svdkit.heal.guard.split_windows`): the final phase keeps its best step on them,
     and where the start decomposition cut to the budget's ranks (for a nested base such as svd-llm-v2, the
     closed form at those ranks) is better there, that is the result. Returns (final ranks by name, a report
     with the budget, the kept count, the time, the held-out losses and the loss curve per step).
@@ -171,7 +171,7 @@ def held_out_loss(model: nn.Module, held: torch.Tensor, device) -> float:
 
 @torch.no_grad()
 def _settle(trainer: _Trainer, budget_ranks: dict) -> dict[str, Any]:
-    """The final stage's best step is in place (its guard); keep it, or the start decomposition cut to the
+    """The final phase's best step is in place (its guard); keep it, or the start decomposition cut to the
     budget's ranks where that has the lower held-out loss. Returns the held-out part of the report."""
     scored, held = trainer.scored, trainer.held
     trained = held_out_loss(trainer.model, held, trainer.device)
@@ -188,7 +188,7 @@ def _settle(trainer: _Trainer, budget_ranks: dict) -> dict[str, Any]:
             s.mask.copy_(kept[name][1])
     report = {"held_out_closed_form": closed, "held_out_trained": trained, "fell_back": fallback}
     if trainer.guard_report:
-        report["final_stage"] = {k: v for k, v in trainer.guard_report.items() if k != "held_out_curve"}
+        report["final_phase"] = {k: v for k, v in trainer.guard_report.items() if k != "held_out_curve"}
         report["held_out_curve"] = trainer.guard_report["held_out_curve"]
     return report
 
@@ -205,7 +205,7 @@ class _Trainer:
         self.cursor, self.lam, self.square = 0, 0.0, 0.0
         self.hard_from, self.hard = scored.start, scored.start
         self.held: torch.Tensor | None = None
-        """held-out windows: the final stage keeps its best step on them"""
+        """held-out windows: the final phase keeps its best step on them"""
         self.guard: Guard | None = None
         self.guard_report: dict = {}
 
@@ -219,7 +219,7 @@ class _Trainer:
             if log is not None:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-            bar.set_postfix(loss=f"{row['loss']:.3f}", kept=f"{row['kept']:.3f}", stage=row["stage"])
+            bar.set_postfix(loss=f"{row['loss']:.3f}", kept=f"{row['kept']:.3f}", phase=row["phase"])
             if self._guarded(step):
                 break
         if self.guard is not None:
@@ -227,8 +227,8 @@ class _Trainer:
         return curve
 
     def _guarded(self, step: int) -> bool:
-        """Final stage: measure the held-out loss at its start and every `every` steps; True: stop early."""
-        final = self.schedule.final_start  # the refine stage's last step cuts the mask (without one: the first)
+        """Final phase: measure the held-out loss at its start and every `every` steps; True: stop early."""
+        final = self.schedule.final_start  # the refine phase's last step cuts the mask (without one: the first)
         mask_final = step + 1 == final if self.schedule.n_refine > 0 else step == final
         if self.held is None or (self.guard is None and not mask_final):
             return False
@@ -244,16 +244,16 @@ class _Trainer:
     def step(self, step: int) -> dict:
         """One training step: targets, the loss and its gradient, the penalty, Adam, pruning; the curve's row."""
         schedule, scored = self.schedule, self.scored
-        stage = schedule.stage(step)
+        phase = schedule.phase(step)
         target = schedule.soft_target(step, scored.start, self.budget)
-        self._prepare(step, stage)
-        loss = self._loss_and_grad(step, stage)
-        self._penalise(step, stage)
+        self._prepare(step, phase)
+        loss = self._loss_and_grad(step, phase)
+        self._penalise(step, phase)
         self.opt.step()
-        soft = self._after_step(step, stage, target)
+        soft = self._after_step(step, phase, target)
         return {
             "step": step + 1,
-            "stage": stage,
+            "phase": phase,
             "objective": self.config.loss,
             "loss": float(loss.detach()),
             "kept": scored.hard_count() / self.dense_total,
@@ -263,28 +263,28 @@ class _Trainer:
             "lr": self.opt.param_groups[0]["lr"],
         }
 
-    def _prepare(self, step: int, stage: str) -> None:
-        """Stage bookkeeping before the step: the refine stage's hard target, the final stage's lr and cut."""
+    def _prepare(self, step: int, phase: str) -> None:
+        """Phase bookkeeping before the step: the refine phase's hard target, the final phase's lr and cut."""
         schedule = self.schedule
-        if stage == "refine":
+        if phase == "refine":
             if step == schedule.n_coarse:
                 self.hard_from = self.scored.hard_count()
             self.hard = schedule.hard_target(step, self.hard_from, self.budget)
-        elif stage == "final":
+        elif phase == "final":
             if self.config.anneal:  # a fixed objective from here: the step falls linearly toward 0
                 for group in self.opt.param_groups:
                     group["lr"] = schedule.learning_rate(step)
             if step == schedule.final_start and schedule.n_refine == 0:
                 self.scored.prune(self.budget, multiple=self.multiple)
 
-    def _loss_and_grad(self, step: int, stage: str) -> torch.Tensor:
+    def _loss_and_grad(self, step: int, phase: str) -> torch.Tensor:
         idx = self.order[torch.arange(self.cursor, self.cursor + self.config.batch) % len(self.order)]
         self.cursor += self.config.batch
         ids = self.chunks[idx].to(self.device)
         loss = soco_loss(self.model, self.scored, ids, self.config.loss)
         if not torch.isfinite(loss):
             raise SvdkitError(
-                f"soco training diverged at step {step + 1} ({stage} stage): the loss is "
+                f"soco training diverged at step {step + 1} ({phase} phase): the loss is "
                 f"{float(loss.detach())}; lower lr (now {self.config.lr}); nothing was kept"
             )
         self.opt.zero_grad(set_to_none=True)
@@ -292,29 +292,29 @@ class _Trainer:
         return loss
 
     @torch.no_grad()
-    def _penalise(self, step: int, stage: str) -> None:
+    def _penalise(self, step: int, phase: str) -> None:
         """Add the count penalty to the gradients, in units of the gradients' running size."""
         grad = self.scored.flat(lambda s: s.score.grad).double()
         self.square = 0.9 * self.square + 0.1 * float(grad.square().mean())
         scale = (self.square / (1 - 0.9 ** (step + 1))) ** 0.5
-        if stage != "final" and self.lam > 0:
+        if phase != "final" and self.lam > 0:
             flat = self.scored.flat(lambda s: s.score).double()
             self.scored.add_to_grad(penalty_grad(flat, self.scored.costs, self.lam * scale))
 
     @torch.no_grad()
-    def _after_step(self, step: int, stage: str, target: float) -> float:
-        """Clamp, prune in the refine stage, check, and move the penalty's weight; returns the soft count."""
+    def _after_step(self, step: int, phase: str, target: float) -> float:
+        """Clamp, prune in the refine phase, check, and move the penalty's weight; returns the soft count."""
         scored = self.scored
         scored.clamp()
         last = step == self.schedule.final_start - 1  # the mask itself must fit: zeros in it could revive
-        if stage == "refine" and (last or scored.hard_count() > self.hard):
+        if phase == "refine" and (last or scored.hard_count() > self.hard):
             scored.prune(self.hard, fill=last, multiple=self.multiple)
         flat = scored.flat(lambda s: s.score).double()
         if not torch.isfinite(flat).all():
             raise SvdkitError(f"soco scores became non-finite at step {step + 1}: lower lr (now {self.config.lr})")
         soft = soft_count(flat, scored.costs)
         span = scored.start - self.budget
-        self.lam = dual_step(self.lam, soft, target, span, self.config.penalty_lr) if stage != "final" else 0.0
+        self.lam = dual_step(self.lam, soft, target, span, self.config.penalty_lr) if phase != "final" else 0.0
         return soft
 
 
