@@ -9,6 +9,7 @@ from pathlib import Path
 from ..bench.cells import PROTOCOL_CALIBRATION, BenchConfig, parse_spec
 from ..bench.grid import run_bench
 from ..bench.report import markdown
+from ..core.owner import own_output
 from ..errors import SvdkitError
 from ..pipeline.options import CalibrationSettings, CompressionOptions
 from ..sources.mixture import parse_calib
@@ -130,16 +131,21 @@ def run(a: argparse.Namespace) -> None:
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise SvdkitError(f"--out '{out}' exists and is a file: give a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    report = run_bench(
+    with own_output(out):
+        out.mkdir(parents=True, exist_ok=True)
+        report = _bench(a, out)
+    print(markdown(report))
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'plots'}")
+
+
+def _bench(a: argparse.Namespace, out: Path) -> dict:
+    return run_bench(
         bench_config(a),
         out / "results.json",
         out / "results.md",
         out / "plots",
         command="svdkit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "svdkit bench",
     )
-    print(markdown(report))
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'plots'}")
 
 
 def _given(**options) -> dict:

@@ -13,10 +13,11 @@ import torch
 from ..allocators import allocator_names, get_allocator
 from ..calibration.store import check_spill_space, spill_bytes
 from ..core import distributed
-from ..core.atomic import prepare_output_dir
+from ..core.atomic import check_not_source, prepare_output_dir
 from ..core.device import resolve_device
 from ..core.disk import check_free_space
 from ..core.lowrank import count_parameters
+from ..core.owner import group_owns
 from ..core.report import stage_line
 from ..errors import SvdkitError
 from ..heal import healer_names
@@ -112,6 +113,12 @@ def run(a: argparse.Namespace) -> None:
     start = time.perf_counter()
     a.device = distributed.setup(a.device)  # under torchrun: join the group, one GPU per process
     options = options_from_args(a)
+    check_not_source(a.model, a.output)
+    with group_owns(a.output):  # before anything at the output is looked at, let alone removed
+        _run(a, options, start)
+
+
+def _run(a: argparse.Namespace, options: CompressionOptions, start: float) -> None:
     if not distributed.is_main():
         options = dataclasses.replace(options, progress=False)
     ratio = 0.0 if a.densify else a.ratio  # of the decoder layers' matrices removed from the output

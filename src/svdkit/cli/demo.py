@@ -14,6 +14,7 @@ from pathlib import Path
 from ..core.atomic import prepare_output_dir
 from ..core.device import resolve_device
 from ..core.disk import check_free_space
+from ..core.owner import own_output
 from ..measure.perplexity import perplexity
 from ..pipeline.compress import compress
 from ..pipeline.options import CompressionOptions
@@ -53,7 +54,11 @@ def _mb(n: int) -> str:
 
 
 def run_demo(ratio: float = 0.2, output: str = "svdkit-demo-output", device: str = "auto") -> dict:
-    out = Path(output)
+    with own_output(output):
+        return _demo(ratio, Path(output), device)
+
+
+def _demo(ratio: float, out: Path, device: str) -> dict:
     # the demo may replace its own earlier output, never a folder of something else
     prepare_output_dir(out, overwrite=read_svdkit_config(out) is not None if out.is_dir() else False)
     dev = resolve_device(device)

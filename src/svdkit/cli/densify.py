@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.atomic import prepare_output_dir
+from ..core.atomic import check_not_source, prepare_output_dir
+from ..core.owner import own_output
 from ..errors import SvdkitError
 from ..saved.contents import dense_bytes
 from ..saved.folder import densify
@@ -23,9 +24,11 @@ def add_parser(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> None:
+    check_not_source(a.folder, a.output)
     if read_svdkit_config(a.folder) is None:
         raise SvdkitError(f"'{a.folder}' is not an svdkit-compressed model folder")
-    out = prepare_output_dir(a.output, a.overwrite, size=dense_bytes(a.folder) or 0)
-    model, tok = load_model(a.folder)
-    densify(model, tok, out, overwrite=a.overwrite, inplace=True)
+    with own_output(a.output):
+        out = prepare_output_dir(a.output, a.overwrite, size=dense_bytes(a.folder) or 0)
+        model, tok = load_model(a.folder)
+        densify(model, tok, out, overwrite=a.overwrite, inplace=True)
     print(f"dense model written to {out}")

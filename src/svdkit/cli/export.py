@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.atomic import prepare_output_dir
+from ..core.atomic import check_not_source, prepare_output_dir
+from ..core.owner import own_output
 from ..deploy.onnx import WEIGHTS, export_onnx
 from ..deploy.runtime import is_onnx_folder
 from ..errors import SvdkitError
@@ -34,9 +35,11 @@ def add_parser(sub) -> None:
 def run(a: argparse.Namespace) -> None:
     if is_onnx_folder(a.model):
         raise SvdkitError(f"'{a.model}' is already an ONNX export: export the model it was made from")
-    out = prepare_output_dir(a.output, a.overwrite)
-    model, tok = load_model(a.model, dtype="float32")
-    manifest = export_onnx(model, tok, out, weights=a.weights, source=str(a.model), overwrite=a.overwrite)
+    check_not_source(a.model, a.output)
+    with own_output(a.output):
+        out = prepare_output_dir(a.output, a.overwrite)
+        model, tok = load_model(a.model, dtype="float32")
+        manifest = export_onnx(model, tok, out, weights=a.weights, source=str(a.model), overwrite=a.overwrite)
     print(
         f"ONNX export ({a.weights} weights, {manifest['bytes']:,} bytes) written to {out}; logits within "
         f"{manifest['max_relative_logit_difference']:.1e} of the torch model's. Run it: svdkit eval {out}"

@@ -20,9 +20,10 @@ from .disk import (
     scratch_dir,
     sweep_stale,
 )
+from .owner import own_output
 from .signals import signals_held
 
-__all__ = ["atomic_write", "install", "is_io_error", "prepare_output_dir"]
+__all__ = ["atomic_write", "check_not_source", "install", "is_io_error", "prepare_output_dir"]
 
 
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool, size: int = 0) -> Path:
@@ -41,11 +42,28 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool, size: int = 0) 
     return path
 
 
+def check_not_source(source: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Refuse an output that is the model being read (`source`, where it is a local path) or a folder holding
+    it: writing there would replace the only copy of the source."""
+    if not Path(source).exists():
+        return  # a hub id or an alias: nothing local to replace
+    src, out = Path(os.path.realpath(source)), Path(os.path.realpath(output))
+    if out == src or out in src.parents:
+        what = "the model being read" if out == src else f"a folder holding the model being read ({source})"
+        raise SvdkitError(f"the output {output} is {what}: writing there would replace it; choose another output")
+
+
 def atomic_write(path: Path, overwrite: bool, write) -> Path:
     """Write a folder through `write(folder)` inside a temporary sibling (marked as this process's, see
     :func:`~svdkit.core.disk.make_scratch_dir`), then rename it into place. An I/O error (a full disk) is
     an :class:`SvdkitError` naming the file and the reason; the temporary folder is removed whatever
-    happens, and an existing folder is replaced only by a complete one."""
+    happens, and an existing folder is replaced only by a complete one; `path`'s lock is held throughout
+    (:func:`~svdkit.core.owner.own_output`)."""
+    with own_output(path):
+        return _atomic_write(path, overwrite, write)
+
+
+def _atomic_write(path: Path, overwrite: bool, write) -> Path:
     path = prepare_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path.parent, ".*.tmp-*")  # any killed save's, whatever folder it was writing

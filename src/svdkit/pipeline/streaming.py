@@ -45,6 +45,7 @@ from ..core.atomic import is_io_error
 from ..core.disk import io_reason
 from ..core.lowrank import densify_
 from ..core.modeling_svdkit import swap_in
+from ..core.owner import group_owns
 from ..core.report import Report
 from ..engine import LayerSource
 from ..errors import NotStreamable, SvdkitError
@@ -181,8 +182,14 @@ def compress_folder(
     `dtype` ("auto": the checkpoint's own) is what the layers run and are written in; with `densify` each
     layer is written as dense W' = B A. `resume` continues the unfinished run a kill left beside
     `output`; without it such a run is refused unless `overwrite`, which starts over. A plan that cannot
-    stream (:func:`stream_refusal`) raises :class:`NotStreamable`.
+    stream (:func:`stream_refusal`) raises :class:`NotStreamable`. `output`'s lock is held throughout
+    (:func:`~svdkit.core.owner.group_owns`).
     """
+    with group_owns(output):
+        return _compress_folder(folder, output, options, dtype, resume, overwrite, densify)
+
+
+def _compress_folder(folder, output, options: CompressionOptions, dtype, resume: bool, overwrite: bool, densify: bool):
     start = time.perf_counter()
     opened = open_checkpoint(folder, dtype)
     model, tokenizer = opened.model, opened.tokenizer
