@@ -51,7 +51,8 @@ def test_a_second_process_is_refused_naming_the_first_until_the_first_is_killed(
     with pytest.raises(SvdkitError) as e:
         with own_output(out):
             pass
-    assert str(e.value) == f"another svdkit process (pid {p.pid} on {socket.gethostname()}) is writing {out}: wait for it"
+    who = f"pid {p.pid} on {socket.gethostname()}"
+    assert str(e.value) == f"another svdkit process ({who}) is writing {out}: wait for it"
     p.send_signal(signal.SIGKILL)  # no cleanup runs: the kernel drops the lock, the file stays
     p.wait()
     assert lock_path(out).is_file()

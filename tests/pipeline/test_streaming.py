@@ -137,6 +137,40 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, tiny_tokenizer, tex
     assert not kept.exists()
 
 
+def test_a_resume_notices_any_change_of_the_source_and_names_what_differs(
+    tmp_path, tiny_tokenizer, text_file, monkeypatch
+):
+    folder = _folder(tmp_path, tiny_tokenizer, layers=3)
+    real = Partial.mark_done
+
+    def interrupt_at_one(self, layers, records):
+        real(self, layers, records)
+        if layers == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Partial, "mark_done", interrupt_at_one)
+    with pytest.raises(KeyboardInterrupt):
+        compress_folder(folder, tmp_path / "out", _options(text_file))
+    monkeypatch.setattr(Partial, "mark_done", real)
+    with pytest.raises(SvdkitError) as e:
+        compress_folder(folder, tmp_path / "out", _options(text_file, ratio=0.5), resume=True)
+    assert "options.ratio: 0.4 -> 0.5" in str(e.value)
+    changes = {
+        "config.json": lambda b: b.replace(b'"rms_norm_eps"', b'"rms_norm_eps" '),  # same values, other bytes
+        "model.safetensors": lambda b: b[:-1] + bytes([b[-1] ^ 1]),  # one bit of the last weight
+    }
+    for name, change in changes.items():
+        path = folder / name
+        original, stat = path.read_bytes(), path.stat()
+        path.write_bytes(change(original))
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as cp -p or rsync -a would leave it
+        with pytest.raises(SvdkitError, match=f"checkpoint.{name}: its content changed"):
+            compress_folder(folder, tmp_path / "out", _options(text_file), resume=True)
+        path.write_bytes(original)
+    compress_folder(folder, tmp_path / "out", _options(text_file), resume=True)
+    assert (tmp_path / "out" / INDEX).is_file()
+
+
 def test_overwrite_starts_an_unfinished_run_over(tmp_path, tiny_tokenizer, text_file):
     folder = _folder(tmp_path, tiny_tokenizer)
     kept = partial_path(tmp_path / "out")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from ..errors import SvdkitError
-from .disk import owner
+from .disk import check_writable, owner
 from .distributed import agree
 
 __all__ = ["group_owns", "lock_path", "own_output"]
@@ -46,8 +46,9 @@ def group_owns(output: str | os.PathLike) -> Iterator[None]:
 
 @contextmanager
 def own_output(output: str | os.PathLike) -> Iterator[None]:
-    """Hold `output`'s lock meanwhile (the parent folder is made where missing); refuse at once, naming the
-    owner, when another process holds it."""
+    """Hold `output`'s lock meanwhile; refuse at once, naming the owner, when another process holds it. A
+    missing parent folder is made for the lock (once a file is proven creatable there) and removed again if it
+    is still empty at the end."""
     key = _key(output)
     if key in _HELD:
         _HELD[key][0] += 1
@@ -56,6 +57,7 @@ def own_output(output: str | os.PathLike) -> Iterator[None]:
         finally:
             _HELD[key][0] -= 1
         return
+    made = _make_parent(key)
     f = _acquire(key, lock_path(key))
     _HELD[key] = [1, f]
     try:
@@ -64,6 +66,11 @@ def own_output(output: str | os.PathLike) -> Iterator[None]:
         del _HELD[key]
         lock_path(key).unlink(missing_ok=True)  # still holding it: whoever opens the name next gets a new file
         f.close()
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: the output (or anything else) is in it
 
 
 def _key(output: str | os.PathLike) -> Path:
@@ -72,11 +79,19 @@ def _key(output: str | os.PathLike) -> Path:
     return Path(os.path.realpath(path.parent)) / path.name
 
 
-def _acquire(output: Path, lock: Path) -> IO[str]:
+def _make_parent(output: Path) -> list[Path]:
+    """Make `output`'s missing ancestors (after proving a file can be created where they would go); the ones
+    made, deepest first."""
+    check_writable(output.parent)
+    missing = [p for p in (output.parent, *output.parent.parents) if not p.exists()]
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
+        output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SvdkitError(f"cannot create the folder of {output}: {e.strerror or e}: choose another output") from e
+    return missing
+
+
+def _acquire(output: Path, lock: Path) -> IO[str]:
     while True:
         try:
             f = open(lock, "a+")  # noqa: SIM115 - held until the output is written

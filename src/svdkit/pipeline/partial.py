@@ -60,7 +60,11 @@ class Partial:
         except BlockingIOError as e:
             self._lock.close()
             raise SvdkitError(f"another svdkit process is compressing into {self.path}: wait for it") from e
-        self._check_settings()
+        try:
+            self._check_settings()
+        except BaseException:
+            self.close()  # a refused resume holds nothing
+            raise
         return self
 
     def read_state(self) -> Partial:
@@ -74,12 +78,12 @@ class Partial:
         path = self.path / "settings.json"
         if path.is_file():
             kept = json.loads(path.read_text())
-            changed = sorted(k for k in set(kept) | set(self.settings) if kept.get(k) != self.settings.get(k))
+            changed = _differences(kept, self.settings)
             if changed:
                 raise SvdkitError(
                     f"--resume: the unfinished run in {self.path} was started with other settings "
-                    f"({', '.join(changed)} differ): run the same command as before, or pass --overwrite without "
-                    "--resume to start over"
+                    f"({'; '.join(changed)}): run the same command as before, or pass --overwrite without --resume "
+                    "to start over"
                 )
             return
         for stale in self.path.iterdir():  # files of a run whose settings never got written
@@ -141,6 +145,23 @@ class Partial:
     def discard(self) -> None:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """'KEY: OLD -> NEW' for every setting that differs (nested keys dotted; a file's digest: 'changed')."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{where}.{k}" if where else str(k))]
+    if old == new:
+        return []
+    if isinstance(old, str) and isinstance(new, str) and "sha256:" in old + new:
+        return [f"{where}: its content changed"]
+    return [f"{where}: {_shown(old)} -> {_shown(new)}"]
+
+
+def _shown(value: Any) -> str:
+    text = "absent" if value is None else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _write_atomic(path: Path, text: str) -> None:

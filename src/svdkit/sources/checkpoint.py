@@ -25,6 +25,7 @@ from ..errors import NotStreamable, SvdkitError
 from ..saved.contents import dense_bytes, weight_files
 from ..saved.format import read_svdkit_config, register_format
 from ..saved.shards import SAFETENSORS_DTYPES
+from .fingerprint import folder_fingerprint
 from .models import require_causal_lm
 
 __all__ = [
@@ -77,10 +78,9 @@ class Checkpoint:
                 raise SvdkitError(f"cannot read {', '.join(names[:2])} from '{f}': {e}") from e
         return out
 
-    def fingerprint(self) -> list[list]:
-        """(file name, size, modification time in ns) per weight file: a changed checkpoint changes it."""
-        stats = [(f, f.stat()) for f in self.files]
-        return [[f.name, s.st_size, s.st_mtime_ns] for f, s in stats]
+    def fingerprint(self) -> dict[str, str]:
+        """File name -> digest of its content, for every file of the folder (:mod:`.fingerprint`)."""
+        return folder_fingerprint(self.folder, self.files)
 
     def main_dtype(self) -> torch.dtype:
         """The dtype most floating-point elements are stored in."""
