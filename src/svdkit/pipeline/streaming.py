@@ -207,7 +207,11 @@ def _compress_folder(folder, output, options: CompressionOptions, dtype, resume:
         distributed.barrier()
     except KeyboardInterrupt as e:
         partial.close()
-        e.note = f"the finished layers are kept in {partial.path}: the same command with --resume continues"
+        e.note = (
+            f"the finished layers are kept in {partial.path}: the same command with --resume continues"
+            if partial.path.is_dir()
+            else f"{output} was already complete"
+        )
         raise
     except Exception as e:
         if not is_io_error(e):
