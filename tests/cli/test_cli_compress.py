@@ -220,3 +220,11 @@ def test_bad_calibration_specs_exit_2_before_any_model_loads(capsys, tmp_path, s
     assert not (tmp_path / "o").exists()
     code, _, err = run_cli(capsys, *argv[:3], "demo:4,ptb:4", "--calib-samples", 5, *argv[4:])
     assert_error(code, err, "samples is 5, but the spec 'demo:4,ptb:4' gives 8 windows in all")
+
+
+def test_resume_of_a_finished_run_says_it_is_complete(capsys, tmp_path, tiny_folder):
+    argv = ["compress", tiny_folder, "--calib-samples", 2, "--calib-seqlen", 32, "--output", tmp_path / "out"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *argv, "--resume")
+    assert_error(code, err, f"--resume: {tmp_path / 'out'} is complete already")

@@ -54,3 +54,24 @@ def test_cli_generate_refuses_a_cache_that_stayed_empty(capsys, monkeypatch, tin
     code = main(["generate", str(out), "--prompt", "The quick brown", "--kv-cache", "latent", "--json"])
     stdout, err = capsys.readouterr()
     assert code == 2 and "KV cache holds 0 tokens" in err and stdout == ""
+
+
+def test_generate_refuses_to_pass_the_models_context_before_generating(capsys, tiny_folder):
+    """The tiny model's context is 256 positions: a prompt plus --max-new-tokens beyond it is refused up front."""
+    code = main(["generate", str(tiny_folder), "--prompt", "The quick brown", "--max-new-tokens", "100000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pass the model's context of 256 tokens" in err and "at most 25" in err
+    assert main(["generate", str(tiny_folder), "--prompt", "The quick brown", "--max-new-tokens", "4"]) == 0
+
+
+def test_kv_ratio_on_a_model_the_latent_cache_cannot_serve_says_so(capsys, tmp_path, tiny_tokenizer, text_file):
+    from conftest import tiny_model
+
+    folder = tmp_path / "gemma3"  # a sliding-window layer
+    tiny_model("gemma3").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    argv = ["compress", folder, "--ratio", "0", "--kv-ratio", "0.5", "--calib", text_file, "--calib-samples", "2"]
+    assert main([str(x) for x in [*argv, "--calib-seqlen", "32", "--output", tmp_path / "out"]]) == 0
+    out = capsys.readouterr().out
+    assert "50% smaller KV cache, but the latent cache cannot serve this model (" in out
+    assert "--kv-cache latent" not in out

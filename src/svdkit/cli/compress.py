@@ -24,12 +24,14 @@ from ..heal import healer_names
 from ..methods import method_names
 from ..pipeline.compress import run_plan
 from ..pipeline.options import CalibrationSettings, CompressionOptions
+from ..pipeline.partial import partial_path
 from ..pipeline.plan import make_plan
 from ..pipeline.streaming import NotStreamable, compress_folder
 from ..pipeline.update import UPDATES
 from ..saved.contents import dense_bytes
 from ..saved.folder import densify, save
 from ..saved.format import read_svdkit_config
+from ..saved.kvcache import latent_kv_problem
 from ..sources.checkpoint import Checkpoint, check_fits_memory
 from ..sources.mixture import SELF
 from ..sources.models import load_model, local_folder
@@ -114,8 +116,19 @@ def run(a: argparse.Namespace) -> None:
     a.device = distributed.setup(a.device)  # under torchrun: join the group, one GPU per process
     options = options_from_args(a)
     check_not_source(a.model, a.output)
+    _check_resume(a)
     with group_owns(a.output):  # before anything at the output is looked at, let alone removed
         _run(a, options, start)
+
+
+def _check_resume(a: argparse.Namespace) -> None:
+    """--resume with nothing to resume: a finished output says so (not that it is 'not empty')."""
+    out = Path(a.output)
+    if a.resume and not partial_path(out).is_dir() and (out / "config.json").is_file():
+        raise SvdkitError(
+            f"--resume: {out} is complete already (no unfinished run is kept beside it): nothing to resume; "
+            "pass --overwrite instead of --resume to compress again"
+        )
 
 
 def _run(a: argparse.Namespace, options: CompressionOptions, start: float) -> None:
@@ -212,9 +225,11 @@ def _report(a: argparse.Namespace, result, model, out, seconds: float) -> None:
         f"allocation {t['allocation']:.2f}s); written to {out}" + (" (densified)" if a.densify else "")
     )
     if a.kv_ratio is not None:
+        sized, problem = f"k_proj/v_proj at the ranks of a {a.kv_ratio:.0%} smaller KV cache", latent_kv_problem(model)
         print(
-            f"k_proj/v_proj at the ranks of a {a.kv_ratio:.0%} smaller KV cache: "
-            f"svdkit generate {out} --kv-cache latent"
+            f"{sized}: svdkit generate {out} --kv-cache latent"
+            if problem is None
+            else f"{sized}, but the latent cache cannot serve this model ({problem}): its cache stays ordinary"
         )
     if result.training:
         print(f"training: {stage_line(result.training.record())}")

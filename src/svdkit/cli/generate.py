@@ -10,6 +10,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from ..core.compat import cache_kwargs
 from ..core.device import model_device
+from ..core.options import context_length
 from ..errors import SvdkitError
 from ..pipeline.options import CompressionOptions
 from ..saved.kvcache import KV_MODES, kv_cache_bytes
@@ -80,6 +81,14 @@ def run(a: argparse.Namespace) -> None:
     ids = tok(a.prompt, return_tensors="pt").input_ids.to(model_device(model))
     if ids.numel() == 0:
         raise SvdkitError("--prompt is empty after tokenization: give some text")
+    context = context_length(model)
+    if context is not None and ids.shape[1] + a.max_new_tokens > context:
+        raise SvdkitError(
+            f"a prompt of {ids.shape[1]} tokens and --max-new-tokens {a.max_new_tokens} pass the model's context of "
+            f"{context} tokens (max_position_embeddings): give --max-new-tokens of at most {context - ids.shape[1]}"
+            if ids.shape[1] < context
+            else f"the prompt's {ids.shape[1]} tokens fill the model's context of {context} tokens: shorten it"
+        )
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if not isinstance(model, torch.nn.Module):  # a runtime of its own (an ONNX export) times itself
         out = model.generate(ids, max_new_tokens=a.max_new_tokens, pad_token_id=pad)

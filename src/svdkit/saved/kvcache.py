@@ -57,6 +57,7 @@ __all__ = [
     "kv_rank",
     "kv_ranks",
     "enable_latent_kv_cache",
+    "latent_kv_problem",
     "disable_latent_kv_cache",
     "latent_kv_enabled",
     "kv_cache_bytes",
@@ -161,16 +162,6 @@ def _api_problem(attention: type, rotary: nn.Module) -> str | None:
     return None
 
 
-def _check_api(attention: type, rotary: nn.Module) -> None:
-    """Refuse a transformers release whose attention, rotary embedding or cache differ from what the forward uses."""
-    problem = _api_problem(attention, rotary)
-    if problem is not None:
-        raise SvdkitError(
-            f"the latent KV cache does not know the attention API of transformers {transformers_version()} "
-            f"({problem}): use kv_cache='ordinary' or the transformers release in svdkit's lock"
-        )
-
-
 class LatentKVAttention:
     """Mixin placed before a Llama-family attention class: the forward that caches the k/v latents."""
 
@@ -263,47 +254,54 @@ def latent_kv_enabled(model: nn.Module) -> bool:
     return any(isinstance(mod, LatentKVAttention) for _, mod in _attention_modules(model))
 
 
-def enable_latent_kv_cache(model: nn.Module) -> int:
-    """Make `model` cache the latents A x of its low-rank k_proj / v_proj; returns how many attentions changed.
-
-    Checks everything first and changes nothing on error: the attention must be a supported
-    Llama-family class without sliding window, the rotary embedding must have fixed frequencies, and
-    at least one k_proj or v_proj must be low-rank (a dense one is cached whole, as before).
-    """
+def latent_kv_problem(model: nn.Module) -> str | None:
+    """Why the latent KV cache cannot serve `model` (None: it can): the attention must be a supported
+    Llama-family class without sliding window, the rotary embedding must have fixed frequencies, and at
+    least one k_proj or v_proj must be low-rank (a dense one is cached whole, as before)."""
     attentions = _attention_modules(model)
     if not attentions:
-        raise SvdkitError(f"{type(model).__name__} has no attention module with q_proj/k_proj/v_proj/o_proj")
+        return f"{type(model).__name__} has no attention module with q_proj/k_proj/v_proj/o_proj"
     todo = [(name, mod) for name, mod in attentions if not isinstance(mod, LatentKVAttention)]
     for name, mod in todo:
         cls = type(mod).__name__
         if cls not in SUPPORTED_ATTENTION:
-            raise SvdkitError(
-                f"the latent KV cache supports {', '.join(SUPPORTED_ATTENTION)}; '{name}' is a {cls}: "
-                "use kv_cache='ordinary'"
-            )
+            supported = ", ".join(SUPPORTED_ATTENTION)
+            return f"the latent KV cache supports {supported}; '{name}' is a {cls}: use kv_cache='ordinary'"
         if getattr(mod, "sliding_window", None) or (
             cls == "MistralAttention" and getattr(mod.config, "sliding_window", None)
         ):
-            raise SvdkitError(f"'{name}' uses sliding-window attention, which the latent KV cache does not support")
-    low = [n for n, mod in attentions for p in KV_TARGETS if isinstance(getattr(mod, p), LowRankLinear)]
-    if not low:
-        raise SvdkitError(
+            return f"'{name}' uses sliding-window attention, which the latent KV cache does not support"
+    if not [n for n, mod in attentions for p in KV_TARGETS if isinstance(getattr(mod, p), LowRankLinear)]:
+        return (
             "no k_proj or v_proj of this model is low-rank, so there is no latent to cache: compress them "
             "first (e.g. svdkit compress --kv-ratio 0.5)"
         )
     rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
     if len(rotaries) != 1:
-        raise SvdkitError(f"the latent KV cache needs exactly one rotary embedding module, found {len(rotaries)}")
-    rotary = rotaries[0]
+        return f"the latent KV cache needs exactly one rotary embedding module, found {len(rotaries)}"
     for cls in {type(mod) for _, mod in todo}:
-        _check_api(cls, rotary)
-    rope_type = str(getattr(rotary, "rope_type", "default"))
+        if (problem := _api_problem(cls, rotaries[0])) is not None:
+            return (
+                f"the latent KV cache does not know the attention API of transformers {transformers_version()} "
+                f"({problem}): use kv_cache='ordinary' or the transformers release in svdkit's lock"
+            )
+    rope_type = str(getattr(rotaries[0], "rope_type", "default"))
     if rope_type in _VARYING_ROPE:
-        raise SvdkitError(
+        return (
             f"rope type '{rope_type}' changes its frequencies with the context length, so keys cannot be "
             "rotated after reconstruction: use kv_cache='ordinary'"
         )
-    for _, mod in todo:
+    return None
+
+
+def enable_latent_kv_cache(model: nn.Module) -> int:
+    """Make `model` cache the latents A x of its low-rank k_proj / v_proj; returns how many attentions changed.
+    Checks everything first (:func:`latent_kv_problem`) and changes nothing on error."""
+    if (problem := latent_kv_problem(model)) is not None:
+        raise SvdkitError(problem)
+    rotary = next(m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding"))
+    todo = [mod for _, mod in _attention_modules(model) if not isinstance(mod, LatentKVAttention)]
+    for mod in todo:
         mod.__class__ = _latent_class(type(mod))
         object.__setattr__(mod, "_svdkit_rotary", rotary)  # a reference, not a submodule
     return len(todo)
