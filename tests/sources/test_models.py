@@ -168,3 +168,16 @@ def test_a_missing_weight_is_refused_not_initialised_randomly(tiny_folder):
     save_file(weights, tiny_folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SvdkitError, match="missing model.layers.1.self_attn.o_proj.weight"):
         load_model(tiny_folder)
+
+
+@pytest.mark.parametrize("key", ["num_hidden_layers", "hidden_size"])
+def test_a_config_without_a_size_is_refused_naming_the_key(capsys, tmp_path, tiny_folder, key):
+    from conftest import assert_error, run_cli
+
+    config = json.loads((tiny_folder / "config.json").read_text())
+    del config[key]
+    (tiny_folder / "config.json").write_text(json.dumps(config))
+    for argv in (["compress", tiny_folder, "--output", tmp_path / "out"], ["eval", tiny_folder]):
+        code, _, err = run_cli(capsys, *argv)
+        assert_error(code, err, f"does not set {key} (transformers would assume {key}=")
+    assert not (tmp_path / "out").exists()

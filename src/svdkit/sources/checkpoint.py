@@ -17,7 +17,7 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedConfig
 
 from ..core.architecture import find_architecture
 from ..core.device import available_memory, resolve_dtype
@@ -125,8 +125,8 @@ def open_checkpoint(folder: str | os.PathLike, dtype: str | torch.dtype = "auto"
         raise SvdkitError("this model is already compressed by svdkit: start from the dense model")
     checkpoint = Checkpoint(folder)
     try:
+        require_causal_lm(PreTrainedConfig.get_config_dict(folder)[0], str(folder))
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        require_causal_lm(config.to_dict(), str(folder))
         want = _configured_dtype(config, checkpoint) if resolve_dtype(dtype) == "auto" else resolve_dtype(dtype)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=want, trust_remote_code=False)

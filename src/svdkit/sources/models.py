@@ -170,6 +170,28 @@ def require_causal_lm(config: dict, spec: str) -> None:
     architectures = config.get("architectures") or []
     if architectures and set(architectures) <= _other_heads():
         raise SvdkitError(f"'{spec}' holds a {', '.join(architectures)} ({kind}), not a causal decoder: {SUPPORTED}")
+    _require_sizes(config, spec)
+
+
+_SIZES = ("num_hidden_layers", "hidden_size", "vocab_size")
+
+
+def _require_sizes(config: dict, spec: str) -> None:
+    """Refuse a config.json that leaves a size of the model unset (transformers would build its default size
+    and then miss or ignore weights): name the absent key. Known model types only, under their own names."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    kind = str(text.get("model_type", "")).removeprefix(PREFIX)
+    if kind not in CONFIG_MAPPING:
+        return
+    cls = CONFIG_MAPPING[kind]
+    aliases = getattr(cls, "attribute_map", {}) or {}
+    absent = [k for k in _SIZES if k not in text and aliases.get(k) not in text]
+    if absent:
+        default = getattr(cls(), absent[0], None)
+        raise SvdkitError(
+            f"the config.json of '{spec}' does not set {', '.join(absent)} (transformers would assume "
+            f"{absent[0]}={default}): add the model's value"
+        )
 
 
 def _looks_like_path(spec: str) -> bool:
