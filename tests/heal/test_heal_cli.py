@@ -95,3 +95,22 @@ def test_block_healing_streams_and_a_ctrl_c_keeps_the_healed_layers_for_resume(
     for record in (whole, resumed):
         record[0].pop("seconds")
     assert resumed == whole and whole[0]["held_out_best"] < whole[0]["held_out_start"]
+
+
+def test_a_diverged_held_out_loss_keeps_the_start_says_so_and_writes_valid_json(
+    capsys, tmp_path, tiny_folder, text_file
+):
+    out = tmp_path / "out"
+    argv = [*_argv(tiny_folder, text_file, out)[:-4], "--calib-samples", "2", "--calib-seqlen", "32", "--output", out]
+    options = ["kd.lr=1e30", "kd.clip=1e30", "kd.every=1", "kd.seqlen=16"]
+    code, stdout, err = run_cli(capsys, *argv, "--heal", "kd", *[x for o in options for x in ("--heal-option", o)])
+    assert code == 0, err
+    assert "healing kd: " in stdout and "no step improved it, the start is kept" in stdout
+
+    def reject(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    curves = json.loads((out / "healing.json").read_text(), parse_constant=reject)
+    assert curves["kd"]["held_out_curve"][-1]["held_out"] is None  # the diverged measurement
+    config = json.loads((out / "config.json").read_text(), parse_constant=reject)
+    assert config["svdkit"]["heal"][0]["held_out_best"] == config["svdkit"]["heal"][0]["held_out_start"]

@@ -8,10 +8,11 @@ beside the model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Report", "held_out_line", "stage_line"]
+__all__ = ["Report", "finite", "held_out_line", "stage_line"]
 
 Curve = list[dict[str, Any]]
 
@@ -32,13 +33,24 @@ class Report:
     facts: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
-        """The scalars, as the saved config keeps them (no curves)."""
+        """The scalars, as the saved config keeps them (no curves; a non-finite number as None: valid JSON)."""
         held = {"held_out_start": self.held_out_start, "held_out_best": self.held_out_best}
-        return {"seconds": self.seconds, "steps": self.steps, **held, **self.facts, "summary": self.summary}
+        return finite({"seconds": self.seconds, "steps": self.steps, **held, **self.facts, "summary": self.summary})
 
     def as_dict(self) -> dict[str, Any]:
         """Everything, curves included (the JSON written beside the model and into the bench's results)."""
-        return {**self.record(), **self.curves}
+        return {**self.record(), **finite(self.curves)}
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinity (a diverged loss in a curve) replaced by None, as JSON allows."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def stage_line(record: dict[str, Any]) -> str:
@@ -50,5 +62,10 @@ def stage_line(record: dict[str, Any]) -> str:
 
 
 def held_out_line(start: float | None, best: float | None) -> str:
-    """'held-out loss A -> B', or '' where nothing was held out."""
-    return "" if start is None or best is None else f", held-out loss {start:.4g} -> {best:.4g}"
+    """', held-out loss A -> B' (where no step improved on A: that the start is kept), '' where nothing was held
+    out."""
+    if start is None or best is None:
+        return ""
+    if best < start:
+        return f", held-out loss {start:.4g} -> {best:.4g}"
+    return f", held-out loss {start:.4g}: no step improved it, the start is kept"
