@@ -137,3 +137,19 @@ def test_compress_notes_a_calibration_on_one_text(capsys, tmp_path, tiny_folder,
     code, out, err = run_cli(capsys, "compress", tiny_folder, *mixture)
     assert code == 0, err
     assert "note: calibrated" not in out
+
+
+@pytest.mark.parametrize("text", [" \n\t  \n" * 4000, "word " * 4000])
+def test_a_degenerate_calibration_text_gets_a_warning(capsys, tmp_path, tiny_folder, text):
+    path = tmp_path / "calib.txt"
+    path.write_text(text)
+    argv = ["compress", tiny_folder, "--calib", path, "--calib-samples", 2, "--calib-seqlen", 32]
+    code, out, err = run_cli(capsys, *argv, "--output", tmp_path / "out")
+    assert code == 0, err
+    assert "svdkit: warning: the calibration windows hold only" in err and "give a real text" in err
+
+
+def test_a_real_text_gets_no_such_warning(capsys, tmp_path, tiny_folder, text_file):
+    argv = ["compress", tiny_folder, "--calib", text_file, "--calib-samples", 2, "--calib-seqlen", 32]
+    code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "out")
+    assert code == 0 and "distinct token" not in err, err

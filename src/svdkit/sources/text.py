@@ -13,6 +13,7 @@ Calibration windows start at offsets drawn by ``torch.Generator().manual_seed(se
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -108,6 +109,10 @@ def _check_length(ids: torch.Tensor, seqlen: int, offset: int, what: str) -> Non
         )
 
 
+FEW_TOKENS = 8
+"""calibration windows with fewer distinct tokens than this get a warning"""
+
+
 def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, offset: int = 0, seed: int = 0) -> torch.Tensor:
     """(n, seqlen) windows starting at seeded uniform offsets in [offset, len - seqlen)."""
     if n < 1:
@@ -115,7 +120,16 @@ def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, offset: int = 0,
     _check_length(ids, seqlen, offset, "calibration")
     high = max(ids.numel() - seqlen, offset + 1)
     starts = torch.randint(offset, high, (n,), generator=torch.Generator().manual_seed(seed))
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    windows = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    distinct = windows.unique().numel()
+    if distinct < FEW_TOKENS and windows.numel() >= 4 * FEW_TOKENS:
+        warnings.warn(
+            f"the calibration windows hold only {distinct} distinct token(s) in {windows.numel():,} (a text of "
+            "whitespace or one repeated word?): statistics from them describe little of the model's use; give "
+            "a real text",
+            stacklevel=2,
+        )
+    return windows
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None, offset: int = 0) -> torch.Tensor:
