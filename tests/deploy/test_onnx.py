@@ -72,6 +72,7 @@ def test_cli_export_eval_generate(capsys, tmp_path, tiny_folder, text_file):
     for source, target in ((comp, tmp_path / "comp-onnx"), (tiny_folder, tmp_path / "dense-onnx")):
         code, out, err = run_cli(capsys, "export", source, "--format", "onnx", "--output", target, "--json")
         assert code == 0, err
+        assert "[torch.onnx]" not in out and [ln for ln in err.splitlines() if ln.strip() and "it/s]" not in ln] == []
         assert last_json(out)["weights"] == "float32" and (target / "model.onnx").is_file()
         results = {}
         for model in (source, target):

@@ -4,12 +4,15 @@ One module per subcommand, each with ``add_parser(subparsers)`` and ``run(args)`
 error (a full disk), ends with one line ``svdkit: error: ...`` on standard error and exit code 2;
 ``--json`` makes a command print one JSON object as the last line of standard output. SIGTERM (what
 ``timeout``, Docker and Slurm send) and SIGHUP stop a command as Ctrl-C does: every cleanup runs (no
-temporary folder is left), one line says which signal, and the exit code is 128 + its number.
+temporary folder is left), one line says which signal, and the exit code is 128 + its number. Warnings and
+log lines of other libraries (torch's ONNX exporter, ONNX Runtime's quantizer) stay out of the terminal unless
+``--verbose``; svdkit's own warnings always show, as ``svdkit: warning: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -37,11 +40,39 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
+    for parser in sub.choices.values():
+        parser.add_argument(
+            "--verbose", action="store_true", help="show other libraries' warnings and log lines too (torch, ONNX)"
+        )
     return p
+
+
+_OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"svdkit: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _show_ours(message, category, filename, lineno, file=None, line=None) -> None:
+    """svdkit's own warnings only (raised from a file of the package)."""
+    if os.path.abspath(filename).startswith(_OURS + os.sep):
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+@contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Without `verbose`: other libraries' warnings hidden and log records of level WARNING and below dropped
+    (svdkit itself warns through :mod:`warnings`, never through logging)."""
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning if verbose else _show_ours
+    if not verbose:
+        logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+        logging.disable(logging.NOTSET)
 
 
 class Terminated(KeyboardInterrupt):
@@ -76,8 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     hf_logging.set_verbosity_error()
     hub_logging.set_verbosity_error()
-    warnings.showwarning = _show_warning
-    with _signals_as_interrupts():
+    with _signals_as_interrupts(), _quiet(a.verbose):
         try:
             a.run(a)
         except SvdkitError as e:

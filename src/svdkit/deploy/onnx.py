@@ -14,8 +14,13 @@ against the torch model: a float32 graph whose logits differ by more than 1e-3 r
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -64,7 +69,8 @@ def _trace(model, sample: torch.Tensor):
     # tensor, so the graph takes it as an input of its own dynamic length)
     forward_inputs = {**forward_inputs, KEEP: torch.arange(forward_inputs["input_ids"].shape[1])}
     exporter = OnnxExporter()
-    program, _ = exporter.export_program(submodel, forward_inputs, OnnxConfig(dynamic=True))
+    with _chatter():
+        program, _ = exporter.export_program(submodel, forward_inputs, OnnxConfig(dynamic=True))
     names = [v.name for v in program.graph.inputs if v.name.startswith("input.cache.")]
     cache = {}
     for name, leaf in onnx_inputs(names, forward_inputs).items():
@@ -77,6 +83,17 @@ def _trace(model, sample: torch.Tensor):
     if missing:
         raise SvdkitError(f"the traced graph takes inputs svdkit does not feed ({missing}): this model can't export")
     return exporter, program, cache
+
+
+@contextmanager
+def _chatter() -> Iterator[None]:
+    """The exporter's progress lines (printed to standard output) go to standard error where logging is on (the
+    Python API, ``--verbose``), and nowhere where the command line keeps other libraries quiet."""
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        yield
+    if logging.root.manager.disable < logging.WARNING:
+        sys.stderr.write(printed.getvalue())
 
 
 def _fold_transposes(graph) -> None:
