@@ -111,3 +111,10 @@ def test_an_output_that_is_the_model_read_or_holds_it_is_refused(capsys, tmp_pat
 
 def test_an_output_inside_the_model_folder_is_allowed(tmp_path, tiny_folder):
     check_not_source(tiny_folder, tiny_folder / "compressed")
+
+
+def test_an_output_name_too_long_for_its_hidden_siblings_is_refused_before_loading(capsys, tmp_path, tiny_folder):
+    name = "o" * 245  # legal itself; ".NAME.svdkit-partial" is 261 bytes
+    code, _, err = run_cli(capsys, "compress", tiny_folder, "--output", tmp_path / name)
+    assert_error(code, err, "bytes long, but svdkit keeps hidden folders beside it")
+    assert "shorten it to at most 239 bytes" in err and sorted(os.listdir(tmp_path)) == [tiny_folder.name]

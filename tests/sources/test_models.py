@@ -181,3 +181,31 @@ def test_a_config_without_a_size_is_refused_naming_the_key(capsys, tmp_path, tin
         code, _, err = run_cli(capsys, *argv)
         assert_error(code, err, f"does not set {key} (transformers would assume {key}=")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_cache_is_refused_before_the_conversion_and_a_disk_filled_meanwhile_names_the_folder(
+    fake_bundle, tmp_path, monkeypatch
+):
+    import collections
+    import errno
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda p: usage(10**9, 10**9 - 50 * 2**20, 50 * 2**20))
+    with pytest.raises(SvdkitError, match=r"not enough free space in .* for the converted SmolLM2 .*SVDKIT_CACHE"):
+        models.smollm2_folder(progress=False)
+    assert not fake_bundle
+    monkeypatch.undo()
+    monkeypatch.setenv("SVDKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "bundled_gguf", lambda: tmp_path / "fake.gguf")
+
+    def full(gguf, folder):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.safetensors"))
+
+    monkeypatch.setattr(models, "convert_gguf", full)
+    with pytest.raises(SvdkitError) as e:
+        models.smollm2_folder(progress=False)
+    assert "smollm2-135m-instruct (" in str(e.value) and "No space left on device" in str(e.value)
+    assert "set SVDKIT_CACHE to a writable folder with 560 MB free" in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".smollm2-135m-instruct.lock"]

