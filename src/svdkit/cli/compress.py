@@ -18,7 +18,7 @@ from ..core.device import resolve_device
 from ..core.disk import check_free_space
 from ..core.lowrank import count_parameters
 from ..core.owner import group_owns
-from ..core.report import stage_line
+from ..core.report import finite, stage_line
 from ..errors import SvdkitError
 from ..heal import healer_names
 from ..methods import method_names
@@ -233,7 +233,7 @@ def _report(a: argparse.Namespace, result, model, out, seconds: float) -> None:
         )
     if result.training:
         print(f"training: {stage_line(result.training.record())}")
-        _extra(out, CURVE_FILE, result.training.curves.get("curve", []), "training curve")
+        _extra(out, CURVE_FILE, finite(result.training.curves.get("curve", [])), "training curve")
     for name, report in result.healing.items():
         print(f"healing {name}: {stage_line(report.record())}")
     if result.healing:
