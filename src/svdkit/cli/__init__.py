@@ -25,6 +25,7 @@ from huggingface_hub.utils import logging as hub_logging
 from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 
+from ..core import distributed
 from ..core.disk import io_reason
 from ..errors import SvdkitError
 from . import bench, compress, demo, densify, evaluate, export, generate, info, methods
@@ -118,6 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             note = f"; {e.note}" if getattr(e, "note", None) else ""
             print(f"svdkit: interrupted by {signal.Signals(signum).name}{note}", file=sys.stderr)
             return 128 + signum
+        except RuntimeError as e:
+            if (why := distributed.peer_gone(e)) is None:
+                raise
+            print(f"svdkit: error: {why}", file=sys.stderr)
+            return 2
         except BrokenPipeError:  # output piped into `head` and the like
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0

@@ -19,7 +19,12 @@ import torch.distributed as dist
 
 from ..errors import SvdkitError
 
-__all__ = ["setup", "rank", "size", "is_main", "all_reduce_", "broadcast_", "barrier", "agree", "shard", "assign"]
+__all__ = [
+    "setup", "rank", "size", "is_main", "all_reduce_", "broadcast_", "barrier", "agree", "shard", "assign", "peer_gone"
+]  # fmt: skip
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout", "NCCL")
+"""what the collective backends' errors say when another process of the group is gone"""
 
 T = TypeVar("T")
 
@@ -92,6 +97,20 @@ def agree(fn: Callable[[], T]) -> T | None:
     if message[0] is not None:
         raise SvdkitError(message[0])
     return result
+
+
+def peer_gone(e: BaseException) -> str | None:
+    """The one line for an error of a collective operation that means another process of the group is gone
+    (killed, or stopped on an error of its own), or None for any other error."""
+    if size() == 1 or not isinstance(e, RuntimeError):
+        return None
+    if not isinstance(e, getattr(dist, "DistError", ())) and not any(s in str(e) for s in _PEER_GONE):
+        return None
+    reason = next((s for s in _PEER_GONE if s in str(e)), type(e).__name__)
+    return (
+        f"process {rank()} of {size()}: another process of the torchrun group is gone ({reason}), so this one "
+        "stops too; a streamed run keeps its finished layers: the same command with --resume continues"
+    )
 
 
 def shard(windows: torch.Tensor | None) -> torch.Tensor | None:

@@ -214,6 +214,9 @@ def _compress_folder(folder, output, options: CompressionOptions, dtype, resume:
         )
         raise
     except Exception as e:
+        if distributed.peer_gone(e):  # a peer is gone: what is finished stays for a resume
+            partial.close()
+            raise
         if not is_io_error(e):
             _discard(partial)
             raise
