@@ -287,41 +287,44 @@ def test_decompositions_are_shared_by_cost(monkeypatch):
     assert distributed.assign(costs) == [0] * 7
 
 
-KILL_RANK_1 = """
+KILL_RANK = """
 import os, signal, sys
 from svdkit.pipeline import streaming
 real, seen = streaming.ReadLayers.load, [0]
 def load(self, index, layer):
     real(self, index, layer)
     seen[0] += 1
-    if os.environ.get("RANK") == "1" and seen[0] == 2:
+    if os.environ.get("RANK") == sys.argv[1] and seen[0] == 2:
         os.kill(os.getpid(), signal.SIGKILL)
 streaming.ReadLayers.load = load
 from svdkit.cli import main
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_a_torchrun_peer_killed_mid_run_ends_the_survivor_in_one_line_and_it_resumes(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("killed", ["1", "0"])
+def test_a_torchrun_peer_killed_mid_run_ends_the_survivor_in_one_line_and_it_resumes(tmp_path, tiny_tokenizer, killed):
     folder = _folder(tmp_path, tiny_tokenizer, layers=3)
     text = tmp_path / "text.txt"
     text.write_text(TEXT * 20)
-    script = tmp_path / "kill_rank_1.py"
-    script.write_text(KILL_RANK_1)
+    script = tmp_path / "kill_rank.py"
+    script.write_text(KILL_RANK)
     out = tmp_path / "two"
     common = [folder, "--ratio", 0.4, "--calib", text, "--calib-samples", 6, "--calib-seqlen", 64, "--device", "cpu"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     logs = tmp_path / "logs"
-    argv = [*torchrun, "--log-dir", logs, "--redirects", "3", script, *_cli(*common, "--output", out)[3:]]
+    argv = [*torchrun, "--log-dir", logs, "--redirects", "3", script, killed, *_cli(*common, "--output", out)[3:]]
     done = subprocess.run(
         [str(a) for a in argv], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert done.returncode != 0
-    (survivor,) = [p for p in logs.rglob("stderr.log") if p.parent.name == "0"]
+    (survivor,) = [p for p in logs.rglob("stderr.log") if p.parent.name == str(1 - int(killed))]
     err = survivor.read_text()
     lines = [ln for ln in err.splitlines() if ln.startswith("svdkit:") or "Traceback" in ln]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    assert lines[0].startswith(("svdkit: error: process 0 of 2: another process", "svdkit: interrupted by SIGTERM"))
+    assert lines[0].startswith(
+        (f"svdkit: error: process {1 - int(killed)} of 2: another", "svdkit: interrupted by SIGTERM")
+    )
     assert partial_path(out).is_dir() and not out.exists()  # the finished layers are kept for a resume
     resume = [*torchrun, "-m", "svdkit", *_cli(*common, "--output", out, "--resume")[3:]]
     again = subprocess.run(resume, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
