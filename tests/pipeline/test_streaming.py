@@ -112,22 +112,12 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, tiny_tokenizer, tex
     folder = _folder(tmp_path, tiny_tokenizer, layers=4)
     options = _options(text_file, **kw)
     compress_folder(folder, tmp_path / "whole", options)
-    real = Partial.mark_done
-
-    def interrupt_at_two(self, layers, records):
-        real(self, layers, records)
-        if layers == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Partial, "mark_done", interrupt_at_two)
-    with pytest.raises(KeyboardInterrupt) as caught:
-        compress_folder(folder, tmp_path / "out", options)
-    assert "--resume" in caught.value.note
+    caught = _interrupted_after(2, monkeypatch, folder, tmp_path / "out", options)
+    assert "--resume" in caught.note
     kept = partial_path(tmp_path / "out")
     assert json.loads((kept / "state.json").read_text()) == {"layers_done": 2, "records": [{}, {}]}
     assert (kept / "summaries.safetensors").is_file() == (kw.get("allocation") == "v2")  # the first pass is kept
     assert not (tmp_path / "out").exists()
-    monkeypatch.setattr(Partial, "mark_done", real)
     with pytest.raises(SvdkitError, match="--resume to continue"):
         compress_folder(folder, tmp_path / "out", options)
     with pytest.raises(SvdkitError, match="other settings"):
@@ -141,17 +131,7 @@ def test_a_resume_notices_any_change_of_the_source_and_names_what_differs(
     tmp_path, tiny_tokenizer, text_file, monkeypatch
 ):
     folder = _folder(tmp_path, tiny_tokenizer, layers=3)
-    real = Partial.mark_done
-
-    def interrupt_at_one(self, layers, records):
-        real(self, layers, records)
-        if layers == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Partial, "mark_done", interrupt_at_one)
-    with pytest.raises(KeyboardInterrupt):
-        compress_folder(folder, tmp_path / "out", _options(text_file))
-    monkeypatch.setattr(Partial, "mark_done", real)
+    _interrupted_after(1, monkeypatch, folder, tmp_path / "out", _options(text_file))
     with pytest.raises(SvdkitError) as e:
         compress_folder(folder, tmp_path / "out", _options(text_file, ratio=0.5), resume=True)
     assert "options.ratio: 0.4 -> 0.5" in str(e.value)
@@ -329,3 +309,19 @@ def test_a_torchrun_peer_killed_mid_run_ends_the_survivor_in_one_line_and_it_res
     resume = [*torchrun, "-m", "svdkit", *_cli(*common, "--output", out, "--resume")[3:]]
     again = subprocess.run(resume, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert again.returncode == 0 and (out / INDEX).is_file(), again.stderr[-3000:]
+
+
+def _interrupted_after(layers: int, monkeypatch, folder, out, options) -> KeyboardInterrupt:
+    """A streamed run into `out` stopped by Ctrl-C once `layers` layers are marked done (the interrupt)."""
+    real = Partial.mark_done
+
+    def interrupt(self, done, records):
+        real(self, done, records)
+        if done == layers:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Partial, "mark_done", interrupt)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        compress_folder(folder, out, options)
+    monkeypatch.setattr(Partial, "mark_done", real)
+    return caught.value
