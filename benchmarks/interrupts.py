@@ -103,8 +103,17 @@ def digests(folder: Path) -> dict[str, str]:
     }
 
 
+def _default_signals() -> None:
+    """In the child: SIGINT, SIGTERM and SIGHUP at their default actions, even where this script runs under
+    nohup or in a background job (which ignore SIGHUP and SIGINT, and a child inherits that)."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _run(argv: list[str], env: dict, timed: float | None = None, signum: int = 0):
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_signals
+    )
     if timed is not None:
         try:
             proc.wait(timeout=timed)

@@ -17,7 +17,7 @@ from .core.architecture import find_architecture
 from .core.lowrank import LowRankLinear, count_parameters
 from .core.ranks import rank_for_ratio
 from .deploy.onnx import export_onnx
-from .errors import SvdkitError
+from .errors import SvdkitError, SvdkitWarning
 from .measure.perplexity import PerplexityResult, perplexity
 from .methods import get_method, method_names, register
 from .pipeline.compress import CompressionResult, compress
@@ -33,6 +33,7 @@ __all__ = [
     "LowRankLinear",
     "PerplexityResult",
     "SvdkitError",
+    "SvdkitWarning",
     "__version__",
     "allocate_uniform",
     "allocator_names",

@@ -39,7 +39,7 @@ from ..core.lowrank import LowRankLinear
 from ..core.options import Options, integer, number, option, path
 from ..core.ranks import check_ratio, cost, rank_for_ratio
 from ..engine import capture_layer_inputs, layer_bounds
-from ..errors import SvdkitError
+from ..errors import SvdkitError, SvdkitWarning
 from ..methods.base import factorize
 from ..sources.models import cache_dir
 from ..version import __version__
@@ -134,13 +134,16 @@ def _load(path: Path, key: dict[str, Any]) -> SensitivityTable | None:
         if not isinstance(table.ppl, dict) or any(len(v) != len(table.grid) for v in table.ppl.values()):
             raise ValueError("a matrix's row does not match the grid")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        warnings.warn(f"ignoring unreadable sensitivity cache {path} ({e}); measuring again", stacklevel=3)
+        warnings.warn(
+            f"ignoring unreadable sensitivity cache {path} ({e}); measuring again", category=SvdkitWarning, stacklevel=3
+        )
         return None
     if table.key != key:
         differ = sorted(k for k in set(key) | set(table.key) if key.get(k) != table.key.get(k))
         warnings.warn(
             f"ignoring sensitivity cache {path}: it was measured with other settings (different {', '.join(differ)});"
             " measuring again and replacing it",
+            category=SvdkitWarning,
             stacklevel=3,
         )
         return None
@@ -160,7 +163,11 @@ def _save(path: Path, table: SensitivityTable) -> bool:
     except OSError as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        warnings.warn(f"could not write the sensitivity cache {path} ({e}); going on without it", stacklevel=3)
+        warnings.warn(
+            f"could not write the sensitivity cache {path} ({e}); going on without it",
+            category=SvdkitWarning,
+            stacklevel=3,
+        )
         return False
 
 

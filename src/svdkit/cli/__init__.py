@@ -27,7 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from ..core import distributed
 from ..core.disk import io_reason
-from ..errors import SvdkitError
+from ..errors import SvdkitError, SvdkitWarning
 from . import bench, compress, demo, densify, evaluate, export, generate, info, methods
 from .common import CURVE_FILE, Parser
 
@@ -48,16 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"svdkit: warning: {message}", file=sys.stderr if file is None else file)
 
 
 def _show_ours(message, category, filename, lineno, file=None, line=None) -> None:
-    """svdkit's own warnings only (raised from a file of the package)."""
-    if os.path.abspath(filename).startswith(_OURS + os.sep):
+    """svdkit's own warnings only (:class:`~svdkit.errors.SvdkitWarning`)."""
+    if issubclass(category, SvdkitWarning):
         _show_warning(message, category, filename, lineno, file, line)
 
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..core.device import model_device, resolve_device
 from ..core.lowrank import count_parameters
 from ..core.options import check_context, context_length, integer
-from ..errors import SvdkitError
+from ..errors import SvdkitError, SvdkitWarning
 from ..sources.text import eval_windows, source_tokens
 
 __all__ = ["PerplexityResult", "perplexity", "window_nll"]
@@ -84,6 +84,10 @@ def perplexity(
     tokens = len(windows) * (seqlen - 1)
     mean = total / tokens
     if bad:
-        warnings.warn(f"non-finite loss in evaluation window(s) {bad}: perplexity is not finite", stacklevel=3)
+        warnings.warn(
+            f"non-finite loss in evaluation window(s) {bad}: perplexity is not finite",
+            category=SvdkitWarning,
+            stacklevel=3,
+        )
     ppl = math.exp(mean) if mean < 709 else math.inf
     return PerplexityResult(ppl, len(windows), tokens, mean, count_parameters(model), bad)

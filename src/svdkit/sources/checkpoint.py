@@ -26,7 +26,7 @@ from ..saved.contents import dense_bytes, weight_files
 from ..saved.format import read_svdkit_config, register_format
 from ..saved.shards import SAFETENSORS_DTYPES
 from .fingerprint import folder_fingerprint
-from .models import require_causal_lm
+from .models import require_causal_lm, require_sizes
 
 __all__ = [
     "Checkpoint",
@@ -125,7 +125,9 @@ def open_checkpoint(folder: str | os.PathLike, dtype: str | torch.dtype = "auto"
         raise SvdkitError("this model is already compressed by svdkit: start from the dense model")
     checkpoint = Checkpoint(folder)
     try:
-        require_causal_lm(PreTrainedConfig.get_config_dict(folder)[0], str(folder))
+        declared = PreTrainedConfig.get_config_dict(folder)[0]
+        require_causal_lm(declared, str(folder))
+        require_sizes(declared, str(folder))
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         want = _configured_dtype(config, checkpoint) if resolve_dtype(dtype) == "auto" else resolve_dtype(dtype)
         with init_empty_weights():

@@ -41,6 +41,7 @@ __all__ = [
     "locate",
     "local_folder",
     "require_causal_lm",
+    "require_sizes",
     "smollm2_folder",
     "bundled_gguf",
     "cache_dir",
@@ -178,13 +179,12 @@ def require_causal_lm(config: dict, spec: str) -> None:
     architectures = config.get("architectures") or []
     if architectures and set(architectures) <= _other_heads():
         raise SvdkitError(f"'{spec}' holds a {', '.join(architectures)} ({kind}), not a causal decoder: {SUPPORTED}")
-    _require_sizes(config, spec)
 
 
 _SIZES = ("num_hidden_layers", "hidden_size", "vocab_size")
 
 
-def _require_sizes(config: dict, spec: str) -> None:
+def require_sizes(config: dict, spec: str) -> None:
     """Refuse a config.json that leaves a size of the model unset (transformers would build its default size
     and then miss or ignore weights): name the absent key. Known model types only, under their own names."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
@@ -270,6 +270,7 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype | str = torch.float32
     try:
         config, _ = PreTrainedConfig.get_config_dict(where, gguf_file=gguf_file)
         require_causal_lm(config, spec)
+        require_sizes(config, spec)
         if gguf_file:
             gguf_dtype = torch.float32 if dtype == "auto" else dtype
             model, tokenizer = float_from_gguf(os.path.join(where, gguf_file), gguf_dtype)

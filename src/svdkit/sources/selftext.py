@@ -34,7 +34,7 @@ from transformers import DynamicCache
 from ..core.compat import cache_kwargs, output_cache
 from ..core.device import model_device
 from ..core.fingerprint import digest, model_fingerprint
-from ..errors import SvdkitError
+from ..errors import SvdkitError, SvdkitWarning
 from .models import cache_dir
 
 __all__ = ["BATCH", "GREEDY", "SELF_TEXT_VERSION", "allowed_tokens", "generate_windows", "self_windows"]
@@ -136,7 +136,9 @@ def _load(path: Path, key: dict[str, Any], n: int) -> torch.Tensor | None:
         if kept != key or windows.dim() != 2 or windows.shape[1] != key["seqlen"]:
             raise ValueError("written for other settings")
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-        warnings.warn(f"ignoring the self-text cache {path} ({e}); writing the text again", stacklevel=3)
+        warnings.warn(
+            f"ignoring the self-text cache {path} ({e}); writing the text again", category=SvdkitWarning, stacklevel=3
+        )
         return None
     return windows[:n] if windows.shape[0] >= n else None
 
@@ -153,7 +155,11 @@ def _save(path: Path, windows: torch.Tensor, key: dict[str, Any]) -> None:
     except OSError as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        warnings.warn(f"could not write the self-text cache {path} ({e}); going on without it", stacklevel=3)
+        warnings.warn(
+            f"could not write the self-text cache {path} ({e}); going on without it",
+            category=SvdkitWarning,
+            stacklevel=3,
+        )
 
 
 def self_windows(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SvdkitError
+from ..errors import SvdkitError, SvdkitWarning
 
 __all__ = ["SOURCES", "load_text", "tokenize", "calibration_windows", "eval_windows", "source_tokens"]
 
@@ -127,6 +127,7 @@ def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, offset: int = 0,
             f"the calibration windows hold only {distinct} distinct token(s) in {windows.numel():,} (a text of "
             "whitespace or one repeated word?): statistics from them describe little of the model's use; give "
             "a real text",
+            category=SvdkitWarning,
             stacklevel=2,
         )
     return windows
