@@ -6,10 +6,10 @@ prompt on an empty cache and each decode step on the grown one, so the weights a
 layer y = B (A x) + b becomes two MatMuls. The graph takes the positions whose logits it computes
 (transformers' ``logits_to_keep`` as an index tensor): every position for perplexity, only the last for a
 generation prefill, which so skips the vocabulary projection of the rest of the prompt.
-``weights="int8"|"int4"`` then quantizes every MatMul's constant weight, dense matrices and factors alike,
-with ONNX Runtime's weight-only block quantizer (MatMulNBits, blocks of 32 along the input dimension,
-symmetric). Before anything is written, the export is run once
-against the torch model: a float32 graph whose logits differ by more than 1e-3 relative is refused.
+``weights="int8"|"int4"`` then quantizes every MatMul's constant weight, dense matrices and factors alike, and
+the token embedding, with ONNX Runtime's weight-only block quantizers (:mod:`.quantize`: MatMulNBits and
+GatherBlockQuantized; round to nearest, HQQ or GPTQ; blocks of 32 by default). Before anything is written, the
+export is run once against the torch model: a float32 graph whose logits differ by more than 1e-3 relative is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +33,8 @@ from ..errors import SvdkitError
 from ..saved.card import model_card
 from ..saved.folder import write_metadata
 from ..version import __version__
-from .runtime import KEEP, MANIFEST, OnnxCausalLM
+from .quantize import Quantization, bytes_by_part, quantize_graph
+from .runtime import KEEP, MANIFEST, OnnxCausalLM, prefill_feeds
 
 __all__ = ["VERSION", "WEIGHTS", "export_onnx", "onnx_bytes"]
 
@@ -96,34 +98,23 @@ def _chatter() -> Iterator[None]:
         sys.stderr.write(printed.getvalue())
 
 
-def _fold_transposes(graph) -> None:
-    """Replace each Transpose of a weight (a tied lm_head: the embedding, transposed at run time) by the
-    transposed weight, so the quantizer sees a constant MatMul weight; the original stays for its Gather."""
-    from onnx import numpy_helper
-
-    weights = {t.name: t for t in graph.initializer}
-    for node in [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights]:
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-        value = numpy_helper.to_array(weights[node.input[0]]).transpose(perm)
-        graph.initializer.append(numpy_helper.from_array(value.copy(), node.output[0]))
-        graph.node.remove(node)
-
-
-def _quantize(folder: Path, bits: int) -> None:
-    """Quantize every MatMul with a constant weight of ``folder/model.onnx`` in place (MatMulNBits)."""
+def _quantize(folder: Path, q: Quantization, calibration: list[dict] | None) -> None:
+    """Quantize ``folder/model.onnx`` in place (:func:`.quantize.quantize_graph`)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     path = folder / GRAPH
-    model = onnx.load(path)
-    _fold_transposes(model.graph)
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True)
-    quantizer.process()
+    model = quantize_graph(onnx.load(path), q, calibration)
     for file in (path, folder / f"{GRAPH}.data"):
         file.unlink(missing_ok=True)
-    onnx.save_model(quantizer.model.model, path, save_as_external_data=True, location=f"{GRAPH}.data")
+    onnx.save_model(model, path, save_as_external_data=True, location=f"{GRAPH}.data")
     for file in (path, folder / f"{GRAPH}.data"):
         make_ordinary(file)
+
+
+def _parts(folder: Path) -> dict[str, int]:
+    import onnx
+
+    return bytes_by_part(onnx.load(folder / GRAPH, load_external_data=False))
 
 
 def _check(folder: Path, model, sample: torch.Tensor, weights: str) -> float:
@@ -147,12 +138,25 @@ def onnx_bytes(folder: str | os.PathLike) -> int:
 
 
 def export_onnx(
-    model, tokenizer, path: str | os.PathLike, weights: str = "float32", source: str = "", overwrite: bool = False
+    model,
+    tokenizer,
+    path: str | os.PathLike,
+    weights: str = "float32",
+    source: str = "",
+    overwrite: bool = False,
+    quantization: Quantization | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> dict:
     """Write `model` (a torch causal LM, compressed or dense) to the folder `path` as an ONNX export:
-    ``model.onnx`` (+ ``.data``), the manifest, config, tokenizer and a model card. Returns the manifest."""
+    ``model.onnx`` (+ ``.data``), the manifest, config, tokenizer and a model card. Returns the manifest.
+    int8 / int4 `weights` are quantized as `quantization` says (its bits set by `weights`; default round to
+    nearest, blocks of 32, the embedding too); `calibration` (windows x tokens) feeds GPTQ."""
     if weights not in WEIGHTS:
         raise SvdkitError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    q = None
+    if weights != "float32":
+        q = replace(quantization or Quantization(), bits=8 if weights == "int8" else 4)
+        q.check()
     _exporter()
     model = model.to("cpu", torch.float32).eval()
     vocab = model.config.get_text_config().vocab_size
@@ -172,11 +176,17 @@ def export_onnx(
         "cache": cache,
         "compression": getattr(model.config, "svdkit", None),
     }
+    if q is not None:
+        manifest["quantization"] = asdict(q)
+    feeds = None
+    if q is not None and calibration is not None:
+        feeds = [prefill_feeds(row[None].numpy(), cache) for row in calibration]
 
     def write(tmp: Path) -> None:
         exporter.save_program(program, tmp / GRAPH)
-        if weights != "float32":
-            _quantize(tmp, 8 if weights == "int8" else 4)
+        if q is not None:
+            _quantize(tmp, q, feeds)
+        manifest["bytes_by_part"] = _parts(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # the runner of _check reads it
         diff = manifest["max_relative_logit_difference"] = _check(tmp, model, check, weights)
         manifest["bytes"] = onnx_bytes(tmp)

@@ -25,7 +25,17 @@ from transformers import GenerationConfig
 from ..core.device import resolve_device
 from ..errors import SvdkitError
 
-__all__ = ["KEEP", "MANIFEST", "OnnxCausalLM", "is_onnx_folder", "place", "read_manifest", "require_onnxruntime"]
+__all__ = [
+    "KEEP",
+    "MANIFEST",
+    "OnnxCausalLM",
+    "empty_cache",
+    "is_onnx_folder",
+    "place",
+    "prefill_feeds",
+    "read_manifest",
+    "require_onnxruntime",
+]
 
 KEEP = "logits_to_keep"
 """the graph input of the positions (1-D, int64) whose logits it computes"""
@@ -64,6 +74,24 @@ def place(model, device) -> torch.device:
     dev = resolve_device(device)
     model.to(dev)
     return dev
+
+
+def empty_cache(cache: dict[str, dict]) -> dict[str, np.ndarray]:
+    """The cache inputs of a manifest's ``cache`` entry at zero tokens (scalars as recorded)."""
+    out = {}
+    for name, spec in cache.items():
+        if "value" in spec:
+            out[name] = np.array(spec["value"], dtype=spec["dtype"])
+        else:
+            out[name] = np.zeros(spec["shape"], dtype=spec["dtype"])
+    return out
+
+
+def prefill_feeds(ids: np.ndarray, cache: dict[str, dict]) -> dict[str, np.ndarray]:
+    """The graph's inputs for a prefill of `ids` (1, n) on an empty cache, the last position's logits only."""
+    n = ids.shape[1]
+    feeds = {"input_ids": ids, "position_ids": np.arange(n, dtype=np.int64)[None]}
+    return {**feeds, KEEP: np.arange(n - 1, n, dtype=np.int64), **empty_cache(cache)}
 
 
 class OnnxCausalLM:
@@ -118,13 +146,7 @@ class OnnxCausalLM:
 
     def empty_cache(self) -> dict[str, np.ndarray]:
         """Every cache input at zero tokens (scalars, such as a sliding window's size, as recorded)."""
-        out = {}
-        for name, spec in self.manifest["cache"].items():
-            if "value" in spec:
-                out[name] = np.array(spec["value"], dtype=spec["dtype"])
-            else:
-                out[name] = np.zeros(spec["shape"], dtype=spec["dtype"])
-        return out
+        return empty_cache(self.manifest["cache"])
 
     def step(
         self, ids: np.ndarray, cache: dict[str, np.ndarray], start: int, last: bool = False

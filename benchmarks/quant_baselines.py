@@ -1,0 +1,156 @@
+"""The 4- and 8-bit models a user can make of the dense model without svdkit's compression, on the protocol.
+
+    python benchmarks/quant_baselines.py [--data-dir ../shared/data] [--out docs/results/quant_baselines]
+        [--configs float32 int4-rtn-b32 ...] [--zero-shot 250] [--gptq-calib wikitext2:3,ptb:3,demo:2]
+
+ONNX Runtime's own weight-only quantizers (svdkit.deploy.quantize: round to nearest, HQQ, GPTQ; int4 and int8;
+blocks of 32 and 128) on the dense SmolLM2-135M (float32), the token embedding quantized too (a tied head
+shares its tensor), each exported by ``svdkit export``'s code into a temporary folder. Per row: bytes on disk
+and by part (embedding, head, layers), the scorecard's perplexities (WikiText-2, PTB, Python docs; the
+protocol's windows) and zero-shot mean (first --zero-shot documents per task), and batch-1 decode tokens/s
+(64 tokens after a 32-token prompt, median of 3) paired with the float32 export. GPTQ calibrates on
+--gptq-calib windows of --gptq-seqlen tokens drawn as the bench draws them (clear of every evaluated window).
+Rows already in OUT/results.json are kept (a rerun resumes); prints and writes results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnxruntime
+import torch
+
+import svdkit
+from svdkit.bench.cells import protocol_spec
+from svdkit.deploy.quantize import Quantization
+from svdkit.deploy.runtime import OnnxCausalLM
+from svdkit.measure.scorecard import ScorecardSettings, domain_tokens, generality, scorecard
+from svdkit.measure.speed import paired_speed
+from svdkit.sources.mixture import mixture_windows
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = [
+    "float32",
+    "int8-rtn-b32",
+    "int8-rtn-b128",
+    "int4-rtn-b32",
+    "int4-rtn-b128",
+    "int4-hqq-b32",
+    "int4-hqq-b128",
+    "int4-gptq-b32",
+    "int4-gptq-b128",
+    "int4-rtn-b32-float-embedding",
+]
+
+
+def quantization(name: str) -> tuple[str, Quantization | None]:
+    """('int4', Quantization(...)) of a row name WEIGHTS-QUANTIZER-bBLOCK[-float-embedding]."""
+    if name == "float32":
+        return "float32", None
+    weights, quantizer, block, *rest = name.split("-")
+    bits = 8 if weights == "int8" else 4
+    return weights, Quantization(bits, int(block.removeprefix("b")), quantizer, embedding=not rest)
+
+
+def measure(name: str, model, tok, tokens, settings, calib, reference, data_dir: str, work: Path) -> dict:
+    weights, q = quantization(name)
+    folder = work / name
+    t = time.perf_counter()
+    windows = calib if q is not None and q.quantizer == "gptq" else None
+    manifest = svdkit.export_onnx(model, tok, folder, weights, "smollm2-135m", quantization=q, calibration=windows)
+    export_s = time.perf_counter() - t
+    onnx_model = OnnxCausalLM(folder)
+    card = scorecard(onnx_model, tok, settings, data_dir=data_dir, tokens=tokens)
+    models = {"float32": reference, name: onnx_model}
+    speed = paired_speed(models, tokens["wikitext2"][:2048], new_tokens=64, prompt=32, only=("decode_tok_s",))
+    return {
+        "name": name,
+        "quantization": manifest.get("quantization"),
+        "bytes": manifest["bytes"],
+        "bytes_by_part": manifest["bytes_by_part"],
+        "ppl": card["ppl"],
+        "zero_shot_mean": (card.get("zero_shot") or {}).get("mean"),
+        "zero_shot_stderr": (card.get("zero_shot") or {}).get("mean_stderr"),
+        "decode_tok_s": speed[name]["decode_tok_s"],
+        "decode_vs_float32": speed[name]["decode_tok_s"] / speed["float32"]["decode_tok_s"],
+        "export_s": export_s,
+    }
+
+
+def _ordered(rows: dict[str, dict]) -> list[dict]:
+    return [rows[c] for c in CONFIGS + sorted(set(rows) - set(CONFIGS)) if c in rows]
+
+
+def markdown(rows: list[dict], dense_ppl: dict, command: str, machine: str) -> str:
+    mb = 1e6
+    lines = [
+        f"`{command}` ({machine})",
+        "",
+        "| model | MB on disk | embedding MB | head MB | layers MB | WikiText-2 | PTB | Python docs | generality "
+        "| zero-shot mean | decode tok/s | vs float32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        p, parts = r["ppl"], r["bytes_by_part"]
+        zs = "" if r["zero_shot_mean"] is None else f"{100 * r['zero_shot_mean']:.1f}"
+        lines.append(
+            f"| {r['name']} | {r['bytes'] / mb:.1f} | {parts['embedding'] / mb:.1f} | {parts['head'] / mb:.1f} | "
+            f"{parts['layers'] / mb:.1f} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['pydoc']:.2f} | "
+            f"{generality(p, dense_ppl):.3f} | {zs} | {r['decode_tok_s']:.1f} | {r['decode_vs_float32']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
+    p.add_argument("--out", default=str(HERE.parent / "docs" / "results" / "quant_baselines"))
+    p.add_argument("--configs", nargs="+", default=CONFIGS)
+    p.add_argument("--zero-shot", type=int, default=250, help="documents per zero-shot task (0: none)")
+    p.add_argument("--gptq-calib", default="wikitext2:3,ptb:3,demo:2")
+    p.add_argument("--gptq-seqlen", type=int, default=512)
+    args = p.parse_args()
+    os.environ["SVDKIT_DATA"] = args.data_dir
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = json.loads((out / "results.json").read_text())["rows"] if (out / "results.json").is_file() else []
+    rows = {r["name"]: r for r in done}
+    model, tok = svdkit.load_model("smollm2-135m", dtype="float32")
+    tokens = domain_tokens(tok, args.data_dir)
+    if args.zero_shot:
+        settings = ScorecardSettings(limit=args.zero_shot, generation=False)
+    else:
+        settings = ScorecardSettings(tasks=(), generation=False)
+    texts = {"wikitext2": tokens["wikitext2"], "ptb": tokens["ptb"], "demo": tokens["pydoc"]}
+    spec = protocol_spec(args.gptq_calib, 150000)
+    calib = mixture_windows(spec, None, args.gptq_seqlen, 150000, 0, tok, model, texts)
+    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    versions = f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {versions}"
+    with tempfile.TemporaryDirectory(prefix="quant-baselines-") as tmp:
+        work = Path(tmp)
+        svdkit.export_onnx(model, tok, work / "reference")
+        reference = OnnxCausalLM(work / "reference")
+        for name in ["float32", *args.configs]:
+            if name in rows:
+                continue
+            print(f"{name} ...", flush=True)
+            rows[name] = measure(name, model, tok, tokens, settings, calib, reference, args.data_dir, work)
+            print(json.dumps(rows[name]), flush=True)
+            record = {"command": command, "machine": machine, "rows": _ordered(rows)}
+            (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+    dense = rows["float32"]["ppl"]
+    text = markdown(_ordered(rows), dense, command, machine)
+    (out / "results.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

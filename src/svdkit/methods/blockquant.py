@@ -1,0 +1,100 @@
+"""Block quantization of a weight matrix in the layout runtimes execute natively, and GPTQ from a Gram matrix.
+
+W (m outputs x n inputs) is cut along its inputs into blocks of `block` columns; each row of a block gets one
+scale s and integers q in [-2^(b-1), 2^(b-1) - 1] with W ~ s q: symmetric, the zero point 2^(b-1) implied,
+exactly ONNX Runtime's MatMulNBits (and GatherBlockQuantized on uint8) convention, s = the block's value of
+largest magnitude / -2^(b-1). :func:`pack` writes the codes as MatMulNBits stores them.
+
+:func:`gptq` chooses the integers by GPTQ (Frantar et al. 2023, arXiv 2210.17323): with the inputs' Gram
+matrix G = X X^T / T, the columns are quantized in order, and each one's rounding error e_j is spread over the
+columns not yet quantized as W[:, k] -= e_j (H^-1)_jk / (H^-1)_jj, which minimizes ||(W - Q) X||_F column by
+column (the OBS update); a block's scales are fixed from the updated weights when its first column is reached.
+H^-1 is read from the upper Cholesky factor of the inverse of G + damp * mean(diag G) I.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["dequantize", "gptq", "pack", "round_to_nearest"]
+
+
+def _limits(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _scales(W: torch.Tensor, bits: int) -> torch.Tensor:
+    """One scale per row of a block (m x block): the entry of largest magnitude over -2^(b-1)."""
+    top = W.gather(1, W.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    return top / _limits(bits)[0]
+
+
+def _codes(W: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    lo, hi = _limits(bits)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.where(scale[:, None] == 0, 0, (W / safe[:, None]).round()).clamp(lo, hi)
+
+
+def round_to_nearest(W: torch.Tensor, bits: int = 4, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes m x n, int8; scales m x ceil(n / block)) of W rounded to nearest, block by block."""
+    codes, scales = [], []
+    for start in range(0, W.shape[1], block):
+        part = W[:, start : start + block]
+        scale = _scales(part, bits)
+        codes.append(_codes(part, scale, bits))
+        scales.append(scale)
+    return torch.cat(codes, 1).to(torch.int8), torch.stack(scales, 1)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """s q, the matrix the codes stand for (in the scales' dtype)."""
+    return codes.to(scales.dtype) * scales.repeat_interleave(block, dim=1)[:, : codes.shape[1]]
+
+
+def _inverse_factor(G: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (G + damp mean(diag G) I)^-1 (U^T U = H^-1), dead inputs made harmless."""
+    H = G.clone()
+    dead = H.diagonal() <= 0
+    H[dead, dead] = 1.0
+    H.diagonal().add_(damp * float(H.diagonal().mean()))
+    L = torch.linalg.cholesky(H)
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def gptq(
+    W: torch.Tensor, G: torch.Tensor, bits: int = 4, block: int = 32, damp: float = 0.01, lazy: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of W by GPTQ on the Gram matrix G (n x n) of its inputs; float64 throughout.
+    Columns are updated `lazy` at a time, the rest of W once per batch (the paper's lazy batch updates)."""
+    W = W.to(torch.float64).clone()
+    U = _inverse_factor(G.to(W), damp)
+    m, n = W.shape
+    lazy = block * max(1, lazy // block)  # a batch holds whole blocks, so a block's scales see its updates
+    codes = torch.zeros(m, n, dtype=torch.int8)
+    scales = torch.zeros(m, (n + block - 1) // block, dtype=W.dtype)
+    for b0 in range(0, n, lazy):
+        b1 = min(b0 + lazy, n)
+        part, errors = W[:, b0:b1].clone(), torch.zeros(m, b1 - b0, dtype=W.dtype)
+        for j in range(b1 - b0):
+            col = b0 + j
+            if col % block == 0:
+                scales[:, col // block] = _scales(part[:, j : j + block], bits)
+            q = _codes(part[:, j : j + 1], scales[:, col // block], bits)[:, 0]
+            codes[:, col] = q.to(torch.int8)
+            err = (part[:, j] - q * scales[:, col // block]) / U[col, col]
+            part[:, j:] -= err[:, None] * U[col, col : b1][None, :]
+            errors[:, j] = err
+        W[:, b1:] -= errors @ U[b0:b1, b1:]
+    return codes, scales
+
+
+def pack(codes: torch.Tensor, bits: int = 4, block: int = 32) -> torch.Tensor:
+    """MatMulNBits' B: uint8 (m, blocks, block * bits / 8), codes + 2^(b-1), two per byte low nibble first at 4
+    bits; the last block of a row padded with zero bytes (as ONNX Runtime pads)."""
+    m, n = codes.shape
+    blocks = (n + block - 1) // block
+    unsigned = torch.zeros(m, blocks * block, dtype=torch.uint8)
+    unsigned[:, :n] = (codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
+    if bits == 4:
+        unsigned = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
+    return unsigned.reshape(m, blocks, -1)
