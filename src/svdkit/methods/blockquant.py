@@ -82,7 +82,7 @@ def gptq(
             q = _codes(part[:, j : j + 1], scales[:, col // block], bits)[:, 0]
             codes[:, col] = q.to(torch.int8)
             err = (part[:, j] - q * scales[:, col // block]) / U[col, col]
-            part[:, j:] -= err[:, None] * U[col, col : b1][None, :]
+            part[:, j:] -= err[:, None] * U[col, col:b1][None, :]
             errors[:, j] = err
         W[:, b1:] -= errors @ U[b0:b1, b1:]
     return codes, scales
