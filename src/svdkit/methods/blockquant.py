@@ -10,13 +10,20 @@ matrix G = X X^T / T, the columns are quantized in order, and each one's roundin
 columns not yet quantized as W[:, k] -= e_j (H^-1)_jk / (H^-1)_jj, which minimizes ||(W - Q) X||_F column by
 column (the OBS update); a block's scales are fixed from the updated weights when its first column is reached.
 H^-1 is read from the upper Cholesky factor of the inverse of G + damp * mean(diag G) I.
+
+:func:`quantized_low_rank` adds a rank-k correction to a quantized W, W ~ Q + B A (LQER, Zhang et al. ICML'24;
+QERA, ICLR'25; EoRA): the B A that minimizes ||(W - Q - B A) X||_F is SVD-LLM's whitened truncation of the
+residual W - Q (G = L L^T, SVD of (W - Q) L); further iterations quantize W - B A again and refit B A (the
+alternation of CALDERA, Saha et al. NeurIPS'24), keeping the pair of smallest output error.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["dequantize", "gptq", "pack", "round_to_nearest"]
+from .linalg import gram_svd, robust_cholesky, split_factors
+
+__all__ = ["dequantize", "gptq", "pack", "quantized_low_rank", "round_to_nearest"]
 
 
 def _limits(bits: int) -> tuple[int, int]:
@@ -52,13 +59,14 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int = 32) -> to
 
 
 def _inverse_factor(G: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (G + damp mean(diag G) I)^-1 (U^T U = H^-1), dead inputs made harmless."""
+    """Upper Cholesky factor U of (G + damp mean(diag G) I)^-1 (U^T U = H^-1), dead inputs made harmless;
+    by :func:`robust_cholesky`, so a Gram matrix that is not positive definite never fails."""
     H = G.clone()
     dead = H.diagonal() <= 0
     H[dead, dead] = 1.0
     H.diagonal().add_(damp * float(H.diagonal().mean()))
-    L = torch.linalg.cholesky(H)
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    L, _ = robust_cholesky(H)
+    return robust_cholesky(torch.cholesky_inverse(L))[0].T
 
 
 def gptq(
@@ -98,3 +106,39 @@ def pack(codes: torch.Tensor, bits: int = 4, block: int = 32) -> torch.Tensor:
     if bits == 4:
         unsigned = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
     return unsigned.reshape(m, blocks, -1)
+
+
+def _output_error(R: torch.Tensor, G: torch.Tensor) -> float:
+    """||R X||_F^2 / T = trace(R G R^T) for the inputs' Gram matrix G = X X^T / T."""
+    return float(((R @ G) * R).sum())
+
+
+def quantized_low_rank(
+    W: torch.Tensor,
+    G: torch.Tensor,
+    rank: int,
+    bits: int = 4,
+    block: int = 32,
+    iterations: int = 1,
+    use_gptq: bool = True,
+    damp: float = 0.01,
+    rel_eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scales, A, B) with W ~ dequantize(codes, scales) + B A, A (rank x n), B (m x rank), float64:
+    Q by GPTQ (or rounding to nearest) of W - B A, B A the whitened rank-k fit of W - Q, `iterations` times."""
+    W = W.to(torch.float64)
+    G = G.to(W)
+    L, _ = robust_cholesky(G.clone(), rel_eps)
+    low, best = torch.zeros_like(W), None
+    for _ in range(iterations):
+        target = W - low
+        codes, scales = gptq(target, G, bits, block, damp) if use_gptq else round_to_nearest(target, bits, block)
+        residual = W - dequantize(codes, scales, block)
+        U, S, Vh = gram_svd(residual @ L)
+        A, B = split_factors(U, S, Vh, rank)
+        A = torch.linalg.solve_triangular(L, A, upper=False, left=False)
+        low = B @ A
+        error = _output_error(residual - low, G)
+        if best is None or error < best[0]:
+            best = (error, codes, scales, A, B)
+    return best[1], best[2], best[3], best[4]
