@@ -17,7 +17,7 @@ from conftest import assert_error, run_cli
         (["compress", "{tmp}", "--output", "{tmp}/o"], "is a folder but not a model: it has no config.json"),
         (
             ["compress", "{model}", "--method", "magic", "--output", "{tmp}/o"],
-            "known methods: asvd, fwsvd, nsvd, nsvd2, soco, svd, svd-llm, svd-llm-v2",
+            "known methods: asvd, fwsvd, nsvd, nsvd2, qlr, soco, svd, svd-llm, svd-llm-v2",
         ),
         (["compress", "{model}", "--option", "nope=1", "--output", "{tmp}/o"], "has no option nope"),
         (

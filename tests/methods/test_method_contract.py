@@ -10,6 +10,7 @@ from torch import nn
 
 import svdkit
 from svdkit import LowRankLinear, rank_for_ratio
+from svdkit.core.modeling_svdkit import QuantLowRankLinear
 from svdkit.core.ranks import align_ranks
 
 METHODS = svdkit.method_names()
@@ -26,6 +27,13 @@ def test_method_contract(kind, method):
             shapes[name] = (mod.out_features, mod.in_features, mod.rank)
         assert not (".layers." in name and type(mod) is nn.Linear), f"{name} was not compressed"
     assert len(shapes) == 14 and result.ranks == {n: k for n, (_, _, k) in shapes.items()}
+    chosen = svdkit.get_method(method).ranks
+    if chosen is not None:  # its own ranks over a quantized base: no ratio, no budget
+        config = svdkit.get_method(method).config_cls()
+        assert result.ranks == chosen({n: (m, k_in) for n, (m, k_in, _) in shapes.items()}, config)
+        assert model.config.svdkit["ratio"] is None and "quantized" in model.config.svdkit
+        assert all(isinstance(model.get_submodule(n), QuantLowRankLinear) for n in shapes)
+        return
     uniform = sum(rank_for_ratio(m, n, 0.4) * (m + n) for m, n, _ in shapes.values())
     kept = sum(k * (m + n) for m, n, k in shapes.values())
     assert all(k % 8 == 0 for _, _, k in shapes.values())  # the default rank_multiple

@@ -36,7 +36,7 @@ for folder in sys.argv[1:]:
     ids = torch.load(folder + "/ids.pt")
     with torch.no_grad():
         torch.save(model(ids).logits, folder + "/remote.pt")
-    low = [n for n, m in model.named_modules() if type(m).__name__ == "LowRankLinear"]
+    low = [n for n, m in model.named_modules() if type(m).__name__ in ("LowRankLinear", "QuantLowRankLinear")]
     out[folder] = {"refused": refused, "class": type(model).__name__, "low_rank": low}
 print("\\nRESULT", json.dumps(out))
 """
@@ -83,6 +83,21 @@ def test_without_svdkit_a_folder_loads_as_the_compressed_model_only_with_trust_r
         assert "error" not in got, got
         assert got["class"].startswith("Svdkit") and sorted(got["low_rank"]) == low_rank
         torch.testing.assert_close(torch.load(f"{folder}/remote.pt"), logits, rtol=0, atol=1e-5)
+
+
+def test_without_svdkit_a_quantized_base_loads_too(tmp_path, tiny_tokenizer):
+    """qlr's folder (a 4-bit base in MatMulNBits' layout under each pair) through the folder's own code."""
+    model = tiny_model("llama")
+    compress_small(model, method="qlr", method_options={"rank": 4})
+    folder = tmp_path / "qlr"
+    svdkit.save(model, tiny_tokenizer, folder)
+    ids = random_tokens(24, seed=3)[None]
+    torch.save(ids, folder / "ids.pt")
+    got = without_svdkit(tmp_path, folder)[str(folder)]
+    assert "error" not in got, got
+    assert sorted(got["low_rank"]) == sorted(n for n, m in model.named_modules() if isinstance(m, LowRankLinear))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(f"{folder}/remote.pt"), model(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_with_svdkit_plain_from_pretrained_builds_the_same_model(tmp_path, tiny_tokenizer):

@@ -177,9 +177,9 @@ def _factors(context: AllocationContext, name: str, ranks: list[int]) -> dict[in
     weight = context.model.get_submodule(name).weight
     stats = context.statistics.get(name) if context.statistics else None
     if method.nested:
-        A, B = factorize(method, cfg, weight, stats, max(ranks), dev, name)
+        A, B, _ = factorize(method, cfg, weight, stats, max(ranks), dev, name)
         return {k: (A[:k], B[:, :k]) for k in ranks}
-    return {k: factorize(method, cfg, weight, stats, k, dev, name) for k in ranks}
+    return {k: factorize(method, cfg, weight, stats, k, dev, name)[:2] for k in ranks}
 
 
 def _ppl(loss: float) -> float:

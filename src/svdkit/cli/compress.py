@@ -28,7 +28,7 @@ from ..pipeline.partial import partial_path
 from ..pipeline.plan import make_plan
 from ..pipeline.streaming import NotStreamable, compress_folder
 from ..pipeline.update import UPDATES
-from ..saved.contents import dense_bytes
+from ..saved.contents import compression_words, dense_bytes
 from ..saved.folder import densify, save
 from ..saved.format import read_svdkit_config
 from ..saved.kvcache import latent_kv_problem
@@ -217,10 +217,16 @@ def _whole(
 
 def _report(a: argparse.Namespace, result, model, out, seconds: float) -> None:
     t = result.timings
+    if result.quantized:
+        size = f"{result.params:,} parameters besides the quantized base (dense {result.params_dense:,})"
+    else:
+        size = (
+            f"{result.params_dense:,} -> {result.params:,} parameters "
+            f"({100 * (1 - result.params / result.params_dense):.1f}% fewer)"
+        )
+    how = compression_words({"ratio": result.ratio, "quantized": result.quantized})
     print(
-        f"{a.method} at ratio {a.ratio}: {result.params_dense:,} -> {result.params:,} parameters "
-        f"({100 * (1 - result.params / result.params_dense):.1f}% fewer), {len(result.ranks)} low-rank "
-        f"matrices, {len(result.dense_kept)} kept dense\n"
+        f"{a.method}, {how}: {size}, {len(result.ranks)} low-rank matrices, {len(result.dense_kept)} kept dense\n"
         f"time {seconds:.1f}s (calibration {t['calibration']:.1f}s, decomposition {t['decomposition']:.1f}s, "
         f"allocation {t['allocation']:.2f}s); written to {out}" + (" (densified)" if a.densify else "")
     )

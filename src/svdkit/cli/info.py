@@ -10,7 +10,7 @@ from pathlib import Path
 from ..bench.plots import plot_curve, plot_rank_map
 from ..core.report import stage_line
 from ..errors import SvdkitError
-from ..saved.contents import folder_info, natural_key
+from ..saved.contents import compression_words, folder_info, natural_key
 from .common import CURVE_FILE, emit
 
 __all__ = ["add_parser", "run"]
@@ -18,6 +18,7 @@ __all__ = ["add_parser", "run"]
 JSON_KEYS = (
     "method",
     "ratio",
+    "quantized",
     "allocation",
     "update",
     "kv_ratio",
@@ -56,10 +57,12 @@ def _summary(info: dict) -> None:
     multiple = alloc.get("rank_multiple", 1)
     aligned = f" (ranks in multiples of {multiple})" if multiple > 1 else ""
     print(
-        f"method {info['method']}, ratio {info['ratio']}, allocation {alloc.get('name', 'uniform')}{aligned}, "
+        f"method {info['method']}, {compression_words(info)}, allocation {alloc.get('name', 'uniform')}{aligned}, "
         f"svdkit {info['version']}"
     )
-    if info["params_dense"]:
+    if info["quantized"]:
+        print(f"parameters {info['params']:,} besides the quantized base (dense {info['params_dense']:,})")
+    elif info["params_dense"]:
         print(
             f"parameters {info['params']:,} (dense {info['params_dense']:,}, "
             f"{100 * (1 - info['params'] / info['params_dense']):.1f}% fewer)"
@@ -115,5 +118,5 @@ def _plot_curve(folder: str, info: dict, png: str) -> None:
         curve = json.loads(curve_file.read_text())
     except (OSError, ValueError) as e:
         raise SvdkitError(f"cannot read {curve_file}: {e}") from e
-    plot_curve(curve, png, title=f"{info['method']} at ratio {info['ratio']}")
+    plot_curve(curve, png, title=f"{info['method']}, {compression_words(info)}")
     print(f"training curve written to {png}")

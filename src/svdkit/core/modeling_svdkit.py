@@ -2,7 +2,8 @@
 
 svdkit (SVD-based compression of causal language models) saves this file into every compressed folder.
 Each compressed projection W (m x n) is stored as factors A (k x n) and B (m x k) and computed as
-y = B (A x) + b. config.json gives the model type ``svdkit_<base>``, so that transformers never loads
+y = B (A x) + b (with a block-quantized base Q under it where the record has ``quantized``: y = Q x + B (A x) + b).
+config.json gives the model type ``svdkit_<base>``, so that transformers never loads
 the folder as its dense base model (whose projections would be left randomly initialised); its
 ``auto_map`` names the classes below, and its ``"svdkit"`` record holds the ranks. The classes are the
 base model's own with those projections swapped for :class:`LowRankLinear` before the weights load; a
@@ -19,7 +20,16 @@ from torch.nn import functional as F
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-__all__ = ["PREFIX", "RECORD", "LowRankLinear", "build_classes", "swap_in", "summary", "loading_problems"]
+__all__ = [
+    "PREFIX",
+    "RECORD",
+    "LowRankLinear",
+    "QuantLowRankLinear",
+    "build_classes",
+    "swap_in",
+    "summary",
+    "loading_problems",
+]
 
 PREFIX = "svdkit_"
 """config.json's model_type is PREFIX + the base model's type"""
@@ -64,19 +74,59 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={bias}"
 
 
-def swap_in(model: nn.Module, ranks: dict) -> None:
-    """Replace each named nn.Linear by an (uninitialised) LowRankLinear of the given rank, in place."""
+class QuantLowRankLinear(LowRankLinear):
+    """y = Q x + B (A x) + bias: a block-quantized base Q under the rank-k factors (svdkit's ``qlr``).
+
+    Q is stored as runtimes store it (ONNX Runtime's MatMulNBits): ``qweight`` uint8 (out_features, blocks,
+    block * bits / 8), unsigned codes c (two per byte, low nibble first, at 4 bits), and ``scales`` (out_features,
+    blocks): Q = s (c - 2^(bits-1)), blocks of `block` along the inputs. Only A, B and the bias train.
+    """
+
+    def __init__(self, in_features, out_features, rank, bits: int, block: int, bias=False, device=None, dtype=None):
+        super().__init__(in_features, out_features, rank, bias, device, dtype)
+        if bits not in (4, 8):
+            raise ValueError(f"the quantized base has 4 or 8 bits, got {bits}")
+        self.bits, self.block = int(bits), int(block)
+        blocks = -(-in_features // self.block)
+        packed = (out_features, blocks, self.block * self.bits // 8)
+        self.register_buffer("qweight", torch.zeros(packed, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, blocks, dtype=dtype, device=device))
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Q (out_features x in_features), in the scales' dtype."""
+        packed = self.qweight.reshape(self.out_features, -1)
+        if self.bits == 4:
+            packed = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(self.out_features, -1)
+        codes = packed.to(self.scales.dtype) - 2 ** (self.bits - 1)
+        return (codes * self.scales.repeat_interleave(self.block, dim=1))[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight().to(x.dtype), self.bias) + F.linear(F.linear(x, self.A), self.B)
+
+    def dense_weight(self) -> torch.Tensor:
+        """W' = Q + B A (m x n)."""
+        return self.quantized_weight().to(self.A.dtype) + self.B @ self.A
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, block={self.block}"
+
+
+def swap_in(model: nn.Module, ranks: dict, quantized: dict | None = None) -> None:
+    """Replace each named nn.Linear by an (uninitialised) LowRankLinear of the given rank, in place; with
+    `quantized` ({"bits": b, "block": n}, the record's), a QuantLowRankLinear."""
     for name, rank in ranks.items():
         try:
             old = model.get_submodule(name)
         except AttributeError as e:
             raise ValueError(f"the svdkit record names the module {name}, which this model does not have") from e
         if isinstance(old, nn.Linear):
-            w = old.weight
-            model.set_submodule(
-                name,
-                LowRankLinear(old.in_features, old.out_features, int(rank), old.bias is not None, w.device, w.dtype),
-            )
+            w, shape = old.weight, (old.in_features, old.out_features, int(rank))
+            if quantized is None:
+                new = LowRankLinear(*shape, old.bias is not None, w.device, w.dtype)
+            else:
+                bits, block = quantized["bits"], quantized["block"]
+                new = QuantLowRankLinear(*shape, bits, block, old.bias is not None, w.device, w.dtype)
+            model.set_submodule(name, new)
 
 
 def summary(problems: list[str], shown: int = 3) -> str:
@@ -111,7 +161,7 @@ def build_classes(base_type: str) -> tuple[type, type]:
             record = getattr(config, RECORD, None)
             if not isinstance(record, dict) or not isinstance(record.get("ranks"), dict):
                 raise ValueError(f"the config has no '{RECORD}' record with a 'ranks' mapping: not an svdkit model")
-            swap_in(self, record["ranks"])
+            swap_in(self, record["ranks"], record.get("quantized"))
 
         @classmethod
         def from_pretrained(cls, *args, **kwargs):

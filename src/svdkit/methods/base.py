@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -28,6 +28,8 @@ __all__ = [
     "Method",
     "MethodTraining",
     "Factors",
+    "Compact",
+    "Quantized",
     "register",
     "get_method",
     "method_names",
@@ -36,7 +38,29 @@ __all__ = [
 ]
 
 Factors = tuple[torch.Tensor, torch.Tensor]
-DecomposeFn = Callable[[torch.Tensor, LinearStats | None, int, Any], Factors]
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A block-quantized matrix under a method's factors, W' = Q + B A (``qlr``): int8 codes (m x n) and scales
+    (m x blocks), Q = scales * codes in blocks of `block` inputs (:mod:`svdkit.methods.blockquant`)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+    block: int
+
+
+class Compact(NamedTuple):
+    """A method's result: the factors, and the quantized base under them where the method makes one."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    quantized: Quantized | None = None
+
+
+DecomposeFn = Callable[[torch.Tensor, LinearStats | None, int, Any], Factors | Compact]
+RanksFn = Callable[[Mapping[str, tuple[int, int]], Any], dict[str, int]]
 
 
 @dataclass(frozen=True)
@@ -67,6 +91,9 @@ class Method:
     paper: str = ""
     nested: bool = False
     training: MethodTraining | None = None
+    ranks: RanksFn | None = None
+    """a method that sets each target's rank itself (qlr: its correction's rank): (shapes, config) -> ranks;
+    no allocation runs, and the parameter ratio does not apply"""
 
 
 METHODS: Registry[Method] = Registry("method", known="known methods")
@@ -80,11 +107,13 @@ def register(
     paper: str = "",
     nested: bool = False,
     training: MethodTraining | None = None,
+    ranks: RanksFn | None = None,
 ) -> Callable[[DecomposeFn], DecomposeFn]:
     """Decorator: register `fn` as method `name` with its config dataclass and needed statistics."""
 
     def wrap(fn: DecomposeFn) -> DecomposeFn:
-        METHODS.add(name, Method(name, fn, config_cls, frozenset(requires), summary, paper, nested, training))
+        method = Method(name, fn, config_cls, frozenset(requires), summary, paper, nested, training, ranks)
+        METHODS.add(name, method)
         return fn
 
     return wrap
@@ -105,15 +134,20 @@ def make_config(method: Method, options: Mapping[str, Any] | None = None) -> Any
 
 def factorize(
     method: Method, config: Any, weight: torch.Tensor, stats: LinearStats | None, rank: int, device, name: str
-) -> Factors:
-    """The method's float64 factors (A, B) of `weight` at `rank`, checked; failures name the module."""
+) -> Compact:
+    """The method's float64 factors (A, B) of `weight` at `rank` (and its quantized base, if it makes one),
+    checked; failures name the module."""
     W = weight.detach().to(device=device, dtype=torch.float64)
     try:
-        A, B = method.decompose(W, stats, rank, config)
+        out = Compact(*method.decompose(W, stats, rank, config))
     except (ValueError, RuntimeError, torch.linalg.LinAlgError) as e:
         raise SvdkitError(f"method {method.name} failed on {name}: {e}") from e
+    A, B, quantized = out
     if A.shape != (rank, W.shape[1]) or B.shape != (W.shape[0], rank):
         raise RuntimeError(f"method {method.name} returned factors {tuple(A.shape)}, {tuple(B.shape)} for {name}")
-    if not (all_finite(A) and all_finite(B)):
+    if quantized is not None and quantized.codes.shape != W.shape:
+        shape = tuple(quantized.codes.shape)
+        raise RuntimeError(f"method {method.name} returned a quantized part of shape {shape} for {name}")
+    if not (all_finite(A) and all_finite(B) and (quantized is None or all_finite(quantized.scales))):
         raise SvdkitError(f"method {method.name} produced non-finite factors for {name}")
-    return A, B
+    return out

@@ -15,11 +15,14 @@ from ..calibration.collect import LayerStats, calibrate_layers
 from ..calibration.statistics import LinearStats
 from ..core import distributed
 from ..core.lowrank import LowRankLinear
+from ..core.modeling_svdkit import QuantLowRankLinear
 from ..core.report import Report
 from ..engine import LayerSource, Step, captured, walk_layers
 from ..errors import SvdkitError
 from ..heal import DenseReference, HealContext, LayerHealing
 from ..methods import factorize
+from ..methods.base import Compact, Quantized
+from ..methods.blockquant import dequantize, pack
 from .plan import CompressionPlan
 from .update import UPDATES
 
@@ -46,35 +49,66 @@ def factor_linear(
     In a distributed run, process `owner` computes the factors and broadcasts them to the others.
     """
     if owner is None or distributed.size() == 1:
-        A, B = _factors(linear, method, config, stats, rank, device, name, update)
+        A, B, quantized = _factors(linear, method, config, stats, rank, device, name, update)
     else:
         mine = distributed.rank() == owner
-        A, B = _factors(linear, method, config, stats, rank, device, name, update) if mine else (None, None)
-        A, B = _shared(A, B, linear, device, owner)
+        made = _factors(linear, method, config, stats, rank, device, name, update) if mine else None
+        A, B, quantized = _shared(made, linear, device, owner)
     home, dtype = linear.weight.device, linear.weight.dtype
     bias = linear.bias.detach() if linear.bias is not None else None
+    if quantized is not None:
+        return quantized_layer(A.to(home, dtype), B.to(home, dtype), quantized, bias)
     return LowRankLinear.from_factors(A.to(home, dtype), B.to(home, dtype), bias)
 
 
-def _shared(A, B, linear: nn.Linear, device: torch.device, owner: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The owner's float64 factors on every process (their rank first, since a method may return fewer)."""
-    k = distributed.broadcast_(torch.tensor([0 if A is None else A.shape[0]], device=device), owner)
-    k = int(k)
-    if A is None:
-        A = torch.empty(k, linear.in_features, dtype=torch.float64, device=device)
-        B = torch.empty(linear.out_features, k, dtype=torch.float64, device=device)
-    return distributed.broadcast_(A.contiguous(), owner), distributed.broadcast_(B.contiguous(), owner)
+def quantized_layer(A: torch.Tensor, B: torch.Tensor, quantized: Quantized, bias) -> QuantLowRankLinear:
+    """The QuantLowRankLinear of factors over a quantized part, its codes packed as runtimes read them."""
+    layer = QuantLowRankLinear(A.shape[1], B.shape[0], A.shape[0], quantized.bits, quantized.block, bias is not None)
+    layer = layer.to(A.device, A.dtype)
+    with torch.no_grad():
+        layer.A.copy_(A)
+        layer.B.copy_(B)
+        layer.qweight.copy_(pack(quantized.codes, quantized.bits, quantized.block))
+        layer.scales.copy_(quantized.scales)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
 
 
-def _factors(linear, method, config, stats, rank, device, name, update) -> tuple[torch.Tensor, torch.Tensor]:
+def _shared(made: Compact | None, linear: nn.Linear, device: torch.device, owner: int) -> Compact:
+    """The owner's float64 factors (and quantized part) on every process: their rank and the quantized part's bits
+    and block first, since a method may return fewer and the others do not know whether it makes one."""
+    A, B, quantized = made if made is not None else (None, None, None)
+    head = [0, 0, 0]
+    if made is not None:
+        head = [A.shape[0], quantized.bits, quantized.block] if quantized else [A.shape[0], 0, 0]
+    k, bits, block = (int(v) for v in distributed.broadcast_(torch.tensor(head, device=device), owner))
+    m, n = linear.out_features, linear.in_features
+    if made is None:
+        A = torch.empty(k, n, dtype=torch.float64, device=device)
+        B = torch.empty(m, k, dtype=torch.float64, device=device)
+        if bits:
+            codes = torch.empty(m, n, dtype=torch.int8, device=device)
+            scales = torch.empty(m, -(-n // block), dtype=torch.float64, device=device)
+            quantized = Quantized(codes, scales, bits, block)
+    A, B = distributed.broadcast_(A.contiguous(), owner), distributed.broadcast_(B.contiguous(), owner)
+    if bits:
+        codes = distributed.broadcast_(quantized.codes.to(device).contiguous(), owner)
+        scales = distributed.broadcast_(quantized.scales.to(device).contiguous(), owner)
+        quantized = Quantized(codes, scales, bits, block)
+    return Compact(A, B, quantized)
+
+
+def _factors(linear, method, config, stats, rank, device, name, update) -> Compact:
     W = linear.weight.detach().to(device=device, dtype=torch.float64)
-    A, B = factorize(method, config, W, stats, rank, device, name)
+    A, B, quantized = factorize(method, config, W, stats, rank, device, name)
     refit = UPDATES[update]
-    if refit is not None:
-        B = refit.refit(W, A, B, stats)
+    if refit is not None:  # B A fits what the quantized part leaves
+        target = W if quantized is None else W - dequantize(quantized.codes, quantized.scales.to(W), quantized.block)
+        B = refit.refit(target, A, B, stats)
         if not torch.isfinite(B).all():
             raise SvdkitError(f"the {refit.name} update produced non-finite factors for {name}")
-    return A, B
+    return Compact(A, B, quantized)
 
 
 @dataclass

@@ -235,6 +235,11 @@ class CompressionOptions(UserOptions):
                     "kv_ratio fixes the k/v ranks after allocation, which would break allocation "
                     f"'{self.allocation}''s budget over all matrices: use the uniform allocation with kv_ratio"
                 )
+        if method.ranks is not None and (kv_ratio is not None or self.allocation != "uniform"):
+            raise SvdkitError(
+                f"method '{self.method}' sets every rank itself (its options), so an allocation or kv_ratio has "
+                "nothing to choose: drop them"
+            )
         kv_only = kv_ratio is not None and not isinstance(self.ratio, bool) and self.ratio == 0
         if kv_only and self.targets is not None:
             raise SvdkitError("ratio 0 with kv_ratio compresses exactly k_proj/v_proj: do not pass targets")

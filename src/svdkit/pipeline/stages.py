@@ -28,6 +28,7 @@ from ..calibration.statistics import LinearStats
 from ..calibration.store import StatisticsStore
 from ..core import distributed
 from ..core.lowrank import count_parameters
+from ..core.modeling_svdkit import QuantLowRankLinear
 from ..core.ranks import align_ranks
 from ..core.report import Report
 from ..engine import LayerSource, Step, walk_layers
@@ -60,7 +61,8 @@ Statistics = Mapping[str, LinearStats]
 @dataclass
 class CompressionResult:
     method: str
-    ratio: float
+    ratio: float | None
+    """the parameter ratio asked for (None: the method set its ranks itself)"""
     params_dense: int
     params: int
     ranks: dict[str, int]
@@ -74,6 +76,8 @@ class CompressionResult:
     """the report of a method's whole-model training (SoCo: budget, kept count, time, loss curve per step)"""
     healing: dict[str, Report] = field(default_factory=dict)
     """each healer's report, by name (held-out loss before and after, steps, time)"""
+    quantized: dict[str, int] | None = None
+    """the quantized base's bits and block size, for a method that makes one (qlr)"""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (the reports as :meth:`~svdkit.core.report.Report.as_dict` gives them)."""
@@ -199,6 +203,9 @@ def allocate(
     shapes = plan.shapes
     if options.resolved.kv_only:
         ranks: dict[str, int | None] = {n: None for n in shapes}
+    elif plan.method.ranks is not None:  # the method sets its own (no allocation, no budget to round within)
+        ranks = dict(plan.method.ranks(shapes, plan.method_config))
+        return Allocation(ranks, ranks, context)
     else:
         ranks = plan.allocator.allocate(context, options.resolved.allocation_config)
     if set(ranks) != set(shapes):
@@ -248,6 +255,7 @@ def record(
     """Give the model its svdkit record and classes (:func:`~svdkit.saved.format.make_portable`); the result."""
     options = plan.options
     kept = {name: int(r) for name, r in ranks.items() if r is not None}
+    quantized = _quantized(model, kept)
     alloc_record = {
         "name": options.allocation,
         "config": _plain(options.resolved.allocation_config),
@@ -258,8 +266,9 @@ def record(
         model,
         {
             "method": options.method,
-            "ratio": plan.ratio,
+            "ratio": None if plan.method.ranks else plan.ratio,
             "ranks": kept,
+            **({"quantized": quantized} if quantized else {}),
             "version": __version__,
             "method_config": _plain(plan.method_config),
             "params_dense": plan.facts.params,
@@ -273,7 +282,7 @@ def record(
     )
     return CompressionResult(
         method=options.method,
-        ratio=plan.ratio,
+        ratio=None if plan.method.ranks else plan.ratio,
         params_dense=plan.facts.params,
         params=count_parameters(model),
         ranks=kept,
@@ -283,7 +292,20 @@ def record(
         allocation=alloc_record,
         training=training,
         healing=healing or {},
+        quantized=quantized,
     )
+
+
+def _quantized(model: nn.Module, ranks: Mapping[str, int]) -> dict[str, int] | None:
+    """The quantized base's bits and block size, as the record keeps them (one for the whole model)."""
+    layers = [model.get_submodule(name) for name in ranks]
+    kinds = {(m.bits, m.block) for m in layers if isinstance(m, QuantLowRankLinear)}
+    if not kinds:
+        return None
+    if len(kinds) > 1 or len(layers) != sum(isinstance(m, QuantLowRankLinear) for m in layers):
+        raise SvdkitError(f"a model's quantized bases must all have the same bits and block size, found {kinds}")
+    bits, block = kinds.pop()
+    return {"bits": bits, "block": block}
 
 
 def _heal_record(plan: CompressionPlan, healing: dict[str, Report]) -> list[dict[str, Any]]:

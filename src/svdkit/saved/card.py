@@ -33,8 +33,12 @@ def _compression(record: dict | None) -> list[str]:
         return ["The dense model, not compressed (exported as it is, for comparison in the same runtime).", ""]
     lines = [
         f"- method: `{record.get('method')}` (allocation `{(record.get('allocation') or {}).get('name', 'uniform')}`)",
-        f"- parameter ratio removed: {record.get('ratio')} of the compressible matrices",
     ]
+    if record.get("quantized"):
+        q = record["quantized"]
+        lines.append(f"- a {q['bits']}-bit quantized base (blocks of {q['block']}) under every low-rank pair")
+    else:
+        lines.append(f"- parameter ratio removed: {record.get('ratio')} of the compressible matrices")
     if record.get("heal"):
         lines.append(f"- healing: {', '.join(h.get('name', '?') for h in record['heal'])}")
     if record.get("ranks"):

@@ -24,6 +24,8 @@ __all__ = [
     "check_folder",
     "folder_info",
     "natural_key",
+    "QUANTIZED_TENSORS",
+    "compression_words",
 ]
 
 
@@ -81,11 +83,14 @@ def _in_decoder_layer(module: str) -> bool:
     return re.search(r"\.\d+\.", module) is not None
 
 
-def record_problems(ranks: dict[str, int], shapes: dict[str, list[int]]) -> list[str]:
-    """How the weights disagree with the recorded ranks: a recorded module without factors of its rank,
-    factors of a module the record does not list, or a dense weight beside a recorded rank."""
+def record_problems(ranks: dict[str, int], shapes: dict[str, list[int]], quantized: dict | None = None) -> list[str]:
+    """How the weights disagree with the recorded ranks: a recorded module without factors of its rank (or,
+    with a recorded `quantized`, without its quantized base), factors of a module the record does not list, or a
+    dense weight beside a recorded rank."""
     problems = []
     for name, rank in ranks.items():
+        if quantized and not all(name + t in shapes for t in QUANTIZED_TENSORS):
+            problems.append(f"{name} has a quantized base in the record but no {name}.qweight/.scales in the weights")
         a, b = shapes.get(f"{name}.A"), shapes.get(f"{name}.B")
         if a is None or b is None:
             problems.append(f"{name} has rank {rank} in the record but no factors {name}.A/{name}.B in the weights")
@@ -116,7 +121,7 @@ def read_folder(folder: str | Path) -> tuple[dict | None, dict[str, list[int]]]:
         return None, shapes
     if not shapes:
         raise SvdkitError(f"'{folder}' has no .safetensors weights")
-    problems = record_problems(record["ranks"], shapes)
+    problems = record_problems(record["ranks"], shapes, record.get("quantized"))
     if problems:
         raise SvdkitError(
             f"'{folder}' is an inconsistent svdkit folder, its weights do not match the ranks in config.json: "
@@ -152,7 +157,8 @@ def folder_info(folder: str | Path) -> dict:
     return {
         "method": record.get("method"),
         "ratio": record.get("ratio"),
-        "params": sum(math.prod(shape) for shape in all_shapes.values()),
+        "params": sum(math.prod(shape) for key, shape in all_shapes.items() if not key.endswith(QUANTIZED_TENSORS)),
+        "quantized": record.get("quantized"),
         "params_dense": record.get("params_dense"),
         "ranks": ranks,
         "version": record.get("version"),
@@ -165,6 +171,19 @@ def folder_info(folder: str | Path) -> dict:
         "shapes": dict(sorted(shapes.items(), key=lambda kv: natural_key(kv[0]))),
         "dense_kept": sorted(dense_kept, key=natural_key),
     }
+
+
+QUANTIZED_TENSORS = (".qweight", ".scales")
+"""the tensors of a quantized base (QuantLowRankLinear's buffers): integer codes and their scales, no parameters"""
+
+
+def compression_words(record: dict) -> str:
+    """How a record's model was compressed, in words: its parameter ratio, or its quantized base."""
+    quantized = record.get("quantized")
+    if quantized:
+        article = "an" if quantized["bits"] == 8 else "a"
+        return f"{article} {quantized['bits']}-bit base in blocks of {quantized['block']} plus low-rank corrections"
+    return f"ratio {record.get('ratio')}"
 
 
 def natural_key(name: str) -> tuple:

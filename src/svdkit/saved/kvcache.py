@@ -271,6 +271,8 @@ def latent_kv_problem(model: nn.Module) -> str | None:
             cls == "MistralAttention" and getattr(mod.config, "sliding_window", None)
         ):
             return f"'{name}' uses sliding-window attention, which the latent KV cache does not support"
+    if any(hasattr(getattr(mod, p), "qweight") for _, mod in attentions for p in KV_TARGETS):
+        return "k_proj / v_proj have a quantized base (qlr): a latent of A x alone would drop it"
     if not [n for n, mod in attentions for p in KV_TARGETS if isinstance(getattr(mod, p), LowRankLinear)]:
         return (
             "no k_proj or v_proj of this model is low-rank, so there is no latent to cache: compress them "

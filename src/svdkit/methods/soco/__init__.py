@@ -98,6 +98,8 @@ class SoCoConfig(Options):
             raise ValueError(f"base must name another method, got {self.base!r}")
         if self.base not in METHODS:
             raise ValueError(f"unknown base method {self.base!r}; known: {', '.join(method_names())}")
+        if get_method(self.base).ranks is not None:
+            raise ValueError(f"base '{self.base}' sets its own ranks, so soco has no spectrum to choose from")
         need = get_method(self.base).requires
         if not need <= _STATISTICS:
             raise ValueError(

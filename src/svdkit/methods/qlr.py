@@ -1,0 +1,76 @@
+"""Q + LR: a block-quantized base plus an activation-aware low-rank correction, W ~ Q + B A.
+
+Q is W block-quantized in the layout runtimes execute natively (ONNX Runtime's MatMulNBits: `bits` per weight,
+one scale per `block` inputs of a row, symmetric), chosen by GPTQ (Frantar et al. 2023) from the Gram matrix
+of the layer's inputs, or by rounding to nearest. B A (rank `rank`) minimizes ||(W - Q - B A) X||_F: SVD-LLM's
+whitened truncation of the residual W - Q (LQER, Zhang et al. ICML'24; QERA, ICLR'25; EoRA). With
+`iterations` > 1, Q is made again from W - B A and B A refit (CALDERA, Saha et al. NeurIPS'24), keeping the
+pair of smallest output error. The math is :func:`svdkit.methods.blockquant.quantized_low_rank`.
+
+The rank is the method's own (no allocation, no parameter ratio): every target gets `rank`, at most half
+its smaller side. Bytes, not parameters, are what it saves: the base costs bits / 8 + 4 / block bytes a weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..calibration.statistics import LinearStats
+from ..core.options import Options, choice, integer, number, option
+from .base import Compact, Quantized, register
+from .blockquant import quantized_low_rank
+
+__all__ = ["QLRConfig", "qlr", "qlr_ranks"]
+
+
+def _block(name: str, v: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
+        raise ValueError(f"{name} must be a power of two of at least 16, got {v!r}")
+    return v
+
+
+@dataclass
+class QLRConfig(Options):
+    bits: int = option(4, "bits per weight of the quantized base (4 or 8)", choice(4, 8))
+    block: int = option(32, "weights per quantization block along a row (a power of two, at least 16)", _block)
+    rank: int = option(32, "rank of the low-rank correction of every matrix", integer(1))
+    quantizer: str = option("gptq", "the base by gptq (from the Gram matrix) or rtn", choice("gptq", "rtn"))
+    iterations: int = option(1, "quantize / refit rounds (CALDERA's alternation); the best is kept", integer(1))
+    damp: float = option(0.01, "GPTQ's damping, relative to the Gram matrix's mean diagonal", number(0, 1))
+    rel_eps: float = option(
+        1e-6, "jitter added to a non-positive-definite Gram matrix, relative to its largest eigenvalue", number(0, 1)
+    )
+
+
+def qlr_ranks(shapes: Mapping[str, tuple[int, int]], config: QLRConfig) -> dict[str, int]:
+    """Every target's correction rank: `rank`, at most half its smaller side (at least 1)."""
+    return {name: max(1, min(config.rank, min(m, n) // 2)) for name, (m, n) in shapes.items()}
+
+
+@register(
+    "qlr",
+    QLRConfig,
+    requires=("gram",),
+    summary="a GPTQ-quantized base (MatMulNBits layout) plus the whitened low-rank fit of its error",
+    paper="LQER (ICML'24), QERA (ICLR'25), CALDERA (NeurIPS'24); GPTQ, arXiv 2210.17323",
+    ranks=qlr_ranks,
+)
+def qlr(W: torch.Tensor, stats: LinearStats | None, rank: int, config: QLRConfig) -> Compact:
+    """Q by GPTQ (or rounding) of W - B A, B A the whitened rank-k fit of W - Q (`iterations` rounds)."""
+    if stats is None:
+        raise ValueError("qlr needs the Gram matrix of the layer's calibration inputs")
+    codes, scales, A, B = quantized_low_rank(
+        W,
+        stats.gram_mean,
+        rank,
+        config.bits,
+        config.block,
+        config.iterations,
+        config.quantizer == "gptq",
+        config.damp,
+        config.rel_eps,
+    )
+    return Compact(A, B, Quantized(codes, scales, config.bits, config.block))
