@@ -1,12 +1,17 @@
 """Interrupts at exact points of a streamed compression (benchmarks/interrupts.py, a few of its points): one
-line, exit 128 + the signal, only the resumable folder left, and a resume to the uninterrupted run's bytes."""
+line, exit 128 + the signal, only the resumable folder left, and a resume to the uninterrupted run's bytes; and
+an interrupt while the command line is still importing: one line too."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "interrupts.py"
 
@@ -24,3 +29,33 @@ def test_interrupts_right_after_each_layer_and_the_rename_end_in_one_line_and_re
     assert all(r["verdict"] == "ok" and r["lines"] == 1 and not r["traceback"] for r in rows)
     assert [r["resumed_equal"] for r in rows] == [True, True, True, None]  # the last: the output was complete
     assert rows[-1]["message"].endswith("was already complete")
+
+
+def test_only_the_command_line_guards_its_start_up():
+    from svdkit._startup import is_command_line
+
+    for argv, expected in (
+        (["python", "-m", "svdkit", "compress"], True),
+        (["python", "-u", "-m", "svdkit.cli", "eval"], True),
+        (["/venv/bin/python", "/venv/bin/svdkit", "info", "x"], True),
+        (["python", "-m", "pytest", "-q"], False),
+        (["python", "train.py"], False),
+        (["python", "-c", "import svdkit"], False),
+    ):
+        assert is_command_line(argv) is expected, argv
+    code = "import signal, svdkit; print(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr  # a program importing svdkit keeps its handlers
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_while_python_imports_ends_in_one_line(signum):
+    """Half a second in, Python is still importing torch: one line, exit 128 + the signal, no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "svdkit", "methods"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(0.5)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert err.strip().splitlines() == [f"svdkit: interrupted by {signum.name} while starting; nothing was written"]

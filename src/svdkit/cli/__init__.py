@@ -4,7 +4,8 @@ One module per subcommand, each with ``add_parser(subparsers)`` and ``run(args)`
 error (a full disk), ends with one line ``svdkit: error: ...`` on standard error and exit code 2;
 ``--json`` makes a command print one JSON object as the last line of standard output. SIGTERM (what
 ``timeout``, Docker and Slurm send) and SIGHUP stop a command as Ctrl-C does: every cleanup runs (no
-temporary folder is left), one line says which signal, and the exit code is 128 + its number. Warnings and
+temporary folder is left), one line says which signal, and the exit code is 128 + its number (while Python is
+still importing, :mod:`svdkit._startup`'s handlers say so). Warnings and
 log lines of other libraries (torch's ONNX exporter, ONNX Runtime's quantizer) stay out of the terminal unless
 ``--verbose``; svdkit's own warnings always show, as ``svdkit: warning: ...``.
 """
@@ -25,6 +26,7 @@ from huggingface_hub.utils import logging as hub_logging
 from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 
+from .._startup import STARTING
 from ..core import distributed
 from ..core.disk import io_reason
 from ..errors import SvdkitError, SvdkitWarning
@@ -87,44 +89,61 @@ def _terminate(signum, frame) -> None:
 
 @contextmanager
 def _signals_as_interrupts() -> Iterator[None]:
-    """While the command runs, SIGTERM and SIGHUP raise :class:`Terminated` (where they have their default
-    action: a signal ignored on purpose, as under ``nohup``, stays ignored)."""
+    """While the command runs, SIGINT raises KeyboardInterrupt and SIGTERM and SIGHUP raise :class:`Terminated`
+    (where they have their default action or the start-up's: a signal ignored on purpose, as under ``nohup``,
+    stays ignored); afterwards they have their default actions again."""
     installed = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-            if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
-                installed[sig] = signal.signal(sig, _terminate)
+        for sig, handler, default in (
+            (signal.SIGINT, signal.default_int_handler, signal.default_int_handler),
+            (signal.SIGTERM, _terminate, signal.SIG_DFL),
+            (getattr(signal, "SIGHUP", None), _terminate, signal.SIG_DFL),
+        ):
+            if sig is not None and signal.getsignal(sig) in (default, STARTING):
+                signal.signal(sig, handler)
+                installed[sig] = default
     try:
         yield
     finally:
-        for sig, previous in installed.items():
-            signal.signal(sig, previous)
+        for sig, default in installed.items():
+            signal.signal(sig, default)
+
+
+def _interrupted(e: KeyboardInterrupt) -> int:
+    signum = getattr(e, "signum", signal.SIGINT)
+    note = f"; {e.note}" if getattr(e, "note", None) else ""
+    print(f"svdkit: interrupted by {signal.Signals(signum).name}{note}", file=sys.stderr)
+    return 128 + signum
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    hf_logging.set_verbosity_error()
-    hub_logging.set_verbosity_error()
-    with _signals_as_interrupts(), _quiet(a.verbose):
+    with _signals_as_interrupts():
         try:
-            a.run(a)
-        except SvdkitError as e:
-            print(f"svdkit: error: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt as e:
-            signum = getattr(e, "signum", signal.SIGINT)
-            note = f"; {e.note}" if getattr(e, "note", None) else ""
-            print(f"svdkit: interrupted by {signal.Signals(signum).name}{note}", file=sys.stderr)
-            return 128 + signum
-        except RuntimeError as e:
-            if (why := distributed.peer_gone(e)) is None:
-                raise
-            print(f"svdkit: error: {why}", file=sys.stderr)
-            return 2
-        except BrokenPipeError:  # output piped into `head` and the like
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
-        except (OSError, SafetensorError) as e:  # what no check foresaw: a disk filled up while writing
-            print(f"svdkit: error: {io_reason(e)}", file=sys.stderr)
-            return 2
+            a = build_parser().parse_args(argv)
+            hf_logging.set_verbosity_error()
+            hub_logging.set_verbosity_error()
+            with _quiet(a.verbose):
+                return _run(a)
+        except KeyboardInterrupt as e:  # before or after the command's own work
+            return _interrupted(e)
+
+
+def _run(a: argparse.Namespace) -> int:
+    """The command, its failures each one line (an interrupt: :func:`main`'s)."""
+    try:
+        a.run(a)
+    except SvdkitError as e:
+        print(f"svdkit: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if (why := distributed.peer_gone(e)) is None:
+            raise
+        print(f"svdkit: error: {why}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (OSError, SafetensorError) as e:  # what no check foresaw: a disk filled up while writing
+        print(f"svdkit: error: {io_reason(e)}", file=sys.stderr)
+        return 2
     return 0

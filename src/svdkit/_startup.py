@@ -1,0 +1,51 @@
+"""An interrupt while svdkit's command line is still starting (Python importing torch and transformers, a few
+seconds in which nothing is written yet) ends in one line and exit 128 + the signal, like one at any later
+instant, instead of a KeyboardInterrupt traceback or a silent kill.
+
+Imported first by ``svdkit/__init__.py``, before anything heavy (the import guards); it acts only in a
+process that runs svdkit's command line (``svdkit ...``, ``python -m svdkit``, ``python -m svdkit.cli``, as
+its original argv says), never in a program that imports svdkit as a library. The command's own handlers
+(:mod:`svdkit.cli`) replace these once it runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+__all__ = ["STARTING", "guard_command_line", "is_command_line"]
+
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+_MODULES = ("svdkit", "svdkit.cli")
+
+
+def is_command_line(argv: list[str] | None = None) -> bool:
+    """Whether the interpreter was started to run svdkit's command line (`argv`: ``sys.orig_argv``)."""
+    argv = list(getattr(sys, "orig_argv", []) if argv is None else argv)
+    if "-m" in argv[1:]:
+        at = argv.index("-m", 1)
+        return at + 1 < len(argv) and argv[at + 1] in _MODULES
+    return len(argv) > 1 and os.path.basename(argv[1]) == "svdkit"
+
+
+def _stop(signum, frame) -> None:
+    name = signal.Signals(signum).name
+    os.write(2, f"svdkit: interrupted by {name} while starting; nothing was written\n".encode())
+    os._exit(128 + signum)
+
+
+STARTING = _stop
+"""the handler of the starting command line (the command's own replace it)"""
+
+
+def guard_command_line() -> None:
+    """In svdkit's command line, make SIGINT, SIGTERM and SIGHUP end the start-up with one line (a signal
+    ignored on purpose, as under ``nohup``, stays ignored)."""
+    if not is_command_line():
+        return
+    for sig in _SIGNALS:
+        if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(sig, _stop)
+
+
+guard_command_line()
