@@ -143,3 +143,35 @@ def test_cli_quantizer_refusals(capsys, tmp_path, tiny_folder):
         code, _, err = run_cli(capsys, "export", tiny_folder, "--output", tmp_path / "x", *flags)
         assert_error(code, err, fragment)
         assert not (tmp_path / "x").exists()
+
+
+def test_a_quantized_base_exports_as_its_own_codes(tmp_path):
+    """qlr's bases run as MatMulNBits of the very codes and scales svdkit made (no requantization): the float32
+    export's perplexity is the torch model's, the pairs stay float MatMuls; int4 quantizes only the rest."""
+    from conftest import compress_small, random_tokens, tiny_model
+
+    import svdkit
+    from svdkit.core.modeling_svdkit import QuantLowRankLinear
+    from svdkit.deploy import OnnxCausalLM
+    from svdkit.measure.perplexity import perplexity
+
+    model = tiny_model("llama")
+    compress_small(model, method="qlr", method_options={"rank": 8})
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLowRankLinear)}
+    manifest = svdkit.export_onnx(model, None, tmp_path / "f32")
+    assert manifest["max_relative_logit_difference"] < 1e-5
+    graph = onnx.load(tmp_path / "f32" / "model.onnx").graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    native = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(native) == len(layers) == 14
+    for node in native:
+        layer = layers[node.input[1].removesuffix(".qweight")]
+        assert np.array_equal(weights[node.input[1]], layer.qweight.numpy())
+    ids = random_tokens(4 * 48, seed=3)
+    want = perplexity(model, source=ids, seqlen=48, progress=False).ppl
+    got = perplexity(OnnxCausalLM(tmp_path / "f32"), source=ids, seqlen=48, progress=False).ppl
+    assert got == pytest.approx(want, rel=1e-5)
+    svdkit.export_onnx(model, None, tmp_path / "int4", weights="int4")
+    graph = onnx.load(tmp_path / "int4" / "model.onnx", load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulNBits") == 14 + 2 * 14 + 1  # the bases, the pairs' factors, the head

@@ -33,7 +33,7 @@ from ..errors import SvdkitError
 from ..saved.card import model_card
 from ..saved.folder import write_metadata
 from ..version import __version__
-from .quantize import Quantization, bytes_by_part, quantize_graph
+from .quantize import Quantization, bytes_by_part, native_bases, quantize_graph, traced_as_float
 from .runtime import KEEP, MANIFEST, OnnxCausalLM, prefill_feeds
 
 __all__ = ["VERSION", "WEIGHTS", "export_onnx", "onnx_bytes"]
@@ -98,12 +98,16 @@ def _chatter() -> Iterator[None]:
         sys.stderr.write(printed.getvalue())
 
 
-def _quantize(folder: Path, q: Quantization, calibration: list[dict] | None) -> None:
-    """Quantize ``folder/model.onnx`` in place (:func:`.quantize.quantize_graph`)."""
+def _rewrite(folder: Path, bases: dict, q: Quantization | None, calibration: list[dict] | None) -> None:
+    """``folder/model.onnx`` rewritten in place: traced quantized bases as MatMulNBits (:func:`.quantize.native_bases`),
+    then the rest quantized as `q` says (:func:`.quantize.quantize_graph`)."""
     import onnx
 
     path = folder / GRAPH
-    model = quantize_graph(onnx.load(path), q, calibration)
+    model = onnx.load(path)
+    native_bases(model, bases)
+    if q is not None:
+        model = quantize_graph(model, q, calibration)
     for file in (path, folder / f"{GRAPH}.data"):
         file.unlink(missing_ok=True)
     onnx.save_model(model, path, save_as_external_data=True, location=f"{GRAPH}.data")
@@ -162,7 +166,8 @@ def export_onnx(
     vocab = model.config.get_text_config().vocab_size
     sample = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
     check = torch.randint(0, vocab, (1, 24), generator=torch.Generator().manual_seed(1))
-    exporter, program, cache = _trace(model, sample)
+    with traced_as_float(model) as bases:
+        exporter, program, cache = _trace(model, sample)
     text = model.config.get_text_config()
     manifest = {
         "format": "svdkit-onnx",
@@ -184,8 +189,8 @@ def export_onnx(
 
     def write(tmp: Path) -> None:
         exporter.save_program(program, tmp / GRAPH)
-        if q is not None:
-            _quantize(tmp, q, feeds)
+        if bases or q is not None:
+            _rewrite(tmp, bases, q, feeds)
         manifest["bytes_by_part"] = _parts(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # the runner of _check reads it
         diff = manifest["max_relative_logit_difference"] = _check(tmp, model, check, weights)
