@@ -5,7 +5,8 @@ instant, instead of a KeyboardInterrupt traceback or a silent kill.
 Imported first by ``svdkit/__init__.py``, before anything heavy (the import guards); it acts only in a
 process that runs svdkit's command line (``svdkit ...``, ``python -m svdkit``, ``python -m svdkit.cli``, as
 its original argv says), never in a program that imports svdkit as a library. The command's own handlers
-(:mod:`svdkit.cli`) replace these once it runs."""
+(:mod:`svdkit.cli`) replace these once it runs, and :func:`ended` ends the process the same way when a signal
+comes after the command, while Python shuts down."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 import signal
 import sys
 
-__all__ = ["STARTING", "guard_command_line", "is_command_line"]
+__all__ = ["ended", "guard_command_line", "is_command_line", "starting"]
 
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 _MODULES = ("svdkit", "svdkit.cli")
@@ -28,14 +29,19 @@ def is_command_line(argv: list[str] | None = None) -> bool:
     return len(argv) > 1 and os.path.basename(argv[1]) == "svdkit"
 
 
-def _stop(signum, frame) -> None:
-    name = signal.Signals(signum).name
-    os.write(2, f"svdkit: interrupted by {name} while starting; nothing was written\n".encode())
+def _exit(signum: int, when: str) -> None:
+    os.write(2, f"svdkit: interrupted by {signal.Signals(signum).name} {when}\n".encode())
     os._exit(128 + signum)
 
 
-STARTING = _stop
-"""the handler of the starting command line (the command's own replace it)"""
+def starting(signum, frame) -> None:
+    """The handler while the command line starts (the command's own replace it)."""
+    _exit(signum, "while starting; nothing was written")
+
+
+def ended(signum, frame) -> None:
+    """The handler once the command has ended (its output complete, or its error said), while Python exits."""
+    _exit(signum, "as it exited; the command had ended")
 
 
 def guard_command_line() -> None:
@@ -45,7 +51,7 @@ def guard_command_line() -> None:
         return
     for sig in _SIGNALS:
         if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
-            signal.signal(sig, _stop)
+            signal.signal(sig, starting)
 
 
 guard_command_line()

@@ -59,3 +59,30 @@ def test_an_interrupt_while_python_imports_ends_in_one_line(signum):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err
     assert err.strip().splitlines() == [f"svdkit: interrupted by {signum.name} while starting; nothing was written"]
+
+
+def test_after_the_command_a_signal_still_ends_in_one_line():
+    """In the command line's process the command's handlers give way to one that exits with one line (a signal
+    while Python shuts down after the output is complete), elsewhere to the defaults."""
+    from svdkit import _startup
+    from svdkit.cli import Terminated, _signals_as_interrupts
+
+    previous = signal.signal(signal.SIGHUP, _startup.starting)
+    try:
+        with _signals_as_interrupts():
+            with pytest.raises(Terminated):
+                signal.raise_signal(signal.SIGHUP)
+        assert signal.getsignal(signal.SIGHUP) is _startup.ended
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with _signals_as_interrupts():
+            pass
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    code = (
+        "import os, signal, time; from svdkit._startup import ended; signal.signal(signal.SIGTERM, ended); "
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.stderr.strip() == "svdkit: interrupted by SIGTERM as it exited; the command had ended"

@@ -26,7 +26,7 @@ from huggingface_hub.utils import logging as hub_logging
 from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 
-from .._startup import STARTING
+from .._startup import ended, starting
 from ..core import distributed
 from ..core.disk import io_reason
 from ..errors import SvdkitError, SvdkitWarning
@@ -91,7 +91,8 @@ def _terminate(signum, frame) -> None:
 def _signals_as_interrupts() -> Iterator[None]:
     """While the command runs, SIGINT raises KeyboardInterrupt and SIGTERM and SIGHUP raise :class:`Terminated`
     (where they have their default action or the start-up's: a signal ignored on purpose, as under ``nohup``,
-    stays ignored); afterwards they have their default actions again."""
+    stays ignored); afterwards their default actions again, or in the command line's own process
+    :func:`svdkit._startup.ended` (one line, while Python exits)."""
     installed = {}
     if threading.current_thread() is threading.main_thread():
         for sig, handler, default in (
@@ -99,14 +100,14 @@ def _signals_as_interrupts() -> Iterator[None]:
             (signal.SIGTERM, _terminate, signal.SIG_DFL),
             (getattr(signal, "SIGHUP", None), _terminate, signal.SIG_DFL),
         ):
-            if sig is not None and signal.getsignal(sig) in (default, STARTING):
+            if sig is not None and (previous := signal.getsignal(sig)) in (default, starting):
                 signal.signal(sig, handler)
-                installed[sig] = default
+                installed[sig] = ended if previous is starting else default
     try:
         yield
     finally:
-        for sig, default in installed.items():
-            signal.signal(sig, default)
+        for sig, after in installed.items():
+            signal.signal(sig, after)
 
 
 def _interrupted(e: KeyboardInterrupt) -> int:
