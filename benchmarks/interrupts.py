@@ -1,6 +1,7 @@
 """Interrupts at any instant: a streamed ``svdkit compress`` stopped by SIGINT, SIGTERM or SIGHUP at many points
 must end in one line (``svdkit: interrupted by SIG...``, exit 128 + the signal's number), leave nothing beside
-the output but its resumable partial folder, and resume (``--resume``) to the very bytes of an uninterrupted run.
+the output but its resumable partial folder (or nothing at all, stopped before it wrote anything), and resume
+(``--resume``) to the very bytes of an uninterrupted run.
 
     python benchmarks/interrupts.py [--layers 4] [--timed 12] [--work DIR] [--json FILE]
 
@@ -125,7 +126,8 @@ def _run(argv: list[str], env: dict, timed: float | None = None, signum: int = 0
 
 def check(point: str, signum: int, result, case: Path, reference: dict, env: dict, model: Path) -> Row:
     """Judge one interrupted run: one line and 128 + the signal (or 0 where the run ended first), and either the
-    resumable folder alone (then resumed and compared with the uninterrupted output) or the complete output."""
+    resumable folder alone (then resumed and compared with the uninterrupted output), the complete output, or
+    nothing at all (stopped before it wrote anything)."""
     code, out, err = result
     lines = [ln for ln in err.splitlines() if ln.startswith("svdkit:") or "Traceback" in ln or "Error" in ln]
     left = sorted(p.name for p in case.iterdir() if p.name != "out")
@@ -136,7 +138,8 @@ def check(point: str, signum: int, result, case: Path, reference: dict, env: dic
     if left == [".out.svdkit-partial"] and not (case / "out").exists():
         rc, _, rerr = _run([sys.executable, "-m", "svdkit", *command(model, case / "out"), "--resume"], env)
         equal = rc == 0 and digests(case / "out") == reference and [p.name for p in case.iterdir()] == ["out"]
-    good = one_line and "Traceback" not in err and (equal or (left == [] and complete))
+    nothing = left == [] and not (case / "out").exists()  # stopped before it wrote anything: nothing to resume
+    good = one_line and "Traceback" not in err and (equal or (left == [] and complete) or nothing)
     message = lines[-1] if lines else (out.strip().splitlines() or [""])[0]
     return Row(point, signal.Signals(signum).name, code, len(lines), message[:300], "Traceback" in err, left, equal,
                "ok" if good else "FAIL")  # fmt: skip
