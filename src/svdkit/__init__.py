@@ -11,7 +11,7 @@ Importing svdkit registers its saved format with transformers, so
 ``AutoModelForCausalLM.from_pretrained(folder)`` loads a compressed folder as a low-rank model.
 """
 
-from . import _startup  # noqa: F401  (first: in svdkit's command line, an interrupt while importing is one line)
+from . import startup  # noqa: F401  (first: in svdkit's command line, an interrupt while importing is one line)
 from .allocators import allocator_names
 from .allocators.uniform import allocate_uniform
 from .core.architecture import find_architecture

@@ -5,7 +5,7 @@ error (a full disk), ends with one line ``svdkit: error: ...`` on standard error
 ``--json`` makes a command print one JSON object as the last line of standard output. SIGTERM (what
 ``timeout``, Docker and Slurm send) and SIGHUP stop a command as Ctrl-C does: every cleanup runs (no
 temporary folder is left), one line says which signal, and the exit code is 128 + its number (while Python is
-still importing, :mod:`svdkit._startup`'s handlers say so). Warnings and
+still importing, :mod:`svdkit.startup`'s handlers say so). Warnings and
 log lines of other libraries (torch's ONNX exporter, ONNX Runtime's quantizer) stay out of the terminal unless
 ``--verbose``; svdkit's own warnings always show, as ``svdkit: warning: ...``.
 """
@@ -26,10 +26,10 @@ from huggingface_hub.utils import logging as hub_logging
 from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 
-from .._startup import ended, starting
 from ..core import distributed
 from ..core.disk import io_reason
 from ..errors import SvdkitError, SvdkitWarning
+from ..startup import ended, starting
 from . import bench, compress, demo, densify, evaluate, export, generate, info, methods
 from .common import CURVE_FILE, Parser
 
@@ -92,7 +92,7 @@ def _signals_as_interrupts() -> Iterator[None]:
     """While the command runs, SIGINT raises KeyboardInterrupt and SIGTERM and SIGHUP raise :class:`Terminated`
     (where they have their default action or the start-up's: a signal ignored on purpose, as under ``nohup``,
     stays ignored); afterwards their default actions again, or in the command line's own process
-    :func:`svdkit._startup.ended` (one line, while Python exits)."""
+    :func:`svdkit.startup.ended` (one line, while Python exits)."""
     installed = {}
     if threading.current_thread() is threading.main_thread():
         for sig, handler, default in (
