@@ -10,6 +10,7 @@ import torch
 from conftest import assert_error, compress_small, last_json, random_tokens, run_cli, tiny_model
 
 import svdkit
+from svdkit.bench.cells import parse_spec
 from svdkit.core.modeling_svdkit import QuantLowRankLinear
 from svdkit.errors import SvdkitError
 from svdkit.measure.perplexity import perplexity
@@ -97,6 +98,8 @@ def test_refusals():
             compress_small(tiny_model("llama"), **kw)
     _, model, _ = _qlr()
     assert "quantized base" in latent_kv_problem(model)
+    with pytest.raises(SvdkitError, match="ratio grid does not apply"):
+        parse_spec("qlr+heal:block")
 
 
 def test_cli_streamed_compress_info_eval(capsys, tmp_path, tiny_folder, text_file):

@@ -17,7 +17,7 @@ from ..core.options import parse_assignment
 from ..errors import SvdkitError
 from ..heal import parse_heal
 from ..measure.scorecard import VALIDATION
-from ..methods import method_names
+from ..methods import get_method, method_names
 from ..pipeline.options import CalibrationSettings
 from ..sources.mixture import parse_calib
 
@@ -145,6 +145,11 @@ def parse_spec(spec: str) -> CellSpec:
         raise SvdkitError(f"unknown method '{method}' in cell '{spec}'; known: {', '.join(method_names())}")
     if allocation not in allocator_names():
         raise SvdkitError(f"unknown allocation '{allocation}' in cell '{spec}'; known: {', '.join(allocator_names())}")
+    if get_method(method).ranks is not None:
+        raise SvdkitError(
+            f"method '{method}' sets its own ranks, so the bench's ratio grid does not apply to it: measure it with "
+            "svdkit compress and svdkit eval --scorecard (a bytes track for the bench is still to come)"
+        )
     return CellSpec(
         method,
         allocation,
