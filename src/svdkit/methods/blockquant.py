@@ -78,11 +78,11 @@ def gptq(
     U = _inverse_factor(G.to(W), damp)
     m, n = W.shape
     lazy = block * max(1, lazy // block)  # a batch holds whole blocks, so a block's scales see its updates
-    codes = torch.zeros(m, n, dtype=torch.int8)
-    scales = torch.zeros(m, (n + block - 1) // block, dtype=W.dtype)
+    codes = torch.zeros(m, n, dtype=torch.int8, device=W.device)
+    scales = torch.zeros(m, (n + block - 1) // block, dtype=W.dtype, device=W.device)
     for b0 in range(0, n, lazy):
         b1 = min(b0 + lazy, n)
-        part, errors = W[:, b0:b1].clone(), torch.zeros(m, b1 - b0, dtype=W.dtype)
+        part, errors = W[:, b0:b1].clone(), torch.zeros(m, b1 - b0, dtype=W.dtype, device=W.device)
         for j in range(b1 - b0):
             col = b0 + j
             if col % block == 0:
