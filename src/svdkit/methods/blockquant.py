@@ -101,7 +101,7 @@ def pack(codes: torch.Tensor, bits: int = 4, block: int = 32) -> torch.Tensor:
     bits; the last block of a row padded with zero bytes (as ONNX Runtime pads)."""
     m, n = codes.shape
     blocks = (n + block - 1) // block
-    unsigned = torch.zeros(m, blocks * block, dtype=torch.uint8)
+    unsigned = torch.zeros(m, blocks * block, dtype=torch.uint8, device=codes.device)
     unsigned[:, :n] = (codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
     if bits == 4:
         unsigned = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
