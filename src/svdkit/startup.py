@@ -5,8 +5,8 @@ instant, instead of a KeyboardInterrupt traceback or a silent kill.
 Imported first by ``svdkit/__init__.py``, before anything heavy (the import guards); it acts only in a
 process that runs svdkit's command line (``svdkit ...``, ``python -m svdkit``, ``python -m svdkit.cli``, as
 its original argv says), never in a program that imports svdkit as a library. The command's own handlers
-(:mod:`svdkit.cli`) replace these once it runs, and :func:`ended` ends the process the same way when a signal
-comes after the command, while Python shuts down."""
+(:mod:`svdkit.cli`) replace these once it runs, and once it has ended :func:`hold_to_exit` keeps a late signal
+from killing the process while Python shuts down."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-__all__ = ["ended", "guard_command_line", "is_command_line", "starting"]
+__all__ = ["guard_command_line", "hold_to_exit", "is_command_line", "starting"]
 
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 _MODULES = ("svdkit", "svdkit.cli")
@@ -39,9 +39,12 @@ def starting(signum, frame) -> None:
     _exit(signum, "while starting; nothing was written")
 
 
-def ended(signum, frame) -> None:
-    """The handler once the command has ended (its output complete, or its error said), while Python exits."""
-    _exit(signum, "as it exited; the command had ended")
+def hold_to_exit() -> None:
+    """Ignore SIGINT, SIGTERM and SIGHUP for the rest of the process: once the command has ended (its output
+    complete, or its error said), one that comes while Python shuts down (which gives signals their default
+    actions back, except ignored ones) no longer kills it silently; the exit code stays the command's."""
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def guard_command_line() -> None:

@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 from ..core import distributed
 from ..core.disk import io_reason
 from ..errors import SvdkitError, SvdkitWarning
-from ..startup import ended, starting
+from ..startup import hold_to_exit, is_command_line, starting
 from . import bench, compress, demo, densify, evaluate, export, generate, info, methods
 from .common import CURVE_FILE, Parser
 
@@ -91,8 +91,7 @@ def _terminate(signum, frame) -> None:
 def _signals_as_interrupts() -> Iterator[None]:
     """While the command runs, SIGINT raises KeyboardInterrupt and SIGTERM and SIGHUP raise :class:`Terminated`
     (where they have their default action or the start-up's: a signal ignored on purpose, as under ``nohup``,
-    stays ignored); afterwards their default actions again, or in the command line's own process
-    :func:`svdkit.startup.ended` (one line, while Python exits)."""
+    stays ignored); afterwards their default actions again."""
     installed = {}
     if threading.current_thread() is threading.main_thread():
         for sig, handler, default in (
@@ -102,12 +101,18 @@ def _signals_as_interrupts() -> Iterator[None]:
         ):
             if sig is not None and (previous := signal.getsignal(sig)) in (default, starting):
                 signal.signal(sig, handler)
-                installed[sig] = ended if previous is starting else default
+                installed[sig] = (handler, previous)
     try:
         yield
     finally:
-        for sig, after in installed.items():
-            signal.signal(sig, after)
+        for sig, (handler, previous) in installed.items():
+            if signal.getsignal(sig) is handler:  # not changed meanwhile (the command line's end ignores them)
+                signal.signal(sig, default_action(sig) if previous is starting else previous)
+
+
+def default_action(sig: int):
+    """What a signal does by default in Python: SIGINT raises KeyboardInterrupt, the others their OS default."""
+    return signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
 
 
 def _interrupted(e: KeyboardInterrupt) -> int:
@@ -124,9 +129,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             hf_logging.set_verbosity_error()
             hub_logging.set_verbosity_error()
             with _quiet(a.verbose):
-                return _run(a)
+                code = _run(a)
+            _ended()
+            return code
         except KeyboardInterrupt as e:  # before or after the command's own work
+            _ended()
             return _interrupted(e)
+
+
+def _ended() -> None:
+    """In the command line's own process, ignore SIGINT, SIGTERM and SIGHUP from here to its exit: Python's
+    shutdown gives them their default actions again, which would kill it without a word."""
+    if is_command_line():
+        hold_to_exit()
 
 
 def _run(a: argparse.Namespace) -> int:
