@@ -33,7 +33,9 @@ from svdkit.sources.text import source_tokens
 def exported(spec: str, work: Path, weights: str = "float32") -> Path:
     name = Path(spec).name + ("" if weights == "float32" else f"-{weights}")
     out = work / f"{name}-onnx"
-    if not is_onnx_folder(out) or read_manifest(out).get("version", 1) < VERSION:  # older: every logit
+    manifest = read_manifest(out) if is_onnx_folder(out) else {}
+    stale = manifest.get("version", 1) < VERSION or (weights != "float32" and "quantization" not in manifest)
+    if not manifest or stale:  # older: every logit, or quantized weights with a float32 embedding
         model, tok = svdkit.load_model(spec, dtype="float32")
         svdkit.export_onnx(model, tok, out, weights=weights, source=spec, overwrite=True)
     return out
