@@ -47,6 +47,11 @@ def test_only_the_command_line_guards_its_start_up():
     assert out.stdout.strip() == "True", out.stderr  # a program importing svdkit keeps its handlers
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupt_while_python_imports_ends_in_one_line(signum):
     """Sent as soon as ``svdkit.startup`` has run (``-X importtime`` reports each import as it ends), while Python
@@ -56,6 +61,7 @@ def test_an_interrupt_while_python_imports_ends_in_one_line(signum):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_signals,  # a test run in the background (``make test &``) ignores SIGINT: not the child
     )
     for line in proc.stderr:
         if line.rstrip().endswith("svdkit.startup"):
