@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .linalg import gram_svd, robust_cholesky, split_factors
+from .linalg import robust_cholesky, split_factors
+from .svd_llm import whitened_spectrum
 
 __all__ = ["dequantize", "gptq", "pack", "quantized_low_rank", "round_to_nearest"]
 
@@ -128,13 +129,12 @@ def quantized_low_rank(
     Q by GPTQ (or rounding to nearest) of W - B A, B A the whitened rank-k fit of W - Q, `iterations` times."""
     W = W.to(torch.float64)
     G = G.to(W)
-    L, _ = robust_cholesky(G.clone(), rel_eps)
     low, best = torch.zeros_like(W), None
     for _ in range(iterations):
         target = W - low
         codes, scales = gptq(target, G, bits, block, damp) if use_gptq else round_to_nearest(target, bits, block)
         residual = W - dequantize(codes, scales, block)
-        U, S, Vh = gram_svd(residual @ L)
+        U, S, Vh, L = whitened_spectrum(residual, G, rel_eps)  # SVD-LLM's truncation of the residual
         A, B = split_factors(U, S, Vh, rank)
         A = torch.linalg.solve_triangular(L, A, upper=False, left=False)
         low = B @ A
