@@ -1,15 +1,18 @@
 """The 4- and 8-bit models a user can make of the dense model without svdkit's compression, on the protocol.
 
     python benchmarks/quant_baselines.py [--data-dir ../shared/data] [--out docs/results/quant_baselines]
-        [--configs float32 int4-rtn-b32 ...] [--zero-shot 250] [--gptq-calib wikitext2:3,ptb:3,demo:2]
+        [--configs float32 int4-rtn-b32 ...] [--zero-shot 250] [--zero-shot-configs float32 int4-gptq-b32 ...]
+        [--gptq-calib wikitext2:3,ptb:3,demo:2]
 
 ONNX Runtime's own weight-only quantizers (svdkit.deploy.quantize: round to nearest, HQQ, GPTQ; int4 and int8;
 blocks of 32 and 128) on the dense SmolLM2-135M (float32), the token embedding quantized too (a tied head
 shares its tensor), each exported by ``svdkit export``'s code into a temporary folder. Per row: bytes on disk
 and by part (embedding, head, layers), the scorecard's perplexities (WikiText-2, PTB, Python docs; the
-protocol's windows) and zero-shot mean (first --zero-shot documents per task), and batch-1 decode tokens/s
-(64 tokens after a 32-token prompt, median of 3) paired with the float32 export. GPTQ calibrates on
---gptq-calib windows of --gptq-seqlen tokens drawn as the bench draws them (clear of every evaluated window).
+protocol's windows) and zero-shot mean (first --zero-shot documents per task; of the --zero-shot-configs
+rows only, where given: lm-eval runs ONNX Runtime one sequence at a time, ~10 min a row on 2 cores), and
+batch-1 decode tokens/s (64 tokens after a 32-token prompt, median of 3) paired with the float32 export.
+GPTQ calibrates on --gptq-calib windows of --gptq-seqlen tokens drawn as the bench draws them (clear of
+every evaluated window).
 Rows already in OUT/results.json are kept (a rerun resumes); prints and writes results.md.
 """
 
@@ -114,6 +117,7 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE.parent / "docs" / "results" / "quant_baselines"))
     p.add_argument("--configs", nargs="+", default=CONFIGS)
     p.add_argument("--zero-shot", type=int, default=250, help="documents per zero-shot task (0: none)")
+    p.add_argument("--zero-shot-configs", nargs="*", help="the rows that get zero-shot scores (default: every row)")
     p.add_argument("--gptq-calib", default="wikitext2:3,ptb:3,demo:2")
     p.add_argument("--gptq-seqlen", type=int, default=512)
     args = p.parse_args()
@@ -124,10 +128,9 @@ def main() -> None:
     rows = {r["name"]: r for r in done}
     model, tok = svdkit.load_model("smollm2-135m", dtype="float32")
     tokens = domain_tokens(tok, args.data_dir)
-    if args.zero_shot:
-        settings = ScorecardSettings(limit=args.zero_shot, generation=False)
-    else:
-        settings = ScorecardSettings(tasks=(), generation=False)
+    no_tasks = ScorecardSettings(tasks=(), generation=False)
+    settings = ScorecardSettings(limit=args.zero_shot, generation=False) if args.zero_shot else no_tasks
+    scored = set(args.zero_shot_configs if args.zero_shot_configs is not None else ["float32", *args.configs])
     texts = {"wikitext2": tokens["wikitext2"], "ptb": tokens["ptb"], "demo": tokens["pydoc"]}
     spec = protocol_spec(args.gptq_calib, 150000)
     calib = mixture_windows(spec, None, args.gptq_seqlen, 150000, 0, tok, model, texts)
@@ -142,7 +145,8 @@ def main() -> None:
             if name in rows:
                 continue
             print(f"{name} ...", flush=True)
-            rows[name] = measure(name, model, tok, tokens, settings, calib, reference, args.data_dir, work)
+            how = settings if name in scored else no_tasks
+            rows[name] = measure(name, model, tok, tokens, how, calib, reference, args.data_dir, work)
             print(json.dumps(rows[name]), flush=True)
             record = {"command": command, "machine": machine, "rows": _ordered(rows)}
             (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -153,3 +153,44 @@ def test_onnx_export_of_compressed_smollm2_evaluates_and_generates_like_torch(sm
     with torch.no_grad():
         expected = work.generate(prompt, do_sample=False, pad_token_id=0, **kw)
     assert torch.equal(onnx_model.generate(prompt, **kw), expected)
+
+
+def test_qlr_corrects_its_int4_base_and_exports_like_torch(smollm2, shared_data, tmp_path):
+    """qlr (GPTQ int4 base, rank 16) on SmolLM2: closer to dense than the same model rounded to int4 with no
+    correction, saved and reloaded to the same logits (with svdkit, and through the folder's own code by
+    plain transformers), and its export (bases as MatMulNBits of the very codes, float32 pairs) evaluates in
+    ONNX Runtime like torch to 1e-3."""
+    from transformers import AutoModelForCausalLM
+
+    from svdkit.deploy.runtime import OnnxCausalLM
+    from svdkit.methods.blockquant import dequantize, round_to_nearest
+
+    model, tok = smollm2
+    wiki = tokenize(tok, load_text(shared_data / "wikitext-2-raw" / "wiki.test.raw"))
+    evaluation = dict(seqlen=256, max_windows=2, progress=False)
+    dense = svdkit.perplexity(model, tok, wiki, **evaluation).ppl
+    rounded, _ = svdkit.load_model("smollm2-135m", progress=False)
+    for name in svdkit.find_architecture(rounded).shapes():
+        w = rounded.get_submodule(name).weight
+        w.data.copy_(dequantize(*round_to_nearest(w.data, 4, 32), 32))
+    work, _ = svdkit.load_model("smollm2-135m", progress=False)
+    r = svdkit.compress(
+        work, tok, method="qlr", method_options={"rank": 16}, calib=wiki, calib_samples=8, calib_seqlen=256,
+        calib_offset=150_000, device="cpu", progress=False,
+    )  # fmt: skip
+    assert r.quantized == {"bits": 4, "block": 32} and set(r.ranks.values()) == {16}
+    got = svdkit.perplexity(work, tok, wiki, **evaluation).ppl
+    assert dense < got < svdkit.perplexity(rounded, tok, wiki, **evaluation).ppl
+    assert got < 1.25 * dense
+
+    svdkit.save(work, tok, tmp_path / "q")
+    ids = wiki[:64][None]
+    loaded, _ = svdkit.load(tmp_path / "q")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "q", trust_remote_code=True)
+    with torch.no_grad():
+        want = work(input_ids=ids).logits
+        assert torch.equal(loaded(input_ids=ids).logits, want)
+        torch.testing.assert_close(plain(input_ids=ids).logits, want, rtol=0, atol=1e-4)
+    svdkit.export_onnx(work, tok, tmp_path / "onnx")
+    exported = svdkit.perplexity(OnnxCausalLM(tmp_path / "onnx"), tok, wiki, **evaluation).ppl
+    assert exported == pytest.approx(got, rel=1e-3)

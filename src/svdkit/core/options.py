@@ -29,6 +29,7 @@ __all__ = [
     "option",
     "number",
     "integer",
+    "power_of_two",
     "choice",
     "boolean",
     "path",
@@ -113,6 +114,17 @@ def integer(minimum: int | None = None) -> Check:
                 else f"an integer >= {minimum}"
             )
             raise ValueError(f"{name} must be {what}, got {v!r}")
+        return v
+
+    return check
+
+
+def power_of_two(minimum: int) -> Check:
+    """An integer power of two, at least `minimum` (a quantization block size)."""
+
+    def check(name: str, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two of at least {minimum}, got {v!r}")
         return v
 
     return check

@@ -32,6 +32,7 @@ import numpy as np
 from torch import nn
 from torch.nn import functional as F
 
+from ..core.options import power_of_two
 from ..errors import SvdkitError
 
 __all__ = ["QUANTIZERS", "Quantization", "bytes_by_part", "native_bases", "quantize_graph", "traced_as_float"]
@@ -52,8 +53,10 @@ class Quantization:
         """Refuse what ONNX Runtime's quantizers cannot write, naming what to use instead."""
         if self.bits not in (4, 8):
             raise SvdkitError(f"weights are quantized to 4 or 8 bits, not {self.bits}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise SvdkitError(f"the block size must be a power of two of at least 16, got {self.block_size}")
+        try:
+            power_of_two(16)("the block size", self.block_size)
+        except ValueError as e:
+            raise SvdkitError(str(e)) from None
         if self.quantizer not in QUANTIZERS:
             raise SvdkitError(f"unknown quantizer '{self.quantizer}' (known: {', '.join(QUANTIZERS)})")
         if self.quantizer != "rtn" and self.bits != 4:

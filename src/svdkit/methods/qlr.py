@@ -19,23 +19,17 @@ from dataclasses import dataclass
 import torch
 
 from ..calibration.statistics import LinearStats
-from ..core.options import Options, choice, integer, number, option
+from ..core.options import Options, choice, integer, number, option, power_of_two
 from .base import Compact, Quantized, register
 from .blockquant import quantized_low_rank
 
 __all__ = ["QLRConfig", "qlr", "qlr_ranks"]
 
 
-def _block(name: str, v: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
-        raise ValueError(f"{name} must be a power of two of at least 16, got {v!r}")
-    return v
-
-
 @dataclass
 class QLRConfig(Options):
     bits: int = option(4, "bits per weight of the quantized base (4 or 8)", choice(4, 8))
-    block: int = option(32, "weights per quantization block along a row (a power of two, at least 16)", _block)
+    block: int = option(32, "weights per block along a row (a power of two, at least 16)", power_of_two(16))
     rank: int = option(32, "rank of the low-rank correction of every matrix", integer(1))
     quantizer: str = option("gptq", "the base by gptq (from the Gram matrix) or rtn", choice("gptq", "rtn"))
     iterations: int = option(1, "quantize / refit rounds (CALDERA's alternation); the best is kept", integer(1))

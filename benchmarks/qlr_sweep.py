@@ -1,0 +1,245 @@
+"""svdkit's Q + LR (method ``qlr``) on SmolLM2-135M: settings chosen on validation windows, then scored like
+the 4-bit baselines of quant_baselines.py.
+
+    python benchmarks/qlr_sweep.py validate [--cells r32-b4-g32 ...] [--data-dir ../shared/data]
+    python benchmarks/qlr_sweep.py score --cells r32-b4-g32 ... [--zero-shot 250]
+
+A cell is ``rRANK-bBITS-gBLOCK[-QUANTIZER][-iITERATIONS]`` (quantizer gptq unless ``-rtn``; one iteration unless
+``-iN``). Every cell is calibrated on the windows ONNX Runtime's GPTQ and llama.cpp's importance matrix get in
+the baselines (--calib, drawn as the bench draws them, clear of every evaluated window), one statistics pass
+shared by all cells.
+
+``validate`` prints, per cell, the perplexity on the protocol's validation windows (WikiText-2 tokens
+[40960, 57344), PTB validation windows 8-15, the 8 Python-docs windows before its last 8) in torch, twice:
+with the pair B A in float32, and with A and B rounded to int4 in blocks of 32 as ``svdkit export --weights
+int4`` stores them; plus the bytes such an export takes by part (computed, not exported). Dense float32
+and its int4 round-to-nearest base (svdkit's own rounding, no correction) are the first rows.
+
+``score`` exports each cell with ``svdkit export --weights int4`` (bases as MatMulNBits of their own codes,
+the pairs and the tied embedding round-to-nearest int4 in blocks of 32) and measures it as
+quant_baselines.py measures a row: bytes by part, the three domains' perplexity, the zero-shot mean, and
+batch-1 decode tokens/s paired with the dense int4-rtn-b32 export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import svdkit
+from svdkit.bench.cells import protocol_spec
+from svdkit.core.architecture import find_architecture
+from svdkit.core.modeling_svdkit import QuantLowRankLinear
+from svdkit.deploy.quantize import Quantization
+from svdkit.deploy.runtime import OnnxCausalLM
+from svdkit.measure.scorecard import PTB_VALIDATION, VALIDATION, ScorecardSettings, domain_tokens, scorecard
+from svdkit.measure.speed import paired_speed
+from svdkit.methods.blockquant import dequantize, gptq, round_to_nearest
+from svdkit.sources.mixture import mixture_windows
+
+HERE = Path(__file__).resolve().parent
+CELLS = ["r16-b4-g32", "r32-b4-g32", "r64-b4-g32", "r32-b4-g128", "r64-b4-g128", "r32-b4-g32-i3"]
+
+
+def compressed(model, tok, cell: str, windows, stats):
+    """A compressed copy of `model`: qlr with the cell's options, or (a cell ``svd-llm-RATIO``) svdkit's
+    low-rank-only SVD-LLM at that parameter ratio, for the bytes plot."""
+    m = copy.deepcopy(model)
+    if cell.startswith("svd-llm-"):
+        kw = {"method": "svd-llm", "ratio": float(cell.removeprefix("svd-llm-"))}
+    else:
+        kw = {"method": "qlr", "method_options": options(cell)}
+    svdkit.compress(m, tok, calib=windows, statistics=stats, progress=False, **kw)
+    return m
+
+
+def options(cell: str) -> dict:
+    """qlr's options of a cell name."""
+    parts = cell.split("-")
+    out = {"rank": int(parts[0][1:]), "bits": int(parts[1][1:]), "block": int(parts[2][1:])}
+    for p in parts[3:]:
+        if p in ("rtn", "gptq"):
+            out["quantizer"] = p
+        elif p.startswith("i"):
+            out["iterations"] = int(p[1:])
+    return out
+
+
+def validation_tokens(tokens: dict[str, torch.Tensor], seqlen: int = 2048) -> dict[str, torch.Tensor]:
+    """The protocol's validation windows of each domain (never its test windows)."""
+    pydoc = tokens["pydoc"]
+    return {
+        "wikitext2": tokens["wikitext2"][VALIDATION[0] : VALIDATION[1]],
+        "ptb": tokens["ptb"][PTB_VALIDATION[0] : PTB_VALIDATION[1]],
+        "pydoc": pydoc[-16 * seqlen : -8 * seqlen],
+    }
+
+
+def validation_ppl(model, val: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: svdkit.perplexity(model, None, v, seqlen=2048, progress=False).ppl for k, v in val.items()}
+
+
+def geomean_ratio(ppl: dict[str, float], dense: dict[str, float]) -> float:
+    return math.exp(sum(math.log(ppl[k] / dense[k]) for k in dense) / len(dense))
+
+
+def round_pairs(model, bits: int = 4, block: int = 32) -> None:
+    """A and B of every QuantLowRankLinear rounded as the export's MatMulNBits stores them (blocks along
+    each matrix's inputs: A's rows along n, B's rows along the rank)."""
+    for m in model.modules():
+        if isinstance(m, QuantLowRankLinear):
+            for p in (m.A, m.B):
+                p.data.copy_(dequantize(*round_to_nearest(p.data, bits, block), block))
+
+
+def base_only(model, arch, stats, quantizer: str, bits: int = 4, block: int = 32):
+    """A copy of `model` with every target replaced by its quantized base alone (no correction)."""
+    m = copy.deepcopy(model)
+    for name in arch.shapes():
+        w = m.get_submodule(name).weight
+        W = w.data.to(torch.float64)
+        codes, scales = (
+            gptq(W, stats[name].gram_mean, bits, block) if quantizer == "gptq" else round_to_nearest(W, bits, block)
+        )
+        w.data.copy_(dequantize(codes, scales, block))
+    return m
+
+
+def export_bytes(model, arch, bits: int = 4, block: int = 32) -> dict[str, float]:
+    """Bytes of an int4 export by part, computed: bases at their bits plus a float32 scale per block, pairs
+    and the (tied) embedding round-to-nearest `bits` in blocks of `block` (padded blocks count)."""
+
+    def nbits(rows: int, cols: int, b: int, g: int) -> float:
+        blocks = -(-cols // g)
+        return rows * blocks * (g * b / 8 + 4)
+
+    layers = 0.0
+    for name in arch.shapes():
+        m = model.get_submodule(name)
+        if isinstance(m, QuantLowRankLinear):
+            r = m.A.shape[0]
+            layers += nbits(m.out_features, m.in_features, m.bits, m.block)
+            layers += nbits(r, m.in_features, bits, block) + nbits(m.out_features, r, bits, block)
+        else:
+            layers += nbits(m.out_features, m.in_features, bits, block)
+    emb = model.get_input_embeddings().weight
+    norms = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
+    return {"embedding": nbits(*emb.shape, bits, block), "layers": layers + norms}
+
+
+def validate(args, model, tok, tokens, stats, windows) -> None:
+    arch = find_architecture(model)
+    val = validation_tokens(tokens)
+    out = Path(args.out)
+    rows = json.loads((out / "validate.json").read_text()) if (out / "validate.json").is_file() else {}
+    if "dense" not in rows:
+        rows["dense"] = {"ppl": validation_ppl(model, val)}
+    for quantizer in ("rtn", "gptq"):
+        if f"base-{quantizer}-b4-g32" not in rows:
+            ppl = validation_ppl(base_only(model, arch, stats, quantizer), val)
+            rows[f"base-{quantizer}-b4-g32"] = {"ppl": ppl, "ppl_float_pairs": ppl}
+            print(f"base-{quantizer}-b4-g32", json.dumps(rows[f"base-{quantizer}-b4-g32"]), flush=True)
+    dense = rows["dense"]["ppl"]
+    for cell in args.cells:
+        if cell in rows:
+            continue
+        t = time.perf_counter()
+        m = compressed(model, tok, cell, windows, stats)
+        row = {"compress_s": time.perf_counter() - t, "ppl_float_pairs": validation_ppl(m, val)}
+        round_pairs(m)
+        row["ppl"] = validation_ppl(m, val)
+        row["bytes_by_part"] = export_bytes(m, arch)
+        rows[cell] = row
+        print(cell, json.dumps(row), flush=True)
+        (out / "validate.json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = [
+        "| cell | WikiText-2 | PTB | Python docs | vs dense | float pairs vs dense | layers MB |",
+        "|---" * 7 + "|",
+    ]
+    for cell, r in rows.items():
+        if cell == "dense":
+            p = r["ppl"]
+            lines.append(f"| dense float32 | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['pydoc']:.2f} | 1 | | |")
+            continue
+        p, f = r["ppl"], r["ppl_float_pairs"]
+        lines.append(
+            f"| {cell} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['pydoc']:.2f} | {geomean_ratio(p, dense):.3f} | "
+            f"{geomean_ratio(f, dense):.3f} | {r.get('bytes_by_part', {}).get('layers', 0) / 1e6:.1f} |"
+        )
+    (out / "validate.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def score(args, model, tok, tokens, stats, windows) -> None:
+    out = Path(args.out)
+    done = json.loads((out / "results.json").read_text())["rows"] if (out / "results.json").is_file() else []
+    rows = {r["name"]: r for r in done}
+    settings = ScorecardSettings(limit=args.zero_shot, generation=False)
+    if not args.zero_shot:
+        settings = ScorecardSettings(tasks=(), generation=False)
+    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    with tempfile.TemporaryDirectory(prefix="qlr-sweep-") as tmp:
+        work = Path(tmp)
+        svdkit.export_onnx(model, tok, work / "int4", "int4", "smollm2-135m", quantization=Quantization(4, 32))
+        reference = OnnxCausalLM(work / "int4")
+        for cell in args.cells:
+            if cell in rows:
+                continue
+            m = compressed(model, tok, cell, windows, stats)
+            manifest = svdkit.export_onnx(m, tok, work / cell, "int4", "smollm2-135m", quantization=Quantization(4, 32))
+            onnx_model = OnnxCausalLM(work / cell)
+            card = scorecard(onnx_model, tok, settings, data_dir=args.data_dir, tokens=tokens)
+            models = {"int4-rtn-b32": reference, cell: onnx_model}
+            speed = paired_speed(models, tokens["wikitext2"][:2048], new_tokens=64, prompt=32, only=("decode_tok_s",))
+            zs = card.get("zero_shot") or {}
+            rows[cell] = {
+                "name": cell,
+                "options": None if cell.startswith("svd-llm-") else options(cell),
+                "bytes": manifest["bytes"],
+                "bytes_by_part": manifest["bytes_by_part"],
+                "ppl": card["ppl"],
+                "zero_shot_mean": zs.get("mean"),
+                "zero_shot_stderr": zs.get("mean_stderr"),
+                "decode_tok_s": speed[cell]["decode_tok_s"],
+                "decode_vs_int4": speed[cell]["decode_tok_s"] / speed["int4-rtn-b32"]["decode_tok_s"],
+            }
+            print(json.dumps(rows[cell]), flush=True)
+            record = {"command": command, "machine": machine, "rows": list(rows.values())}
+            (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("stage", choices=("validate", "score"))
+    p.add_argument("--cells", nargs="+", default=CELLS)
+    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
+    p.add_argument("--out", default=str(HERE.parent / "docs" / "results" / "qlr"))
+    p.add_argument("--calib", default="wikitext2:3,ptb:3,demo:2")
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--zero-shot", type=int, default=250, help="documents per zero-shot task (0: none)")
+    args = p.parse_args()
+    os.environ["SVDKIT_DATA"] = args.data_dir
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    model, tok = svdkit.load_model("smollm2-135m", dtype="float32")
+    tokens = domain_tokens(tok, args.data_dir)
+    texts = {"wikitext2": tokens["wikitext2"], "ptb": tokens["ptb"], "demo": tokens["pydoc"]}
+    windows = mixture_windows(protocol_spec(args.calib, 150000), None, args.calib_seqlen, 150000, 0, tok, model, texts)
+    from svdkit.calibration.collect import collect_statistics
+
+    stats = collect_statistics(model, find_architecture(model), windows, {"gram"}, torch.device("cpu"), progress=False)
+    (validate if args.stage == "validate" else score)(args, model, tok, tokens, stats, windows)
+
+
+if __name__ == "__main__":
+    main()
