@@ -1,6 +1,8 @@
-"""Perplexity against bytes on disk: every point of the bytes track in one figure (a panel per domain).
+"""Perplexity against bytes on disk: every point of the bytes track in one figure (a panel per domain), and
+one table of every row (generality against the float32 row of quant_baselines.py).
 
     python benchmarks/bytes_plot.py [--results docs/results] [--out docs/results/plots/bytes.png]
+        [--table docs/results/bytes.md]
 
 Reads the rows of quant_baselines.py (ONNX Runtime: float32, int8 and int4 by each quantizer),
 llamacpp_baselines.py (GGUF: F32, Q8_0, Q4_0, Q4_K_M with and without an importance matrix) and
@@ -12,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from bytes_table import markdown
 
 HERE = Path(__file__).resolve().parent
 SOURCES = {
@@ -31,11 +35,30 @@ def points(results: Path) -> dict[str, list[dict]]:
     return out
 
 
+def write_table(found: dict[str, list[dict]], path: Path) -> None:
+    """Every row of every source, sorted by bytes, in one table (the decode column: each run's own ratio)."""
+    rows = sorted(
+        (dict(r, name=f"{r['name']} ({SOURCES[f][0]})") for f, rs in found.items() for r in rs),
+        key=lambda r: r["bytes"],
+    )
+    for r in rows:
+        r["decode_ratio"] = next(v for k, v in r.items() if k.startswith("decode_vs_"))
+    dense = next(r["ppl"] for r in found.get("quant_baselines", []) if r["name"] == "float32")
+    command = "python benchmarks/bytes_plot.py (rows of quant_baselines.py, llamacpp_baselines.py, qlr_sweep.py)"
+    path.write_text(
+        markdown(
+            rows, dense, command, "see each source's results.json", ("decode_ratio", "decode vs its run's reference")
+        )
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=str(HERE.parent / "docs" / "results"))
     p.add_argument("--out", default=str(HERE.parent / "docs" / "results" / "plots" / "bytes.png"))
+    p.add_argument("--table", default=str(HERE.parent / "docs" / "results" / "bytes.md"))
     args = p.parse_args()
+    write_table(points(Path(args.results)), Path(args.table))
     import matplotlib
 
     matplotlib.use("Agg")

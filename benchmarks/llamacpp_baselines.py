@@ -23,7 +23,6 @@ chunk per window). Rows already in OUT/results.json are kept (a rerun resumes).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -36,10 +35,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from bytes_table import arguments, markdown, ordered
 
 import svdkit
 from svdkit.bench.cells import protocol_spec
-from svdkit.measure.scorecard import ScorecardSettings, domain_tokens, generality, scorecard
+from svdkit.measure.scorecard import ScorecardSettings, domain_tokens, scorecard
 from svdkit.measure.speed import paired_speed
 from svdkit.sources.mixture import mixture_windows
 from svdkit.sources.models import cache_dir, smollm2_folder
@@ -229,30 +229,6 @@ def measure(name, path, reference, tok, config, tokens, settings, data_dir, thre
     }
 
 
-def _ordered(rows: dict[str, dict]) -> list[dict]:
-    return [rows[c] for c in CONFIGS + sorted(set(rows) - set(CONFIGS)) if c in rows]
-
-
-def markdown(rows: list[dict], dense_ppl: dict, command: str, machine: str) -> str:
-    mb = 1e6
-    lines = [
-        f"`{command}` ({machine})",
-        "",
-        "| GGUF | MB on disk | embedding MB | head MB | layers MB | WikiText-2 | PTB | Python docs | generality "
-        "| zero-shot mean | decode tok/s | vs F32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        p, parts = r["ppl"], r["bytes_by_part"]
-        zs = "" if r["zero_shot_mean"] is None else f"{100 * r['zero_shot_mean']:.1f}"
-        lines.append(
-            f"| {r['name']} | {r['bytes'] / mb:.1f} | {parts['embedding'] / mb:.1f} | {parts['head'] / mb:.1f} | "
-            f"{parts['layers'] / mb:.1f} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['pydoc']:.2f} | "
-            f"{generality(p, dense_ppl):.3f} | {zs} | {r['decode_tok_s']:.1f} | {r['decode_vs_f32']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def calibration_text(spec: str, seqlen: int, tok, model, tokens) -> str:
     """The calibration windows (drawn as the bench and quant_baselines.py's GPTQ draw them) as text, one
     paragraph per window."""
@@ -262,12 +238,7 @@ def calibration_text(spec: str, seqlen: int, tok, model, tokens) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
-    p.add_argument("--out", default=str(HERE.parent / "docs" / "results" / "llamacpp_baselines"))
-    p.add_argument("--configs", nargs="+", default=CONFIGS)
-    p.add_argument("--zero-shot", type=int, default=250, help="documents per zero-shot task (0: none)")
-    p.add_argument("--zero-shot-configs", nargs="*", help="the rows that get zero-shot scores (default: every row)")
+    p = arguments(__doc__, "llamacpp_baselines", CONFIGS)
     p.add_argument("--imatrix-calib", default="wikitext2:3,ptb:3,demo:2")
     p.add_argument("--work", default=str(cache_dir() / "llamacpp"))
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -302,12 +273,9 @@ def main() -> None:
         rows[name] = measure(name, files[name], reference, tok, config, tokens, how, args.data_dir, args.threads)
         rows[name]["measure_s"] = time.perf_counter() - t
         print(json.dumps(rows[name]), flush=True)
-        ordered = [rows[c] for c in CONFIGS + sorted(set(rows) - set(CONFIGS)) if c in rows]
-        (out / "results.json").write_text(
-            json.dumps({"command": command, "machine": machine, "rows": ordered}, indent=1) + "\n"
-        )
-    ordered = [rows[c] for c in CONFIGS + sorted(set(rows) - set(CONFIGS)) if c in rows]
-    text = markdown(ordered, rows["F32"]["ppl"], command, machine)
+        record = {"command": command, "machine": machine, "rows": ordered(rows, CONFIGS)}
+        (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+    text = markdown(ordered(rows, CONFIGS), rows["F32"]["ppl"], command, machine, ("decode_vs_f32", "vs F32"))
     (out / "results.md").write_text(text)
     print(text)
 

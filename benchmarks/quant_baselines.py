@@ -18,7 +18,6 @@ Rows already in OUT/results.json are kept (a rerun resumes); prints and writes r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -29,12 +28,13 @@ from pathlib import Path
 
 import onnxruntime
 import torch
+from bytes_table import arguments, markdown, ordered
 
 import svdkit
 from svdkit.bench.cells import protocol_spec
 from svdkit.deploy.quantize import Quantization
 from svdkit.deploy.runtime import OnnxCausalLM
-from svdkit.measure.scorecard import ScorecardSettings, domain_tokens, generality, scorecard
+from svdkit.measure.scorecard import ScorecardSettings, domain_tokens, scorecard
 from svdkit.measure.speed import paired_speed
 from svdkit.sources.mixture import mixture_windows
 
@@ -87,37 +87,8 @@ def measure(name: str, model, tok, tokens, settings, calib, reference, data_dir:
     }
 
 
-def _ordered(rows: dict[str, dict]) -> list[dict]:
-    return [rows[c] for c in CONFIGS + sorted(set(rows) - set(CONFIGS)) if c in rows]
-
-
-def markdown(rows: list[dict], dense_ppl: dict, command: str, machine: str) -> str:
-    mb = 1e6
-    lines = [
-        f"`{command}` ({machine})",
-        "",
-        "| model | MB on disk | embedding MB | head MB | layers MB | WikiText-2 | PTB | Python docs | generality "
-        "| zero-shot mean | decode tok/s | vs float32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        p, parts = r["ppl"], r["bytes_by_part"]
-        zs = "" if r["zero_shot_mean"] is None else f"{100 * r['zero_shot_mean']:.1f}"
-        lines.append(
-            f"| {r['name']} | {r['bytes'] / mb:.1f} | {parts['embedding'] / mb:.1f} | {parts['head'] / mb:.1f} | "
-            f"{parts['layers'] / mb:.1f} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['pydoc']:.2f} | "
-            f"{generality(p, dense_ppl):.3f} | {zs} | {r['decode_tok_s']:.1f} | {r['decode_vs_float32']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
-    p.add_argument("--out", default=str(HERE.parent / "docs" / "results" / "quant_baselines"))
-    p.add_argument("--configs", nargs="+", default=CONFIGS)
-    p.add_argument("--zero-shot", type=int, default=250, help="documents per zero-shot task (0: none)")
-    p.add_argument("--zero-shot-configs", nargs="*", help="the rows that get zero-shot scores (default: every row)")
+    p = arguments(__doc__, "quant_baselines", CONFIGS)
     p.add_argument("--gptq-calib", default="wikitext2:3,ptb:3,demo:2")
     p.add_argument("--gptq-seqlen", type=int, default=512)
     args = p.parse_args()
@@ -148,10 +119,10 @@ def main() -> None:
             how = settings if name in scored else no_tasks
             rows[name] = measure(name, model, tok, tokens, how, calib, reference, args.data_dir, work)
             print(json.dumps(rows[name]), flush=True)
-            record = {"command": command, "machine": machine, "rows": _ordered(rows)}
+            record = {"command": command, "machine": machine, "rows": ordered(rows, CONFIGS)}
             (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     dense = rows["float32"]["ppl"]
-    text = markdown(_ordered(rows), dense, command, machine)
+    text = markdown(ordered(rows, CONFIGS), dense, command, machine, ("decode_vs_float32", "vs float32"))
     (out / "results.md").write_text(text)
     print(text)
 

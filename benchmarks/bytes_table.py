@@ -1,0 +1,49 @@
+"""The bytes track's table, shared by quant_baselines.py, llamacpp_baselines.py and qlr_sweep.py: one row per
+model with its bytes by part, the three domains' perplexity, generality, zero-shot mean and decode speed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from svdkit.measure.scorecard import generality
+
+HERE = Path(__file__).resolve().parent
+
+
+def arguments(doc: str, out: str, configs: list[str]) -> argparse.ArgumentParser:
+    """The options every baseline script takes: data, output folder, rows, and which rows get zero-shot."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
+    p.add_argument("--out", default=str(HERE.parent / "docs" / "results" / out))
+    p.add_argument("--configs", nargs="+", default=configs)
+    p.add_argument("--zero-shot", type=int, default=250, help="documents per zero-shot task (0: none)")
+    p.add_argument("--zero-shot-configs", nargs="*", help="the rows that get zero-shot scores (default: every row)")
+    return p
+
+
+def ordered(rows: dict[str, dict], configs: list[str]) -> list[dict]:
+    """The rows in `configs`' order, any others after them by name."""
+    return [rows[c] for c in configs + sorted(set(rows) - set(configs)) if c in rows]
+
+
+def markdown(rows: list[dict], dense_ppl: dict, command: str, machine: str, ratio: tuple[str, str]) -> str:
+    """The table; `ratio` is (row key, column title) of the decode ratio to the run's paired reference."""
+    mb = 1e6
+    key, title = ratio
+    lines = [
+        f"`{command}` ({machine})",
+        "",
+        "| model | MB on disk | embedding MB | head MB | layers MB | WikiText-2 | PTB | Python docs | generality "
+        f"| zero-shot mean | decode tok/s | {title} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        p, parts = r["ppl"], r["bytes_by_part"]
+        zs = "" if r["zero_shot_mean"] is None else f"{100 * r['zero_shot_mean']:.1f}"
+        lines.append(
+            f"| {r['name']} | {r['bytes'] / mb:.1f} | {parts['embedding'] / mb:.1f} | {parts['head'] / mb:.1f} | "
+            f"{parts['layers'] / mb:.1f} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['pydoc']:.2f} | "
+            f"{generality(p, dense_ppl):.3f} | {zs} | {r['decode_tok_s']:.1f} | {r[key]:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
