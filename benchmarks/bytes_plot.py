@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 SOURCES = {
     "quant_baselines": ("ONNX Runtime quantizers", "o", "tab:blue"),
     "llamacpp_baselines": ("llama.cpp GGUF", "s", "tab:green"),
-    "qlr": ("svdkit (int4 export)", "^", "tab:red"),
+    "qlr": ("svdkit, int4 export", "^", "tab:red"),
 }
 DOMAINS = {"wikitext2": "WikiText-2", "ptb": "PTB", "pydoc": "Python docs"}
 
