@@ -13,7 +13,8 @@ shared by all cells.
 [40960, 57344), PTB validation windows 8-15, the 8 Python-docs windows before its last 8) in torch, twice:
 with the pair B A in float32, and with A and B rounded to int4 in blocks of 32 as ``svdkit export --weights
 int4`` stores them; plus the bytes such an export takes by part (computed, not exported). Dense float32
-and its int4 round-to-nearest base (svdkit's own rounding, no correction) are the first rows.
+and every target replaced by its int4 base alone (blocks of 32, rounded to nearest, or by svdkit's GPTQ; no
+correction) are the first rows.
 
 ``score`` exports each cell with ``svdkit export --weights int4`` (bases as MatMulNBits of their own codes,
 the pairs and the tied embedding round-to-nearest int4 in blocks of 32) and measures it as
