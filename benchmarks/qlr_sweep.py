@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import sys
@@ -43,7 +42,14 @@ from svdkit.core.architecture import find_architecture
 from svdkit.core.modeling_svdkit import QuantLowRankLinear
 from svdkit.deploy.quantize import Quantization
 from svdkit.deploy.runtime import OnnxCausalLM
-from svdkit.measure.scorecard import PTB_VALIDATION, VALIDATION, ScorecardSettings, domain_tokens, scorecard
+from svdkit.measure.scorecard import (
+    PTB_VALIDATION,
+    VALIDATION,
+    ScorecardSettings,
+    domain_tokens,
+    generality,
+    scorecard,
+)
 from svdkit.measure.speed import paired_speed
 from svdkit.methods.blockquant import dequantize, gptq, round_to_nearest
 from svdkit.sources.mixture import mixture_windows
@@ -90,10 +96,6 @@ def validation_ppl(model, val: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: svdkit.perplexity(model, None, v, seqlen=2048, progress=False).ppl for k, v in val.items()}
 
 
-def geomean_ratio(ppl: dict[str, float], dense: dict[str, float]) -> float:
-    return math.exp(sum(math.log(ppl[k] / dense[k]) for k in dense) / len(dense))
-
-
 def round_pairs(model, bits: int = 4, block: int = 32) -> None:
     """A and B of every QuantLowRankLinear rounded as the export's MatMulNBits stores them (blocks along
     each matrix's inputs: A's rows along n, B's rows along the rank)."""
@@ -120,7 +122,7 @@ def export_bytes(model, arch, bits: int = 4, block: int = 32) -> dict[str, float
     """Bytes of an int4 export by part, computed: bases at their bits plus a float32 scale per block, pairs
     and the (tied) embedding round-to-nearest `bits` in blocks of `block` (padded blocks count)."""
 
-    def nbits(rows: int, cols: int, b: int, g: int) -> float:
+    def stored_bytes(rows: int, cols: int, b: int, g: int) -> float:
         blocks = -(-cols // g)
         return rows * blocks * (g * b / 8 + 4)
 
@@ -129,13 +131,13 @@ def export_bytes(model, arch, bits: int = 4, block: int = 32) -> dict[str, float
         m = model.get_submodule(name)
         if isinstance(m, QuantLowRankLinear):
             r = m.A.shape[0]
-            layers += nbits(m.out_features, m.in_features, m.bits, m.block)
-            layers += nbits(r, m.in_features, bits, block) + nbits(m.out_features, r, bits, block)
+            layers += stored_bytes(m.out_features, m.in_features, m.bits, m.block)
+            layers += stored_bytes(r, m.in_features, bits, block) + stored_bytes(m.out_features, r, bits, block)
         else:
-            layers += nbits(m.out_features, m.in_features, bits, block)
+            layers += stored_bytes(m.out_features, m.in_features, bits, block)
     emb = model.get_input_embeddings().weight
     norms = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
-    return {"embedding": nbits(*emb.shape, bits, block), "layers": layers + norms}
+    return {"embedding": stored_bytes(*emb.shape, bits, block), "layers": layers + norms}
 
 
 def validate(args, model, tok, tokens, stats, windows) -> None:
@@ -174,8 +176,8 @@ def validate(args, model, tok, tokens, stats, windows) -> None:
             continue
         p, f = r["ppl"], r["ppl_float_pairs"]
         lines.append(
-            f"| {cell} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['pydoc']:.2f} | {geomean_ratio(p, dense):.3f} | "
-            f"{geomean_ratio(f, dense):.3f} | {r.get('bytes_by_part', {}).get('layers', 0) / 1e6:.1f} |"
+            f"| {cell} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['pydoc']:.2f} | {generality(p, dense):.3f} | "
+            f"{generality(f, dense):.3f} | {r.get('bytes_by_part', {}).get('layers', 0) / 1e6:.1f} |"
         )
     (out / "validate.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
