@@ -5,9 +5,11 @@ the 4-bit baselines of quant_baselines.py.
     python benchmarks/qlr_sweep.py score --cells r32-b4-g32 ... [--zero-shot 250]
 
 A cell is ``rRANK-bBITS-gBLOCK[-QUANTIZER][-iITERATIONS]`` (quantizer gptq unless ``-rtn``; one iteration unless
-``-iN``). Every cell is calibrated on the windows ONNX Runtime's GPTQ and llama.cpp's importance matrix get in
-the baselines (--calib, drawn as the bench draws them, clear of every evaluated window), one statistics pass
-shared by all cells.
+``-iN``), or ``wBPW-bBITS-gBLOCK[...]``: the ranks chosen per matrix by the byte budget (``--allocation bytes``,
+BPW bits per weight of the targets, bases and int4 pairs together; 5.0 is the bytes of ONNX Runtime's int4
+blocks of 32), in multiples of 32. Every cell is calibrated on the windows ONNX Runtime's GPTQ and llama.cpp's
+importance matrix get in the baselines (--calib, drawn as the bench draws them, clear of every evaluated
+window), one statistics pass shared by all cells.
 
 ``validate`` prints, per cell, the perplexity on the protocol's validation windows (WikiText-2 tokens
 [40960, 57344), PTB validation windows 8-15, the 8 Python-docs windows before its last 8) in torch, twice:
@@ -64,6 +66,10 @@ def compressed(model, tok, cell: str, windows, stats):
     m = copy.deepcopy(model)
     if cell.startswith("svd-llm-"):
         kw = {"method": "svd-llm", "ratio": float(cell.removeprefix("svd-llm-"))}
+    elif cell.startswith("w"):  # ranks by the byte budget, in multiples of the pairs' int4 block
+        budget = {"bits_per_weight": float(cell.split("-")[0][1:])}
+        kw = {"method": "qlr", "method_options": options(cell), "allocation": "bytes", "allocation_options": budget}
+        kw["rank_multiple"] = 32
     else:
         kw = {"method": "qlr", "method_options": options(cell)}
     svdkit.compress(m, tok, calib=windows, statistics=stats, progress=False, **kw)
@@ -71,9 +77,11 @@ def compressed(model, tok, cell: str, windows, stats):
 
 
 def options(cell: str) -> dict:
-    """qlr's options of a cell name."""
+    """qlr's options of a cell name (the rank only for an ``rRANK`` cell: a ``wBITS`` cell's come from its budget)."""
     parts = cell.split("-")
-    out = {"rank": int(parts[0][1:]), "bits": int(parts[1][1:]), "block": int(parts[2][1:])}
+    out = {"bits": int(parts[1][1:]), "block": int(parts[2][1:])}
+    if parts[0].startswith("r"):
+        out["rank"] = int(parts[0][1:])
     for p in parts[3:]:
         if p in ("rtn", "gptq"):
             out["quantizer"] = p
@@ -162,22 +170,25 @@ def validate(args, model, tok, tokens, stats, windows) -> None:
         round_pairs(m)
         row["ppl"] = validation_ppl(m, val)
         row["bytes_by_part"] = export_bytes(m, arch)
+        ranks = list(m.config.svdkit["ranks"].values())
+        row["ranks"] = {"min": min(ranks), "mean": sum(ranks) / len(ranks), "max": max(ranks)}
         rows[cell] = row
         print(cell, json.dumps(row), flush=True)
         (out / "validate.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = [
-        "| cell | WikiText-2 | PTB | Python docs | vs dense | float pairs vs dense | layers MB |",
-        "|---" * 7 + "|",
+        "| cell | WikiText-2 | PTB | Python docs | vs dense | float pairs vs dense | layers MB | ranks min/mean/max |",
+        "|---" * 8 + "|",
     ]
     for cell, r in rows.items():
         if cell == "dense":
             p = r["ppl"]
-            lines.append(f"| dense float32 | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['pydoc']:.2f} | 1 | | |")
+            lines.append(f"| dense float32 | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['pydoc']:.2f} | 1 | | | |")
             continue
-        p, f = r["ppl"], r["ppl_float_pairs"]
+        p, f, k = r["ppl"], r["ppl_float_pairs"], r.get("ranks")
+        ranks = f"{k['min']} / {k['mean']:.1f} / {k['max']}" if k else ""
         lines.append(
             f"| {cell} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['pydoc']:.2f} | {generality(p, dense):.3f} | "
-            f"{generality(f, dense):.3f} | {r.get('bytes_by_part', {}).get('layers', 0) / 1e6:.1f} |"
+            f"{generality(f, dense):.3f} | {r.get('bytes_by_part', {}).get('layers', 0) / 1e6:.1f} | {ranks} |"
         )
     (out / "validate.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import assert_error, last_json, run_cli
 
 pytest.importorskip("onnxruntime")
@@ -171,7 +172,45 @@ def test_a_quantized_base_exports_as_its_own_codes(tmp_path):
     want = perplexity(model, source=ids, seqlen=48, progress=False).ppl
     got = perplexity(OnnxCausalLM(tmp_path / "f32"), source=ids, seqlen=48, progress=False).ppl
     assert got == pytest.approx(want, rel=1e-5)
-    svdkit.export_onnx(model, None, tmp_path / "int4", weights="int4")
+    apart = Quantization(block_size=64)  # the pairs in other blocks than the bases': B stays a MatMul of its own
+    svdkit.export_onnx(model, None, tmp_path / "int4", weights="int4", quantization=apart)
     graph = onnx.load(tmp_path / "int4" / "model.onnx", load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulNBits") == 14 + 2 * 14 + 1  # the bases, the pairs' factors, the head
+
+
+def test_a_pair_stored_like_its_base_joins_the_base(tmp_path):
+    """With the pairs at the base's bits and blocks (int4, 32, rtn), y = [Q | B'] [x ; A x]: one MatMulNBits
+    per target besides A's, holding Q's own codes then B rounded to nearest; the export computes what torch
+    computes with A and B rounded as stored."""
+    import copy
+
+    from conftest import compress_small, random_tokens, tiny_model
+
+    import svdkit
+    from svdkit.core.modeling_svdkit import QuantLowRankLinear
+    from svdkit.deploy import OnnxCausalLM
+    from svdkit.measure.perplexity import perplexity
+    from svdkit.methods.blockquant import dequantize, pack, round_to_nearest
+
+    model = tiny_model("llama")
+    compress_small(model, method="qlr", method_options={"rank": 8})
+    manifest = svdkit.export_onnx(model, None, tmp_path / "int4", weights="int4")
+    graph = onnx.load(tmp_path / "int4" / "model.onnx").graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulNBits") == 14 + 14 + 1  # the bases joined with B, the A factors, the head
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    q = model.model.layers[0].mlp.down_proj
+    codes, _ = round_to_nearest(q.B.detach().double(), 4, 32)
+    joined = pack(torch.cat([q.codes(), codes.to(torch.int16)], 1), 4, 32).numpy()
+    assert np.array_equal(weights["model.layers.0.mlp.down_proj.qweight"], joined)
+    rounded = copy.deepcopy(model)
+    stored = [p for m in rounded.modules() if isinstance(m, QuantLowRankLinear) for p in (m.A, m.B)]
+    embedding, head = rounded.get_input_embeddings().weight, rounded.get_output_embeddings().weight
+    stored += [embedding] + ([head] if head.data_ptr() != embedding.data_ptr() else [])
+    for p in stored:  # as the export stores them: int4 blocks of 32 along each one's inputs
+        p.data.copy_(dequantize(*round_to_nearest(p.data.double(), 4, 32), 32).float())
+    ids = random_tokens(4 * 48, seed=3)
+    want = perplexity(rounded, source=ids, seqlen=48, progress=False).ppl
+    got = perplexity(OnnxCausalLM(tmp_path / "int4"), source=ids, seqlen=48, progress=False).ppl
+    assert got == pytest.approx(want, rel=1e-4) and manifest["bytes"] > 0

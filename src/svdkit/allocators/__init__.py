@@ -1,6 +1,6 @@
 """Rank allocators: one file per registered name. Importing this package registers them all."""
 
-from . import sensitivity, uniform, v2  # noqa: F401  (registration)
+from . import bytes, sensitivity, uniform, v2  # noqa: F401  (registration)
 from .base import (
     ALLOCATORS,
     AllocationContext,

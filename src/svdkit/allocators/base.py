@@ -7,13 +7,17 @@ the shapes; ``sensitivity`` needs the method, the statistics and calibration win
 summary of every matrix (its whitened singular values).
 
 An allocator that declares ``summarize`` keeps only a small summary of each matrix: the pipeline calls
-``summarize(weights, statistics, config, device)`` for one decoder layer at a time, as soon as that
-layer's statistics exist, and hands every summary (a tensor per target, kept on the CPU and, by a
-streamed run, on disk) to the allocator in ``context.summaries``. The
+``summarize(weights, statistics, config, device, method, method_config)`` for one decoder layer at a time,
+as soon as that layer's statistics exist, and hands every summary (a tensor per target, kept on the CPU
+and, by a streamed run, on disk) to the allocator in ``context.summaries``. The
 statistics are then dropped, and the factors are computed in a second calibration pass, layer by layer
 as with uniform ranks: no matrix's statistics outlive its layer, and a model folder compresses streamed.
 An allocator with ``needs_statistics`` and no ``summarize`` reads ``context.statistics`` whole (spilled
 to disk by the pipeline).
+
+An allocator that declares ``corrects_base`` (``bytes``) chooses the ranks of a method whose pair corrects a
+stored base (the method's :class:`~svdkit.methods.base.StoredBase`, qlr's quantized Q) under a byte budget,
+in place of the method's own ranks; the parameter ratio does not apply.
 """
 
 from __future__ import annotations
@@ -67,8 +71,9 @@ class AllocationContext:
     """what the allocator wants recorded next to the ranks (e.g. a threshold it chose)"""
 
 
-Summarize = Callable[[Mapping[str, Any], Mapping[str, Any], Any, Any], dict[str, Any]]
-"""what an allocator keeps of one layer's matrices: (weights, statistics, config, device) -> {name: summary}"""
+Summarize = Callable[[Mapping[str, Any], Mapping[str, Any], Any, Any, Any, Any], dict[str, Any]]
+"""what an allocator keeps of one layer's matrices: (weights, statistics, config, device, method, method_config)
+-> {name: summary}"""
 
 
 @dataclass(frozen=True)
@@ -83,10 +88,13 @@ class Allocator:
     requires: frozenset[str] = frozenset()
     """statistics the allocator itself reads (collected even when the method needs none)"""
     summarize: Summarize | None = None
-    """(weights, statistics, config, device) -> {name: summary} for one layer's targets (full names)"""
+    """(weights, statistics, config, device, method, method_config) -> {name: summary} for one layer's targets"""
     per_matrix: bool = True
     """True when the ranks differ matrix by matrix within one budget (a rank map shows them; ranks fixed
     from outside, the latent cache's k/v ranks, would break the budget); False: one ratio for every matrix"""
+    corrects_base: bool = False
+    """True when it chooses the ranks of a method's correction to a stored base (its ``base``) under a byte
+    budget, in place of the method's own ranks"""
 
 
 ALLOCATORS: Registry[Allocator] = Registry("allocation")
@@ -101,12 +109,22 @@ def register_allocator(
     requires: tuple[str, ...] = (),
     summarize: Summarize | None = None,
     per_matrix: bool = True,
+    corrects_base: bool = False,
 ):
     """Decorator: register `fn(context, config) -> {name: rank or None}` as allocation strategy `name`."""
 
     def wrap(fn):
         allocator = Allocator(
-            name, fn, config_cls, needs_statistics, needs_windows, summary, frozenset(requires), summarize, per_matrix
+            name,
+            fn,
+            config_cls,
+            needs_statistics,
+            needs_windows,
+            summary,
+            frozenset(requires),
+            summarize,
+            per_matrix,
+            corrects_base,
         )
         ALLOCATORS.add(name, allocator)
         return fn

@@ -104,10 +104,16 @@ def group_of(name: str, shape: tuple[int, int]) -> str:
 
 @torch.no_grad()
 def whitened_spectra(
-    weights: Mapping[str, torch.Tensor], statistics: Mapping[str, Any], config: V2AllocationConfig, device=None
+    weights: Mapping[str, torch.Tensor],
+    statistics: Mapping[str, Any],
+    config: V2AllocationConfig,
+    device=None,
+    method=None,
+    method_config=None,
 ) -> dict[str, torch.Tensor]:
     """V2's summary of one layer's targets: the singular values s(W_i S_i) (float64, on the CPU), with
-    S_i S_i^T = G_i / T the input's mean Gram matrix; q/k/v (and gate/up) share one whitening."""
+    S_i S_i^T = G_i / T the input's mean Gram matrix; q/k/v (and gate/up) share one whitening. The method
+    does not enter: V2 ranks the weights themselves."""
     dev = device or torch.device("cpu")
     spectra: dict[str, torch.Tensor] = {}
     last: tuple[torch.Tensor, torch.Tensor] | None = None

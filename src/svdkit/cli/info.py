@@ -67,6 +67,11 @@ def _summary(info: dict) -> None:
             f"parameters {info['params']:,} (dense {info['params_dense']:,}, "
             f"{100 * (1 - info['params'] / info['params_dense']):.1f}% fewer)"
         )
+    if "bits_per_weight" in alloc:  # a byte budget's record
+        budget = alloc["config"]["bits_per_weight"]
+        print(
+            f"targets stored in {alloc['bits_per_weight']} bits per weight (budget {budget}), {alloc['bytes']:,} bytes"
+        )
     if info["update"] != "none":
         print(f"parameter update: {info['update']}")
     if info["kv_ratio"] is not None:

@@ -92,13 +92,17 @@ class QuantLowRankLinear(LowRankLinear):
         self.register_buffer("qweight", torch.zeros(packed, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(out_features, blocks, dtype=dtype, device=device))
 
-    def quantized_weight(self) -> torch.Tensor:
-        """Q (out_features x in_features), in the scales' dtype."""
+    def codes(self) -> torch.Tensor:
+        """The signed integers q of Q = s q (out_features x in_features, int16)."""
         packed = self.qweight.reshape(self.out_features, -1)
         if self.bits == 4:
             packed = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(self.out_features, -1)
-        codes = packed.to(self.scales.dtype) - 2 ** (self.bits - 1)
-        return (codes * self.scales.repeat_interleave(self.block, dim=1))[:, : self.in_features]
+        return (packed.to(torch.int16) - 2 ** (self.bits - 1))[:, : self.in_features]
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Q (out_features x in_features), in the scales' dtype."""
+        steps = self.scales.repeat_interleave(self.block, dim=1)[:, : self.in_features]
+        return self.codes().to(self.scales.dtype) * steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight().to(x.dtype), self.bias) + F.linear(F.linear(x, self.A), self.B)

@@ -33,7 +33,8 @@ from ..errors import SvdkitError
 from ..saved.card import model_card
 from ..saved.folder import write_metadata
 from ..version import __version__
-from .quantize import Quantization, bytes_by_part, native_bases, quantize_graph, traced_as_float
+from .bases import native_bases, traced_as_float
+from .quantize import Quantization, bytes_by_part, quantize_graph
 from .runtime import KEEP, MANIFEST, OnnxCausalLM, prefill_feeds
 
 __all__ = ["VERSION", "WEIGHTS", "export_onnx", "onnx_bytes"]
@@ -99,7 +100,7 @@ def _chatter() -> Iterator[None]:
 
 
 def _rewrite(folder: Path, bases: dict, q: Quantization | None, calibration: list[dict] | None) -> None:
-    """``folder/model.onnx`` rewritten in place: traced quantized bases as MatMulNBits (:func:`.quantize.native_bases`),
+    """``folder/model.onnx`` rewritten in place: traced quantized bases as MatMulNBits (:func:`.bases.native_bases`),
     then the rest quantized as `q` says (:func:`.quantize.quantize_graph`)."""
     import onnx
 
@@ -166,7 +167,8 @@ def export_onnx(
     vocab = model.config.get_text_config().vocab_size
     sample = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
     check = torch.randint(0, vocab, (1, 24), generator=torch.Generator().manual_seed(1))
-    with traced_as_float(model) as bases:
+    pairs = None if q is None else (q.bits, q.block_size, q.quantizer)
+    with traced_as_float(model, pairs) as bases:
         exporter, program, cache = _trace(model, sample)
     text = model.config.get_text_config()
     manifest = {

@@ -16,26 +16,20 @@ MatMulNBits' own layout of E^T (uint8 blocks along H, the zero point 2^(bits-1) 
 is tied to E and its MatMulNBits is symmetric, the Gather reads the head's very tensor: one copy on disk.
 Otherwise E is quantized on its own, by round to nearest.
 
-A model whose layers already carry a quantized base (``qlr``'s QuantLowRankLinear) is traced with each base as a
-float MatMul (:func:`traced_as_float`), which :func:`native_bases` then replaces by a MatMulNBits holding the
-layer's own codes and scales: the base runs natively, exactly as svdkit made it, whatever `weights` says.
+A model whose layers already carry a quantized base (``qlr``) has those bases written natively before this
+quantization runs (:mod:`.bases`): they are MatMulNBits already, which it leaves as they are.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from torch import nn
-from torch.nn import functional as F
 
 from ..core.options import power_of_two
 from ..errors import SvdkitError
 
-__all__ = ["QUANTIZERS", "Quantization", "bytes_by_part", "native_bases", "quantize_graph", "traced_as_float"]
+__all__ = ["QUANTIZERS", "Quantization", "bytes_by_part", "quantize_graph"]
 
 QUANTIZERS = ("rtn", "hqq", "gptq")
 
@@ -227,71 +221,3 @@ def bytes_by_part(model) -> dict[str, int]:
     out = {part: sum(sizes.get(n, 0) for n in names) for part, names in parts.items()}
     out["layers"] = sum(sizes.values()) - out["embedding"] - out["head"]
     return out
-
-
-class _Traced(nn.Module):
-    """What an export traces in place of a QuantLowRankLinear: its base as a float matrix, plus its pair."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.quantized = nn.Parameter(layer.quantized_weight().detach().float(), requires_grad=False)
-        self.A, self.B, self.bias = layer.A, layer.B, layer.bias
-
-    def forward(self, x):
-        return F.linear(x, self.quantized, self.bias) + F.linear(F.linear(x, self.A), self.B)
-
-
-@contextmanager
-def traced_as_float(model: nn.Module) -> Iterator[dict[str, nn.Module]]:
-    """Each layer of `model` with a quantized base (a ``qweight``) traced as :class:`_Traced`; yields
-    {name: the layer}, and puts the layers back after."""
-    layers = {name: m for name, m in model.named_modules() if hasattr(m, "qweight")}
-    for name, layer in layers.items():
-        model.set_submodule(name, _Traced(layer))
-    try:
-        yield layers
-    finally:
-        for name, layer in layers.items():
-            model.set_submodule(name, layer)
-
-
-def _digest(values: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(values, dtype=np.float32).tobytes(), digest_size=16).hexdigest()
-
-
-def native_bases(model, layers: dict[str, nn.Module]) -> int:
-    """Replace, in the onnx ModelProto `model`, each MatMul that reads a traced base (:func:`traced_as_float`;
-    found by its values, since the exporter names folded weights freely) by a MatMulNBits of the layer's own
-    codes and scales; returns how many."""
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    weights = _initializers(graph)
-    wanted = {
-        _digest(layer.quantized_weight().detach().float().T.cpu().numpy()): (n, layer) for n, layer in layers.items()
-    }
-    stale, count = set(), 0
-    for node in [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]:
-        hit = wanted.get(_digest(numpy_helper.to_array(weights[node.input[1]])))
-        if hit is None:
-            continue
-        name, layer = hit
-        codes = numpy_helper.from_array(layer.qweight.cpu().numpy(), f"{name}.qweight")
-        scales = numpy_helper.from_array(layer.scales.detach().float().cpu().numpy(), f"{name}.scales")
-        graph.initializer.extend([codes, scales])
-        sizes = {"K": layer.in_features, "N": layer.out_features, "bits": layer.bits, "block_size": layer.block}
-        native = helper.make_node(
-            "MatMulNBits", [node.input[0], codes.name, scales.name], list(node.output), domain="com.microsoft", **sizes
-        )
-        graph.node.insert(list(graph.node).index(node), native)
-        graph.node.remove(node)
-        stale.add(node.input[1])
-        count += 1
-    used = {name for node in graph.node for name in node.input}
-    for t in [t for t in graph.initializer if t.name in stale and t.name not in used]:
-        graph.initializer.remove(t)
-    if count != len(layers):
-        raise SvdkitError(f"the export found {count} of the {len(layers)} quantized bases in the traced graph")
-    if count and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return count

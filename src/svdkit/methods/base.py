@@ -27,6 +27,7 @@ __all__ = [
     "METHODS",
     "Method",
     "MethodTraining",
+    "StoredBase",
     "Factors",
     "Compact",
     "Quantized",
@@ -82,6 +83,19 @@ class MethodTraining:
 
 
 @dataclass(frozen=True)
+class StoredBase:
+    """What a method whose pair corrects a stored base (qlr: W ~ Q + B A) tells an allocation that spends bytes.
+
+    ``spectrum(W, stats, config)``: the singular values the pair's rank truncates (of the base's residual,
+    whitened), largest first, so that the output error left at rank k is the sum of their squares beyond k;
+    ``nbytes(m, n, config)``: the bytes an m x n matrix's base is stored in.
+    """
+
+    spectrum: Callable[[torch.Tensor, LinearStats, Any], torch.Tensor]
+    nbytes: Callable[[int, int, Any], int]
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     decompose: DecomposeFn
@@ -93,7 +107,10 @@ class Method:
     training: MethodTraining | None = None
     ranks: RanksFn | None = None
     """a method that sets each target's rank itself (qlr: its correction's rank): (shapes, config) -> ranks;
-    no allocation runs, and the parameter ratio does not apply"""
+    no allocation runs (but one that spends a byte budget on a stored base's correction), and the parameter
+    ratio does not apply"""
+    base: StoredBase | None = None
+    """a method whose pair corrects a stored base (qlr): what a byte budget's allocation needs of it"""
 
 
 METHODS: Registry[Method] = Registry("method", known="known methods")
@@ -108,11 +125,12 @@ def register(
     nested: bool = False,
     training: MethodTraining | None = None,
     ranks: RanksFn | None = None,
+    base: StoredBase | None = None,
 ) -> Callable[[DecomposeFn], DecomposeFn]:
     """Decorator: register `fn` as method `name` with its config dataclass and needed statistics."""
 
     def wrap(fn: DecomposeFn) -> DecomposeFn:
-        method = Method(name, fn, config_cls, frozenset(requires), summary, paper, nested, training, ranks)
+        method = Method(name, fn, config_cls, frozenset(requires), summary, paper, nested, training, ranks, base)
         METHODS.add(name, method)
         return fn
 

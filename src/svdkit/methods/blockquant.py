@@ -24,7 +24,7 @@ import torch
 from .linalg import robust_cholesky, split_factors
 from .svd_llm import whitened_spectrum
 
-__all__ = ["dequantize", "gptq", "pack", "quantized_low_rank", "round_to_nearest"]
+__all__ = ["block_bytes", "dequantize", "gptq", "pack", "quantize", "quantized_low_rank", "round_to_nearest"]
 
 
 def _limits(bits: int) -> tuple[int, int]:
@@ -52,6 +52,21 @@ def round_to_nearest(W: torch.Tensor, bits: int = 4, block: int = 32) -> tuple[t
         codes.append(_codes(part, scale, bits))
         scales.append(scale)
     return torch.cat(codes, 1).to(torch.int8), torch.stack(scales, 1)
+
+
+def block_bytes(rows: int, cols: int, bits: int, block: int = 32) -> int:
+    """Bytes of a rows x cols matrix stored as MatMulNBits stores it: `bits` per weight in blocks of `block`
+    along each row (the last block padded), plus a float32 scale per block; 16 or 32 bits: plain floats."""
+    if bits >= 16:
+        return rows * cols * bits // 8
+    return rows * -(-cols // block) * (block * bits // 8 + 4)
+
+
+def quantize(
+    W: torch.Tensor, G: torch.Tensor, bits: int, block: int, use_gptq: bool, damp: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of W by GPTQ on the Gram matrix G or by rounding to nearest."""
+    return gptq(W, G, bits, block, damp) if use_gptq else round_to_nearest(W, bits, block)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int = 32) -> torch.Tensor:
@@ -132,7 +147,7 @@ def quantized_low_rank(
     low, best = torch.zeros_like(W), None
     for _ in range(iterations):
         target = W - low
-        codes, scales = gptq(target, G, bits, block, damp) if use_gptq else round_to_nearest(target, bits, block)
+        codes, scales = quantize(target, G, bits, block, use_gptq, damp)
         residual = W - dequantize(codes, scales, block)
         U, S, Vh, L = whitened_spectrum(residual, G, rel_eps)  # SVD-LLM's truncation of the residual
         A, B = split_factors(U, S, Vh, rank)

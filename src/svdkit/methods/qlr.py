@@ -7,8 +7,10 @@ whitened truncation of the residual W - Q (LQER, Zhang et al. ICML'24; QERA, ICL
 `iterations` > 1, Q is made again from W - B A and B A refit (CALDERA, Saha et al. NeurIPS'24), keeping the
 pair of smallest output error. The math is :func:`svdkit.methods.blockquant.quantized_low_rank`.
 
-The rank is the method's own (no allocation, no parameter ratio): every target gets `rank`, at most half
-its smaller side. Bytes, not parameters, are what it saves: the base costs bits / 8 + 4 / block bytes a weight.
+The rank is the method's own (no parameter ratio): every target gets `rank`, at most half its smaller side,
+unless the ``bytes`` allocation spends a byte budget on the corrections (from the whitened spectra of each
+base's residual, :func:`residual_spectrum`). Bytes, not parameters, are what it saves: the base costs
+bits / 8 + 4 / block bytes a weight.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import torch
 
 from ..calibration.statistics import LinearStats
 from ..core.options import Options, choice, integer, number, option, power_of_two
-from .base import Compact, Quantized, register
-from .blockquant import quantized_low_rank
+from .base import Compact, Quantized, StoredBase, register
+from .blockquant import block_bytes, dequantize, quantize, quantized_low_rank
+from .svd_llm import whitened_spectrum
 
-__all__ = ["QLRConfig", "qlr", "qlr_ranks"]
+__all__ = ["QLRConfig", "base_bytes", "qlr", "qlr_ranks", "residual_spectrum"]
 
 
 @dataclass
@@ -44,6 +47,20 @@ def qlr_ranks(shapes: Mapping[str, tuple[int, int]], config: QLRConfig) -> dict[
     return {name: max(1, min(config.rank, min(m, n) // 2)) for name, (m, n) in shapes.items()}
 
 
+def residual_spectrum(W: torch.Tensor, stats: LinearStats, config: QLRConfig) -> torch.Tensor:
+    """s((W - Q) L), G = L L^T: the whitened singular values of the first round's residual, which the
+    correction's rank truncates (the output error left at rank k is sum_{j > k} s_j^2)."""
+    W = W.to(torch.float64)
+    G = stats.gram_mean.to(W)
+    codes, scales = quantize(W, G, config.bits, config.block, config.quantizer == "gptq", config.damp)
+    return whitened_spectrum(W - dequantize(codes, scales, config.block), G, config.rel_eps)[1].cpu()
+
+
+def base_bytes(m: int, n: int, config: QLRConfig) -> int:
+    """Bytes of an m x n base in MatMulNBits' layout."""
+    return block_bytes(m, n, config.bits, config.block)
+
+
 @register(
     "qlr",
     QLRConfig,
@@ -51,6 +68,7 @@ def qlr_ranks(shapes: Mapping[str, tuple[int, int]], config: QLRConfig) -> dict[
     summary="a GPTQ-quantized base (MatMulNBits layout) plus the whitened low-rank fit of its error",
     paper="LQER (ICML'24), QERA (ICLR'25), CALDERA (NeurIPS'24); GPTQ, arXiv 2210.17323",
     ranks=qlr_ranks,
+    base=StoredBase(residual_spectrum, base_bytes),
 )
 def qlr(W: torch.Tensor, stats: LinearStats | None, rank: int, config: QLRConfig) -> Compact:
     """Q by GPTQ (or rounding) of W - B A, B A the whitened rank-k fit of W - Q (`iterations` rounds)."""

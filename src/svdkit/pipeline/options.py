@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from ..allocators import Allocator, get_allocator, make_allocation_config
+from ..allocators import Allocator, allocator_names, get_allocator, make_allocation_config
 from ..core.device import resolve_device
 from ..core.options import UserOptions, boolean, integer, mapping, option, path, string, strings
 from ..core.ranks import check_rank_multiple, check_ratio
 from ..errors import SvdkitError
 from ..heal import parse_heal
-from ..methods import Method, get_method, make_config
+from ..methods import Method, get_method, make_config, method_names
 from ..saved.kvcache import check_kv_ratio
 from ..sources.mixture import SELF, parse_calib, parts_record, spec_counts
 from ..sources.text import SOURCES
@@ -235,10 +235,18 @@ class CompressionOptions(UserOptions):
                     "kv_ratio fixes the k/v ranks after allocation, which would break allocation "
                     f"'{self.allocation}''s budget over all matrices: use the uniform allocation with kv_ratio"
                 )
-        if method.ranks is not None and (kv_ratio is not None or self.allocation != "uniform"):
+        if allocator.corrects_base and method.base is None:
+            based = " or ".join(n for n in method_names() if get_method(n).base is not None)
             raise SvdkitError(
-                f"method '{self.method}' sets every rank itself (its options), so an allocation or kv_ratio has "
-                "nothing to choose: drop them"
+                f"allocation '{self.allocation}' spends a byte budget on corrections to a stored base, which "
+                f"method '{self.method}' does not have: use it with method {based}"
+            )
+        own_ranks = self.allocation == "uniform" or allocator.corrects_base
+        if method.ranks is not None and (kv_ratio is not None or not own_ranks):
+            budgets = " or ".join(n for n in allocator_names() if get_allocator(n).corrects_base)
+            raise SvdkitError(
+                f"method '{self.method}' sets every rank itself (its options), so allocation '{self.allocation}' "
+                f"or kv_ratio has nothing to choose: drop them (allocation {budgets} spends a byte budget on them)"
             )
         kv_only = kv_ratio is not None and not isinstance(self.ratio, bool) and self.ratio == 0
         if kv_only and self.targets is not None:

@@ -156,7 +156,8 @@ def summarize(
     def add(layer: nn.Module, index: int, stats: Mapping[str, LinearStats]) -> None:
         prefix = f"{arch.layers_path}.{index}."
         weights = {prefix + t: layer.get_submodule(t).weight for t in arch.targets if t in stats}
-        summaries.update(summarize_layer(weights, {prefix + t: stats[t] for t in stats}, config, plan.device))
+        given = {prefix + t: stats[t] for t in stats}
+        summaries.update(summarize_layer(weights, given, config, plan.device, plan.method, plan.method_config))
 
     if statistics is not None:
 
@@ -203,6 +204,9 @@ def allocate(
     shapes = plan.shapes
     if options.resolved.kv_only:
         ranks: dict[str, int | None] = {n: None for n in shapes}
+    elif plan.allocator.corrects_base:  # a byte budget spent on a stored base's corrections: ranks final
+        ranks = plan.allocator.allocate(context, options.resolved.allocation_config)
+        return Allocation(ranks, ranks, context)
     elif plan.method.ranks is not None:  # the method sets its own (no allocation, no budget to round within)
         ranks = dict(plan.method.ranks(shapes, plan.method_config))
         return Allocation(ranks, ranks, context)
