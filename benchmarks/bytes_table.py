@@ -1,12 +1,14 @@
-"""The bytes track's table, shared by quant_baselines.py, llamacpp_baselines.py and qlr_sweep.py: one row per
-model with its bytes by part, the three domains' perplexity, generality, zero-shot mean and decode speed."""
+"""The bytes track's rows and table, shared by quant_baselines.py, llamacpp_baselines.py and qlr_sweep.py: one
+row per model with its bytes by part, the three domains' perplexity, generality, zero-shot mean and decode
+speed paired with the run's reference."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from svdkit.measure.scorecard import generality
+from svdkit.measure.scorecard import generality, scorecard
+from svdkit.measure.speed import paired_speed
 
 HERE = Path(__file__).resolve().parent
 
@@ -20,6 +22,26 @@ def arguments(doc: str, out: str, configs: list[str]) -> argparse.ArgumentParser
     p.add_argument("--zero-shot", type=int, default=250, help="documents per zero-shot task (0: none)")
     p.add_argument("--zero-shot-configs", nargs="*", help="the rows that get zero-shot scores (default: every row)")
     return p
+
+
+def scored_row(name: str, model, sizes: tuple[int, dict], tok, tokens, settings, reference: tuple, data_dir) -> dict:
+    """One row: `sizes` (bytes, bytes by part), the scorecard's perplexities and zero-shot mean, and batch-1
+    decode tokens/s paired with `reference` = (its name, its model) in the same runtime."""
+    card = scorecard(model, tok, settings, data_dir=data_dir, tokens=tokens)
+    ref_name, ref = reference
+    models = {ref_name: ref} if name == ref_name else {ref_name: ref, name: model}
+    speed = paired_speed(models, tokens["wikitext2"][:2048], new_tokens=64, prompt=32, only=("decode_tok_s",))
+    zs = card.get("zero_shot") or {}
+    return {
+        "name": name,
+        "bytes": sizes[0],
+        "bytes_by_part": sizes[1],
+        "ppl": card["ppl"],
+        "zero_shot_mean": zs.get("mean"),
+        "zero_shot_stderr": zs.get("mean_stderr"),
+        "decode_tok_s": speed[name]["decode_tok_s"],
+        f"decode_vs_{ref_name.lower()}": speed[name]["decode_tok_s"] / speed[ref_name]["decode_tok_s"],
+    }
 
 
 def ordered(rows: dict[str, dict], configs: list[str]) -> list[dict]:

@@ -39,12 +39,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from bytes_table import arguments, markdown, ordered
+from bytes_table import arguments, markdown, ordered, scored_row
 
 import svdkit
 from svdkit.bench.cells import protocol_spec
-from svdkit.measure.scorecard import ScorecardSettings, domain_tokens, scorecard
-from svdkit.measure.speed import paired_speed
+from svdkit.measure.scorecard import ScorecardSettings, domain_tokens
 from svdkit.sources.mixture import mixture_windows
 from svdkit.sources.models import cache_dir, smollm2_folder
 
@@ -217,21 +216,7 @@ def gguf_bytes(path: Path) -> tuple[int, dict[str, int]]:
 
 def measure(name, path, reference, tok, config, tokens, settings, data_dir, threads) -> dict:
     model = LlamaCppLM(path, config, threads, reference.parameter_count)
-    size, parts = gguf_bytes(path)
-    card = scorecard(model, tok, settings, data_dir=data_dir, tokens=tokens)
-    models = {"F32": reference, name: model} if name != "F32" else {"F32": reference}
-    speed = paired_speed(models, tokens["wikitext2"][:2048], new_tokens=64, prompt=32, only=("decode_tok_s",))
-    zs = card.get("zero_shot") or {}
-    return {
-        "name": name,
-        "bytes": size,
-        "bytes_by_part": parts,
-        "ppl": card["ppl"],
-        "zero_shot_mean": zs.get("mean"),
-        "zero_shot_stderr": zs.get("mean_stderr"),
-        "decode_tok_s": speed[name]["decode_tok_s"],
-        "decode_vs_f32": speed[name]["decode_tok_s"] / speed["F32"]["decode_tok_s"],
-    }
+    return scored_row(name, model, gguf_bytes(path), tok, tokens, settings, ("F32", reference), data_dir)
 
 
 def calibration_text(spec: str, seqlen: int, tok, model, tokens) -> str:

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from bytes_table import scored_row
 
 import svdkit
 from svdkit.bench.cells import protocol_spec
@@ -50,10 +51,8 @@ from svdkit.measure.scorecard import (
     ScorecardSettings,
     domain_tokens,
     generality,
-    scorecard,
 )
-from svdkit.measure.speed import paired_speed
-from svdkit.methods.blockquant import dequantize, gptq, round_to_nearest
+from svdkit.methods.blockquant import block_bytes, dequantize, quantize, round_to_nearest
 from svdkit.sources.mixture import mixture_windows
 
 HERE = Path(__file__).resolve().parent
@@ -119,9 +118,7 @@ def base_only(model, arch, stats, quantizer: str, bits: int = 4, block: int = 32
     for name in arch.shapes():
         w = m.get_submodule(name).weight
         W = w.data.to(torch.float64)
-        codes, scales = (
-            gptq(W, stats[name].gram_mean, bits, block) if quantizer == "gptq" else round_to_nearest(W, bits, block)
-        )
+        codes, scales = quantize(W, stats[name].gram_mean, bits, block, quantizer == "gptq")
         w.data.copy_(dequantize(codes, scales, block))
     return m
 
@@ -129,23 +126,18 @@ def base_only(model, arch, stats, quantizer: str, bits: int = 4, block: int = 32
 def export_bytes(model, arch, bits: int = 4, block: int = 32) -> dict[str, float]:
     """Bytes of an int4 export by part, computed: bases at their bits plus a float32 scale per block, pairs
     and the (tied) embedding round-to-nearest `bits` in blocks of `block` (padded blocks count)."""
-
-    def stored_bytes(rows: int, cols: int, b: int, g: int) -> float:
-        blocks = -(-cols // g)
-        return rows * blocks * (g * b / 8 + 4)
-
     layers = 0.0
     for name in arch.shapes():
         m = model.get_submodule(name)
         if isinstance(m, QuantLowRankLinear):
             r = m.A.shape[0]
-            layers += stored_bytes(m.out_features, m.in_features, m.bits, m.block)
-            layers += stored_bytes(r, m.in_features, bits, block) + stored_bytes(m.out_features, r, bits, block)
+            layers += block_bytes(m.out_features, m.in_features, m.bits, m.block)
+            layers += block_bytes(r, m.in_features, bits, block) + block_bytes(m.out_features, r, bits, block)
         else:
-            layers += stored_bytes(m.out_features, m.in_features, bits, block)
+            layers += block_bytes(m.out_features, m.in_features, bits, block)
     emb = model.get_input_embeddings().weight
     norms = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
-    return {"embedding": stored_bytes(*emb.shape, bits, block), "layers": layers + norms}
+    return {"embedding": block_bytes(*emb.shape, bits, block), "layers": layers + norms}
 
 
 def validate(args, model, tok, tokens, stats, windows) -> None:
@@ -206,28 +198,15 @@ def score(args, model, tok, tokens, stats, windows) -> None:
     with tempfile.TemporaryDirectory(prefix="qlr-sweep-") as tmp:
         work = Path(tmp)
         svdkit.export_onnx(model, tok, work / "int4", "int4", "smollm2-135m", quantization=Quantization(4, 32))
-        reference = OnnxCausalLM(work / "int4")
+        reference = ("int4", OnnxCausalLM(work / "int4"))
         for cell in args.cells:
             if cell in rows:
                 continue
             m = compressed(model, tok, cell, windows, stats)
             manifest = svdkit.export_onnx(m, tok, work / cell, "int4", "smollm2-135m", quantization=Quantization(4, 32))
-            onnx_model = OnnxCausalLM(work / cell)
-            card = scorecard(onnx_model, tok, settings, data_dir=args.data_dir, tokens=tokens)
-            models = {"int4-rtn-b32": reference, cell: onnx_model}
-            speed = paired_speed(models, tokens["wikitext2"][:2048], new_tokens=64, prompt=32, only=("decode_tok_s",))
-            zs = card.get("zero_shot") or {}
-            rows[cell] = {
-                "name": cell,
-                "options": None if cell.startswith("svd-llm-") else options(cell),
-                "bytes": manifest["bytes"],
-                "bytes_by_part": manifest["bytes_by_part"],
-                "ppl": card["ppl"],
-                "zero_shot_mean": zs.get("mean"),
-                "zero_shot_stderr": zs.get("mean_stderr"),
-                "decode_tok_s": speed[cell]["decode_tok_s"],
-                "decode_vs_int4": speed[cell]["decode_tok_s"] / speed["int4-rtn-b32"]["decode_tok_s"],
-            }
+            sizes = (manifest["bytes"], manifest["bytes_by_part"])
+            row = scored_row(cell, OnnxCausalLM(work / cell), sizes, tok, tokens, settings, reference, args.data_dir)
+            rows[cell] = {**row, "options": None if cell.startswith("svd-llm-") else options(cell)}
             print(json.dumps(rows[cell]), flush=True)
             record = {"command": command, "machine": machine, "rows": list(rows.values())}
             (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")

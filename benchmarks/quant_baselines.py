@@ -28,14 +28,13 @@ from pathlib import Path
 
 import onnxruntime
 import torch
-from bytes_table import arguments, markdown, ordered
+from bytes_table import arguments, markdown, ordered, scored_row
 
 import svdkit
 from svdkit.bench.cells import protocol_spec
 from svdkit.deploy.quantize import Quantization
 from svdkit.deploy.runtime import OnnxCausalLM
-from svdkit.measure.scorecard import ScorecardSettings, domain_tokens, scorecard
-from svdkit.measure.speed import paired_speed
+from svdkit.measure.scorecard import ScorecardSettings, domain_tokens
 from svdkit.sources.mixture import mixture_windows
 
 HERE = Path(__file__).resolve().parent
@@ -69,22 +68,10 @@ def measure(name: str, model, tok, tokens, settings, calib, reference, data_dir:
     windows = calib if q is not None and q.quantizer == "gptq" else None
     manifest = svdkit.export_onnx(model, tok, folder, weights, "smollm2-135m", quantization=q, calibration=windows)
     export_s = time.perf_counter() - t
-    onnx_model = OnnxCausalLM(folder)
-    card = scorecard(onnx_model, tok, settings, data_dir=data_dir, tokens=tokens)
-    models = {"float32": reference, name: onnx_model}
-    speed = paired_speed(models, tokens["wikitext2"][:2048], new_tokens=64, prompt=32, only=("decode_tok_s",))
-    return {
-        "name": name,
-        "quantization": manifest.get("quantization"),
-        "bytes": manifest["bytes"],
-        "bytes_by_part": manifest["bytes_by_part"],
-        "ppl": card["ppl"],
-        "zero_shot_mean": (card.get("zero_shot") or {}).get("mean"),
-        "zero_shot_stderr": (card.get("zero_shot") or {}).get("mean_stderr"),
-        "decode_tok_s": speed[name]["decode_tok_s"],
-        "decode_vs_float32": speed[name]["decode_tok_s"] / speed["float32"]["decode_tok_s"],
-        "export_s": export_s,
-    }
+    sizes = (manifest["bytes"], manifest["bytes_by_part"])
+    reference = ("float32", reference)
+    row = scored_row(name, OnnxCausalLM(folder), sizes, tok, tokens, settings, reference, data_dir)
+    return {**row, "quantization": manifest.get("quantization"), "export_s": export_s}
 
 
 def main() -> None:
