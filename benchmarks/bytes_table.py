@@ -5,6 +5,7 @@ speed paired with the run's reference."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from svdkit.measure.scorecard import generality, scorecard
@@ -21,7 +22,15 @@ def arguments(doc: str, out: str, configs: list[str]) -> argparse.ArgumentParser
     p.add_argument("--configs", nargs="+", default=configs)
     p.add_argument("--zero-shot", type=int, default=250, help="documents per zero-shot task (0: none)")
     p.add_argument("--zero-shot-configs", nargs="*", help="the rows that get zero-shot scores (default: every row)")
+    p.add_argument("--redo", nargs="*", default=[], help="rows measured again, replacing the stored ones")
     return p
+
+
+def stored_rows(out: Path, redo: list[str]) -> dict[str, dict]:
+    """The rows of an earlier run kept in OUT/results.json (a rerun resumes), but those to `redo`."""
+    path = out / "results.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    return {r["name"]: r for r in rows if r["name"] not in redo}
 
 
 def scored_row(name: str, model, sizes: tuple[int, dict], tok, tokens, settings, reference: tuple, data_dir) -> dict:

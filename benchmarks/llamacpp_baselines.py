@@ -1,7 +1,7 @@
 """llama.cpp's quantizations of the dense model, scored on the protocol's windows through its own runtime.
 
     python benchmarks/llamacpp_baselines.py [--data-dir ../shared/data] [--out docs/results/llamacpp_baselines]
-        [--configs F32 Q8_0 Q4_0 Q4_K_M Q4_K_M-imatrix] [--zero-shot 250] [--zero-shot-configs F32 ...]
+        [--configs F32 Q8_0 Q4_0 Q4_1 Q4_K_M Q4_K_M-imatrix] [--zero-shot 250] [--zero-shot-configs F32 ...]
         [--imatrix-calib wikitext2:3,ptb:3,demo:2]
         [--work ~/.cache/svdkit/llamacpp]
 
@@ -22,7 +22,8 @@ scores only the second half of each window; it is not used.) The zero-shot mean 
 lm-eval path with this runtime as the model; decode tokens/s (batch 1, 64 tokens after a 32-token prompt,
 median of 3) is paired with the F32 GGUF in the same runtime. The importance matrix is computed on the
 same calibration windows as ONNX Runtime's GPTQ row of ``quant_baselines.py`` (decoded to text, one
-chunk per window). Rows already in OUT/results.json are kept (a rerun resumes).
+chunk per window). Rows already in OUT/results.json are kept (a rerun resumes; `--redo NAMES` measures them
+again).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from bytes_table import arguments, markdown, ordered, scored_row
+from bytes_table import arguments, markdown, ordered, scored_row, stored_rows
 
 import svdkit
 from svdkit.bench.cells import protocol_spec
@@ -49,7 +50,7 @@ from svdkit.sources.models import cache_dir, smollm2_folder
 
 HERE = Path(__file__).resolve().parent
 VERSION = "0.3.36"
-CONFIGS = ["F32", "Q8_0", "Q4_0", "Q4_K_M", "Q4_K_M-imatrix"]
+CONFIGS = ["F32", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M", "Q4_K_M-imatrix"]
 TARGETS = ["llama-quantize", "llama-imatrix", "llama"]
 
 
@@ -237,8 +238,7 @@ def main() -> None:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    done = json.loads((out / "results.json").read_text())["rows"] if (out / "results.json").is_file() else []
-    rows = {r["name"]: r for r in done}
+    rows = stored_rows(out, args.redo)
     model, tok = svdkit.load_model("smollm2-135m", dtype="float32")
     tokens = domain_tokens(tok, args.data_dir)
     src = build(work)

@@ -15,8 +15,9 @@ window), one statistics pass shared by all cells.
 [40960, 57344), PTB validation windows 8-15, the 8 Python-docs windows before its last 8) in torch, twice:
 with the pair B A in float32, and with A and B rounded to int4 in blocks of 32 as ``svdkit export --weights
 int4`` stores them; plus the bytes such an export takes by part (computed, not exported). Dense float32
-and every target replaced by its int4 base alone (blocks of 32, rounded to nearest, or by svdkit's GPTQ; no
-correction) are the first rows.
+and every target replaced by an int4 base alone (blocks of 32, no correction: svdkit's symmetric rounding or
+GPTQ, qlr's bases; min-max rounding with an integer zero point or with a float offset, the grid of llama.cpp's
+Q4_1, in which the protocol's model ships) are the first rows.
 
 ``score`` exports each cell with ``svdkit export --weights int4`` (bases as MatMulNBits of their own codes,
 the pairs and the tied embedding round-to-nearest int4 in blocks of 32) and measures it as
@@ -37,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from bytes_table import scored_row
+from bytes_table import scored_row, stored_rows
 
 import svdkit
 from svdkit.bench.cells import protocol_spec
@@ -112,12 +113,33 @@ def round_pairs(model, bits: int = 4, block: int = 32) -> None:
                 p.data.copy_(dequantize(*round_to_nearest(p.data, bits, block), block))
 
 
+def min_max(W: torch.Tensor, bits: int, block: int, float_offset: bool) -> torch.Tensor:
+    """W rounded to `bits` in blocks of `block` between each block row's min and max: W ~ s q + o, q in
+    [0, 2^bits - 1]; with `float_offset` the offset o is the row's min (llama.cpp's Q4_1 grid), else it is
+    rounded to a whole number of steps (an integer zero point, as MatMulNBits' uint8 zero points store it)."""
+    out, top = torch.empty_like(W), 2**bits - 1
+    for start in range(0, W.shape[1], block):
+        part = W[:, start : start + block]
+        lo, hi = part.min(1, keepdim=True).values, part.max(1, keepdim=True).values
+        if not float_offset:
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        step = ((hi - lo) / top).clamp_min(1e-12)
+        offset = lo if float_offset else -(-lo / step).round() * step
+        out[:, start : start + block] = ((part - offset) / step).round().clamp(0, top) * step + offset
+    return out
+
+
 def base_only(model, arch, stats, quantizer: str, bits: int = 4, block: int = 32):
-    """A copy of `model` with every target replaced by its quantized base alone (no correction)."""
+    """A copy of `model` with every target replaced by its quantized base alone (no correction): by svdkit's
+    rtn or GPTQ (symmetric, qlr's bases), or min-max rounding with an integer zero point (``asym``) or a float
+    offset (``minmax``)."""
     m = copy.deepcopy(model)
     for name in arch.shapes():
         w = m.get_submodule(name).weight
         W = w.data.to(torch.float64)
+        if quantizer in ("asym", "minmax"):
+            w.data.copy_(min_max(W, bits, block, quantizer == "minmax"))
+            continue
         codes, scales = quantize(W, stats[name].gram_mean, bits, block, quantizer == "gptq")
         w.data.copy_(dequantize(codes, scales, block))
     return m
@@ -147,7 +169,7 @@ def validate(args, model, tok, tokens, stats, windows) -> None:
     rows = json.loads((out / "validate.json").read_text()) if (out / "validate.json").is_file() else {}
     if "dense" not in rows:
         rows["dense"] = {"ppl": validation_ppl(model, val)}
-    for quantizer in ("rtn", "gptq"):
+    for quantizer in ("rtn", "gptq", "asym", "minmax"):
         if f"base-{quantizer}-b4-g32" not in rows:
             ppl = validation_ppl(base_only(model, arch, stats, quantizer), val)
             rows[f"base-{quantizer}-b4-g32"] = {"ppl": ppl, "ppl_float_pairs": ppl}
@@ -188,8 +210,7 @@ def validate(args, model, tok, tokens, stats, windows) -> None:
 
 def score(args, model, tok, tokens, stats, windows) -> None:
     out = Path(args.out)
-    done = json.loads((out / "results.json").read_text())["rows"] if (out / "results.json").is_file() else []
-    rows = {r["name"]: r for r in done}
+    rows = stored_rows(out, args.redo)
     settings = ScorecardSettings(limit=args.zero_shot, generation=False)
     if not args.zero_shot:
         settings = ScorecardSettings(tasks=(), generation=False)
@@ -221,6 +242,7 @@ def main() -> None:
     p.add_argument("--calib", default="wikitext2:3,ptb:3,demo:2")
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--zero-shot", type=int, default=250, help="documents per zero-shot task (0: none)")
+    p.add_argument("--redo", nargs="*", default=[], help="scored cells measured again, replacing the stored ones")
     args = p.parse_args()
     os.environ["SVDKIT_DATA"] = args.data_dir
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@ rows only, where given: lm-eval runs ONNX Runtime one sequence at a time, ~10 mi
 batch-1 decode tokens/s (64 tokens after a 32-token prompt, median of 3) paired with the float32 export.
 GPTQ calibrates on --gptq-calib windows of --gptq-seqlen tokens drawn as the bench draws them (clear of
 every evaluated window).
-Rows already in OUT/results.json are kept (a rerun resumes); prints and writes results.md.
+Rows already in OUT/results.json are kept (a rerun resumes; `--redo NAMES` measures them again); prints and
+writes results.md.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import onnxruntime
 import torch
-from bytes_table import arguments, markdown, ordered, scored_row
+from bytes_table import arguments, markdown, ordered, scored_row, stored_rows
 
 import svdkit
 from svdkit.bench.cells import protocol_spec
@@ -82,8 +83,7 @@ def main() -> None:
     os.environ["SVDKIT_DATA"] = args.data_dir
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    done = json.loads((out / "results.json").read_text())["rows"] if (out / "results.json").is_file() else []
-    rows = {r["name"]: r for r in done}
+    rows = stored_rows(out, args.redo)
     model, tok = svdkit.load_model("smollm2-135m", dtype="float32")
     tokens = domain_tokens(tok, args.data_dir)
     no_tasks = ScorecardSettings(tasks=(), generation=False)
