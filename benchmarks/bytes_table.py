@@ -37,9 +37,6 @@ def scored_row(name: str, model, sizes: tuple[int, dict], tok, tokens, settings,
     """One row: `sizes` (bytes, bytes by part), the scorecard's perplexities and zero-shot mean, and batch-1
     decode tokens/s paired with `reference` = (its name, its model) in the same runtime."""
     card = scorecard(model, tok, settings, data_dir=data_dir, tokens=tokens)
-    ref_name, ref = reference
-    models = {ref_name: ref} if name == ref_name else {ref_name: ref, name: model}
-    speed = paired_speed(models, tokens["wikitext2"][:2048], new_tokens=64, prompt=32, only=("decode_tok_s",))
     zs = card.get("zero_shot") or {}
     return {
         "name": name,
@@ -48,9 +45,18 @@ def scored_row(name: str, model, sizes: tuple[int, dict], tok, tokens, settings,
         "ppl": card["ppl"],
         "zero_shot_mean": zs.get("mean"),
         "zero_shot_stderr": zs.get("mean_stderr"),
-        "decode_tok_s": speed[name]["decode_tok_s"],
-        f"decode_vs_{ref_name.lower()}": speed[name]["decode_tok_s"] / speed[ref_name]["decode_tok_s"],
+        **paired_decode(name, model, reference, tokens),
     }
+
+
+def paired_decode(name: str, model, reference: tuple, tokens) -> dict[str, float]:
+    """Batch-1 decode tokens/s (64 tokens after a 32-token prompt, median of 3), and its ratio to `reference`
+    = (its name, its model) measured in turn with it."""
+    ref_name, ref = reference
+    models = {ref_name: ref} if name == ref_name else {ref_name: ref, name: model}
+    speed = paired_speed(models, tokens["wikitext2"][:2048], new_tokens=64, prompt=32, only=("decode_tok_s",))
+    tok_s = speed[name]["decode_tok_s"]
+    return {"decode_tok_s": tok_s, f"decode_vs_{ref_name.lower()}": tok_s / speed[ref_name]["decode_tok_s"]}
 
 
 def ordered(rows: dict[str, dict], configs: list[str]) -> list[dict]:

@@ -23,7 +23,7 @@ lm-eval path with this runtime as the model; decode tokens/s (batch 1, 64 tokens
 median of 3) is paired with the F32 GGUF in the same runtime. The importance matrix is computed on the
 same calibration windows as ONNX Runtime's GPTQ row of ``quant_baselines.py`` (decoded to text, one
 chunk per window). Rows already in OUT/results.json are kept (a rerun resumes; `--redo NAMES` measures them
-again).
+again, `--redo-decode NAMES` only their decode).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from bytes_table import arguments, markdown, ordered, scored_row, stored_rows
+from bytes_table import arguments, markdown, ordered, paired_decode, scored_row, stored_rows
 
 import svdkit
 from svdkit.bench.cells import protocol_spec
@@ -233,6 +233,7 @@ def main() -> None:
     p.add_argument("--imatrix-calib", default="wikitext2:3,ptb:3,demo:2")
     p.add_argument("--work", default=str(cache_dir() / "llamacpp"))
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--redo-decode", nargs="*", default=[], help="stored rows whose paired decode is measured again")
     args = p.parse_args()
     os.environ["SVDKIT_DATA"] = args.data_dir
     out, work = Path(args.out), Path(args.work)
@@ -255,6 +256,16 @@ def main() -> None:
         f"{platform.machine()}, {os.cpu_count()} cores, llama.cpp of llama-cpp-python {VERSION} (AVX2 build), "
         f"{args.threads} threads"
     )
+
+    def save() -> None:
+        record = {"command": command, "machine": machine, "rows": ordered(rows, CONFIGS)}
+        (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+
+    for name in args.redo_decode:  # decode again only (a paired run disturbed by other work on the machine)
+        model = LlamaCppLM(files[name], config, args.threads, reference.parameter_count)
+        rows[name].update(paired_decode(name, model, ("F32", reference), tokens), decode_command=command)
+        print(name, "decode", json.dumps(rows[name]["decode_vs_f32"]), flush=True)
+        save()
     for name in ["F32", *args.configs]:
         if name in rows:
             continue
@@ -262,10 +273,9 @@ def main() -> None:
         t = time.perf_counter()
         how = settings if name in scored else no_tasks
         rows[name] = measure(name, files[name], reference, tok, config, tokens, how, args.data_dir, args.threads)
-        rows[name]["measure_s"] = time.perf_counter() - t
+        rows[name].update(measure_s=time.perf_counter() - t, command=command)
         print(json.dumps(rows[name]), flush=True)
-        record = {"command": command, "machine": machine, "rows": ordered(rows, CONFIGS)}
-        (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+        save()
     text = markdown(ordered(rows, CONFIGS), rows["F32"]["ppl"], command, machine, ("decode_vs_f32", "vs F32"))
     (out / "results.md").write_text(text)
     print(text)
