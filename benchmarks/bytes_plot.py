@@ -5,8 +5,9 @@ one table of every row (generality against the float32 row of quant_baselines.py
         [--table docs/results/bytes.md]
 
 Reads the rows of quant_baselines.py (ONNX Runtime: float32, int8 and int4 by each quantizer),
-llamacpp_baselines.py (GGUF: F32, Q8_0, Q4_0, Q4_K_M with and without an importance matrix) and
-qlr_sweep.py score (svdkit: Q + LR cells and low-rank-only SVD-LLM, int4 exports); a file not there is skipped.
+llamacpp_baselines.py (GGUF: F32, Q8_0, Q4_0, Q4_1, Q4_K_M with and without an importance matrix) and
+qlr_sweep.py score (svdkit: Q + LR cells and low-rank-only SVD-LLM, int4 exports, drawn apart); a file not
+there is skipped.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ HERE = Path(__file__).resolve().parent
 SOURCES = {
     "quant_baselines": ("ONNX Runtime quantizers", "o", "tab:blue"),
     "llamacpp_baselines": ("llama.cpp GGUF", "s", "tab:green"),
-    "qlr": ("svdkit, int4 export", "^", "tab:red"),
+    "qlr": ("svdkit Q + LR, int4 export", "^", "tab:red"),
 }
+LOW_RANK = ("svdkit low rank only (svd-llm), int4 export", "v", "tab:purple")
 DOMAINS = {"wikitext2": "WikiText-2", "ptb": "PTB", "pydoc": "Python docs"}
 
 
@@ -33,6 +35,17 @@ def points(results: Path) -> dict[str, list[dict]]:
         if f.is_file():
             out[folder] = json.loads(f.read_text())["rows"]
     return out
+
+
+def groups(found: dict[str, list[dict]]) -> list[tuple[tuple, list[dict]]]:
+    """(label, marker, colour) and rows of each kind of point: a source's rows, svdkit's low-rank-only apart."""
+    out = []
+    for folder, rows in found.items():
+        low = [r for r in rows if r["name"].startswith("svd-llm-")]
+        out.append((SOURCES[folder], [r for r in rows if r not in low]))
+        if low:
+            out.append((LOW_RANK, low))
+    return [(style, rows) for style, rows in out if rows]
 
 
 def write_table(found: dict[str, list[dict]], path: Path) -> None:
@@ -67,8 +80,8 @@ def main() -> None:
     found = points(Path(args.results))
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.5))
     for ax, (domain, title) in zip(axes, DOMAINS.items(), strict=True):
-        for folder, rows in found.items():
-            label, marker, color = SOURCES[folder]
+        for style, rows in groups(found):
+            label, marker, color = style
             xs = [r["bytes"] / 1e6 for r in rows]
             ys = [r["ppl"][domain] for r in rows]
             ax.scatter(xs, ys, marker=marker, color=color, label=label, s=40)
