@@ -93,10 +93,10 @@ def allocate_bytes(context: AllocationContext, config: BytesAllocationConfig) ->
         name: base.nbytes(m, n, method_config) + pair_bytes(m, n, ks[name][0], config)
         for name, (m, n) in shapes.items()
     }
-    budget = config.bits_per_weight / 8 * sum(m * n for m, n in shapes.values())
-    floor = sum(spent.values())
+    count = sum(m * n for m, n in shapes.values())
+    budget, floor = config.bits_per_weight / 8 * count, sum(spent.values())
     if floor > budget:
-        need = 8 * floor / sum(m * n for m, n in shapes.values())
+        need = 8 * floor / count
         raise SvdkitError(
             f"a budget of {config.bits_per_weight} bits per weight is below the bases and the smallest corrections "
             f"({need:.3f}): raise bits_per_weight, or use larger blocks, fewer bits or a smaller rank multiple"
@@ -127,6 +127,5 @@ def allocate_bytes(context: AllocationContext, config: BytesAllocationConfig) ->
         if total + cost <= budget:
             total, at[name] = total + cost, i + 1
             offer(heap, name, i + 1)
-    weights = sum(m * n for m, n in shapes.values())
-    context.report.update({"bits_per_weight": round(8 * total / weights, 4), "bytes": int(total)})
+    context.report.update({"bits_per_weight": round(8 * total / count, 4), "bytes": int(total)})
     return {name: ks[name][i] for name, i in at.items()}

@@ -29,11 +29,11 @@ from torch.nn import functional as F
 from ..errors import SvdkitError
 from ..methods.blockquant import dequantize, pack, round_to_nearest
 
-__all__ = ["StoredBase", "native_bases", "traced_as_float"]
+__all__ = ["NativeBase", "native_bases", "traced_as_float"]
 
 
 @dataclass(frozen=True)
-class StoredBase:
+class NativeBase:
     """A base as :func:`native_bases` writes it: its float matrix as traced (N x K), and its MatMulNBits codes."""
 
     weight: torch.Tensor
@@ -44,25 +44,25 @@ class StoredBase:
     block: int
 
 
-def _apart(layer: nn.Module) -> StoredBase:
+def _apart(layer: nn.Module) -> NativeBase:
     weight = layer.quantized_weight().detach().float()
-    return StoredBase(weight, layer.qweight, layer.scales.detach().float(), layer.bits, layer.block)
+    return NativeBase(weight, layer.qweight, layer.scales.detach().float(), layer.bits, layer.block)
 
 
-def _joined(layer: nn.Module) -> StoredBase:
+def _joined(layer: nn.Module) -> NativeBase:
     """[Q | B'] with B' the pair's B rounded to nearest at the base's bits and block."""
     codes, scales = round_to_nearest(layer.B.detach().double(), layer.bits, layer.block)
     codes = torch.cat([layer.codes(), codes.to(torch.int16)], dim=1)
     scales = torch.cat([layer.scales.detach().double(), scales], dim=1)
     weight = dequantize(codes, scales, layer.block).float()
-    return StoredBase(weight, pack(codes, layer.bits, layer.block), scales.float(), layer.bits, layer.block)
+    return NativeBase(weight, pack(codes, layer.bits, layer.block), scales.float(), layer.bits, layer.block)
 
 
 class _Traced(nn.Module):
     """What an export traces in place of a QuantLowRankLinear: its base (apart, or joined with B) as a float
     matrix, and its pair."""
 
-    def __init__(self, layer: nn.Module, base: StoredBase, joined: bool):
+    def __init__(self, layer: nn.Module, base: NativeBase, joined: bool):
         super().__init__()
         self.base = nn.Parameter(base.weight, requires_grad=False)
         self.A, self.B, self.bias, self.joined = layer.A, layer.B, layer.bias, joined
@@ -74,7 +74,7 @@ class _Traced(nn.Module):
         return F.linear(x, self.base, self.bias) + F.linear(latent, self.B)
 
 
-def joins(layer: nn.Module, bits: int | None, block: int | None, quantizer: str | None) -> bool:
+def _joins(layer: nn.Module, bits: int | None, block: int | None, quantizer: str | None) -> bool:
     """True when the export stores `layer`'s pair as its base is stored (rounded to nearest at the base's bits and
     block), and the base's blocks end where its inputs do: B then joins the base's MatMulNBits."""
     same = (bits, block, quantizer) == (layer.bits, layer.block, "rtn")
@@ -82,14 +82,14 @@ def joins(layer: nn.Module, bits: int | None, block: int | None, quantizer: str 
 
 
 @contextmanager
-def traced_as_float(model: nn.Module, pairs: tuple | None = None) -> Iterator[dict[str, StoredBase]]:
+def traced_as_float(model: nn.Module, pairs: tuple | None = None) -> Iterator[dict[str, NativeBase]]:
     """Each layer of `model` with a quantized base (a ``qweight``) traced as :class:`_Traced`, joined with its B
-    where :func:`joins` says so for `pairs` = (bits, block, quantizer) of the export's pairs (None: float
-    pairs); yields {name: its :class:`StoredBase`}, and puts the layers back after."""
+    where :func:`_joins` says so for `pairs` = (bits, block, quantizer) of the export's pairs (None: float
+    pairs); yields {name: its :class:`NativeBase`}, and puts the layers back after."""
     layers = {name: m for name, m in model.named_modules() if hasattr(m, "qweight")}
     bases = {}
     for name, layer in layers.items():
-        joined = pairs is not None and joins(layer, *pairs)
+        joined = pairs is not None and _joins(layer, *pairs)
         bases[name] = _joined(layer) if joined else _apart(layer)
         model.set_submodule(name, _Traced(layer, bases[name], joined))
     try:
@@ -103,7 +103,7 @@ def _digest(values: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(values, dtype=np.float32).tobytes(), digest_size=16).hexdigest()
 
 
-def native_bases(model, bases: dict[str, StoredBase]) -> int:
+def native_bases(model, bases: dict[str, NativeBase]) -> int:
     """Replace, in the onnx ModelProto `model`, each MatMul that reads a traced base (:func:`traced_as_float`;
     found by its values) by a MatMulNBits of the base's codes and scales; returns how many."""
     from onnx import helper, numpy_helper
