@@ -10,6 +10,8 @@ llama.cpp is vendored in PyPI's ``llama-cpp-python`` source package; the script 
 ``libllama`` from it with CMake (CPU, AVX2), converts the dense SmolLM2-135M folder to an F32 GGUF with the
 vendored ``convert_hf_to_gguf.py``, quantizes it, and loads each file through the package's own Python
 bindings (``llama_cpp``, pointed at the library just built). Everything is kept in --work; a rerun reuses it.
+Q4_1 is the protocol model's own format (it ships as a Q4_1 GGUF, which the dense folder dequantizes), so
+requantizing to Q4_1 finds the same grid: the row measures how close to lossless that is.
 The build targets AVX2 (``GGML_NATIVE=OFF``), the instruction set of most users' CPUs: on this project's
 machine (a VM whose CPU reports AVX-512 and AMX) the native build (``-march=native``, which turns ggml's AMX
 and AVX-512 kernels on whatever the ``GGML_AMX_*`` options say) died with a general protection fault in
