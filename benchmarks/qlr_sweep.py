@@ -200,9 +200,10 @@ def validate(args, model, tok, tokens, stats, windows) -> None:
             continue
         p, f, k = r["ppl"], r["ppl_float_pairs"], r.get("ranks")
         ranks = f"{k['min']} / {k['mean']:.1f} / {k['max']}" if k else ""
+        layers = f"{r['bytes_by_part']['layers'] / 1e6:.1f}" if "bytes_by_part" in r else ""
         lines.append(
             f"| {cell} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['pydoc']:.2f} | {generality(p, dense):.3f} | "
-            f"{generality(f, dense):.3f} | {r.get('bytes_by_part', {}).get('layers', 0) / 1e6:.1f} | {ranks} |"
+            f"{generality(f, dense):.3f} | {layers} | {ranks} |"
         )
     (out / "validate.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
