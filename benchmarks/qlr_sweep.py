@@ -174,6 +174,7 @@ def validate(args, model, tok, tokens, stats, windows) -> None:
             ppl = validation_ppl(base_only(model, arch, stats, quantizer), val)
             rows[f"base-{quantizer}-b4-g32"] = {"ppl": ppl, "ppl_float_pairs": ppl}
             print(f"base-{quantizer}-b4-g32", json.dumps(rows[f"base-{quantizer}-b4-g32"]), flush=True)
+            (out / "validate.json").write_text(json.dumps(rows, indent=1) + "\n")
     dense = rows["dense"]["ppl"]
     for cell in args.cells:
         if cell in rows:
