@@ -190,7 +190,13 @@ def validate(args, model, tok, tokens, stats, windows) -> None:
         rows[cell] = row
         print(cell, json.dumps(row), flush=True)
         (out / "validate.json").write_text(json.dumps(rows, indent=1) + "\n")
+    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     lines = [
+        "Validation windows (WikiText-2 tokens [40960, 57344), PTB validation windows 8-15, the 8 Python-docs "
+        "windows before its last 8), torch, float32 embedding.",
+        f"`{command}` ({machine}; calibration: {args.calib} windows of {args.calib_seqlen}; rows of earlier runs kept)",
+        "",
         "| cell | WikiText-2 | PTB | Python docs | vs dense | float pairs vs dense | layers MB | ranks min/mean/max |",
         "|---" * 8 + "|",
     ]
