@@ -66,6 +66,10 @@ OUT_OF_RANGE = {
     ("allocation", "v2", "rel_floor"): [-1, 1],
     ("allocation", "v2", "rule"): ["linear"],
     ("allocation", "v2", "loss"): ["squared"],
+    ("allocation", "bytes", "bits_per_weight"): [0, 33],
+    ("allocation", "bytes", "pair_bits"): [3, 2],
+    ("allocation", "bytes", "pair_block"): [8, 48],
+    ("allocation", "bytes", "max_rank"): [0],
 }
 """(kind, name, field) -> values of the right type that are out of range (None: the field has no range)"""
 
