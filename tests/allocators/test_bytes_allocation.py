@@ -49,10 +49,16 @@ def test_the_budget_goes_where_the_residual_is_largest():
     assert all(more[k] >= ranks[k] for k in shapes) and sum(more.values()) > sum(ranks.values())
 
 
-def test_below_the_bases_it_refuses():
+def test_below_the_bases_it_refuses_as_the_plan_is_made():
     shapes = {"a": (64, 64)}
     with pytest.raises(SvdkitError, match="below the bases"):
         allocate_bytes(_context({"a": torch.ones(32)}, shapes, 8), BytesAllocationConfig(bits_per_weight=5.0))
+    from svdkit.pipeline.options import CompressionOptions
+    from svdkit.pipeline.plan import make_plan
+
+    options = CompressionOptions(method="qlr", allocation="bytes", allocation_options={"bits_per_weight": 4.2})
+    with pytest.raises(SvdkitError, match="below the bases"):  # before any calibration pass
+        make_plan(tiny_model("llama"), options)
 
 
 def test_qlr_under_a_byte_budget_in_the_pipeline():

@@ -95,6 +95,9 @@ class Allocator:
     corrects_base: bool = False
     """True when it chooses the ranks of a method's correction to a stored base (its ``base``) under a byte
     budget, in place of the method's own ranks"""
+    check: Callable[[Mapping[str, tuple[int, int]], Any, Any, Any, int], None] | None = None
+    """(shapes, config, method, method_config, rank_multiple): raises SvdkitError when the allocation cannot be
+    met, as the plan is made (before any calibration)"""
 
 
 ALLOCATORS: Registry[Allocator] = Registry("allocation")
@@ -110,6 +113,7 @@ def register_allocator(
     summarize: Summarize | None = None,
     per_matrix: bool = True,
     corrects_base: bool = False,
+    check: Callable[[Mapping[str, tuple[int, int]], Any, Any, Any, int], None] | None = None,
 ):
     """Decorator: register `fn(context, config) -> {name: rank or None}` as allocation strategy `name`."""
 
@@ -125,6 +129,7 @@ def register_allocator(
             summarize,
             per_matrix,
             corrects_base,
+            check,
         )
         ALLOCATORS.add(name, allocator)
         return fn

@@ -31,7 +31,7 @@ from ..errors import SvdkitError
 from ..methods.blockquant import block_bytes
 from .base import AllocationContext, register_allocator
 
-__all__ = ["BytesAllocationConfig", "allocate_bytes", "pair_bytes", "residual_spectra"]
+__all__ = ["BytesAllocationConfig", "allocate_bytes", "check_budget", "pair_bytes", "residual_spectra"]
 
 
 @dataclass
@@ -76,6 +76,28 @@ def _candidates(m: int, n: int, step: int, config: BytesAllocationConfig) -> lis
     return list(range(step, top + 1, step)) or [max(1, top)]
 
 
+def _floor(shapes, config: BytesAllocationConfig, method, method_config, step: int) -> tuple[dict, dict]:
+    """Every target's candidate ranks, and its bytes at the smallest (its base and one rank step)."""
+    ks = {name: _candidates(m, n, step, config) for name, (m, n) in shapes.items()}
+    spent = {
+        name: method.base.nbytes(m, n, method_config) + pair_bytes(m, n, ks[name][0], config)
+        for name, (m, n) in shapes.items()
+    }
+    return ks, spent
+
+
+def check_budget(shapes, config: BytesAllocationConfig, method, method_config, step: int) -> None:
+    """Refuse a budget below the bases plus the smallest corrections, before anything is calibrated."""
+    count = sum(m * n for m, n in shapes.values())
+    floor = sum(_floor(shapes, config, method, method_config, step)[1].values())
+    if floor > config.bits_per_weight / 8 * count:
+        raise SvdkitError(
+            f"a budget of {config.bits_per_weight} bits per weight is below the bases and the smallest corrections "
+            f"({8 * floor / count:.3f}): raise bits_per_weight, or use larger blocks, fewer bits or a smaller rank "
+            "multiple"
+        )
+
+
 @register_allocator(
     "bytes",
     BytesAllocationConfig,
@@ -83,24 +105,16 @@ def _candidates(m: int, n: int, step: int, config: BytesAllocationConfig) -> lis
     requires=("gram",),
     summarize=residual_spectra,
     corrects_base=True,
+    check=check_budget,
     summary="a byte budget (bits per weight) for a quantized base's corrections (qlr): rank where it lowers "
     "the output error most per byte",
 )
 def allocate_bytes(context: AllocationContext, config: BytesAllocationConfig) -> dict[str, int | None]:
-    shapes, base, method_config = context.shapes, context.method.base, context.method_config
-    ks = {name: _candidates(m, n, context.rank_multiple, config) for name, (m, n) in shapes.items()}
-    spent = {
-        name: base.nbytes(m, n, method_config) + pair_bytes(m, n, ks[name][0], config)
-        for name, (m, n) in shapes.items()
-    }
+    shapes, step = context.shapes, context.rank_multiple
+    check_budget(shapes, config, context.method, context.method_config, step)
+    ks, spent = _floor(shapes, config, context.method, context.method_config, step)
     count = sum(m * n for m, n in shapes.values())
     budget, floor = config.bits_per_weight / 8 * count, sum(spent.values())
-    if floor > budget:
-        need = 8 * floor / count
-        raise SvdkitError(
-            f"a budget of {config.bits_per_weight} bits per weight is below the bases and the smallest corrections "
-            f"({need:.3f}): raise bits_per_weight, or use larger blocks, fewer bits or a smaller rank multiple"
-        )
     tails = {
         name: torch.flip(torch.cumsum(torch.flip(s.double() ** 2, [0]), 0), [0])
         for name, s in context.summaries.items()

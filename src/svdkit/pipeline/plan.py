@@ -223,6 +223,9 @@ def _plan(
     fixed = kv_ranks(facts.shapes, resolved.kv_ratio) if resolved.kv_ratio is not None else {}
     if resolved.kv_ratio is not None and not fixed:
         raise SvdkitError(f"kv_ratio needs k_proj/v_proj among the targets, but the targets are {list(facts.targets)}")
+    if resolved.allocator.check is not None:
+        config = resolved.allocation_config
+        resolved.allocator.check(facts.shapes, config, resolved.method, resolved.method_config, options.rank_multiple)
     needs = statistics_needed(resolved.method, resolved.allocator, options.update, options.sequential)
     if needs and statistics is not None:
         _check_statistics(options, facts, statistics, needs)
